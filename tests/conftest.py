@@ -1,0 +1,104 @@
+"""Shared fixtures: real memcached servers on free loopback ports, stopped by PID.
+
+Fixtures
+  memcached          one TCP server for this test
+  memcached_unix     one unix-socket server for this test
+  memcached_factory  factory(n=1, extra_args=(), unix=False) -> list[Memcached]; all stopped at teardown
+  shared_memcached   one TCP server for the whole session; prefer `mc`
+  mc                 shared_memcached, flushed (and revived if a test broke it) before each test
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+# Make `import harness` work whatever pytest's import mode is.
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+import harness  # noqa: E402
+from harness import Memcached, MemcachedFactory  # noqa: E402
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # A missing memcached is a broken machine, not a reason to skip half the suite.
+    if harness.memcached_binary() is None:
+        pytest.exit(
+            "memcached is not installed (not on PATH). Install it (apt-get install memcached) "
+            "or run the tests through scripts/test, which installs it.",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Backstop for servers a test started by hand and never stopped.
+    harness.stop_all()
+
+
+@pytest.fixture
+def memcached() -> Iterator[Memcached]:
+    server = Memcached()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def memcached_unix() -> Iterator[Memcached]:
+    server = Memcached(unix=True)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def memcached_factory() -> Iterator[MemcachedFactory]:
+    made: list[Memcached] = []
+
+    def factory(n: int = 1, extra_args: Sequence[str] = (), unix: bool = False) -> list[Memcached]:
+        servers = []
+        for _ in range(n):
+            server = Memcached(unix=unix)
+            # Track before starting so a failed start is cleaned up too.
+            made.append(server)
+            servers.append(server.start(extra_args))
+        return servers
+
+    try:
+        yield factory
+    finally:
+        harness.stop_all(made)
+
+
+@pytest.fixture(scope="session")
+def shared_memcached() -> Iterator[Memcached]:
+    server = Memcached()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def mc(shared_memcached: Memcached) -> Memcached:
+    """The session's shared server, empty. Tests must not assume anything else about its history."""
+    server = shared_memcached
+    if server.running and server.paused:
+        server.resume()
+    try:
+        server.flush_all()
+    except (OSError, harness.MemcachedError):
+        # An earlier test stopped or wedged it: bring it back on the same port.
+        server.restart()
+        server.flush_all()
+    return server
