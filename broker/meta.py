@@ -1,0 +1,442 @@
+"""Sans-I/O codec for memcached's meta protocol (and the few text commands the broker passes through).
+
+Bytes in, objects out: `encode(request) -> bytes`, and `ResponseParser.feed(data)` followed by
+`while (r := parser.next_response()) is not None: ...`. No sockets here.
+
+Two error types keep blame clear:
+- `RequestError`: we were asked to encode something memcached would misread (bad key, bad number).
+  Raised before a single byte is produced, so a pipeline is never desynchronised by our own output.
+- `ProtocolError`: memcached (or whatever answered on that socket) sent bytes we cannot trust.
+  The connection that produced them must be closed.
+
+Wire tokens such as b"HD" and b"EN" appear only in this module; everything else uses `Status`.
+"""
+
+from __future__ import annotations
+
+import binascii
+import enum
+import re
+from dataclasses import dataclass
+from typing import Union
+
+MAX_KEY_LEN = 250
+# base64 of n bytes takes 4*ceil(n/3) bytes, and memcached checks the encoded length against 250.
+MAX_BINARY_KEY_LEN = 186
+MAX_OPAQUE_LEN = 32
+MAX_LINE_LEN = 8192
+DEFAULT_MAX_VALUE_LEN = 1 << 30
+
+_U32 = (1 << 32) - 1
+_U64 = (1 << 64) - 1
+
+# A key can go on the wire as-is when it has 1..250 bytes, none <= 0x20 and none == 0x7F.
+_BAD_KEY_BYTE = re.compile(rb"[\x00-\x20\x7f]")
+_OPAQUE_OK = re.compile(rb"[\x21-\x7e]{1,32}\Z")
+
+
+class RequestError(ValueError):
+    """What we were asked to send cannot be expressed safely on the wire."""
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that do not parse as a memcached response; the connection is unusable."""
+
+
+class Status(enum.Enum):
+    """Every response kind the parser produces. Names say what the token means."""
+
+    VALUE = "VA"  # mg hit with data, ma with v
+    OK = "HD"  # stored / deleted / touched / mg hit without data
+    MISS = "EN"  # mg miss
+    NOT_STORED = "NS"
+    EXISTS = "EX"  # cas mismatch
+    NOT_FOUND = "NF"
+    NOOP = "MN"
+    TEXT_OK = "OK"  # flush_all, verbosity, cache_memlimit
+    RESET = "RESET"  # stats reset
+    VERSION = "VERSION"
+    STATS = "STATS"  # STAT lines up to END
+    ERROR = "ERROR"  # unknown command: the stream can no longer be trusted
+    CLIENT_ERROR = "CLIENT_ERROR"  # malformed request: the stream can no longer be trusted
+    SERVER_ERROR = "SERVER_ERROR"  # belongs to its request alone
+
+
+_META_STATUS = {
+    b"VA": Status.VALUE,
+    b"HD": Status.OK,
+    b"EN": Status.MISS,
+    b"NS": Status.NOT_STORED,
+    b"EX": Status.EXISTS,
+    b"NF": Status.NOT_FOUND,
+    b"MN": Status.NOOP,
+}
+_TEXT_STATUS = {b"OK": Status.TEXT_OK, b"RESET": Status.RESET}
+_ERROR_STATUS = {
+    b"ERROR": Status.ERROR,
+    b"CLIENT_ERROR": Status.CLIENT_ERROR,
+    b"SERVER_ERROR": Status.SERVER_ERROR,
+}
+
+
+class SetMode(enum.Enum):
+    SET = b"S"
+    ADD = b"E"
+    APPEND = b"A"
+    PREPEND = b"P"
+    REPLACE = b"R"
+
+
+class ArithMode(enum.Enum):
+    INCR = b"I"
+    DECR = b"D"
+
+
+Opaque = Union[int, bytes, None]
+
+
+# --- requests -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    """`mg`: also touch (gat) with `touch`, and a pure touch with value=False, client_flags=False."""
+
+    key: bytes
+    opaque: Opaque = None
+    value: bool = True
+    client_flags: bool = True
+    cas: bool = False
+    ttl: bool = False
+    return_key: bool = False
+    touch: int | None = None
+    vivify: int | None = None
+    recache: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Set:
+    """`ms`: set / add / replace / append / prepend, and cas with `cas`."""
+
+    key: bytes
+    value: bytes
+    opaque: Opaque = None
+    mode: SetMode = SetMode.SET
+    client_flags: int = 0
+    ttl: int = 0
+    cas: int | None = None
+    invalidate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    key: bytes
+    opaque: Opaque = None
+    cas: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Arith:
+    """`ma`: incr/decr; `initial` with `vivify` creates a missing counter."""
+
+    key: bytes
+    opaque: Opaque = None
+    mode: ArithMode = ArithMode.INCR
+    delta: int = 1
+    value: bool = True
+    initial: int | None = None
+    vivify: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NoOp:
+    opaque: Opaque = None
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    args: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FlushAll:
+    delay: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verbosity:
+    level: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheMemlimit:
+    megabytes: int
+
+
+Request = Union[Get, Set, Delete, Arith, NoOp, Version, Stats, FlushAll, Verbosity, CacheMemlimit]
+
+# Requests whose answer carries our opaque token: the pipeline cross-checks it.
+META_REQUESTS = (Get, Set, Delete, Arith, NoOp)
+
+
+def encode_key(key: bytes) -> tuple[bytes, bool]:
+    """Return the key as it goes on the wire and whether it needs the `b` (base64) flag.
+
+    Keys memcached accepts verbatim go verbatim; any other key goes base64, never rewritten
+    otherwise, so two distinct keys can never become one item.
+    """
+    if type(key) is not bytes:
+        raise RequestError(f"key must be bytes, not {type(key).__name__}")
+    n = len(key)
+    if 0 < n <= MAX_KEY_LEN and _BAD_KEY_BYTE.search(key) is None:
+        return key, False
+    if n == 0:
+        raise RequestError("key must not be empty")
+    if n > MAX_BINARY_KEY_LEN:
+        if n > MAX_KEY_LEN:
+            raise RequestError(f"key is {n} bytes; memcached allows at most {MAX_KEY_LEN}")
+        raise RequestError(
+            f"binary key is {n} bytes; keys with spaces, control bytes or 0x7F are sent base64 "
+            f"and may have at most {MAX_BINARY_KEY_LEN} bytes"
+        )
+    return binascii.b2a_base64(key, newline=False), True
+
+
+def _opaque(opaque: Opaque) -> bytes:
+    if opaque is None:
+        return b""
+    if type(opaque) is int:
+        if opaque < 0:
+            raise RequestError("opaque must not be negative")
+        token = b"%d" % opaque
+    elif type(opaque) is bytes:
+        token = opaque
+    else:
+        raise RequestError(f"opaque must be int or bytes, not {type(opaque).__name__}")
+    if _OPAQUE_OK.match(token) is None:
+        raise RequestError("opaque must be 1..32 printable bytes without spaces")
+    return b" O" + token
+
+
+def _uint(value: object, name: str, limit: int) -> int:
+    if type(value) is not int or not 0 <= value <= limit:
+        raise RequestError(f"{name} must be an integer in 0..{limit}, got {value!r}")
+    return value
+
+
+def _ttl(value: object, name: str) -> int:
+    # memcached treats a negative TTL as "already expired", as pymemcache users rely on.
+    if type(value) is not int or not -(1 << 31) <= value <= _U32:
+        raise RequestError(f"{name} must be an integer TTL, got {value!r}")
+    return value
+
+
+def _key_part(verb: bytes, key: bytes) -> bytes:
+    wire, b64 = encode_key(key)
+    return verb + wire + (b" b" if b64 else b"")
+
+
+def encode(req: Request) -> bytes:
+    """Encode one request. Raises RequestError, never emits partial or ambiguous bytes."""
+    t = type(req)
+    if t is Get:
+        out = _key_part(b"mg ", req.key)
+        if req.value:
+            out += b" v"
+        if req.client_flags:
+            out += b" f"
+        if req.cas:
+            out += b" c"
+        if req.ttl:
+            out += b" t"
+        if req.return_key:
+            out += b" k"
+        if req.touch is not None:
+            out += b" T%d" % _ttl(req.touch, "touch")
+        if req.vivify is not None:
+            out += b" N%d" % _ttl(req.vivify, "vivify")
+        if req.recache is not None:
+            out += b" R%d" % _ttl(req.recache, "recache")
+        return out + _opaque(req.opaque) + b"\r\n"
+    if t is Set:
+        value = req.value
+        if type(value) is not bytes:
+            raise RequestError(f"value must be bytes, not {type(value).__name__}")
+        out = _key_part(b"ms ", req.key) + b" %d" % len(value)
+        if req.client_flags:
+            out += b" F%d" % _uint(req.client_flags, "client flags", _U32)
+        if req.ttl:
+            out += b" T%d" % _ttl(req.ttl, "ttl")
+        if req.cas is not None:
+            out += b" C%d" % _uint(req.cas, "cas", _U64)
+        if req.invalidate:
+            out += b" I"
+        if req.mode is not SetMode.SET:
+            out += b" M" + req.mode.value
+        return out + _opaque(req.opaque) + b"\r\n" + value + b"\r\n"
+    if t is Delete:
+        out = _key_part(b"md ", req.key)
+        if req.cas is not None:
+            out += b" C%d" % _uint(req.cas, "cas", _U64)
+        return out + _opaque(req.opaque) + b"\r\n"
+    if t is Arith:
+        out = _key_part(b"ma ", req.key)
+        if req.value:
+            out += b" v"
+        if req.mode is not ArithMode.INCR:
+            out += b" M" + req.mode.value
+        if req.delta != 1:
+            out += b" D%d" % _uint(req.delta, "delta", _U64)
+        if req.vivify is not None:
+            out += b" N%d" % _ttl(req.vivify, "vivify")
+        if req.initial is not None:
+            out += b" J%d" % _uint(req.initial, "initial", _U64)
+        return out + _opaque(req.opaque) + b"\r\n"
+    if t is NoOp:
+        return b"mn" + _opaque(req.opaque) + b"\r\n"
+    if t is Version:
+        return b"version\r\n"
+    if t is Stats:
+        for arg in req.args:
+            if type(arg) is not bytes or not arg or _BAD_KEY_BYTE.search(arg):
+                raise RequestError(f"bad stats argument {arg!r}")
+        return b" ".join((b"stats",) + tuple(req.args)) + b"\r\n"
+    if t is FlushAll:
+        if req.delay is None:
+            return b"flush_all\r\n"
+        return b"flush_all %d\r\n" % _uint(req.delay, "delay", _U32)
+    if t is Verbosity:
+        return b"verbosity %d\r\n" % _uint(req.level, "verbosity level", _U32)
+    if t is CacheMemlimit:
+        return b"cache_memlimit %d\r\n" % _uint(req.megabytes, "cache_memlimit", _U32)
+    raise RequestError(f"cannot encode {t.__name__}")
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Response:
+    """One complete response. `flags` maps a flag letter to its token (b"" for bare flags)."""
+
+    status: Status
+    flags: dict[str, bytes]
+    value: bytes | None = None
+    text: bytes = b""  # the message of an error, the VERSION string
+    stats: dict[str, str] | None = None
+
+    @property
+    def opaque(self) -> bytes | None:
+        return self.flags.get("O")
+
+
+_NO_FLAGS: dict[str, bytes] = {}
+
+
+def _parse_flags(tokens: list[bytes]) -> dict[str, bytes]:
+    if not tokens:
+        return _NO_FLAGS
+    flags: dict[str, bytes] = {}
+    for tok in tokens:
+        if not tok:
+            raise ProtocolError("empty flag token (double space)")
+        c = tok[0]
+        if not (0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A):
+            raise ProtocolError(f"bad flag token {tok[:40]!r}")
+        flags[chr(c)] = tok[1:]
+    return flags
+
+
+class ResponseParser:
+    """Incremental parser: feed any slices of the byte stream, pull whole responses."""
+
+    __slots__ = ("_buf", "_pos", "_max_value", "_stats")
+
+    def __init__(self, max_value_len: int = DEFAULT_MAX_VALUE_LEN) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._max_value = max_value_len
+        self._stats: dict[str, str] | None = None
+
+    def feed(self, data: bytes) -> None:
+        buf = self._buf
+        if self._pos and self._pos > (len(buf) >> 1):
+            del buf[: self._pos]
+            self._pos = 0
+        buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as responses."""
+        return len(self._buf) - self._pos
+
+    def next_response(self) -> Response | None:
+        """The next complete response, or None when more bytes are needed. Raises ProtocolError."""
+        while True:
+            buf = self._buf
+            pos = self._pos
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                if len(buf) - pos > MAX_LINE_LEN:
+                    raise ProtocolError("response line longer than %d bytes" % MAX_LINE_LEN)
+                return None
+            if end - pos > MAX_LINE_LEN:
+                raise ProtocolError("response line longer than %d bytes" % MAX_LINE_LEN)
+            line = bytes(buf[pos:end])
+            tokens = line.split(b" ")
+            head = tokens[0]
+            if self._stats is not None:
+                if head == b"STAT" and len(tokens) >= 3:
+                    self._stats[tokens[1].decode("ascii", "replace")] = b" ".join(tokens[2:]).decode(
+                        "ascii", "replace"
+                    )
+                    self._pos = end + 2
+                    continue
+                if line == b"END":
+                    stats, self._stats = self._stats, None
+                    self._pos = end + 2
+                    return Response(Status.STATS, _NO_FLAGS, stats=stats)
+                raise ProtocolError(f"unexpected line inside STAT block: {line[:60]!r}")
+            status = _META_STATUS.get(head)
+            if status is Status.VALUE:
+                if len(tokens) < 2 or not tokens[1].isdigit():
+                    raise ProtocolError(f"bad VA line: {line[:60]!r}")
+                size = int(tokens[1])
+                if size > self._max_value:
+                    raise ProtocolError(f"VA of {size} bytes exceeds the {self._max_value} limit")
+                start = end + 2
+                stop = start + size
+                if len(buf) < stop + 2:
+                    return None
+                if buf[stop : stop + 2] != b"\r\n":
+                    raise ProtocolError("VA data not followed by CRLF")
+                flags = _parse_flags(tokens[2:])
+                self._pos = stop + 2
+                return Response(status, flags, bytes(buf[start:stop]))
+            if status is not None:
+                flags = _parse_flags(tokens[1:])
+                self._pos = end + 2
+                return Response(status, flags)
+            err = _ERROR_STATUS.get(head)
+            if err is not None:
+                self._pos = end + 2
+                return Response(err, _NO_FLAGS, text=line[len(head) + 1 :])
+            if head == b"VERSION" and len(tokens) >= 2:
+                self._pos = end + 2
+                return Response(Status.VERSION, _NO_FLAGS, text=line[8:])
+            text = _TEXT_STATUS.get(line)
+            if text is not None:
+                self._pos = end + 2
+                return Response(text, _NO_FLAGS)
+            if head == b"STAT" and len(tokens) >= 3:
+                self._stats = {}
+                continue  # re-read this line as the first of the block
+            if line == b"END":
+                self._pos = end + 2
+                return Response(Status.STATS, _NO_FLAGS, stats={})
+            raise ProtocolError(f"unparsable response line: {line[:60]!r}")

@@ -1,0 +1,263 @@
+"""The msgpack frames that clientlib and the broker exchange over ZeroMQ (schema version 1).
+
+One ZeroMQ message is one msgpack array. Every frame names the schema version first, so a mixed
+deployment fails with a clear error instead of misreading fields.
+
+Request (worker -> broker)::
+
+    [1, req_id, timeout_ms, flags, ops]
+
+    req_id      uint64 chosen by the worker; echoed in the reply. Unique per socket while pending.
+    timeout_ms  the call's deadline, relative, in ms (0: the broker's default). The broker answers
+                TIMEOUT at the deadline, so a worker never waits past its own timeout for memcached.
+    flags       bit 0 NOREPLY: the broker sends no reply at all (pymemcache's noreply).
+    ops         array of 1..MAX_OPS operations; a get_many of 100 keys is one frame of 100 GETs.
+
+Operations (keys and values are msgpack bin; the worker applies prefixes and checks keys)::
+
+    [GET, key]  [GETS, key]  [GAT, key, ttl]  [GATS, key, ttl]
+    [SET|ADD|REPLACE|APPEND|PREPEND, key, value, client_flags, ttl]
+    [CAS, key, value, client_flags, ttl, cas]
+    [DELETE, key]  [INCR|DECR, key, delta]  [TOUCH, key, ttl]
+    [VERSION]  [STATS, [arg, ...]]  [FLUSH_ALL, delay]  [CACHE_MEMLIMIT, megabytes]
+    [PING]  [BROKER_STATS]
+
+Reply (broker -> worker)::
+
+    [1, req_id, Code.OK, results]      one result per op, in order
+    [1, req_id, code, message]         the whole frame failed (BAD_REQUEST, OVERLOADED, ...)
+
+Results (``[code, *payload]``)::
+
+    GET/GAT hit        [OK, value, client_flags]
+    GETS/GATS hit      [OK, value, client_flags, cas]
+    miss               [MISS]
+    store ops          [OK] | [NOT_STORED] | [EXISTS] | [NOT_FOUND]
+    DELETE, TOUCH      [OK] | [NOT_FOUND]
+    INCR/DECR          [OK, new_value] | [NOT_FOUND]
+    VERSION            [OK, {server: version}]
+    STATS              [OK, {server: {name: value}}]
+    FLUSH_ALL, CACHE_MEMLIMIT  [OK, {server: true}]
+    PING               [OK, "PONG"]
+    BROKER_STATS       [OK, {name: value}]
+    any failure        [code >= SERVER_ERROR, message]
+
+Decoding uses msgpack's Unpacker limits, so a hostile frame costs at most its own size, and every
+malformed frame raises `WireError` (with the request id when it could be read), never another
+exception.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+NOREPLY = 1
+MAX_OPS = 100_000
+MAX_KEY_LEN = 250
+DEFAULT_MAX_FRAME = 4 << 20
+_U64 = (1 << 64) - 1
+
+
+class Op(enum.IntEnum):
+    GET = 1
+    GETS = 2
+    GAT = 3
+    GATS = 4
+    SET = 10
+    ADD = 11
+    REPLACE = 12
+    APPEND = 13
+    PREPEND = 14
+    CAS = 15
+    DELETE = 20
+    INCR = 21
+    DECR = 22
+    TOUCH = 23
+    VERSION = 30
+    STATS = 31
+    FLUSH_ALL = 32
+    CACHE_MEMLIMIT = 33
+    PING = 40
+    BROKER_STATS = 41
+
+
+class Code(enum.IntEnum):
+    OK = 0
+    MISS = 1
+    NOT_STORED = 2
+    EXISTS = 3
+    NOT_FOUND = 4
+    # failures: every one carries a message
+    SERVER_ERROR = 16  # memcached's SERVER_ERROR, for this request alone
+    CLIENT_ERROR = 17  # the request is invalid (bad key, too large) or memcached said CLIENT_ERROR
+    UNKNOWN_COMMAND = 18  # memcached said ERROR
+    CONNECTION_ERROR = 19  # the connection carrying the request failed or lost sync
+    TIMEOUT = 20  # no answer from memcached before the deadline
+    OVERLOADED = 21  # a broker bound was hit; nothing was sent
+    SERVER_DOWN = 22  # the server is marked down; nothing was sent
+    BAD_REQUEST = 23  # the frame or an op is malformed
+    UNSUPPORTED_VERSION = 24
+    SHUTTING_DOWN = 25
+
+
+FIRST_ERROR = Code.SERVER_ERROR
+
+# Argument types after the opcode, per op. bool is not int here: msgpack never yields bools for
+# ints, and a worker sending True for a TTL is a bug worth reporting.
+_ARGS: dict[int, tuple[type, ...]] = {
+    Op.GET: (bytes,),
+    Op.GETS: (bytes,),
+    Op.GAT: (bytes, int),
+    Op.GATS: (bytes, int),
+    Op.SET: (bytes, bytes, int, int),
+    Op.ADD: (bytes, bytes, int, int),
+    Op.REPLACE: (bytes, bytes, int, int),
+    Op.APPEND: (bytes, bytes, int, int),
+    Op.PREPEND: (bytes, bytes, int, int),
+    Op.CAS: (bytes, bytes, int, int, int),
+    Op.DELETE: (bytes,),
+    Op.INCR: (bytes, int),
+    Op.DECR: (bytes, int),
+    Op.TOUCH: (bytes, int),
+    Op.VERSION: (),
+    Op.STATS: (list,),
+    Op.FLUSH_ALL: (int,),
+    Op.CACHE_MEMLIMIT: (int,),
+    Op.PING: (),
+    Op.BROKER_STATS: (),
+}
+KEYED_OPS = frozenset(op for op, args in _ARGS.items() if args[:1] == (bytes,))
+STORE_OPS = frozenset({Op.SET, Op.ADD, Op.REPLACE, Op.APPEND, Op.PREPEND, Op.CAS})
+
+
+class WireError(ValueError):
+    """A frame that does not follow this schema. `req_id` is set when it could be read."""
+
+    def __init__(self, code: Code, message: str, req_id: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.req_id = req_id
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFrame:
+    req_id: int
+    timeout_ms: int
+    flags: int
+    ops: list[list[Any]]
+
+    @property
+    def noreply(self) -> bool:
+        return bool(self.flags & NOREPLY)
+
+
+def encode_request(req_id: int, ops: list[list[Any]], timeout_ms: int = 0, flags: int = 0) -> bytes:
+    return msgpack.packb([VERSION, req_id, timeout_ms, flags, ops], use_bin_type=True)
+
+
+def encode_reply(req_id: int, results: list[list[Any]]) -> bytes:
+    return msgpack.packb([VERSION, req_id, Code.OK, results], use_bin_type=True)
+
+
+def encode_error(req_id: int, code: Code, message: str) -> bytes:
+    return msgpack.packb([VERSION, req_id, int(code), message], use_bin_type=True)
+
+
+def _unpack(data: bytes, max_bytes: int, max_array: int, max_map: int) -> Any:
+    if len(data) > max_bytes:
+        raise WireError(Code.BAD_REQUEST, f"frame of {len(data)} bytes exceeds the {max_bytes} limit")
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_bin_len=max_bytes,
+            max_str_len=max_bytes,
+            max_array_len=max_array,
+            max_map_len=max_map,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises a zoo of types (ValueError, ExtraData, FormatError...)
+        raise WireError(Code.BAD_REQUEST, f"undecodable frame: {type(exc).__name__}: {exc}") from None
+
+
+def _header(obj: Any, kind: str) -> int:
+    if type(obj) is not list or len(obj) < 2:
+        raise WireError(Code.BAD_REQUEST, f"{kind} frame must be an array [version, req_id, ...]")
+    req_id = obj[1]
+    rid = req_id if type(req_id) is int and 0 <= req_id <= _U64 else None
+    if obj[0] != VERSION or type(obj[0]) is not int:
+        raise WireError(Code.UNSUPPORTED_VERSION, f"unsupported wire version {obj[0]!r}; this side speaks {VERSION}", rid)
+    if rid is None:
+        raise WireError(Code.BAD_REQUEST, "request id must be an unsigned 64-bit integer")
+    return rid
+
+
+def check_op(op: Any) -> None:
+    """Raise WireError unless `op` is one operation of this schema (argument count and types)."""
+    if type(op) is not list or not op:
+        raise WireError(Code.BAD_REQUEST, "each op must be a non-empty array")
+    spec = _ARGS.get(op[0]) if type(op[0]) is int else None
+    if spec is None:
+        raise WireError(Code.BAD_REQUEST, f"unknown op {op[0]!r}")
+    if len(op) != len(spec) + 1:
+        raise WireError(Code.BAD_REQUEST, f"op {Op(op[0]).name} takes {len(spec)} arguments, got {len(op) - 1}")
+    for arg, typ in zip(op[1:], spec):
+        if type(arg) is not typ:
+            raise WireError(Code.BAD_REQUEST, f"op {Op(op[0]).name}: expected {typ.__name__}, got {type(arg).__name__}")
+    if spec and spec[0] is bytes and not 0 < len(op[1]) <= MAX_KEY_LEN:
+        raise WireError(Code.BAD_REQUEST, f"op {Op(op[0]).name}: key must have 1..{MAX_KEY_LEN} bytes")
+    if op[0] == Op.STATS and any(type(a) is not bytes for a in op[1]):
+        raise WireError(Code.BAD_REQUEST, "stats arguments must be bytes")
+
+
+def decode_request(data: bytes, max_frame: int = DEFAULT_MAX_FRAME, max_ops: int = MAX_OPS) -> RequestFrame:
+    obj = _unpack(data, max_frame, max_ops, 0)
+    rid = _header(obj, "request")
+    if len(obj) != 5:
+        raise WireError(Code.BAD_REQUEST, "request frame must be [version, req_id, timeout_ms, flags, ops]", rid)
+    _, _, timeout_ms, flags, ops = obj
+    if type(timeout_ms) is not int or not 0 <= timeout_ms <= 86_400_000:
+        raise WireError(Code.BAD_REQUEST, "timeout_ms must be an integer in 0..86400000", rid)
+    if type(flags) is not int or flags & ~NOREPLY or flags < 0:
+        raise WireError(Code.BAD_REQUEST, f"unknown request flags {flags!r}", rid)
+    if type(ops) is not list or not ops:
+        raise WireError(Code.BAD_REQUEST, "ops must be a non-empty array", rid)
+    try:
+        for op in ops:
+            check_op(op)
+    except WireError as exc:
+        exc.req_id = rid
+        raise
+    return RequestFrame(rid, timeout_ms, flags, ops)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyFrame:
+    req_id: int
+    code: Code
+    payload: Any  # results (list) when code is OK, else the error message
+
+
+def decode_reply(data: bytes, max_frame: int = 1 << 30) -> ReplyFrame:
+    obj = _unpack(data, max_frame, MAX_OPS, 1 << 20)
+    rid = _header(obj, "reply")
+    if len(obj) != 4 or type(obj[2]) is not int:
+        raise WireError(Code.BAD_REQUEST, "reply frame must be [version, req_id, code, payload]", rid)
+    try:
+        code = Code(obj[2])
+    except ValueError:
+        raise WireError(Code.BAD_REQUEST, f"unknown reply code {obj[2]}", rid) from None
+    payload = obj[3]
+    if code is Code.OK:
+        if type(payload) is not list or any(type(r) is not list or not r or type(r[0]) is not int for r in payload):
+            raise WireError(Code.BAD_REQUEST, "reply results must be an array of [code, ...]", rid)
+    elif type(payload) is not str:
+        raise WireError(Code.BAD_REQUEST, "error reply must carry a message", rid)
+    return ReplyFrame(rid, code, payload)
