@@ -1,0 +1,336 @@
+"""Broker configuration: frozen dataclasses loaded from TOML, validated once.
+
+Everything that can be wrong with a config is found here, at load, and
+reported as a ConfigError naming the key. The rest of the broker trusts a
+Config it is given. Reload builds a new Config; nothing is mutated.
+
+Data only: this module reads the config file and nothing else (no sockets, no
+logging).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from clientlib.address import ServerAddress, check_listen_url, default_bind_url, parse_server
+
+
+class ConfigError(ValueError):
+    """A config problem. `key` is the offending key ("servers[1].weight"), or
+    None for problems with the file as a whole."""
+
+    def __init__(self, key: str | None, problem: str, source: str | None = None) -> None:
+        self.key = key
+        self.problem = problem
+        self.source = source
+        text = f"{key}: {problem}" if key is not None else problem
+        super().__init__(f"{source}: {text}" if source else text)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    address: ServerAddress
+    weight: int
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: tuple[str, ...]
+    servers: tuple[ServerConfig, ...]
+    hash: str
+    connections_per_server: int
+    timeout_ms: int
+    connect_timeout_ms: int
+    io_timeout_ms: int
+    failure_limit: int
+    on_server_down: str
+    probe_interval_ms: int
+    probe_max_interval_ms: int
+    max_frame_bytes: int
+    max_value_bytes: int
+    max_inflight_per_connection: int
+    max_inflight_per_server: int
+    max_inflight_total: int
+    max_buffered_bytes: int
+    max_batch_per_turn: int
+    log_level: str
+
+    def listen_urls(self) -> tuple[str, ...]:
+        """The addresses to bind: the configured ones, or the default socket."""
+        return self.listen if self.listen else (default_bind_url(),)
+
+    def as_mapping(self) -> dict[str, object]:
+        """Plain TOML-shaped values; from_mapping(c.as_mapping()) == c."""
+        out: dict[str, object] = {}
+        for name in DEFAULTS:
+            out[name] = getattr(self, name)
+        out["listen"] = list(self.listen)
+        out["servers"] = [
+            s.address.name if s.weight == 1 else {"address": s.address.name, "weight": s.weight}
+            for s in self.servers
+        ]
+        return out
+
+
+# The single source of the built-in defaults; etc/mcbroker.toml spells out the
+# same values (a test holds them equal).
+DEFAULTS: Mapping[str, object] = MappingProxyType(
+    {
+        "listen": [],
+        "servers": ["127.0.0.1:11211"],
+        "hash": "rendezvous",
+        "connections_per_server": 2,
+        "timeout_ms": 1000,
+        "connect_timeout_ms": 1000,
+        "io_timeout_ms": 3000,
+        "failure_limit": 3,
+        "on_server_down": "fail",
+        "probe_interval_ms": 1000,
+        "probe_max_interval_ms": 30000,
+        "max_frame_bytes": 4194304,
+        "max_value_bytes": 1048576,
+        "max_inflight_per_connection": 65536,
+        "max_inflight_per_server": 131072,
+        "max_inflight_total": 262144,
+        "max_buffered_bytes": 268435456,
+        "max_batch_per_turn": 4096,
+        "log_level": "info",
+    }
+)
+
+HASHES = ("rendezvous", "ketama")
+ON_SERVER_DOWN = ("fail", "remap")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+MAX_WEIGHT = 1000
+
+# Room in a frame for everything but the value of a single set: key (at most
+# 250 bytes), flags, ids and msgpack headers. A frame limit that cannot carry
+# the largest allowed value would reject valid sets.
+FRAME_OVERHEAD_BYTES = 4096
+
+_HOUR_MS = 3_600_000
+
+# Inclusive ranges. The maxima are far past any sane setting; they exist to
+# catch unit mistakes (seconds vs milliseconds, an extra zero) and overflow.
+INT_RANGES: Mapping[str, tuple[int, int]] = MappingProxyType(
+    {
+        "connections_per_server": (1, 8),
+        "timeout_ms": (1, 600_000),
+        "connect_timeout_ms": (1, 600_000),
+        "io_timeout_ms": (1, 600_000),
+        "failure_limit": (1, 1000),
+        "probe_interval_ms": (1, _HOUR_MS),
+        "probe_max_interval_ms": (1, _HOUR_MS),
+        "max_frame_bytes": (FRAME_OVERHEAD_BYTES + 1, 1 << 30),
+        # memcached itself refuses item sizes over 1 GiB (-I).
+        "max_value_bytes": (1, 1 << 30),
+        "max_inflight_per_connection": (1, 1 << 24),
+        "max_inflight_per_server": (1, 1 << 24),
+        "max_inflight_total": (1, 1 << 26),
+        "max_buffered_bytes": (1 << 16, 1 << 36),
+        "max_batch_per_turn": (1, 1 << 20),
+    }
+)
+
+_CHOICES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {"hash": HASHES, "on_server_down": ON_SERVER_DOWN, "log_level": LOG_LEVELS}
+)
+
+
+def _type_name(value: object) -> str:
+    return type(value).__name__
+
+
+def _int(key: str, value: object) -> int:
+    # bool is an int subclass; `timeout_ms = true` is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"must be an integer, got {_type_name(value)} {value!r}")
+    low, high = INT_RANGES[key]
+    if not low <= value <= high:
+        raise ConfigError(key, f"{value} is out of range {low}..{high}")
+    return value
+
+
+def _choice(key: str, value: object) -> str:
+    choices = _CHOICES[key]
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string, one of {', '.join(choices)}; got {_type_name(value)}")
+    # Case is never meaningful in these names; "INFO" is what people type.
+    normal = value.lower()
+    if normal not in choices:
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(choices)}")
+    return normal
+
+
+def _list(key: str, value: object) -> list[object]:
+    # A bare string is iterable too; accepting it would split "a:1" into chars.
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(key, f"must be a list, got {_type_name(value)}")
+    return list(value)
+
+
+def _listen(value: object) -> tuple[str, ...]:
+    urls: list[str] = []
+    for i, item in enumerate(_list("listen", value)):
+        key = f"listen[{i}]"
+        if not isinstance(item, str):
+            raise ConfigError(key, f"must be a string, got {_type_name(item)}")
+        try:
+            check_listen_url(item)
+        except ValueError as e:
+            raise ConfigError(key, str(e)) from None
+        if item in urls:
+            raise ConfigError(key, f"{item!r} is listed twice")
+        urls.append(item)
+    return tuple(urls)
+
+
+def _server(key: str, item: object) -> ServerConfig:
+    weight: object = 1
+    if isinstance(item, Mapping):
+        unknown = [k for k in item if k not in ("address", "weight")]
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]}", "unknown key (expected address, weight)")
+        if "address" not in item:
+            raise ConfigError(f"{key}.address", "is required")
+        text = item["address"]
+        weight = item.get("weight", 1)
+        addr_key = f"{key}.address"
+    else:
+        text = item
+        addr_key = key
+    if not isinstance(text, str):
+        raise ConfigError(addr_key, f"must be a string, got {_type_name(text)}")
+    try:
+        address = parse_server(text)
+    except ValueError as e:
+        raise ConfigError(addr_key, str(e)) from None
+    if isinstance(weight, bool) or not isinstance(weight, int):
+        raise ConfigError(f"{key}.weight", f"must be an integer, got {_type_name(weight)}")
+    if not 1 <= weight <= MAX_WEIGHT:
+        raise ConfigError(f"{key}.weight", f"{weight} is out of range 1..{MAX_WEIGHT}")
+    return ServerConfig(address=address, weight=weight)
+
+
+def _identity(address: ServerAddress) -> tuple[object, ...]:
+    # Host names are case-insensitive: "LOCALHOST:11211" is localhost again.
+    if address.path is not None:
+        return ("unix", address.path)
+    return ("inet", (address.host or "").lower(), address.port)
+
+
+def _servers(value: object, hash_name: str) -> tuple[ServerConfig, ...]:
+    items = _list("servers", value)
+    if not items:
+        raise ConfigError("servers", "at least one server is required")
+    servers: list[ServerConfig] = []
+    seen: dict[tuple[object, ...], int] = {}
+    for i, item in enumerate(items):
+        key = f"servers[{i}]"
+        server = _server(key, item)
+        ident = _identity(server.address)
+        if ident in seen:
+            raise ConfigError(key, f"{server.address.name} duplicates servers[{seen[ident]}]")
+        seen[ident] = i
+        if server.weight != 1 and hash_name != "ketama":
+            # pymemcache's rendezvous hashing has no weights; honouring one
+            # would place keys differently from the clients we replace.
+            raise ConfigError(f"{key}.weight", 'weights need hash = "ketama"; rendezvous has no weights')
+        servers.append(server)
+    return tuple(servers)
+
+
+def _check_relations(c: Config) -> None:
+    if c.probe_interval_ms > c.probe_max_interval_ms:
+        raise ConfigError(
+            "probe_interval_ms",
+            f"{c.probe_interval_ms} exceeds probe_max_interval_ms ({c.probe_max_interval_ms})",
+        )
+    if c.max_value_bytes + FRAME_OVERHEAD_BYTES > c.max_frame_bytes:
+        raise ConfigError(
+            "max_value_bytes",
+            f"{c.max_value_bytes} plus {FRAME_OVERHEAD_BYTES} bytes of framing must fit in "
+            f"max_frame_bytes ({c.max_frame_bytes})",
+        )
+    if c.max_inflight_per_connection > c.max_inflight_per_server:
+        raise ConfigError(
+            "max_inflight_per_connection",
+            f"{c.max_inflight_per_connection} exceeds max_inflight_per_server ({c.max_inflight_per_server})",
+        )
+    if c.max_inflight_per_server > c.max_inflight_total:
+        raise ConfigError(
+            "max_inflight_per_server",
+            f"{c.max_inflight_per_server} exceeds max_inflight_total ({c.max_inflight_total})",
+        )
+    if c.max_buffered_bytes < c.max_frame_bytes:
+        raise ConfigError(
+            "max_buffered_bytes",
+            f"{c.max_buffered_bytes} is less than max_frame_bytes ({c.max_frame_bytes}); "
+            f"a single largest frame could never be buffered",
+        )
+
+
+def from_mapping(d: Mapping[str, object]) -> Config:
+    """Validate a TOML-shaped mapping; missing keys take the built-in defaults."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(None, f"config must be a table, got {_type_name(d)}")
+    for key in d:
+        if not isinstance(key, str):
+            raise ConfigError(repr(key), "config keys must be strings")
+        if key not in DEFAULTS:
+            close = difflib.get_close_matches(key, list(DEFAULTS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(key, f"unknown key{hint}")
+    merged = {**DEFAULTS, **d}
+    hash_name = _choice("hash", merged["hash"])
+    config = Config(
+        listen=_listen(merged["listen"]),
+        servers=_servers(merged["servers"], hash_name),
+        hash=hash_name,
+        on_server_down=_choice("on_server_down", merged["on_server_down"]),
+        log_level=_choice("log_level", merged["log_level"]),
+        **{key: _int(key, merged[key]) for key in INT_RANGES},  # type: ignore[arg-type]
+    )
+    _check_relations(config)
+    return config
+
+
+def _read_toml(path: str) -> dict[str, object]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(None, f"cannot read config file: {e.strerror or e}", source=path) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(None, f"not valid TOML: {e}", source=path) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(None, f"not valid UTF-8: {e}", source=path) from None
+
+
+_ROOT_KEY_RE = re.compile(r"[^\[.]*")
+
+
+def load(path: str | None, overrides: Mapping[str, object] | None = None) -> Config:
+    """Load `path` (None: built-in defaults), apply overrides, validate.
+
+    Overrides come from command-line flags and replace whole top-level values;
+    a None value means "flag not given" and is ignored.
+    """
+    data: dict[str, object] = _read_toml(path) if path is not None else {}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data.update(given)
+    try:
+        return from_mapping(data)
+    except ConfigError as e:
+        root = _ROOT_KEY_RE.match(e.key or "")
+        if e.key is not None and root is not None and root.group(0) in given:
+            source: str | None = "command line"
+        else:
+            source = path
+        raise ConfigError(e.key, e.problem, source=source) from None
