@@ -1,0 +1,258 @@
+"""Key -> server placement: rendezvous (pymemcache HashClient) and ketama (uhashring/twemproxy).
+
+Pure and precomputed: every table is built in __init__, nothing is cached per key.
+Servers are given as a sequence of (canonical name, weight); lookups return an index into it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from bisect import bisect_right
+from collections.abc import Sequence
+from itertools import chain
+from typing import Protocol
+
+__all__ = ["Placement", "Rendezvous", "Ketama", "make_placement", "murmur3_32", "pymemcache_node_name"]
+
+_M32 = 0xFFFFFFFF
+_C1, _C2, _N1 = 0xCC9E2D51, 0x1B873593, 0xE6546B64
+_F1, _F2 = 0x85EBCA6B, 0xC2B2AE35
+
+
+class Placement(Protocol):
+    def lookup(self, key: bytes) -> int: ...
+    def lookup_excluding(self, key: bytes, down: frozenset[int]) -> int | None: ...
+
+
+def _validated(servers: Sequence[tuple[str, int]]) -> tuple[list[str], list[int]]:
+    if not servers:
+        raise ValueError("placement needs at least one server")
+    names = [name for name, _ in servers]
+    weights = [weight for _, weight in servers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate server names in {names!r}")
+    for name, weight in servers:
+        if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
+            raise ValueError(f"server {name!r}: weight must be an int >= 1, got {weight!r}")
+    return names, weights
+
+
+def murmur3_32(data: bytes, seed: int = 0) -> int:
+    """MurmurHash3 x86_32 of `data`; the scalar reference for the lane-parallel version below."""
+    h = seed & _M32
+    n = len(data) & ~3
+    for (w,) in struct.iter_unpack("<I", data[:n]):
+        k = (w * _C1) & _M32
+        k = (((k << 15) | (k >> 17)) * _C2) & _M32
+        h ^= k
+        h = ((((h << 13) | (h >> 19)) & _M32) * 5 + _N1) & _M32
+    if len(data) & 3:
+        k = (int.from_bytes(data[n:], "little") * _C1) & _M32
+        h ^= (((k << 15) | (k >> 17)) * _C2) & _M32
+    h ^= len(data)
+    h = ((h ^ (h >> 16)) * _F1) & _M32
+    h = ((h ^ (h >> 13)) * _F2) & _M32
+    return h ^ (h >> 16)
+
+
+def pymemcache_node_name(name: str) -> str:
+    """The node string HashClient hashes for a server given as `name` (normalize_server_spec
+    then "%s:%s" % (host, port)): "unix:/p" -> "/p", "[::1]:11211" -> "::1:11211", "h" -> "h:11211"."""
+    if name.startswith("unix:"):
+        return name[5:]
+    if name.startswith("/"):
+        return name
+    if ":" not in name or name.endswith("]"):
+        host, port = name, 11211
+    else:
+        host, port_s = name.rsplit(":", 1)
+        port = int(port_s)
+    if host.startswith("["):
+        host = host.strip("[]")
+    return f"{host}:{port}"
+
+
+def _pymemcache_key_bytes(key: bytes) -> bytes:
+    # HashClient hashes the caller's str key, and pymemcache's murmur3 keeps only the low byte
+    # of each code point. The broker sees the UTF-8 encoding: for ASCII that is the same bytes.
+    if key.isascii():
+        return key
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        return key  # not from a str key; no pymemcache mapping to honour
+    return bytes(ord(c) & 0xFF for c in text)
+
+
+class _Lanes:
+    """murmur3_32(prefix_i + key) for every prefix at once. Each prefix owns a 128-bit lane of one
+    Python int, so the per-key cost barely grows with the number of servers; the prefixes' full
+    blocks are hashed in __init__. The key sits at a different byte offset in each lane (the
+    prefix's leftover len % 4 bytes come first): per block, one multiplication copies a 56-bit
+    window of the key into every lane at that lane's offset. Lanes are wide enough that the
+    copies and 32x32-bit products never carry into a neighbour."""
+
+    _W = 128
+
+    def __init__(self, prefixes: list[bytes], ranks: list[int], rank_bits: int) -> None:
+        lane = self._W
+        n = len(prefixes)
+        self.ones = sum(1 << (lane * i) for i in range(n))
+        self.mask = self.ones * _M32
+        self.n5 = self.ones * _N1
+        self.rank_bits = rank_bits
+        self.fmt = f"<{2 * n}Q"
+        self.nbytes = n * lane // 8
+        self.max_align = max(len(p) % 4 for p in prefixes)
+        h0 = lead = plen = rank = spread = 0
+        by_align = [0, 0, 0, 0]
+        for i, (p, r) in enumerate(zip(prefixes, ranks)):
+            align = len(p) % 4
+            # murmur3 stopped before its tail and finalisation: the running state after full blocks
+            state = 0
+            for (w,) in struct.iter_unpack("<I", p[: len(p) - align]):
+                k = (w * _C1) & _M32
+                state ^= (((k << 15) | (k >> 17)) * _C2) & _M32
+                state = ((((state << 13) | (state >> 19)) & _M32) * 5 + _N1) & _M32
+            shift = lane * i
+            h0 |= state << shift
+            lead |= int.from_bytes(p[len(p) - align :], "little") << shift
+            plen |= len(p) << shift
+            rank |= r << shift
+            spread |= 1 << (shift + 8 * align)
+            by_align[align] |= _M32 << shift
+        self.h0, self.lead, self.plen, self.rank, self.spread = h0, lead, plen, rank, spread
+        # full[t]: lanes whose block is complete when the key ends t bytes short of an aligned
+        # block (t = 4*j + 4 - len(key)): those with align >= t. Others take a tail or nothing.
+        self.full = [sum(by_align[a] for a in range(t, 4)) for t in range(4)]
+
+    def scores(self, key: bytes) -> tuple[int, ...]:
+        """Per lane, low 64 bits of each 128: (hash << rank_bits) | rank, so max() tie-breaks."""
+        m, n5, spread, full = self.mask, self.n5, self.spread, self.full
+        size = len(key)
+        window = int.from_bytes(key, "little") << 24
+        h = self.h0
+        w = (((window & 0xFFFFFFFFFFFFFF) * spread) >> 24) & m | self.lead
+        short = 4 - size
+        for _ in range((self.max_align + size + 3) >> 2):
+            k = (w * _C1) & m
+            h ^= ((((k << 15) | (k >> 17)) & m) * _C2) & m
+            if short <= 0:
+                h = ((((h << 13) | (h >> 19)) & m) * 5 + n5) & m
+            elif short < 4 and full[short]:
+                f = full[short]
+                h = (((((h << 13) | (h >> 19)) & m) * 5 + n5) & f) | (h & (m ^ f))
+            window >>= 32
+            short += 4
+            w = (((window & 0xFFFFFFFFFFFFFF) * spread) >> 24) & m
+        h ^= self.plen + size * self.ones
+        h = (((h ^ (h >> 16)) & m) * _F1) & m
+        h = (((h ^ (h >> 13)) & m) * _F2) & m
+        h = (h ^ (h >> 16)) & m
+        packed = ((h << self.rank_bits) | self.rank).to_bytes(self.nbytes, "little")
+        return struct.unpack(self.fmt, packed)[::2]
+
+
+class Rendezvous:
+    """Highest-random-weight placement, identical to pymemcache's HashClient (RendezvousHash,
+    murmur3_32 seed 0 over "<node>-<key>", ties to the greater node name) when all weights are
+    equal. With unequal weights it is weighted rendezvous (logarithmic method): the score is
+    weight / -ln(u) with u = murmur3 mapped into (0, 1), so a server's expected share is
+    weight / total and removing a server still moves only its own keys. pymemcache has no weights.
+
+    Compatibility caveat: HashClient hashes the key object the application passed; for str keys
+    that matches this (ASCII, or UTF-8 decoded), but a bytes key is hashed as its repr "b'...'"."""
+
+    def __init__(self, servers: Sequence[tuple[str, int]]) -> None:
+        names, weights = _validated(servers)
+        self._n = len(names)
+        nodes = [pymemcache_node_name(name) for name in names]
+        if len(set(nodes)) != len(nodes):
+            raise ValueError(f"servers {names!r} name the same pymemcache node twice")
+        # str node names compare as pymemcache's tie-break does; rank = position in that order
+        order = sorted(range(self._n), key=lambda i: nodes[i])
+        rank = [0] * self._n
+        for r, i in enumerate(order):
+            rank[i] = r
+        self._rank_bits = max(1, (self._n - 1).bit_length())
+        self._rank_mask = (1 << self._rank_bits) - 1
+        self._index_of_rank = order
+        # equal weights (whatever the value) keep the plain, pymemcache-identical integer scores
+        self._weight_of_rank = [weights[i] for i in order] if len(set(weights)) > 1 else None
+        prefixes = [bytes(ord(c) & 0xFF for c in f"{node}-") for node in nodes]
+        self._lanes = _Lanes(prefixes, rank, self._rank_bits)
+
+    def _all_scores(self, key: bytes) -> tuple[int, ...]:
+        return self._lanes.scores(_pymemcache_key_bytes(key))
+
+    def _weighted(self, score: int) -> tuple[float, int]:
+        rank = score & self._rank_mask
+        u = ((score >> self._rank_bits) + 0.5) / 4294967296.0  # in (0, 1): log is finite, nonzero
+        assert self._weight_of_rank is not None
+        return (self._weight_of_rank[rank] / -math.log(u), rank)
+
+    def _best(self, scores: Sequence[int]) -> int:
+        best = max(scores) if self._weight_of_rank is None else max(scores, key=self._weighted)
+        return self._index_of_rank[best & self._rank_mask]
+
+    def lookup(self, key: bytes) -> int:
+        if self._n == 1:
+            return 0
+        return self._best(self._all_scores(key))
+
+    def lookup_excluding(self, key: bytes, down: frozenset[int]) -> int | None:
+        if not down:
+            return self.lookup(key)
+        of_rank, rmask = self._index_of_rank, self._rank_mask
+        up = [s for s in self._all_scores(key) if of_rank[s & rmask] not in down]
+        return self._best(up) if up else None
+
+
+class Ketama:
+    """The ketama continuum as uhashring (hash_fn="ketama") and twemproxy build it: server i
+    gets floor(40 * n * w_i / sum(w)) md5 digests of "<name>-<v>", 4 little-endian points each
+    (160 points for equal weights). Names are hashed verbatim; libmemcached/pylibmc instead drop
+    ":11211" for the default port, so match them by naming such servers without the port.
+    A key maps to the first point strictly above md5(key)[:4] (as uhashring bisects), wrapping
+    around; on a point collision the later server in the list owns it (uhashring's dict order)."""
+
+    def __init__(self, servers: Sequence[tuple[str, int]]) -> None:
+        names, weights = _validated(servers)
+        n, total = len(names), sum(weights)
+        owner: dict[int, int] = {}
+        for i, (name, weight) in enumerate(zip(names, weights)):
+            for v in range(40 * n * weight // total):
+                digest = hashlib.md5(f"{name}-{v}".encode("utf-8"), usedforsecurity=False).digest()
+                for point in struct.unpack("<4I", digest):
+                    owner[point] = i
+        self._points = sorted(owner)
+        # a trailing copy of the first owner makes the wrap-around a plain index
+        self._owners = [owner[p] for p in self._points] + [owner[self._points[0]]]
+        self._all = frozenset(range(n))
+
+    def lookup(self, key: bytes) -> int:
+        digest = hashlib.md5(key, usedforsecurity=False).digest()
+        return self._owners[bisect_right(self._points, int.from_bytes(digest[:4], "little"))]
+
+    def lookup_excluding(self, key: bytes, down: frozenset[int]) -> int | None:
+        if not down:
+            return self.lookup(key)
+        if down >= self._all:
+            return None
+        digest = hashlib.md5(key, usedforsecurity=False).digest()
+        pos = bisect_right(self._points, int.from_bytes(digest[:4], "little"))
+        owners = self._owners
+        for i in chain(range(pos, len(owners) - 1), range(pos)):
+            if owners[i] not in down:
+                return owners[i]
+        return None  # every server still up has no points (weight too small for a point)
+
+
+def make_placement(kind: str, servers: Sequence[tuple[str, int]]) -> Placement:
+    if kind == "rendezvous":
+        return Rendezvous(servers)
+    if kind == "ketama":
+        return Ketama(servers)
+    raise ValueError(f"unknown placement kind {kind!r} (expected 'rendezvous' or 'ketama')")

@@ -1,0 +1,228 @@
+"""broker/shard.py: placement identical to pymemcache's HashClient and uhashring's ketama ring."""
+
+from __future__ import annotations
+
+import random
+import string
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pymemcache.client.hash import HashClient
+from pymemcache.client.murmur3 import murmur3_32 as pymemcache_murmur3_32
+from uhashring import HashRing
+
+from broker.shard import Ketama, Rendezvous, make_placement, murmur3_32, pymemcache_node_name
+
+pytestmark = pytest.mark.unit
+
+N_KEYS = 10_000
+
+# Names of assorted lengths so every len("<node>-") % 4 occurs; the 10-server list also has an
+# IPv6 and a unix-socket server, whose pymemcache node names differ from the canonical ones.
+SERVER_LISTS: dict[int, list[str]] = {
+    1: ["127.0.0.1:11211"],
+    3: ["10.0.0.1:11211", "10.0.0.12:11211", "cache-b.example:11300"],
+    10: [
+        "10.0.0.1:11211",
+        "10.0.0.2:11212",
+        "10.0.0.13:11211",
+        "10.0.1.140:11211",
+        "mc1:11211",
+        "memcache-two.internal:9000",
+        "[::1]:11211",
+        "[fe80::1:2]:22122",
+        "unix:/run/memcached/mc.sock",
+        "192.168.100.200:11211",
+    ],
+}
+
+
+def _keys(n: int, seed: int) -> list[str]:
+    """Memcached-legal str keys (no whitespace or control characters), some non-ASCII."""
+    rng = random.Random(seed)
+    ascii_chars = string.ascii_letters + string.digits + string.punctuation
+    wide_chars = "éß漢字ж😀"
+    keys = []
+    for i in range(n):
+        size = rng.choice([rng.randint(1, 12), rng.randint(13, 40), rng.randint(41, 250)])
+        chars = ascii_chars + wide_chars if i % 10 == 0 else ascii_chars
+        key = "".join(rng.choice(chars) for _ in range(size))
+        keys.append(key[: 250 // 4] if not key.isascii() else key)
+    return keys
+
+
+KEYS = _keys(N_KEYS, seed=20240611)
+
+
+def test_murmur3_known_vectors() -> None:
+    assert murmur3_32(b"") == 0
+    assert murmur3_32(b"hello") == 0x248BFA47
+    assert murmur3_32(b"The quick brown fox jumps over the lazy dog") == 0x2E4FF723
+    assert murmur3_32(b"hello", seed=1) == 0xBB4ABCAD
+
+
+def test_murmur3_matches_pymemcache_on_random_inputs() -> None:
+    rng = random.Random(7)
+    for i in range(5_000):
+        # pymemcache hashes str code points keeping the low byte of each; wide ones test that
+        top = 0xFF if i % 2 else 0x10FFFF
+        text = "".join(chr(rng.randint(0, top)) for _ in range(rng.randint(0, 70)))
+        seed = rng.choice([0, 1, rng.getrandbits(32)])
+        data = bytes(ord(c) & 0xFF for c in text)
+        assert murmur3_32(data, seed) == pymemcache_murmur3_32(text, seed), (text, seed)
+
+
+@pytest.mark.parametrize(
+    "name", ["10.0.0.1:11211", "h:1", "mc1", "[::1]:11211", "[fe80::1]", "unix:/tmp/m.sock", "/tmp/m.sock"]
+)
+def test_pymemcache_node_name_is_the_one_hashclient_adds(name: str) -> None:
+    client = HashClient([name], use_pooling=False)
+    assert list(client.clients) == [pymemcache_node_name(name)]
+    assert client.hasher.nodes == [pymemcache_node_name(name)]
+
+
+@pytest.mark.parametrize("n", sorted(SERVER_LISTS))
+@pytest.mark.parametrize("weight", [1, 3])
+def test_rendezvous_equals_hashclient(n: int, weight: int) -> None:
+    servers = SERVER_LISTS[n]
+    client = HashClient(servers, use_pooling=False)  # never connects: we only ask its hasher
+    index_of_node = {node: i for i, node in enumerate(client.clients)}
+    assert len(index_of_node) == n
+    placement = Rendezvous([(name, weight) for name in servers])
+    got = [placement.lookup(key.encode("utf-8")) for key in KEYS]
+    expected = [index_of_node[client.hasher.get_node(key)] for key in KEYS]
+    mismatches = [k for k, g, e in zip(KEYS, got, expected) if g != e]
+    assert len(got) == N_KEYS
+    assert mismatches == []
+    assert set(got) == set(range(n))  # the comparison covered every server
+
+
+@pytest.mark.parametrize("n", sorted(SERVER_LISTS))
+@pytest.mark.parametrize("weighted", [False, True])
+def test_ketama_equals_uhashring(n: int, weighted: bool) -> None:
+    servers = SERVER_LISTS[n]
+    weights = [1 + (i * 7) % 5 if weighted else 1 for i in range(n)]
+    if weighted:
+        ring = HashRing(dict(zip(servers, weights)), hash_fn="ketama")
+    else:
+        ring = HashRing(servers, hash_fn="ketama")
+    placement = Ketama(list(zip(servers, weights)))
+    got = [servers[placement.lookup(key.encode("utf-8"))] for key in KEYS]
+    expected = [ring.get_node(key) for key in KEYS]
+    mismatches = [k for k, g, e in zip(KEYS, got, expected) if g != e]
+    assert len(got) == N_KEYS
+    assert mismatches == []
+    assert set(got) == set(servers)
+
+
+def test_ketama_weights_shift_load() -> None:
+    placement = Ketama([("a:1", 1), ("b:1", 4)])
+    counts = Counter(placement.lookup(key.encode()) for key in KEYS)
+    assert 3.0 < counts[1] / counts[0] < 5.5
+
+
+def test_weighted_rendezvous_shifts_load() -> None:
+    placement = Rendezvous([("a:1", 1), ("b:1", 4)])
+    counts = Counter(placement.lookup(key.encode()) for key in KEYS)
+    assert 3.0 < counts[1] / counts[0] < 5.5
+
+
+def test_make_placement_kinds_and_errors() -> None:
+    assert isinstance(make_placement("rendezvous", [("a:1", 1)]), Rendezvous)
+    assert isinstance(make_placement("ketama", [("a:1", 1)]), Ketama)
+    with pytest.raises(ValueError, match="unknown placement kind"):
+        make_placement("modulo", [("a:1", 1)])
+    for kind in ("rendezvous", "ketama"):
+        with pytest.raises(ValueError, match="at least one server"):
+            make_placement(kind, [])
+        with pytest.raises(ValueError, match="duplicate"):
+            make_placement(kind, [("a:1", 1), ("a:1", 2)])
+        for bad in (0, -1, True, 1.5):
+            with pytest.raises(ValueError, match="weight"):
+                make_placement(kind, [("a:1", bad)])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="same pymemcache node"):
+        Rendezvous([("mc1", 1), ("mc1:11211", 1)])
+
+
+def test_lookup_excluding_when_everything_is_down() -> None:
+    for kind in ("rendezvous", "ketama"):
+        placement = make_placement(kind, [(name, 1) for name in SERVER_LISTS[3]])
+        assert placement.lookup_excluding(b"k", frozenset({0, 1, 2})) is None
+        assert placement.lookup_excluding(b"k", frozenset()) == placement.lookup(b"k")
+
+
+# --- properties -------------------------------------------------------------------------------
+
+_names = st.lists(
+    st.one_of(
+        st.builds(
+            "{}:{}".format,
+            st.from_regex(r"[a-z0-9][a-z0-9.-]{0,30}", fullmatch=True),
+            st.integers(1, 65535),
+        ),
+        st.builds("unix:/{}".format, st.from_regex(r"[a-z0-9/._-]{1,40}", fullmatch=True)),
+    ),
+    min_size=1,
+    max_size=8,
+    unique=True,
+)
+_weights = st.integers(1, 5)
+_key_lists = st.lists(st.binary(min_size=1, max_size=250), min_size=1, max_size=40)
+_kinds = st.sampled_from(["rendezvous", "ketama"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(kind=_kinds, names=_names, data=st.data(), keys=_key_lists)
+def test_lookup_is_deterministic_and_in_range(
+    kind: str, names: list[str], data: st.DataObject, keys: list[bytes]
+) -> None:
+    servers = [(name, data.draw(_weights)) for name in names]
+    first, second = make_placement(kind, servers), make_placement(kind, servers)
+    for key in keys:
+        index = first.lookup(key)
+        assert 0 <= index < len(servers)
+        assert first.lookup(key) == index == second.lookup(key)
+
+
+@settings(max_examples=100, deadline=None)
+@given(kind=_kinds, names=_names, data=st.data(), keys=_key_lists)
+def test_down_servers_remap_like_removal(
+    kind: str, names: list[str], data: st.DataObject, keys: list[bytes]
+) -> None:
+    """Removing servers moves only their keys, and auto-ejecting them is the same as removal.
+    Ketama gets equal weights: with unequal ones, removal rescales everyone's point count."""
+    weights = [1] * len(names) if kind == "ketama" else [data.draw(_weights) for _ in names]
+    full = make_placement(kind, list(zip(names, weights)))
+    down = frozenset(data.draw(st.sets(st.integers(0, len(names) - 1), min_size=1)))
+    up = [i for i in range(len(names)) if i not in down]
+    reduced = make_placement(kind, [(names[i], weights[i]) for i in up]) if up else None
+    for key in keys:
+        before = full.lookup(key)
+        after = full.lookup_excluding(key, down)
+        if reduced is None:
+            assert after is None
+            continue
+        assert after is not None and after not in down
+        assert after == up[reduced.lookup(key)]
+        if before not in down:
+            assert after == before
+
+
+@settings(max_examples=100, deadline=None)
+@given(kind=_kinds, names=_names, data=st.data(), keys=_key_lists)
+def test_lookup_excluding_never_returns_a_down_server(
+    kind: str, names: list[str], data: st.DataObject, keys: list[bytes]
+) -> None:
+    # weights 1..5 with at most 8 servers give every ketama server points, so None means all down
+    servers = [(name, data.draw(_weights)) for name in names]
+    placement = make_placement(kind, servers)
+    down = frozenset(data.draw(st.sets(st.integers(0, len(names) + 2))))  # may name unknown indices
+    all_down = all(i in down for i in range(len(servers)))
+    for key in keys:
+        result = placement.lookup_excluding(key, down)
+        if all_down:
+            assert result is None
+        else:
+            assert result is not None and 0 <= result < len(servers) and result not in down
