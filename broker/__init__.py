@@ -1,0 +1,1 @@
+"""mcbroker: the broker service (one process per host)."""

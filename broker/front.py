@@ -1,0 +1,115 @@
+"""The worker-facing side: ZeroMQ ROUTER sockets. Receive frames in bounded batches, send replies
+without ever blocking the loop.
+
+This is the one seam between the broker and its worker transport: the rest of the broker sees
+(peer, ident, bytes) in and `send(peer, ident, bytes) -> bool` out.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+
+import zmq
+
+log = logging.getLogger("mcbroker.front")
+
+# Replies queue per worker inside ZeroMQ; past this the worker is not reading and we drop.
+SNDHWM = 10_000
+RCVHWM = 10_000
+
+
+class AddressInUse(RuntimeError):
+    pass
+
+
+def _claim_ipc_path(path: str) -> None:
+    """Refuse to take over a live broker's socket; clear a stale one.
+
+    ZeroMQ would silently steal an ipc path from a running broker, leaving its workers talking to
+    nobody. A unix connect() tells a live listener from a stale file.
+    """
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise AddressInUse(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            os.unlink(path)
+            return
+        raise
+    else:
+        raise AddressInUse(f"another process is already listening on ipc://{path}")
+    finally:
+        probe.close()
+
+
+class Front:
+    def __init__(self, ctx: zmq.Context, urls: tuple[str, ...], max_frame: int) -> None:
+        self.sockets: list[zmq.Socket] = []
+        self.urls = urls
+        self.bad_envelopes = 0
+        for url in urls:
+            if url.startswith("ipc://"):
+                _claim_ipc_path(url[len("ipc://"):])
+            sock = ctx.socket(zmq.ROUTER)
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            sock.setsockopt(zmq.SNDHWM, SNDHWM)
+            sock.setsockopt(zmq.RCVHWM, RCVHWM)
+            sock.setsockopt(zmq.LINGER, 0)
+            # ZeroMQ disconnects a peer that sends more than this; the decoder rejects frames
+            # above max_frame with an error reply, so leave room for that clear answer.
+            sock.setsockopt(zmq.MAXMSGSIZE, max_frame * 2)
+            sock.bind(url)
+            self.sockets.append(sock)
+
+    def recv_batch(self, sock: zmq.Socket, limit: int) -> list[tuple[bytes, bytes]]:
+        """Up to `limit` (ident, frame) pairs that are ready now; never waits."""
+        out: list[tuple[bytes, bytes]] = []
+        recv = sock.recv
+        getmore = sock.getsockopt
+        for _ in range(limit):
+            try:
+                ident = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            parts = []
+            while getmore(zmq.RCVMORE):
+                parts.append(recv(zmq.NOBLOCK))
+            if len(parts) != 1:
+                # A DEALER sends exactly one part per request; anything else is not ours.
+                self.bad_envelopes += 1
+                continue
+            out.append((ident, parts[0]))
+        return out
+
+    @staticmethod
+    def send(sock: zmq.Socket, ident: bytes, data: bytes) -> bool:
+        try:
+            sock.send(ident, zmq.SNDMORE | zmq.DONTWAIT)
+            sock.send(data, zmq.DONTWAIT, copy=len(data) < 65536)
+            return True
+        except zmq.ZMQError as exc:
+            # EHOSTUNREACH: the worker is gone. EAGAIN: it is not reading. Either way, drop.
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                log.warning("reply dropped: %s", exc)
+            return False
+
+    def close(self) -> None:
+        for url, sock in zip(self.urls, self.sockets):
+            sock.close(linger=0)
+            if url.startswith("ipc://"):
+                try:
+                    os.unlink(url[len("ipc://"):])
+                except OSError:
+                    pass

@@ -1,0 +1,70 @@
+"""Per-server health: consecutive-failure counting, mark-down, and probe scheduling with backoff.
+
+Pure bookkeeping driven by the caller's clock, so it can be tested without sockets or sleeps.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+
+
+class State(enum.Enum):
+    UP = "up"
+    DOWN = "down"
+    PROBING = "probing"
+
+
+def backoff(attempt: int, base: float, cap: float, rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+    """Exponential backoff with "equal jitter": half fixed, half random, so retries never align."""
+    step = min(cap, base * (2 ** min(attempt, 30)))
+    return step / 2 + rng.random() * step / 2
+
+
+class Health:
+    __slots__ = ("state", "failures", "failure_limit", "ejections", "probe_at", "probe_attempt", "_base", "_cap", "last_error")
+
+    def __init__(self, failure_limit: int, probe_interval: float, probe_max_interval: float) -> None:
+        self.state = State.UP
+        self.failures = 0
+        self.failure_limit = failure_limit
+        self.ejections = 0
+        self.probe_at = 0.0
+        self.probe_attempt = 0
+        self._base = probe_interval
+        self._cap = probe_max_interval
+        self.last_error = ""
+
+    @property
+    def is_up(self) -> bool:
+        return self.state is State.UP
+
+    def record_success(self) -> None:
+        self.failures = 0
+        if self.state is not State.UP:
+            self.state = State.UP
+            # Flapping servers keep part of their history so the next ejection backs off longer.
+            self.probe_attempt = max(0, self.probe_attempt - 1)
+
+    def record_failure(self, now: float, reason: str) -> bool:
+        """Count a failure; returns True when this failure marks the server down."""
+        self.failures += 1
+        self.last_error = reason
+        if self.state is State.UP and self.failures >= self.failure_limit:
+            self.state = State.DOWN
+            self.ejections += 1
+            self.probe_at = now + backoff(self.probe_attempt, self._base, self._cap)
+            return True
+        return False
+
+    def probe_due(self, now: float) -> bool:
+        return self.state is State.DOWN and now >= self.probe_at
+
+    def start_probe(self) -> None:
+        self.state = State.PROBING
+
+    def probe_failed(self, now: float, reason: str) -> None:
+        self.last_error = reason
+        self.probe_attempt += 1
+        self.state = State.DOWN
+        self.probe_at = now + backoff(self.probe_attempt, self._base, self._cap)

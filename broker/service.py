@@ -1,0 +1,294 @@
+"""The broker's single-threaded event loop: poll, read frames, route, flush, timers, signals.
+
+Signal handlers only record the signal (and wake the poll through a socketpair); the loop does
+the work: drain on SIGTERM/SIGINT, reload on SIGHUP.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Any
+
+import zmq
+
+from . import config as config_mod
+from . import shard
+from .config import Config
+from .front import Front
+from .health import Health
+from .pipeline import CONNECTING, Budget, Connection, Server
+from .router import Router
+
+log = logging.getLogger("mcbroker")
+
+TIMER_INTERVAL = 0.01
+IDLE_POLL_MS = 250
+DRAIN_SECONDS = 10.0
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(path)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log.warning("sd_notify(%s) failed: %s", state, exc)
+
+
+class Broker:
+    def __init__(self, config: Config, *, config_path: str | None = None, overrides: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.started = time.time()
+        self.ctx = zmq.Context(io_threads=1)
+        self.poller = zmq.Poller()
+        self._fds: dict[int, Connection] = {}
+        self._dirty: list[Connection] = []
+        self._signals: list[int] = []
+        self._stop = False
+        self._drain_deadline: float | None = None
+        self.budget = Budget(config.max_inflight_total, config.max_buffered_bytes)
+        self.front = Front(self.ctx, config.listen_urls(), config.max_frame_bytes)
+        for sock in self.front.sockets:
+            self.poller.register(sock, zmq.POLLIN)
+        self.router = Router(
+            budget=self.budget,
+            send=Front.send,
+            default_timeout=config.timeout_ms / 1000,
+            max_frame=config.max_frame_bytes,
+            max_value=config.max_value_bytes,
+            remap=config.on_server_down == "remap",
+            local=self._local,
+        )
+        self.servers: dict[str, Server] = {}
+        self.retiring: list[Server] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self._apply_servers(config, time.monotonic())
+
+    # --- the IO protocol the pipeline uses -----------------------------------------------------
+
+    def watch(self, conn: Connection) -> None:
+        fd = conn.fd
+        flags = zmq.POLLIN
+        if conn.want_write or conn.state == CONNECTING:
+            flags |= zmq.POLLOUT
+        self.poller.register(fd, flags)
+        self._fds[fd] = conn
+
+    def unwatch(self, conn: Connection) -> None:
+        fd = conn.fd
+        if self._fds.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    def dirty(self, conn: Connection) -> None:
+        self._dirty.append(conn)
+
+    # --- servers and reload --------------------------------------------------------------------
+
+    def _make_server(self, sc: config_mod.ServerConfig, c: Config, now: float) -> Server:
+        server = Server(
+            sc.address,
+            connections=c.connections_per_server,
+            io=self,
+            budget=self.budget,
+            health=Health(c.failure_limit, c.probe_interval_ms / 1000, c.probe_max_interval_ms / 1000),
+            max_inflight_conn=c.max_inflight_per_connection,
+            max_inflight_server=c.max_inflight_per_server,
+            max_value_len=max(c.max_value_bytes, 1 << 20) + 1024,
+            on_down=self.router.refresh_down,
+        )
+        server.start(now)
+        return server
+
+    def _apply_servers(self, c: Config, now: float) -> None:
+        placement = shard.make_placement(c.hash, [(s.address.hash_key, s.weight) for s in c.servers])
+        new: dict[str, Server] = {}
+        for sc in c.servers:
+            old = self.servers.get(sc.address.name)
+            new[sc.address.name] = old if old is not None else self._make_server(sc, c, now)
+        for name, server in self.servers.items():
+            if name not in new:
+                server.retired = True
+                self.retiring.append(server)
+                log.info("%s removed: finishing %d requests in flight, then closing", name, server.inflight)
+        self.servers = new
+        self.router.set_servers(list(new.values()), placement)
+
+    def reload(self) -> None:
+        try:
+            c = config_mod.load(self.config_path, self.overrides)
+        except config_mod.ConfigError as exc:
+            log.error("reload rejected, keeping the running config: %s", exc)
+            return
+        sd_notify("RELOADING=1")
+        if c.listen_urls() != self.config.listen_urls():
+            log.warning("listen addresses change only on restart; keeping %s", ", ".join(self.config.listen_urls()))
+        now = time.monotonic()
+        r = self.router
+        r.default_timeout = c.timeout_ms / 1000
+        r.max_frame = c.max_frame_bytes
+        r.max_value = c.max_value_bytes
+        r.remap = c.on_server_down == "remap"
+        self.budget.max_inflight = c.max_inflight_total
+        self.budget.max_buffered = c.max_buffered_bytes
+        self.config = c
+        self._apply_servers(c, now)
+        log.info("config reloaded: servers %s, hash %s", ", ".join(self.servers), c.hash)
+        sd_notify("READY=1")
+
+    # --- local ops -----------------------------------------------------------------------------
+
+    def _local(self, op: int) -> Any:
+        from clientlib.wire import Op
+
+        if op == Op.PING:
+            return "PONG"
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, Any]:
+        servers = {name: s.snapshot() for name, s in self.servers.items()}
+        writes = sum(s.stats.writes for s in self.servers.values())
+        written = sum(s.stats.written for s in self.servers.values())
+        return {
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 3),
+            "hash": self.config.hash,
+            "inflight": self.budget.inflight,
+            "buffered_bytes": self.budget.buffered,
+            "backend_writes": writes,
+            "requests_written": written,
+            "requests_per_write": round(written / writes, 2) if writes else 0.0,
+            "bad_envelopes": self.front.bad_envelopes,
+            "draining": self.router.draining,
+            **self.router.stats.snapshot(),
+            "servers": servers,
+        }
+
+    # --- the loop ------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signals.append(signum)
+
+    def _install_signals(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+
+    def _handle_signals(self, now: float) -> None:
+        while self._signals:
+            sig = self._signals.pop(0)
+            if sig == signal.SIGHUP:
+                self.reload()
+            elif self._drain_deadline is None:
+                log.info("%s: draining %d requests in flight, then exiting", signal.Signals(sig).name, self.budget.inflight)
+                sd_notify("STOPPING=1")
+                self.router.draining = True
+                self._drain_deadline = now + DRAIN_SECONDS
+            else:
+                log.info("second %s: exiting now", signal.Signals(sig).name)
+                self._stop = True
+
+    def _poll_timeout(self, now: float) -> int:
+        if self._dirty:
+            return 0
+        t = IDLE_POLL_MS / 1000
+        if self.budget.inflight or self.retiring or self._fds and any(c.state == CONNECTING for c in self._fds.values()):
+            t = TIMER_INTERVAL * 5
+        if any(not s.health.is_up for s in self.servers.values()):
+            t = min(t, 0.05)
+        d = self.router.next_deadline()
+        if d is not None:
+            t = min(t, max(0.0, d - now))
+        return max(0, int(t * 1000 + 0.999))
+
+    def run(self, ready_message: bool = True) -> None:
+        self._install_signals()
+        log.info(
+            "mcbroker ready: listening on %s; memcached %s; hash %s; pid %d",
+            ", ".join(self.front.urls), ", ".join(self.servers), self.config.hash, os.getpid(),
+        )
+        sd_notify("READY=1")
+        next_timer = 0.0
+        front = self.front
+        router = self.router
+        fds = self._fds
+        wake_fd = self._wake_r.fileno()
+        limit = self.config.max_batch_per_turn
+        try:
+            while not self._stop:
+                now = time.monotonic()
+                events = self.poller.poll(self._poll_timeout(now))
+                now = time.monotonic()
+                for server in self.servers.values():
+                    server.batch_conn = None
+                for obj, ev in events:
+                    if type(obj) is not int:
+                        continue
+                    if obj == wake_fd:
+                        try:
+                            self._wake_r.recv(4096)
+                        except BlockingIOError:
+                            pass
+                        continue
+                    conn = fds.get(obj)
+                    if conn is None:
+                        continue
+                    if ev & (zmq.POLLIN | zmq.POLLERR):
+                        conn.on_readable(now)
+                    if ev & zmq.POLLOUT and conn.sock is not None and conn.fd == obj:
+                        conn.on_writable(now)
+                for sock in front.sockets:
+                    for ident, data in front.recv_batch(sock, limit):
+                        router.handle(sock, ident, data, now)
+                if self._dirty:
+                    dirty, self._dirty = self._dirty, []
+                    for conn in dirty:
+                        conn.flush(now)
+                router.expire(now)
+                if now >= next_timer:
+                    next_timer = now + TIMER_INTERVAL
+                    self._timers(now)
+                if self._signals:
+                    self._handle_signals(now)
+                if self._drain_deadline is not None and (self.budget.inflight == 0 or now >= self._drain_deadline):
+                    break
+        finally:
+            self.close()
+
+    def _timers(self, now: float) -> None:
+        c = self.config
+        connect_timeout = c.connect_timeout_ms / 1000
+        io_timeout = c.io_timeout_ms / 1000
+        for server in self.servers.values():
+            server.tick(now, connect_timeout, io_timeout)
+        if self.retiring:
+            for server in list(self.retiring):
+                server.tick(now, connect_timeout, io_timeout)
+                if server.inflight == 0:
+                    server.close("server removed from the config")
+                    self.retiring.remove(server)
+                    log.info("%s closed", server.name)
+
+    def close(self) -> None:
+        for server in list(self.servers.values()) + self.retiring:
+            server.close("broker shutting down")
+        self.front.close()
+        self.ctx.destroy(linger=0)
+        signal.set_wakeup_fd(-1)
+        self._wake_r.close()
+        self._wake_w.close()
+        log.info("mcbroker stopped")
