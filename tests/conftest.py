@@ -11,7 +11,8 @@ Fixtures
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,36 @@ def mc(shared_memcached: Memcached) -> Memcached:
         server.restart()
         server.flush_all()
     return server
+
+
+# --- the broker ------------------------------------------------------------------------------
+
+from brokerproc import BrokerProcess  # noqa: E402
+import brokerproc  # noqa: E402
+
+
+@pytest.fixture
+def broker_factory() -> Iterator[Callable[..., BrokerProcess]]:
+    """factory(servers: list[str | dict], **config) -> a started BrokerProcess, stopped at teardown."""
+    made: list[BrokerProcess] = []
+
+    def factory(servers: list[Any], **settings: Any) -> BrokerProcess:
+        b = BrokerProcess(servers, **settings)
+        made.append(b)
+        return b.start()
+
+    try:
+        yield factory
+    finally:
+        for b in made:
+            b.cleanup()
+
+
+@pytest.fixture
+def broker(broker_factory: Callable[..., BrokerProcess], mc: Memcached) -> BrokerProcess:
+    """A broker in front of the session's (flushed) memcached."""
+    return broker_factory([mc.address])
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    brokerproc.stop_all()
