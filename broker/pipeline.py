@@ -283,7 +283,13 @@ class Connection:
             elif server.health.failures:
                 server.health.record_success()
             if not waiter.done:
-                waiter.deliver(index, op, resp)
+                try:
+                    waiter.deliver(index, op, resp)
+                except ValueError as exc:
+                    # A well-framed response with unusable content (say, flags that are not
+                    # numbers): this peer is not a memcached we can trust.
+                    waiter.fail(index, Code.CONNECTION_ERROR, f"unusable response from {server.address.name}")
+                    raise ProtocolError(f"unusable {status.name} response: {exc}") from None
             if inflight:
                 self.since = now
         self.attempt = 0

@@ -93,7 +93,7 @@ def to_result(op: int, resp: Response) -> list[Any]:
 class RouterStats:
     __slots__ = (
         "frames", "ops", "ok", "miss", "errors", "timeouts", "overloaded", "bad_frames",
-        "dropped_frames", "replies", "replies_dropped", "noreply",
+        "dropped_frames", "replies", "replies_dropped", "noreply", "internal_errors",
     )
 
     def __init__(self) -> None:

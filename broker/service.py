@@ -253,7 +253,12 @@ class Broker:
                         conn.on_writable(now)
                 for sock in front.sockets:
                     for ident, data in front.recv_batch(sock, limit):
-                        router.handle(sock, ident, data, now)
+                        try:
+                            router.handle(sock, ident, data, now)
+                        except Exception:
+                            # One bad frame must never take down the service for every worker.
+                            router.stats.internal_errors += 1
+                            log.exception("internal error handling a frame; frame dropped")
                 if self._dirty:
                     dirty, self._dirty = self._dirty, []
                     for conn in dirty:
