@@ -319,7 +319,12 @@ class Router:
             return
         opaque = conn.next_opaque()
         try:
-            data = meta.encode(_build(code, op, opaque))
+            if code == Op.GET:
+                data = meta.encode_get(key, opaque)
+            elif code == Op.SET:
+                data = meta.encode_set(key, op[2], opaque, op[3], op[4])
+            else:
+                data = meta.encode(_build(code, op, opaque))
         except meta.RequestError as exc:
             server.unpin(key)
             job.fail(i, Code.CLIENT_ERROR, str(exc))

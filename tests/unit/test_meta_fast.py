@@ -1,0 +1,40 @@
+"""The broker's fast encoders must produce exactly what the general encoder produces."""
+
+import pytest
+from hypothesis import given, strategies as st
+
+from broker.meta import Get, RequestError, Set, encode, encode_get, encode_set
+
+pytestmark = pytest.mark.unit
+
+keys = st.binary(min_size=0, max_size=260)
+opaques = st.integers(min_value=-2, max_value=2**40)
+
+
+def _same(fast, slow):
+    try:
+        expected = slow()
+    except RequestError:
+        with pytest.raises(RequestError):
+            fast()
+        return
+    assert fast() == expected
+
+
+def test_fast_get_bytes():
+    assert encode_get(b"foo", 7) == b"mg foo v f O7\r\n"
+    assert encode_get(b"foo", 7, cas=True) == b"mg foo v f c O7\r\n"
+    assert encode_set(b"foo", b"bar", 9, 0, 0) == b"ms foo 3 O9\r\nbar\r\n"
+
+
+@given(keys, opaques, st.booleans())
+def test_fast_get_equals_encode(key, opaque, cas):
+    _same(lambda: encode_get(key, opaque, cas), lambda: encode(Get(key, opaque, cas=cas)))
+
+
+@given(keys, st.binary(max_size=64), opaques, st.integers(-5, 2**33), st.integers(-(2**32), 2**33))
+def test_fast_set_equals_encode(key, value, opaque, flags, ttl):
+    _same(
+        lambda: encode_set(key, value, opaque, flags, ttl),
+        lambda: encode(Set(key, value, opaque, client_flags=flags, ttl=ttl)),
+    )
