@@ -1,0 +1,48 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _mcbroker(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "broker", *args], capture_output=True, text=True, timeout=30, **kw)
+
+
+def test_ping_and_stats_against_a_running_broker(broker):
+    r = _mcbroker("ping", "--broker", broker.url)
+    assert r.returncode == 0 and r.stdout.strip() == "PONG"
+    r = _mcbroker("stats", "--broker", broker.url)
+    assert r.returncode == 0
+    stats = json.loads(r.stdout)
+    assert stats["pid"] == broker.pid and len(stats["servers"]) == 1
+
+
+def test_ping_without_a_broker_fails_clearly(tmp_path):
+    r = _mcbroker("ping", "--broker", f"ipc://{tmp_path}/nobody.sock", "--timeout", "0.3")
+    assert r.returncode == 1
+    assert "BrokerUnavailable" in r.stderr or "BrokerTimeout" in r.stderr
+
+
+def test_check_config_rejects_a_bad_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('servers = ["127.0.0.1:99999"]\n')
+    r = _mcbroker("check-config", "--config", str(bad))
+    assert r.returncode == 2 and "servers" in r.stderr
+
+
+def test_serve_refuses_an_ipc_path_another_broker_holds(broker):
+    r = _mcbroker("serve", "--listen", broker.url, "--server", "127.0.0.1:11211")
+    assert r.returncode == 1 and "already listening" in r.stderr
+    assert _mcbroker("ping", "--broker", broker.url).stdout.strip() == "PONG"
+
+
+def test_flags_override_the_file(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('servers = ["127.0.0.1:11211"]\nhash = "rendezvous"\n')
+    r = _mcbroker("check-config", "--config", str(cfg), "--server", "unix:/tmp/x.sock", "--hash", "ketama",
+                  "--listen", f"ipc://{tmp_path}/b.sock")
+    assert r.returncode == 0, r.stderr
+    assert "unix:/tmp/x.sock" in r.stdout and "ketama" in r.stdout and f"ipc://{tmp_path}/b.sock" in r.stdout

@@ -1,0 +1,33 @@
+"""`pip install .` into a fresh virtualenv gives both packages and a working `mcbroker` command."""
+
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(600)
+def test_pip_install_into_fresh_venv(tmp_path):
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    subprocess.run([py, "-m", "pip", "install", "-qq", str(ROOT)], check=True, timeout=540)
+    out = subprocess.run(
+        [py, "-c", "import broker, clientlib; print(broker.__file__); print(clientlib.Client.__name__)"],
+        check=True, capture_output=True, text=True, cwd=tmp_path,
+    ).stdout
+    assert str(env_dir) in out and "Client" in out
+    help_text = subprocess.run([env_dir / "bin" / "mcbroker", "--help"], check=True, capture_output=True, text=True).stdout
+    assert "serve" in help_text and "check-config" in help_text
+    check = subprocess.run(
+        [env_dir / "bin" / "mcbroker", "check-config", "--config", str(ROOT / "etc" / "mcbroker.toml")],
+        capture_output=True, text=True,
+    )
+    assert check.returncode == 0, check.stderr
+    assert "127.0.0.1:11211" in check.stdout
