@@ -17,6 +17,13 @@ import zmq
 
 log = logging.getLogger("mcbroker.front")
 
+# pyzmq's flag constants are enum members; combining them on every call costs more than the
+# call itself, so the hot path uses plain ints.
+_NOBLOCK = int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
+_SNDMORE_DONTWAIT = int(zmq.SNDMORE | zmq.DONTWAIT)
+_DONTWAIT = int(zmq.DONTWAIT)
+
 # Replies queue per worker inside ZeroMQ; past this the worker is not reading and we drop.
 SNDHWM = 10_000
 RCVHWM = 10_000
@@ -80,12 +87,12 @@ class Front:
         getmore = sock.getsockopt
         for _ in range(limit):
             try:
-                ident = recv(zmq.NOBLOCK)
+                ident = recv(_NOBLOCK)
             except zmq.Again:
                 break
             parts = []
-            while getmore(zmq.RCVMORE):
-                parts.append(recv(zmq.NOBLOCK))
+            while getmore(_RCVMORE):
+                parts.append(recv(_NOBLOCK))
             if len(parts) != 1:
                 # A DEALER sends exactly one part per request; anything else is not ours.
                 self.bad_envelopes += 1
@@ -96,8 +103,8 @@ class Front:
     @staticmethod
     def send(sock: zmq.Socket, ident: bytes, data: bytes) -> bool:
         try:
-            sock.send(ident, zmq.SNDMORE | zmq.DONTWAIT)
-            sock.send(data, zmq.DONTWAIT, copy=len(data) < 65536)
+            sock.send(ident, _SNDMORE_DONTWAIT)
+            sock.send(data, _DONTWAIT, copy=len(data) < 65536)
             return True
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the worker is gone. EAGAIN: it is not reading. Either way, drop.

@@ -26,6 +26,9 @@ from .router import Router
 log = logging.getLogger("mcbroker")
 
 TIMER_INTERVAL = 0.01
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_POLLIN_ERR = int(zmq.POLLIN | zmq.POLLERR)
 IDLE_POLL_MS = 250
 DRAIN_SECONDS = 10.0
 
@@ -83,9 +86,9 @@ class Broker:
 
     def watch(self, conn: Connection) -> None:
         fd = conn.fd
-        flags = zmq.POLLIN
+        flags = _POLLIN
         if conn.want_write or conn.state == CONNECTING:
-            flags |= zmq.POLLOUT
+            flags |= _POLLOUT
         self.poller.register(fd, flags)
         self._fds[fd] = conn
 
@@ -119,7 +122,14 @@ class Broker:
         new: dict[str, Server] = {}
         for sc in c.servers:
             old = self.servers.get(sc.address.name)
-            new[sc.address.name] = old if old is not None else self._make_server(sc, c, now)
+            if old is None:
+                old = self._make_server(sc, c, now)
+            else:
+                # A kept server follows the new limits too (its connection count does not change).
+                old.health.configure(c.failure_limit, c.probe_interval_ms / 1000, c.probe_max_interval_ms / 1000)
+                old.max_inflight_conn = c.max_inflight_per_connection
+                old.max_inflight_server = c.max_inflight_per_server
+            new[sc.address.name] = old
         for name, server in self.servers.items():
             if name not in new:
                 server.retired = True
@@ -235,8 +245,10 @@ class Broker:
                 now = time.monotonic()
                 for server in self.servers.values():
                     server.batch_conn = None
+                readable = []
                 for obj, ev in events:
                     if type(obj) is not int:
+                        readable.append(obj)
                         continue
                     if obj == wake_fd:
                         try:
@@ -247,11 +259,13 @@ class Broker:
                     conn = fds.get(obj)
                     if conn is None:
                         continue
-                    if ev & (zmq.POLLIN | zmq.POLLERR):
+                    if ev & _POLLIN_ERR:
                         conn.on_readable(now)
-                    if ev & zmq.POLLOUT and conn.sock is not None and conn.fd == obj:
+                    if ev & _POLLOUT and conn.sock is not None and conn.fd == obj:
                         conn.on_writable(now)
-                for sock in front.sockets:
+                # zmq_poll reports a ROUTER as readable for as long as frames wait, so sockets
+                # it did not report need no (exception-raising) empty read.
+                for sock in readable:
                     for ident, data in front.recv_batch(sock, limit):
                         try:
                             router.handle(sock, ident, data, now)

@@ -25,6 +25,8 @@ import zmq
 from .errors import BrokerTimeout, BrokerUnavailable, ProtocolMismatch
 from .wire import ReplyFrame, WireError, decode_reply
 
+_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum flags cost more than the call
+
 # The broker answers TIMEOUT at the call's deadline; waiting a little longer lets that clear
 # answer arrive, while a broker that is stopped or gone still fails close to the deadline.
 GRACE = 0.05
@@ -122,7 +124,7 @@ class Transport:
 
     def _send(self, sock: zmq.Socket, data: bytes, deadline: float) -> None:
         try:
-            sock.send(data, zmq.NOBLOCK, copy=len(data) < 65536)
+            sock.send(data, _NOBLOCK, copy=len(data) < 65536)
             return
         except zmq.Again:
             pass
@@ -132,7 +134,7 @@ class Transport:
         remaining = deadline - time.monotonic()
         if remaining > 0 and sock.poll(max(1, int(remaining * 1000)), zmq.POLLOUT):
             try:
-                sock.send(data, zmq.NOBLOCK, copy=len(data) < 65536)
+                sock.send(data, _NOBLOCK, copy=len(data) < 65536)
                 return
             except zmq.ZMQError:
                 pass
