@@ -22,7 +22,10 @@ def backoff(attempt: int, base: float, cap: float, rng: random.Random = random._
 
 
 class Health:
-    __slots__ = ("state", "failures", "failure_limit", "ejections", "probe_at", "probe_attempt", "_base", "_cap", "last_error")
+    __slots__ = (
+        "state", "failures", "failure_limit", "ejections", "probe_at", "probe_attempt", "up_since", "_base", "_cap",
+        "last_error",
+    )
 
     def __init__(self, failure_limit: int, probe_interval: float, probe_max_interval: float) -> None:
         self.state = State.UP
@@ -31,9 +34,16 @@ class Health:
         self.ejections = 0
         self.probe_at = 0.0
         self.probe_attempt = 0
+        self.up_since = 0.0  # when the last probe brought it back
         self._base = probe_interval
         self._cap = probe_max_interval
         self.last_error = ""
+
+    def configure(self, failure_limit: int, probe_interval: float, probe_max_interval: float) -> None:
+        """A reloaded config's settings; the state and the outage history carry over."""
+        self.failure_limit = failure_limit
+        self._base = probe_interval
+        self._cap = probe_max_interval
 
     @property
     def is_up(self) -> bool:
@@ -43,8 +53,6 @@ class Health:
         self.failures = 0
         if self.state is not State.UP:
             self.state = State.UP
-            # Flapping servers keep part of their history so the next ejection backs off longer.
-            self.probe_attempt = max(0, self.probe_attempt - 1)
 
     def record_failure(self, now: float, reason: str) -> bool:
         """Count a failure; returns True when this failure marks the server down."""
@@ -52,6 +60,12 @@ class Health:
         self.last_error = reason
         if self.state is State.UP and self.failures >= self.failure_limit:
             self.state = State.DOWN
+            # Ejected again before it stayed up for the longest probe interval: it is flapping, so
+            # the backoff carries on from where the last outage left it instead of starting over.
+            if self.ejections and now - self.up_since < self._cap:
+                self.probe_attempt += 1
+            else:
+                self.probe_attempt = 0
             self.ejections += 1
             self.probe_at = now + backoff(self.probe_attempt, self._base, self._cap)
             return True
@@ -62,6 +76,11 @@ class Health:
 
     def start_probe(self) -> None:
         self.state = State.PROBING
+
+    def probe_succeeded(self, now: float) -> None:
+        self.failures = 0
+        self.state = State.UP
+        self.up_since = now
 
     def probe_failed(self, now: float, reason: str) -> None:
         self.last_error = reason

@@ -78,7 +78,7 @@ Slot = tuple[Any, int, int, bytes | None, bytes | None, frozenset | None]
 class Connection:
     __slots__ = (
         "server", "sock", "state", "out", "inflight", "parser", "seq", "since", "connect_started",
-        "reconnect_at", "attempt", "unflushed", "want_write", "probe",
+        "reconnect_at", "attempt", "unflushed", "want_write", "probe", "sample", "sample_t",
     )
 
     def __init__(self, server: "Server") -> None:
@@ -96,6 +96,10 @@ class Connection:
         self.unflushed = 0
         self.want_write = False
         self.probe = False
+        # Latency is sampled: one slot at a time is timed from push to its response, so the hot
+        # path pays one identity check per response (every request is timed when depth is 1).
+        self.sample: Slot | None = None
+        self.sample_t = 0.0
 
     @property
     def fd(self) -> int:
@@ -158,6 +162,7 @@ class Connection:
         budget.buffered -= len(self.out)
         self.out.clear()
         self.unflushed = 0
+        self.sample = None
         inflight = self.inflight
         self.inflight = deque()
         budget.inflight -= len(inflight)
@@ -177,6 +182,9 @@ class Connection:
     def push(self, slot: Slot, data: bytes, now: float) -> None:
         if not self.inflight:
             self.since = now
+        if self.sample is None:
+            self.sample = slot
+            self.sample_t = now
         self.inflight.append(slot)
         self.out += data
         self.unflushed += 1
@@ -253,9 +261,25 @@ class Connection:
         while (resp := parser.next_response()) is not None:
             if not inflight:
                 raise ProtocolError(f"response with nothing in flight: {resp.status.name}")
-            waiter, index, op, opaque, key, expect = inflight[0]
+            head = inflight[0]
+            waiter, index, op, opaque, key, expect = head
             status = resp.status
             if status is Status.ERROR or status is Status.CLIENT_ERROR:
+                if opaque is None and waiter is not _PROBE:
+                    # A text command the broker built from checked tokens (stats <arg>, flush_all) is
+                    # one line answered by one line: ERROR to `stats <unknown>` is its own answer and
+                    # the stream is still in step (the next meta response's opaque would show it if
+                    # not). Resetting would let one worker's typo fail every request in flight.
+                    inflight.popleft()
+                    server.budget.inflight -= 1
+                    if head is self.sample:
+                        self.sample = None
+                    if not waiter.done:
+                        code = Code.CLIENT_ERROR if status is Status.CLIENT_ERROR else Code.UNKNOWN_COMMAND
+                        waiter.fail(index, code, f"{status.value} {resp.text.decode('ascii', 'replace')}".strip())
+                    if inflight:
+                        self.since = now
+                    continue
                 # Which request it answers, and what memcached did with the rest of the stream, is
                 # now unknowable: blame the head, fail the rest, start over.
                 inflight.popleft()
@@ -277,6 +301,10 @@ class Connection:
             server.budget.inflight -= 1
             if key is not None:
                 server.unpin(key)
+            if head is self.sample:
+                self.sample = None
+                server.stats.latency_sum += now - self.sample_t
+                server.stats.latency_n += 1
             if self.probe:
                 self.probe = False
                 server.probe_succeeded(now)
@@ -417,7 +445,7 @@ class Server:
 
     def probe_succeeded(self, now: float) -> None:
         log.warning("%s is back up", self.name)
-        self.health.record_success()
+        self.health.probe_succeeded(now)
         for conn in self.conns:
             conn.attempt = 0
             if conn.sock is None:

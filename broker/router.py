@@ -142,16 +142,22 @@ class Job:
             self.finish()
 
     def expire(self, now: float) -> None:
-        router = self.router
+        late: list[Server] = []
         for i, r in enumerate(self.results):
             if r is None:
                 server = self.where[i]
                 self.results[i] = [Code.TIMEOUT, f"no answer from {server.name if server else 'memcached'} before the deadline"]
                 if server is not None:
                     server.stats.timeouts += 1
-                    server.record_failure(now, "request timed out")
+                    if server not in late:
+                        late.append(server)
         self.pending = 0
         self.finish()
+        # One missed deadline is one failure per server, however many of the frame's keys it held:
+        # a single 100-key get_many must not count as 100 consecutive failures. Counted after the
+        # reply, so a mark-down failing the server's in-flight slots finds this job done.
+        for server in late:
+            server.record_failure(now, "request timed out")
 
     def finish(self) -> None:
         self.done = True

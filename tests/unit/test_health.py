@@ -1,0 +1,241 @@
+"""broker/health.py: backoff with jitter, mark-down, probe scheduling, flapping. No clocks: every
+call gets an explicit `now`, as the broker's loop gives it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from broker.health import Health, State, backoff
+
+pytestmark = pytest.mark.unit
+
+BASE = 0.2
+CAP = 3.0
+
+
+class _Fixed(random.Random):
+    """An rng whose random() always returns the same number, to pin the jitter's ends."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+def _health(limit: int = 3) -> Health:
+    return Health(failure_limit=limit, probe_interval=BASE, probe_max_interval=CAP)
+
+
+def _down(h: Health, now: float) -> None:
+    for _ in range(h.failure_limit):
+        h.record_failure(now, "boom")
+    assert h.state is State.DOWN
+
+
+# --- backoff -----------------------------------------------------------------------------------
+
+
+def test_backoff_stays_within_half_to_full_step() -> None:
+    rng = random.Random(3)
+    for attempt in range(40):
+        step = min(CAP, BASE * 2**attempt)
+        for _ in range(200):
+            d = backoff(attempt, BASE, CAP, rng)
+            assert step / 2 <= d <= step <= CAP
+
+
+def test_backoff_ends_of_the_jitter() -> None:
+    assert backoff(0, BASE, CAP, _Fixed(0.0)) == pytest.approx(BASE / 2)
+    assert backoff(0, BASE, CAP, _Fixed(0.999999)) == pytest.approx(BASE, rel=1e-5)
+    assert backoff(2, BASE, CAP, _Fixed(0.0)) == pytest.approx(BASE * 4 / 2)
+    assert backoff(100, BASE, CAP, _Fixed(0.999999)) == pytest.approx(CAP, rel=1e-5)
+
+
+def test_backoff_doubles_until_the_cap() -> None:
+    lows = [backoff(a, BASE, CAP, _Fixed(0.0)) for a in range(8)]
+    assert lows[:4] == pytest.approx([0.1, 0.2, 0.4, 0.8])
+    assert lows[5:] == pytest.approx([CAP / 2] * 3)
+
+
+def test_backoff_jitter_spreads_retries() -> None:
+    rng = random.Random(7)
+    values = [backoff(3, BASE, CAP, rng) for _ in range(500)]
+    # equal jitter over [0.8, 1.6]: retries of many brokers never line up on one instant
+    assert len(set(values)) == 500
+    assert min(values) < 0.9 and max(values) > 1.5
+
+
+def test_backoff_huge_attempt_does_not_overflow() -> None:
+    assert CAP / 2 <= backoff(10**9, BASE, CAP) <= CAP
+
+
+# --- failure counting and mark-down ------------------------------------------------------------
+
+
+def test_marked_down_after_failure_limit_consecutive_failures() -> None:
+    h = _health(limit=3)
+    assert h.is_up and h.ejections == 0
+    assert h.record_failure(1.0, "a") is False
+    assert h.record_failure(1.1, "b") is False
+    assert h.state is State.UP
+    assert h.record_failure(1.2, "c") is True
+    assert h.state is State.DOWN and not h.is_up
+    assert h.ejections == 1
+    assert h.last_error == "c"
+
+
+def test_mark_down_is_reported_once() -> None:
+    h = _health(limit=2)
+    results = [h.record_failure(1.0 + i / 10, f"e{i}") for i in range(6)]
+    assert results == [False, True, False, False, False, False]
+    assert h.ejections == 1
+
+
+def test_failure_limit_one_ejects_at_once() -> None:
+    h = _health(limit=1)
+    assert h.record_failure(5.0, "x") is True
+    assert h.state is State.DOWN
+
+
+def test_success_resets_the_count() -> None:
+    h = _health(limit=3)
+    for i in range(50):
+        # two failures, a success: never three in a row
+        assert h.record_failure(i, "f") is False
+        assert h.record_failure(i, "f") is False
+        h.record_success()
+        assert h.failures == 0
+    assert h.state is State.UP and h.ejections == 0
+
+
+# --- probes ------------------------------------------------------------------------------------
+
+
+def test_first_probe_is_due_after_the_probe_interval() -> None:
+    h = _health()
+    _down(h, 10.0)
+    assert 10.0 + BASE / 2 <= h.probe_at <= 10.0 + BASE
+    assert not h.probe_due(10.0)
+    assert not h.probe_due(h.probe_at - 1e-6)
+    assert h.probe_due(h.probe_at)
+    assert h.probe_due(h.probe_at + 100)
+
+
+def test_no_probe_while_up_or_probing() -> None:
+    h = _health()
+    assert not h.probe_due(1e9)
+    _down(h, 0.0)
+    h.start_probe()
+    assert h.state is State.PROBING
+    assert not h.probe_due(1e9)  # one probe at a time
+
+
+def test_failed_probes_back_off_up_to_the_cap() -> None:
+    h = _health()
+    now = 0.0
+    _down(h, now)
+    delays = []
+    for _ in range(12):
+        now = h.probe_at
+        assert h.probe_due(now)
+        h.start_probe()
+        h.probe_failed(now, "refused")
+        assert h.state is State.DOWN
+        assert h.last_error == "refused"
+        delays.append(h.probe_at - now)
+    for attempt, d in enumerate(delays, start=1):
+        step = min(CAP, BASE * 2**attempt)
+        assert step / 2 <= d <= step
+    assert max(delays) <= CAP
+    assert h.ejections == 1  # failed probes are not new ejections
+
+
+def test_successful_probe_brings_it_back() -> None:
+    h = _health()
+    _down(h, 0.0)
+    now = h.probe_at
+    h.start_probe()
+    h.probe_succeeded(now)
+    assert h.state is State.UP and h.is_up
+    assert h.failures == 0
+    assert not h.probe_due(now + 100)
+    # the failure count starts over: it takes failure_limit new failures to eject again
+    assert h.record_failure(now + 100, "x") is False
+    assert h.record_failure(now + 100, "x") is False
+    assert h.record_failure(now + 100, "x") is True
+    assert h.ejections == 2
+
+
+def test_failures_while_down_do_not_eject_again() -> None:
+    h = _health(limit=2)
+    _down(h, 0.0)
+    probe_at = h.probe_at
+    for _ in range(10):
+        assert h.record_failure(0.01, "late") is False
+    assert h.ejections == 1
+    assert h.probe_at == probe_at  # stragglers do not push the probe back
+
+
+# --- flapping ----------------------------------------------------------------------------------
+
+
+def _cycle(h: Health, down_at: float, failed_probes: int) -> tuple[float, float]:
+    """Eject at `down_at`, fail `failed_probes` probes, then succeed. Returns (first probe delay,
+    time it came back)."""
+    _down(h, down_at)
+    first = h.probe_at - down_at
+    now = down_at
+    for _ in range(failed_probes):
+        now = h.probe_at
+        h.start_probe()
+        h.probe_failed(now, "refused")
+    now = h.probe_at
+    h.start_probe()
+    h.probe_succeeded(now)
+    return first, now
+
+
+def test_flapping_server_backs_off_longer_each_time() -> None:
+    h = _health()
+    lows = []
+    t = 0.0
+    for _ in range(6):
+        # ejected again right after each recovery: a flapping server
+        _, back = _cycle(h, t, failed_probes=0)
+        lows.append(h.probe_attempt)
+        t = back + 0.01
+    assert lows == [0, 1, 2, 3, 4, 5]
+    _down(h, t)
+    # attempt 6 is past the cap: the delay is in [CAP/2, CAP], far above the first probe's
+    assert CAP / 2 <= h.probe_at - t <= CAP
+
+
+def test_flapping_continues_from_the_last_outage() -> None:
+    h = _health()
+    _, back = _cycle(h, 0.0, failed_probes=3)  # came back on the 4th probe: attempt 3
+    assert h.probe_attempt == 3
+    _down(h, back + 0.5)
+    assert h.probe_attempt == 4
+    step = min(CAP, BASE * 2**4)
+    assert step / 2 <= h.probe_at - (back + 0.5) <= step
+
+
+def test_server_stable_for_the_max_interval_starts_over() -> None:
+    h = _health()
+    _, back = _cycle(h, 0.0, failed_probes=4)
+    assert h.probe_attempt == 4
+    later = back + CAP + 1.0  # stayed up longer than the longest probe interval
+    _down(h, later)
+    assert h.probe_attempt == 0
+    assert later + BASE / 2 <= h.probe_at <= later + BASE
+
+
+def test_first_ejection_uses_the_base_interval_even_late_in_life() -> None:
+    h = _health()
+    _down(h, 1e6)
+    assert h.probe_attempt == 0
+    assert 1e6 + BASE / 2 <= h.probe_at <= 1e6 + BASE
