@@ -23,16 +23,24 @@ from typing import Union
 MAX_KEY_LEN = 250
 # base64 of n bytes takes 4*ceil(n/3) bytes, and memcached checks the encoded length against 250.
 MAX_BINARY_KEY_LEN = 186
-MAX_OPAQUE_LEN = 32
+# memcached 1.6 limits the opaque token to 32 bytes counting its leading "O".
+MAX_OPAQUE_LEN = 31
 MAX_LINE_LEN = 8192
 DEFAULT_MAX_VALUE_LEN = 1 << 30
 
 _U32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
+# memcached reads TTLs and flush_all's delay into a signed 32-bit int: larger values wrap negative
+# and the item is expired at once, so they are refused rather than silently lost.
+_I32 = (1 << 31) - 1
+# cache_memlimit outside 8..1e9 MB gets a MEMLIMIT_* line that no parser state expects.
+_MEMLIMIT_MIN = 8
+_MEMLIMIT_MAX = 1_000_000_000
+_INT_OPAQUE_LIMIT = 10**MAX_OPAQUE_LEN
 
 # A key can go on the wire as-is when it has 1..250 bytes, none <= 0x20 and none == 0x7F.
 _BAD_KEY_BYTE = re.compile(rb"[\x00-\x20\x7f]")
-_OPAQUE_OK = re.compile(rb"[\x21-\x7e]{1,32}\Z")
+_OPAQUE_OK = re.compile(rb"[\x21-\x7e]{1,31}\Z")
 
 
 class RequestError(ValueError):
@@ -180,8 +188,9 @@ class CacheMemlimit:
 
 Request = Union[Get, Set, Delete, Arith, NoOp, Version, Stats, FlushAll, Verbosity, CacheMemlimit]
 
-# Requests whose answer carries our opaque token: the pipeline cross-checks it.
-META_REQUESTS = (Get, Set, Delete, Arith, NoOp)
+# Requests whose answer carries our opaque token: the pipeline cross-checks it. Not NoOp:
+# memcached 1.6.18 answers `mn O5` with a bare MN.
+META_REQUESTS = (Get, Set, Delete, Arith)
 
 
 def encode_key(key: bytes) -> tuple[bytes, bool]:
@@ -211,28 +220,36 @@ def _opaque(opaque: Opaque) -> bytes:
     if opaque is None:
         return b""
     if type(opaque) is int:
-        if opaque < 0:
-            raise RequestError("opaque must not be negative")
+        # Bounded before formatting: str() of a huge int raises ValueError, not RequestError.
+        if not 0 <= opaque < _INT_OPAQUE_LIMIT:
+            raise RequestError(f"opaque must be an integer in 0..{_INT_OPAQUE_LIMIT - 1}")
         token = b"%d" % opaque
     elif type(opaque) is bytes:
         token = opaque
     else:
         raise RequestError(f"opaque must be int or bytes, not {type(opaque).__name__}")
     if _OPAQUE_OK.match(token) is None:
-        raise RequestError("opaque must be 1..32 printable bytes without spaces")
+        raise RequestError(f"opaque must be 1..{MAX_OPAQUE_LEN} printable bytes without spaces")
     return b" O" + token
+
+
+def _show(value: object) -> str:
+    # repr() of an int past 4300 digits raises ValueError; an error message must not.
+    if type(value) is int and value.bit_length() > 128:
+        return f"a {value.bit_length()}-bit integer"
+    return repr(value)[:60]
 
 
 def _uint(value: object, name: str, limit: int) -> int:
     if type(value) is not int or not 0 <= value <= limit:
-        raise RequestError(f"{name} must be an integer in 0..{limit}, got {value!r}")
+        raise RequestError(f"{name} must be an integer in 0..{limit}, got {_show(value)}")
     return value
 
 
 def _ttl(value: object, name: str) -> int:
     # memcached treats a negative TTL as "already expired", as pymemcache users rely on.
-    if type(value) is not int or not -(1 << 31) <= value <= _U32:
-        raise RequestError(f"{name} must be an integer TTL, got {value!r}")
+    if type(value) is not int or not -(1 << 31) <= value <= _I32:
+        raise RequestError(f"{name} must be an integer TTL, got {_show(value)}")
     return value
 
 
@@ -267,15 +284,20 @@ def encode(req: Request) -> bytes:
         value = req.value
         if type(value) is not bytes:
             raise RequestError(f"value must be bytes, not {type(value).__name__}")
-        out = _key_part(b"ms ", req.key) + b" %d" % len(value)
-        if req.client_flags:
-            out += b" F%d" % _uint(req.client_flags, "client flags", _U32)
-        if req.ttl:
-            out += b" T%d" % _ttl(req.ttl, "ttl")
+        wire, b64 = encode_key(req.key)
+        # `ms <key> <datalen> <flags>*`: a `b` before the length is read as the length.
+        out = b"ms " + wire + b" %d" % len(value) + (b" b" if b64 else b"")
+        # Checked even when falsy: None or False must not pass as 0.
+        if _uint(req.client_flags, "client flags", _U32):
+            out += b" F%d" % req.client_flags
+        if _ttl(req.ttl, "ttl"):
+            out += b" T%d" % req.ttl
         if req.cas is not None:
             out += b" C%d" % _uint(req.cas, "cas", _U64)
         if req.invalidate:
             out += b" I"
+        if type(req.mode) is not SetMode:
+            raise RequestError(f"mode must be a SetMode, not {_show(req.mode)}")
         if req.mode is not SetMode.SET:
             out += b" M" + req.mode.value
         return out + _opaque(req.opaque) + b"\r\n" + value + b"\r\n"
@@ -288,10 +310,12 @@ def encode(req: Request) -> bytes:
         out = _key_part(b"ma ", req.key)
         if req.value:
             out += b" v"
+        if type(req.mode) is not ArithMode:
+            raise RequestError(f"mode must be an ArithMode, not {_show(req.mode)}")
         if req.mode is not ArithMode.INCR:
             out += b" M" + req.mode.value
-        if req.delta != 1:
-            out += b" D%d" % _uint(req.delta, "delta", _U64)
+        if _uint(req.delta, "delta", _U64) != 1:
+            out += b" D%d" % req.delta
         if req.vivify is not None:
             out += b" N%d" % _ttl(req.vivify, "vivify")
         if req.initial is not None:
@@ -302,25 +326,33 @@ def encode(req: Request) -> bytes:
     if t is Version:
         return b"version\r\n"
     if t is Stats:
+        if type(req.args) is not tuple:
+            raise RequestError(f"stats arguments must be a tuple, not {type(req.args).__name__}")
         for arg in req.args:
             if type(arg) is not bytes or not arg or _BAD_KEY_BYTE.search(arg):
-                raise RequestError(f"bad stats argument {arg!r}")
+                raise RequestError(f"bad stats argument {_show(arg)}")
+        if req.args[:2] == (b"detail", b"dump"):
+            # Its PREFIX lines are no response form we parse; memcached would be disconnected.
+            raise RequestError("stats detail dump is not supported")
         return b" ".join((b"stats",) + tuple(req.args)) + b"\r\n"
     if t is FlushAll:
         if req.delay is None:
             return b"flush_all\r\n"
-        return b"flush_all %d\r\n" % _uint(req.delay, "delay", _U32)
+        return b"flush_all %d\r\n" % _uint(req.delay, "delay", _I32)
     if t is Verbosity:
         return b"verbosity %d\r\n" % _uint(req.level, "verbosity level", _U32)
     if t is CacheMemlimit:
-        return b"cache_memlimit %d\r\n" % _uint(req.megabytes, "cache_memlimit", _U32)
+        mb = req.megabytes
+        if type(mb) is not int or not _MEMLIMIT_MIN <= mb <= _MEMLIMIT_MAX:
+            raise RequestError(f"cache_memlimit must be an integer in {_MEMLIMIT_MIN}..{_MEMLIMIT_MAX} (MB), got {_show(mb)}")
+        return b"cache_memlimit %d\r\n" % mb
     raise RequestError(f"cannot encode {t.__name__}")
 
 
 def encode_get(key: bytes, opaque: int, cas: bool = False) -> bytes:
     """The broker's hot path for `mg <key> v f [c] O<opaque>`: the bytes of
     `encode(Get(key, opaque, cas=cas))` without building a Get (about 3x cheaper)."""
-    if type(key) is bytes and 0 < len(key) <= MAX_KEY_LEN and type(opaque) is int and opaque >= 0 and _BAD_KEY_BYTE.search(key) is None:
+    if type(key) is bytes and 0 < len(key) <= MAX_KEY_LEN and type(opaque) is int and 0 <= opaque < _INT_OPAQUE_LIMIT and _BAD_KEY_BYTE.search(key) is None:
         return (b"mg %b v f c O%d\r\n" if cas else b"mg %b v f O%d\r\n") % (key, opaque)
     return encode(Get(key, opaque, cas=cas))
 
@@ -330,7 +362,7 @@ def encode_set(key: bytes, value: bytes, opaque: int, client_flags: int, ttl: in
     `encode(Set(key, value, opaque, client_flags=client_flags, ttl=ttl))`."""
     if (
         type(key) is bytes and 0 < len(key) <= MAX_KEY_LEN and type(value) is bytes
-        and type(opaque) is int and opaque >= 0 and client_flags == 0 and ttl == 0
+        and type(opaque) is int and 0 <= opaque < _INT_OPAQUE_LIMIT and client_flags == 0 and ttl == 0
         and type(client_flags) is int and type(ttl) is int and _BAD_KEY_BYTE.search(key) is None
     ):
         return b"ms %b %d O%d\r\n%b\r\n" % (key, len(value), opaque, value)
@@ -356,6 +388,8 @@ class Response:
 
 
 _NO_FLAGS: dict[str, bytes] = {}
+# `stats cachedump` answers ITEM lines where the others answer STAT lines (pymemcache reads both).
+_STAT_HEADS = (b"STAT", b"ITEM")
 
 
 def _parse_flags(tokens: list[bytes]) -> dict[str, bytes]:
@@ -402,7 +436,8 @@ class ResponseParser:
             pos = self._pos
             end = buf.find(b"\r\n", pos)
             if end < 0:
-                if len(buf) - pos > MAX_LINE_LEN:
+                # A trailing CR may be half of the CRLF ending a line of exactly MAX_LINE_LEN.
+                if len(buf) - pos - (buf[-1:] == b"\r") > MAX_LINE_LEN:
                     raise ProtocolError("response line longer than %d bytes" % MAX_LINE_LEN)
                 return None
             if end - pos > MAX_LINE_LEN:
@@ -411,7 +446,7 @@ class ResponseParser:
             tokens = line.split(b" ")
             head = tokens[0]
             if self._stats is not None:
-                if head == b"STAT" and len(tokens) >= 3:
+                if head in _STAT_HEADS and len(tokens) >= 3:
                     self._stats[tokens[1].decode("ascii", "replace")] = b" ".join(tokens[2:]).decode(
                         "ascii", "replace"
                     )
@@ -424,7 +459,8 @@ class ResponseParser:
                 raise ProtocolError(f"unexpected line inside STAT block: {line[:60]!r}")
             status = _META_STATUS.get(head)
             if status is Status.VALUE:
-                if len(tokens) < 2 or not tokens[1].isdigit():
+                # The digit cap keeps int() away from its 4300-digit ValueError.
+                if len(tokens) < 2 or not tokens[1].isdigit() or len(tokens[1]) > 20:
                     raise ProtocolError(f"bad VA line: {line[:60]!r}")
                 size = int(tokens[1])
                 if size > self._max_value:
@@ -453,7 +489,7 @@ class ResponseParser:
             if text is not None:
                 self._pos = end + 2
                 return Response(text, _NO_FLAGS)
-            if head == b"STAT" and len(tokens) >= 3:
+            if head in _STAT_HEADS and len(tokens) >= 3:
                 self._stats = {}
                 continue  # re-read this line as the first of the block
             if line == b"END":

@@ -187,13 +187,37 @@ def _unpack(data: bytes, max_bytes: int, max_array: int, max_map: int) -> Any:
         raise WireError(Code.BAD_REQUEST, f"undecodable frame: {type(exc).__name__}: {exc}") from None
 
 
+def _show(value: Any) -> str:
+    """A value from an untrusted frame, for an error message: short, and never a recursive repr
+    (a list nested 1,000 deep passes msgpack's limits but makes repr() raise RecursionError)."""
+    if value is None or type(value) in (int, float, bool):
+        return repr(value)
+    if type(value) in (str, bytes):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    return type(value).__name__
+
+
+def _peek_req_id(data: bytes) -> int | None:
+    """The request id of a frame too large to decode, read from its first bytes alone."""
+    try:
+        unpacker = msgpack.Unpacker(max_buffer_size=64, max_bin_len=16, max_str_len=16, max_array_len=16, max_map_len=0, max_ext_len=0)
+        unpacker.feed(data[:32])
+        if unpacker.read_array_header() < 2:
+            return None
+        unpacker.skip()
+        rid = unpacker.unpack()
+    except Exception:
+        return None
+    return rid if type(rid) is int and 0 <= rid <= _U64 else None
+
+
 def _header(obj: Any, kind: str) -> int:
     if type(obj) is not list or len(obj) < 2:
         raise WireError(Code.BAD_REQUEST, f"{kind} frame must be an array [version, req_id, ...]")
     req_id = obj[1]
     rid = req_id if type(req_id) is int and 0 <= req_id <= _U64 else None
     if obj[0] != VERSION or type(obj[0]) is not int:
-        raise WireError(Code.UNSUPPORTED_VERSION, f"unsupported wire version {obj[0]!r}; this side speaks {VERSION}", rid)
+        raise WireError(Code.UNSUPPORTED_VERSION, f"unsupported wire version {_show(obj[0])}; this side speaks {VERSION}", rid)
     if rid is None:
         raise WireError(Code.BAD_REQUEST, "request id must be an unsigned 64-bit integer")
     return rid
@@ -205,7 +229,7 @@ def check_op(op: Any) -> None:
         raise WireError(Code.BAD_REQUEST, "each op must be a non-empty array")
     spec = _ARGS.get(op[0]) if type(op[0]) is int else None
     if spec is None:
-        raise WireError(Code.BAD_REQUEST, f"unknown op {op[0]!r}")
+        raise WireError(Code.BAD_REQUEST, f"unknown op {_show(op[0])}")
     if len(op) != len(spec) + 1:
         raise WireError(Code.BAD_REQUEST, f"op {Op(op[0]).name} takes {len(spec)} arguments, got {len(op) - 1}")
     for arg, typ in zip(op[1:], spec):
@@ -218,6 +242,9 @@ def check_op(op: Any) -> None:
 
 
 def decode_request(data: bytes, max_frame: int = DEFAULT_MAX_FRAME, max_ops: int = MAX_OPS) -> RequestFrame:
+    if len(data) > max_frame:
+        # Answerable: the id sits in the first bytes, so the sender gets a clear error, not a timeout.
+        raise WireError(Code.BAD_REQUEST, f"frame of {len(data)} bytes exceeds the {max_frame} limit", _peek_req_id(data))
     obj = _unpack(data, max_frame, max_ops, 0)
     rid = _header(obj, "request")
     if len(obj) != 5:
@@ -226,7 +253,7 @@ def decode_request(data: bytes, max_frame: int = DEFAULT_MAX_FRAME, max_ops: int
     if type(timeout_ms) is not int or not 0 <= timeout_ms <= 86_400_000:
         raise WireError(Code.BAD_REQUEST, "timeout_ms must be an integer in 0..86400000", rid)
     if type(flags) is not int or flags & ~NOREPLY or flags < 0:
-        raise WireError(Code.BAD_REQUEST, f"unknown request flags {flags!r}", rid)
+        raise WireError(Code.BAD_REQUEST, f"unknown request flags {_show(flags)}", rid)
     if type(ops) is not list or not ops:
         raise WireError(Code.BAD_REQUEST, "ops must be a non-empty array", rid)
     try:
