@@ -19,10 +19,11 @@ from .errors import (
     ProtocolMismatch,
     ServerUnavailable,
 )
+from .mock import MockClient
 from .serde import CompressedSerde, PickleSerde
 
 __all__ = [
-    "AsyncClient", "Client", "CompressedSerde", "PickleSerde", "BrokerError", "BrokerOverloaded",
+    "AsyncClient", "Client", "CompressedSerde", "MockClient", "PickleSerde", "BrokerError", "BrokerOverloaded",
     "BrokerTimeout", "BrokerUnavailable", "MemcacheClientError", "MemcacheError",
     "MemcacheIllegalInputError", "MemcacheServerError", "MemcacheUnexpectedCloseError",
     "MemcacheUnknownCommandError", "MemcacheUnknownError", "ProtocolMismatch", "ServerUnavailable",

@@ -649,6 +649,14 @@ class AsyncClient(_Commands):
             self._sock.close(linger=0)
         self._sock = None
 
+    async def quit(self) -> None:
+        await self.disconnect_all()
+
+    # pymemcache's aliases, as on Client.
+    get_multi = property(lambda self: self.get_many)
+    set_multi = property(lambda self: self.set_many)
+    delete_multi = property(lambda self: self.delete_many)
+
 
 for _name in COMMANDS:
     setattr(Client, _name, _sync(_name))

@@ -1,0 +1,316 @@
+"""`MockClient`: clientlib's `Client` API over an in-process memory store, for tests of code that
+uses clientlib (the counterpart of pymemcache's `pymemcache.test.utils.MockMemcacheClient`).
+
+Faithful by construction: `MockClient` *is* a `Client` whose transport is replaced. Every call goes
+through the same argument checks (clientlib.keys), the same serde handling and the same frame
+building as the real client; the frame is then decoded with the broker's own schema check
+(`wire.decode_request`) and executed here against memcached's semantics, and the results go back
+through the same translation into return values and exceptions. So a test written against the mock
+sees what it would see through a broker: same keys accepted and rejected, same return values.
+
+memcached semantics kept: expiry (relative seconds, absolute Unix times past 30 days, negative =
+already expired), cas uniques, add/replace/append/prepend rules (append and prepend keep the item's
+flags and TTL), incr/decr on decimal text (64-bit wrap on incr, floor at 0 on decr, the result
+padded with spaces when it is shorter than the old value, as memcached rewrites in place), touch,
+gat/gats, flush_all with a delay, and the item size limit. Not kept: memory limits and eviction
+(`cache_memlimit` is recorded, nothing is evicted), and stats beyond a few counters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import wire
+from .client import Client, Command, _Commands, error_for
+from .errors import MemcacheError, MemcacheIllegalInputError
+from .wire import Code, Op
+
+__all__ = ["MockClient", "MOCK_SERVER", "MOCK_VERSION"]
+
+MOCK_SERVER = "mock"
+MOCK_VERSION = "1.6.18-mock"
+DEFAULT_MAX_VALUE_BYTES = 1 << 20  # the broker's default max_value_bytes (memcached's -I 1m)
+
+# memcached reads a TTL above 30 days as an absolute Unix time.
+_RELATIVE_TTL_LIMIT = 60 * 60 * 24 * 30
+_U64 = (1 << 64) - 1
+# What memcached's strtoull-based check accepts as a number: optional blanks and sign, digits,
+# then a blank or the end of the value.
+_NUMBER = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)(?:[ \t\n\v\f\r]|\Z)")
+
+_OK = [Code.OK]
+_MISS = [Code.MISS]
+_NOT_STORED = [Code.NOT_STORED]
+_NOT_FOUND = [Code.NOT_FOUND]
+_EXISTS = [Code.EXISTS]
+
+
+@dataclass(slots=True)
+class _Item:
+    value: bytes
+    flags: int
+    exptime: float  # absolute (clock) time, 0 = never
+    cas: int
+    stored_at: float
+
+
+class _Memory:
+    """One emulated memcached server: wire ops in, wire results out. Not thread-safe by itself."""
+
+    def __init__(self, clock: Callable[[], float], max_value_bytes: int) -> None:
+        self.clock = clock
+        self.max_value_bytes = max_value_bytes
+        self.items: dict[bytes, _Item] = {}
+        self.cas_counter = 0
+        self.flush_at: float | None = None
+        self.memlimit_mb = 64
+        self.started = clock()
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "cmd_get", "cmd_set", "cmd_touch", "cmd_flush", "get_hits", "get_misses", "delete_hits",
+                "delete_misses", "incr_hits", "incr_misses", "decr_hits", "decr_misses", "cas_hits",
+                "cas_misses", "cas_badval", "touch_hits", "touch_misses", "total_items",
+            ),
+            0,
+        )
+
+    # --- items ---------------------------------------------------------------------------------
+
+    def _exptime(self, ttl: int, now: float) -> float:
+        if ttl == 0:
+            return 0.0
+        if ttl < 0:
+            return -1.0  # already expired; nonzero so it reads as "has an expiry"
+        if ttl > _RELATIVE_TTL_LIMIT:
+            return float(ttl)
+        return now + ttl
+
+    def _live(self, key: bytes, now: float) -> _Item | None:
+        item = self.items.get(key)
+        if item is None:
+            return None
+        if item.exptime and item.exptime <= now:
+            del self.items[key]
+            return None
+        return item
+
+    def _next_cas(self) -> int:
+        self.cas_counter += 1
+        return self.cas_counter
+
+    def _store_item(self, key: bytes, value: bytes, flags: int, exptime: float, now: float) -> list[Any]:
+        self.items[key] = _Item(value, flags, exptime, self._next_cas(), now)
+        self.counters["total_items"] += 1
+        return _OK
+
+    # --- ops -----------------------------------------------------------------------------------
+
+    def execute(self, op: list[Any]) -> list[Any]:
+        now = self.clock()
+        if self.flush_at is not None and now >= self.flush_at:
+            # A delayed flush_all invalidates everything stored up to its time.
+            self.items.clear()
+            self.flush_at = None
+        code = op[0]
+        if code <= Op.GATS:
+            return self._get(code, op, now)
+        if code <= Op.CAS:
+            return self._store(code, op, now)
+        if code == Op.DELETE:
+            found = self._live(op[1], now) is not None
+            self.counters["delete_hits" if found else "delete_misses"] += 1
+            if found:
+                del self.items[op[1]]
+                return _OK
+            return _NOT_FOUND
+        if code == Op.INCR or code == Op.DECR:
+            return self._arith(code, op[1], op[2], now)
+        if code == Op.TOUCH:
+            self.counters["cmd_touch"] += 1
+            item = self._live(op[1], now)
+            self.counters["touch_hits" if item else "touch_misses"] += 1
+            if item is None:
+                return _NOT_FOUND
+            item.exptime = self._exptime(op[2], now)
+            return _OK
+        return self._server_wide(code, op, now)
+
+    def _get(self, code: int, op: list[Any], now: float) -> list[Any]:
+        self.counters["cmd_get"] += 1
+        item = self._live(op[1], now)
+        if item is None:
+            self.counters["get_misses"] += 1
+            return _MISS
+        self.counters["get_hits"] += 1
+        if code == Op.GAT or code == Op.GATS:
+            self.counters["cmd_touch"] += 1
+            self.counters["touch_hits"] += 1
+            item.exptime = self._exptime(op[2], now)
+            # Touching can expire the item (negative TTL): memcached still returns this hit.
+        if code == Op.GETS or code == Op.GATS:
+            return [Code.OK, item.value, item.flags, item.cas]
+        return [Code.OK, item.value, item.flags]
+
+    def _store(self, code: int, op: list[Any], now: float) -> list[Any]:
+        self.counters["cmd_set"] += 1
+        key, value, flags, ttl = op[1], op[2], op[3], op[4]
+        if len(value) > self.max_value_bytes:
+            return [Code.SERVER_ERROR, f"object too large for cache ({len(value)} > {self.max_value_bytes} bytes)"]
+        item = self._live(key, now)
+        exptime = self._exptime(ttl, now)
+        if code == Op.SET:
+            return self._store_item(key, value, flags, exptime, now)
+        if code == Op.ADD:
+            return _NOT_STORED if item is not None else self._store_item(key, value, flags, exptime, now)
+        if code == Op.REPLACE:
+            return _NOT_STORED if item is None else self._store_item(key, value, flags, exptime, now)
+        if code == Op.CAS:
+            if item is None:
+                self.counters["cas_misses"] += 1
+                return _NOT_FOUND
+            if item.cas != op[5]:
+                self.counters["cas_badval"] += 1
+                return _EXISTS
+            self.counters["cas_hits"] += 1
+            return self._store_item(key, value, flags, exptime, now)
+        # APPEND / PREPEND: the old item's flags and TTL stay, as in memcached.
+        if item is None:
+            return _NOT_STORED
+        joined = item.value + value if code == Op.APPEND else value + item.value
+        if len(joined) > self.max_value_bytes:
+            return [Code.SERVER_ERROR, "out of memory storing object"]
+        return self._store_item(key, joined, item.flags, item.exptime, now)
+
+    def _arith(self, code: int, key: bytes, delta: int, now: float) -> list[Any]:
+        name = "incr" if code == Op.INCR else "decr"
+        item = self._live(key, now)
+        if item is None:
+            self.counters[name + "_misses"] += 1
+            return _NOT_FOUND
+        m = _NUMBER.match(item.value)
+        number = int(m.group(2)) if m else -1
+        if m is None or number > _U64 or (m.group(1) == b"-" and number != 0):
+            return [Code.CLIENT_ERROR, "CLIENT_ERROR cannot increment or decrement non-numeric value"]
+        self.counters[name + "_hits"] += 1
+        if code == Op.INCR:
+            number = (number + delta) & _U64
+        else:
+            number = max(number - delta, 0)
+        text = b"%d" % number
+        if len(text) <= len(item.value):
+            # memcached rewrites the value in place and pads the rest with spaces.
+            item.value = text.ljust(len(item.value))
+            item.cas = self._next_cas()
+        else:
+            self.items[key] = _Item(text, item.flags, item.exptime, self._next_cas(), now)
+        return [Code.OK, number]
+
+    def _server_wide(self, code: int, op: list[Any], now: float) -> list[Any]:
+        if code == Op.VERSION:
+            return [Code.OK, {MOCK_SERVER: MOCK_VERSION}]
+        if code == Op.STATS:
+            return [Code.OK, {MOCK_SERVER: self._stats(op[1], now)}]
+        if code == Op.FLUSH_ALL:
+            self.counters["cmd_flush"] += 1
+            if op[1] > 0:
+                self.flush_at = now + op[1]
+            else:
+                self.items.clear()
+                self.flush_at = None
+            return [Code.OK, {MOCK_SERVER: True}]
+        if code == Op.CACHE_MEMLIMIT:
+            self.memlimit_mb = op[1]
+            return [Code.OK, {MOCK_SERVER: True}]
+        if code == Op.PING:
+            return [Code.OK, "PONG"]
+        if code == Op.BROKER_STATS:
+            return [Code.OK, {"mock": True, "items": len(self.items)}]
+        return [Code.BAD_REQUEST, f"unknown op {code}"]
+
+    def _stats(self, args: list[bytes], now: float) -> dict[str, str]:
+        if not args:
+            live = [k for k in list(self.items) if self._live(k, now) is not None]
+            stats = {
+                "pid": str(os.getpid()),
+                "uptime": str(int(now - self.started)),
+                "time": str(int(time.time())),
+                "version": MOCK_VERSION,
+                "curr_items": str(len(live)),
+                "bytes": str(sum(len(self.items[k].value) for k in live)),
+                "limit_maxbytes": str(self.memlimit_mb * 1024 * 1024),
+                "evictions": "0",
+            }
+            stats.update((name, str(value)) for name, value in self.counters.items())
+            return stats
+        if args == [b"settings"]:
+            return {
+                "maxbytes": str(self.memlimit_mb * 1024 * 1024),
+                "item_size_max": str(self.max_value_bytes),
+                "cas_enabled": "yes",
+                "evictions": "on",
+            }
+        return {}
+
+
+class MockClient(Client):
+    """A `Client` backed by an in-memory store instead of a broker.
+
+    Takes the Client's keyword arguments (serde, key_prefix, allow_unicode_keys, default_noreply,
+    ignore_exc, encoding, timeout, ...) with the same meaning. `server` is accepted and ignored,
+    as pymemcache's mock does. `clock` (seconds, like time.time) lets tests drive expiry without
+    sleeping; `max_value_bytes` mirrors the broker setting of the same name.
+    """
+
+    def __init__(
+        self,
+        server: Any = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        **kwargs: Any,
+    ) -> None:
+        # Skips Client.__init__ on purpose: there is no transport to build.
+        _Commands.__init__(self, "inproc://clientlib-mock", **kwargs)
+        self.server = server
+        self._memory = _Memory(clock, max_value_bytes)
+        self._lock = threading.Lock()
+
+    def _run(self, cmd: Command) -> Any:
+        if not cmd.ops:
+            return cmd.finish([])
+        try:
+            frames = self._frames(cmd, list(range(len(cmd.ops))), int(self.timeout * 1000))
+            results: list[list[Any]] = []
+            with self._lock:
+                for _, data, _, _ in frames:
+                    try:
+                        request = wire.decode_request(data, max_frame=self.max_frame_bytes)
+                    except wire.WireError as exc:
+                        raise error_for(exc.code, str(exc)) from None
+                    results.extend(self._memory.execute(op) for op in request.ops)
+            if cmd.noreply:
+                return cmd.noreply_value
+            return cmd.finish(results)
+        except MemcacheIllegalInputError:
+            raise
+        except MemcacheError:
+            if cmd.read and self.ignore_exc:
+                return cmd.miss_value
+            raise
+
+    def clear(self) -> None:
+        """Forget every item (pymemcache's mock has the same helper)."""
+        with self._lock:
+            self._memory.items.clear()
+            self._memory.flush_at = None
+
+    def disconnect_all(self) -> None:
+        """Nothing to disconnect."""
+
+    def quit(self) -> None:
+        """Nothing to disconnect."""
