@@ -380,6 +380,11 @@ class Server:
     def inflight(self) -> int:
         return sum(len(c.inflight) for c in self.conns)
 
+    def silent_for(self, now: float) -> float:
+        """How long the server has answered nothing while requests waited on it (0 if none wait)."""
+        waits = [now - c.since for c in self.conns if c.inflight]
+        return min(waits) if waits else 0.0
+
     def inflight_over(self) -> bool:
         conns = self.conns
         # Cheap bound first: the sum only matters once one connection is deep enough.

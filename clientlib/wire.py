@@ -200,7 +200,9 @@ def _show(value: Any) -> str:
 def _peek_req_id(data: bytes) -> int | None:
     """The request id of a frame too large to decode, read from its first bytes alone."""
     try:
-        unpacker = msgpack.Unpacker(max_buffer_size=64, max_bin_len=16, max_str_len=16, max_array_len=16, max_map_len=0, max_ext_len=0)
+        unpacker = msgpack.Unpacker(
+            max_buffer_size=64, max_bin_len=16, max_str_len=16, max_array_len=16, max_map_len=0, max_ext_len=0
+        )
         unpacker.feed(data[:32])
         if unpacker.read_array_header() < 2:
             return None
@@ -244,7 +246,8 @@ def check_op(op: Any) -> None:
 def decode_request(data: bytes, max_frame: int = DEFAULT_MAX_FRAME, max_ops: int = MAX_OPS) -> RequestFrame:
     if len(data) > max_frame:
         # Answerable: the id sits in the first bytes, so the sender gets a clear error, not a timeout.
-        raise WireError(Code.BAD_REQUEST, f"frame of {len(data)} bytes exceeds the {max_frame} limit", _peek_req_id(data))
+        message = f"frame of {len(data)} bytes exceeds the {max_frame} limit"
+        raise WireError(Code.BAD_REQUEST, message, _peek_req_id(data))
     obj = _unpack(data, max_frame, max_ops, 0)
     rid = _header(obj, "request")
     if len(obj) != 5:

@@ -1,0 +1,181 @@
+"""Deadlines against a real memcached that stops answering (SIGSTOP).
+
+A call fails with BrokerTimeout at its own deadline, not memcached's; the answers memcached sends
+after it resumes are swallowed by the requests that gave up, so later requests get their own
+answers; a connection silent past io_timeout_ms is reset; and one stuck server never holds up
+requests for keys on other servers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from brokerproc import BrokerProcess
+from clientlib import Client
+from clientlib.errors import BrokerTimeout, MemcacheError, ServerUnavailable
+from fakemc import keys_held_by, pause_fully
+
+pytestmark = [pytest.mark.fault, pytest.mark.integration, pytest.mark.timeout(90)]
+
+DEADLINE = 0.5
+SLACK = 0.4
+
+
+def value_of(key: str) -> bytes:
+    return b"value-of:" + key.encode()
+
+
+def timed(fn: Callable[[], object]) -> tuple[object, float]:
+    start = time.monotonic()
+    try:
+        out: object = fn()
+    except MemcacheError as exc:
+        out = exc
+    return out, time.monotonic() - start
+
+
+def concurrently(calls: dict[str, Callable[[], object]]) -> dict[str, tuple[object, float]]:
+    """Run the calls at once, one thread each; (outcome or exception, seconds) per name."""
+    results: dict[str, tuple[object, float]] = {}
+    barrier = threading.Barrier(len(calls))
+
+    def run(name: str, fn: Callable[[], object]) -> None:
+        barrier.wait(5)
+        results[name] = timed(fn)
+
+    threads = [threading.Thread(target=run, args=item) for item in calls.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not any(t.is_alive() for t in threads), "a call hung"
+    return results
+
+
+def test_paused_server_calls_time_out_at_their_deadline_and_late_answers_are_swallowed(memcached, broker_factory):
+    # Mark-down and io resets off: the late answers must arrive on the very connections the
+    # timed-out requests were written to, and be swallowed there.
+    broker = broker_factory([memcached.address], failure_limit=1000, io_timeout_ms=60000)
+    setup = Client(broker.url, timeout=3.0)
+    keys = [f"late{i}" for i in range(16)]
+    assert setup.set_many({k: value_of(k) for k in keys}) == []
+    quick = Client(broker.url, timeout=DEADLINE)
+    for k in keys:  # connect every thread's socket later used, outside the timed part
+        assert quick.get(k) == value_of(k)
+
+    pause_fully(memcached)
+    try:
+        calls: dict[str, Callable[[], object]] = {k: (lambda k=k: quick.get(k)) for k in keys[:8]}
+        calls["many"] = lambda: quick.get_many(keys[8:])
+        calls["gets"] = lambda: quick.gets(keys[0])
+        results = concurrently(calls)
+        for name, (outcome, elapsed) in results.items():
+            assert isinstance(outcome, BrokerTimeout), f"{name}: {outcome!r}"
+            assert DEADLINE - 0.05 <= elapsed <= DEADLINE + SLACK, f"{name} took {elapsed:.3f}s"
+    finally:
+        memcached.resume()
+
+    # Every request written above is answered now, in order, ahead of anything new on the same
+    # connections: those answers must die with their requests, not reach the callers below.
+    after = concurrently({k: (lambda k=k: setup.get(k)) for k in reversed(keys)})
+    for k, (outcome, _) in after.items():
+        assert outcome == value_of(k), f"{k}: {outcome!r}"
+    assert setup.get_many(keys) == {k: value_of(k) for k in keys}
+    stats = broker.stats()
+    server = stats["servers"][memcached.address]
+    assert server["resets"] == 0, "late answers were swallowed, not cured by a reset"
+    assert server["timeouts"] == 8 + 8 + 1
+    assert stats["inflight"] == 0
+
+
+def test_connection_silent_past_io_timeout_is_reset(memcached, broker_factory):
+    broker = broker_factory([memcached.address], io_timeout_ms=700, timeout_ms=5000)
+    client = Client(broker.url, timeout=3.0)
+    assert client.set("io", b"before") is True
+    resets = broker.stats()["servers"][memcached.address]["resets"]
+
+    pause_fully(memcached)
+    try:
+        outcome, elapsed = timed(lambda: client.get("io"))
+    finally:
+        memcached.resume()
+    # Failed by the io timeout (0.7 s), long before the call's own 3 s deadline.
+    assert isinstance(outcome, BrokerTimeout), repr(outcome)
+    assert 0.6 <= elapsed <= 0.7 + 0.8, f"took {elapsed:.3f}s"
+    assert broker.stats()["servers"][memcached.address]["resets"] == resets + 1
+    assert client.get("io") == b"before"
+    assert client.set("io", b"after") is True and client.get("io") == b"after"
+
+
+def test_paused_server_is_marked_down_fails_fast_and_comes_back(memcached, broker_factory):
+    broker = broker_factory(
+        [memcached.address], failure_limit=3, probe_interval_ms=100, probe_max_interval_ms=300
+    )
+    client = Client(broker.url, timeout=DEADLINE)
+    assert client.set("md", b"v") is True
+    pause_fully(memcached)
+    try:
+        for _ in range(3):
+            outcome, elapsed = timed(lambda: client.get("md"))
+            assert isinstance(outcome, BrokerTimeout), repr(outcome)
+            assert elapsed <= DEADLINE + SLACK
+        # Three timeouts in a row: the server is down, and calls no longer wait for it.
+        outcome, elapsed = timed(lambda: client.get("md"))
+        assert isinstance(outcome, ServerUnavailable), repr(outcome)
+        assert elapsed < 0.3, f"a call to a down server took {elapsed:.3f}s"
+    finally:
+        memcached.resume()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        outcome, _ = timed(lambda: client.get("md"))
+        if outcome == b"v":
+            break
+        time.sleep(0.05)
+    assert outcome == b"v", f"never recovered: {outcome!r}"
+    assert broker.stats()["servers"][memcached.address]["ejections"] == 1
+
+
+@pytest.mark.parametrize("how", ["paused", "killed"])
+def test_a_stuck_server_does_not_hold_up_other_servers(memcached_factory, broker_factory, how):
+    stuck, healthy = memcached_factory(2)
+    broker: BrokerProcess = broker_factory([stuck.address, healthy.address])
+    client = Client(broker.url, timeout=3.0)
+    keys = [f"spread{i}" for i in range(60)]
+    assert client.set_many({k: value_of(k) for k in keys}) == []
+    on_stuck = sorted(keys_held_by(stuck, keys))
+    on_healthy = sorted(keys_held_by(healthy, keys))
+    assert sorted(on_stuck + on_healthy) == sorted(keys) and on_stuck and on_healthy
+
+    quick = Client(broker.url, timeout=DEADLINE)
+    if how == "paused":
+        pause_fully(stuck)
+    else:
+        stuck.kill()
+    try:
+        calls: dict[str, Callable[[], object]] = {}
+        for k in on_stuck[:6]:
+            calls[k] = lambda k=k: quick.get(k)
+        for k in on_healthy[:6]:
+            calls[k] = lambda k=k: quick.get(k)
+        calls["mixed"] = lambda: quick.get_many(on_stuck[:5] + on_healthy[:5])
+        results = concurrently(calls)
+        for name, (outcome, elapsed) in results.items():
+            assert elapsed <= DEADLINE + SLACK, f"{name} took {elapsed:.3f}s"
+            if name in on_healthy:
+                assert outcome == value_of(name), f"{name}: {outcome!r}"
+            else:
+                assert isinstance(outcome, MemcacheError), f"{name}: {outcome!r}"
+        # While the stuck server has requests hanging, the healthy one keeps answering quickly.
+        for k in on_healthy:
+            outcome, elapsed = timed(lambda: client.get(k))
+            assert outcome == value_of(k)
+            assert elapsed < 0.5, f"{k} took {elapsed:.3f}s"
+        assert client.set(on_healthy[0], b"changed") is True
+        assert client.get(on_healthy[0]) == b"changed"
+    finally:
+        if how == "paused":
+            stuck.resume()
