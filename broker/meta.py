@@ -43,6 +43,12 @@ _BAD_KEY_BYTE = re.compile(rb"[\x00-\x20\x7f]")
 _OPAQUE_OK = re.compile(rb"[\x21-\x7e]{1,31}\Z")
 
 
+# The `stats <group>` arguments memcached 1.6 knows.
+STATS_GROUPS = frozenset(
+    {b"settings", b"items", b"slabs", b"sizes", b"conns", b"extstore", b"reset", b"detail", b"cachedump"}
+)
+
+
 class RequestError(ValueError):
     """What we were asked to send cannot be expressed safely on the wire."""
 
@@ -331,6 +337,10 @@ def encode(req: Request) -> bytes:
         for arg in req.args:
             if type(arg) is not bytes or not arg or _BAD_KEY_BYTE.search(arg):
                 raise RequestError(f"bad stats argument {_show(arg)}")
+        if req.args and req.args[0] not in STATS_GROUPS:
+            # memcached answers an unknown group with ERROR, which no pipeline can tell from a
+            # desync: refuse it here so one typo cannot reset a connection shared by everyone.
+            raise RequestError(f"unknown stats group {_show(req.args[0])}; known: {b', '.join(sorted(STATS_GROUPS)).decode()}")
         if req.args[:2] == (b"detail", b"dump"):
             # Its PREFIX lines are no response form we parse; memcached would be disconnected.
             raise RequestError("stats detail dump is not supported")

@@ -45,6 +45,8 @@ _TEXT_EXPECT = {
 }
 _BROADCAST = frozenset(_TEXT_EXPECT)
 _OK = [Code.OK]
+# A deadline missed while the server had answered nothing for this long is a failure of the server.
+SILENT_FAILURE = 0.1
 _MISS = [Code.MISS]
 
 
@@ -156,8 +158,11 @@ class Job:
         # One missed deadline is one failure per server, however many of the frame's keys it held:
         # a single 100-key get_many must not count as 100 consecutive failures. Counted after the
         # reply, so a mark-down failing the server's in-flight slots finds this job done.
+        # Only a server that has stopped answering counts: a backlog that memcached is still
+        # working through (say, right after it resumed) is slow, not failed, and must not eject it.
         for server in late:
-            server.record_failure(now, "request timed out")
+            if server.silent_for(now) >= SILENT_FAILURE:
+                server.record_failure(now, "request timed out")
 
     def finish(self) -> None:
         self.done = True

@@ -171,6 +171,12 @@ class _Commands:
         self.max_frame_bytes = max_frame_bytes
         self.connect_timeout = connect_timeout
 
+    def _broker_timeout_ms(self) -> int:
+        # The broker answers TIMEOUT a little before our own deadline, so its explicit per-key
+        # answer (partial results of a fan-out included) arrives before we give up waiting.
+        ms = self.timeout * 1000
+        return max(1, int(ms - min(25.0, ms / 20)))
+
     # --- checks --------------------------------------------------------------------------------
 
     def check_key(self, key: Any) -> bytes:
@@ -499,7 +505,7 @@ class Client(_Commands):
             return cmd.finish([])
         try:
             ids = self._transport.next_ids(self._frame_count_bound(cmd))
-            timeout_ms = int(self.timeout * 1000)
+            timeout_ms = self._broker_timeout_ms()
             frames = self._frames(cmd, ids, timeout_ms)
             if cmd.noreply:
                 self._transport.send_only([f[1] for f in frames], self.timeout)
@@ -609,7 +615,7 @@ class AsyncClient(_Commands):
             n = len(cmd.ops)
             ids = [(self._next_id + i) & _U64 for i in range(n)]
             self._next_id = (self._next_id + n) & _U64
-            frames = self._frames(cmd, ids, int(self.timeout * 1000))
+            frames = self._frames(cmd, ids, self._broker_timeout_ms())
             start = time.monotonic()
             loop = asyncio.get_running_loop()
             futs = {}

@@ -38,3 +38,11 @@ def test_fast_set_equals_encode(key, value, opaque, flags, ttl):
         lambda: encode_set(key, value, opaque, flags, ttl),
         lambda: encode(Set(key, value, opaque, client_flags=flags, ttl=ttl)),
     )
+
+
+def test_unknown_stats_group_is_refused_before_it_can_reset_a_connection():
+    from broker.meta import Stats
+
+    assert encode(Stats((b"slabs",))) == b"stats slabs\r\n"
+    with pytest.raises(RequestError, match="unknown stats group"):
+        encode(Stats((b"slabz",)))
