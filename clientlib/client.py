@@ -191,6 +191,29 @@ class _Commands:
     def _noreply(self, noreply: bool | None) -> bool:
         return self.default_noreply if noreply is None else bool(noreply)
 
+    def _found(self, on_ok: Callable[[list[Any]], Any], otherwise: Any) -> Callable[[list[list[Any]]], Any]:
+        """finish() for single-key ops whose only outcomes are done / not found / failure."""
+
+        def finish(results: list[list[Any]]) -> Any:
+            r = results[0]
+            if r[0] == Code.OK:
+                return on_ok(r)
+            self._raise(r)
+            return otherwise
+
+        return finish
+
+    def _guarded(self, cmd: Command, run: Callable[[], Any]) -> Any:
+        """Run a command; with ignore_exc a failed read is a miss, as in pymemcache."""
+        try:
+            return run()
+        except MemcacheIllegalInputError:
+            raise
+        except MemcacheError:
+            if cmd.read and self.ignore_exc:
+                return cmd.miss_value
+            raise
+
     @staticmethod
     def _raise(result: list[Any]) -> None:
         if result[0] >= Code.SERVER_ERROR:
@@ -327,16 +350,7 @@ class _Commands:
     def _cmd_delete(self, key: Any, noreply: bool | None = None) -> Command:
         k = self.check_key(key)
 
-        def finish(results: list[list[Any]]) -> bool:
-            r = results[0]
-            if r[0] == Code.OK:
-                return True
-            if r[0] < Code.SERVER_ERROR:
-                return False
-            self._raise(r)
-            return False
-
-        return Command([[Op.DELETE, k]], finish, noreply=self._noreply(noreply))
+        return Command([[Op.DELETE, k]], self._found(lambda r: True, False), noreply=self._noreply(noreply))
 
     def _cmd_delete_many(self, keys: Iterable[Any], noreply: bool | None = None) -> Command:
         ops = [[Op.DELETE, self.check_key(k)] for k in keys]
@@ -352,16 +366,7 @@ class _Commands:
         k = self.check_key(key)
         delta = check_int(value, "value", minimum=0, maximum=_U64)
 
-        def finish(results: list[list[Any]]) -> int | None:
-            r = results[0]
-            if r[0] == Code.OK:
-                return r[1]
-            if r[0] < Code.SERVER_ERROR:
-                return None
-            self._raise(r)
-            return None
-
-        return Command([[op, k, delta]], finish, noreply=bool(noreply), noreply_value=None)
+        return Command([[op, k, delta]], self._found(lambda r: r[1], None), noreply=bool(noreply), noreply_value=None)
 
     def _cmd_incr(self, key: Any, value: int, noreply: bool | None = False) -> Command:
         return self._arith(Op.INCR, key, value, noreply)
@@ -373,16 +378,7 @@ class _Commands:
         k = self.check_key(key)
         ttl = self._expire(expire)
 
-        def finish(results: list[list[Any]]) -> bool:
-            r = results[0]
-            if r[0] == Code.OK:
-                return True
-            if r[0] < Code.SERVER_ERROR:
-                return False
-            self._raise(r)
-            return False
-
-        return Command([[Op.TOUCH, k, ttl]], finish, noreply=self._noreply(noreply))
+        return Command([[Op.TOUCH, k, ttl]], self._found(lambda r: True, False), noreply=self._noreply(noreply))
 
     # --- server-wide ---------------------------------------------------------------------------
 
@@ -503,21 +499,16 @@ class Client(_Commands):
     def _run(self, cmd: Command) -> Any:
         if not cmd.ops:
             return cmd.finish([])
-        try:
-            ids = self._transport.next_ids(self._frame_count_bound(cmd))
-            timeout_ms = self._broker_timeout_ms()
-            frames = self._frames(cmd, ids, timeout_ms)
-            if cmd.noreply:
-                self._transport.send_only([f[1] for f in frames], self.timeout)
-                return cmd.noreply_value
-            replies = self._transport.call([(f[0], f[1]) for f in frames], self.timeout)
-            return cmd.finish(self._results(cmd, frames, replies))
-        except MemcacheIllegalInputError:
-            raise
-        except MemcacheError:
-            if cmd.read and self.ignore_exc:
-                return cmd.miss_value
-            raise
+        return self._guarded(cmd, lambda: self._call(cmd))
+
+    def _call(self, cmd: Command) -> Any:
+        ids = self._transport.next_ids(self._frame_count_bound(cmd))
+        frames = self._frames(cmd, ids, self._broker_timeout_ms())
+        if cmd.noreply:
+            self._transport.send_only([f[1] for f in frames], self.timeout)
+            return cmd.noreply_value
+        replies = self._transport.call([(f[0], f[1]) for f in frames], self.timeout)
+        return cmd.finish(self._results(cmd, frames, replies))
 
     def close(self) -> None:
         """Cheap and idempotent: the broker connection is shared, stateless and reconnects by

@@ -27,7 +27,6 @@ from typing import Any, Callable
 
 from . import wire
 from .client import Client, Command, _Commands, error_for
-from .errors import MemcacheError, MemcacheIllegalInputError
 from .wire import Code, Op
 
 __all__ = ["MockClient", "MOCK_SERVER", "MOCK_VERSION"]
@@ -283,25 +282,21 @@ class MockClient(Client):
     def _run(self, cmd: Command) -> Any:
         if not cmd.ops:
             return cmd.finish([])
-        try:
-            frames = self._frames(cmd, list(range(len(cmd.ops))), int(self.timeout * 1000))
-            results: list[list[Any]] = []
-            with self._lock:
-                for _, data, _, _ in frames:
-                    try:
-                        request = wire.decode_request(data, max_frame=self.max_frame_bytes)
-                    except wire.WireError as exc:
-                        raise error_for(exc.code, str(exc)) from None
-                    results.extend(self._memory.execute(op) for op in request.ops)
-            if cmd.noreply:
-                return cmd.noreply_value
-            return cmd.finish(results)
-        except MemcacheIllegalInputError:
-            raise
-        except MemcacheError:
-            if cmd.read and self.ignore_exc:
-                return cmd.miss_value
-            raise
+        return self._guarded(cmd, lambda: self._execute(cmd))
+
+    def _execute(self, cmd: Command) -> Any:
+        frames = self._frames(cmd, list(range(len(cmd.ops))), int(self.timeout * 1000))
+        results: list[list[Any]] = []
+        with self._lock:
+            for _, data, _, _ in frames:
+                try:
+                    request = wire.decode_request(data, max_frame=self.max_frame_bytes)
+                except wire.WireError as exc:
+                    raise error_for(exc.code, str(exc)) from None
+                results.extend(self._memory.execute(op) for op in request.ops)
+        if cmd.noreply:
+            return cmd.noreply_value
+        return cmd.finish(results)
 
     def clear(self) -> None:
         """Forget every item (pymemcache's mock has the same helper)."""
