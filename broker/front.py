@@ -90,14 +90,16 @@ class Front:
                 ident = recv(_NOBLOCK)
             except zmq.Again:
                 break
-            parts = []
-            while getmore(_RCVMORE):
-                parts.append(recv(_NOBLOCK))
-            if len(parts) != 1:
+            # A ROUTER message has at least two parts (its peer's identity first), and a
+            # multipart message arrives whole, so the second part is there without asking.
+            data = recv(_NOBLOCK)
+            if getmore(_RCVMORE):
                 # A DEALER sends exactly one part per request; anything else is not ours.
+                while getmore(_RCVMORE):
+                    recv(_NOBLOCK)
                 self.bad_envelopes += 1
                 continue
-            out.append((ident, parts[0]))
+            out.append((ident, data))
         return out
 
     @staticmethod
