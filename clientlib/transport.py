@@ -25,7 +25,9 @@ import zmq
 from .errors import BrokerTimeout, BrokerUnavailable, ProtocolMismatch
 from .wire import ReplyFrame, WireError, decode_reply
 
-_NOBLOCK = int(zmq.NOBLOCK)  # a plain int: pyzmq's enum flags cost more than the call
+_NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's enum flags cost more than the call
+_RCVTIMEO = int(zmq.RCVTIMEO)
+RCVTIMEO_SLACK_MS = 5
 
 # The broker answers TIMEOUT at the call's deadline; waiting a little longer lets that clear
 # answer arrive, while a broker that is stopped or gone still fails close to the deadline.
@@ -166,8 +168,10 @@ class Transport:
             if remaining <= 0:
                 raise BrokerTimeout(f"no reply from the broker at {self.url} within {timeout:.3f}s")
             ms = max(1, int(remaining * 1000 + 0.5))
-            if ms != st.rcvtimeo:
-                sock.setsockopt(zmq.RCVTIMEO, ms)
+            # setsockopt on every call costs more than the rest of the call's Python: keep the
+            # previous value while it overshoots the deadline by at most a few ms.
+            if not 0 <= st.rcvtimeo - ms <= RCVTIMEO_SLACK_MS:
+                sock.setsockopt(_RCVTIMEO, ms)
                 st.rcvtimeo = ms
             try:
                 data = sock.recv()

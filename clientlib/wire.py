@@ -248,7 +248,12 @@ def decode_request(data: bytes, max_frame: int = DEFAULT_MAX_FRAME, max_ops: int
         # Answerable: the id sits in the first bytes, so the sender gets a clear error, not a timeout.
         message = f"frame of {len(data)} bytes exceeds the {max_frame} limit"
         raise WireError(Code.BAD_REQUEST, message, _peek_req_id(data))
-    obj = _unpack(data, max_frame, max_ops, 0)
+    try:
+        obj = _unpack(data, max_frame, max_ops, 0)
+    except WireError as exc:
+        # Too many ops, trailing bytes, a hostile nesting: still answer the sender when we can.
+        exc.req_id = _peek_req_id(data)
+        raise
     rid = _header(obj, "request")
     if len(obj) != 5:
         raise WireError(Code.BAD_REQUEST, "request frame must be [version, req_id, timeout_ms, flags, ops]", rid)

@@ -145,6 +145,13 @@ ATTRIBUTABLE: dict[str, tuple[bytes, Code, int]] = {
 }
 
 
+# Frames msgpack cannot decode whole, whose first bytes still hold a request id: they are answered
+# under that id (a bogus id, as in the array32 case, reaches only the sender, which discards it).
+PEEKABLE = {'truncated': 7, 'trailing bytes': 7, 'array32 claims 4G items': 1, 'ext type': 7, '10k-deep nesting in ops': 7, 'bin claims more than the frame': 7}
+for _name, _rid in PEEKABLE.items():
+    ATTRIBUTABLE[_name] = (UNATTRIBUTABLE.pop(_name), Code.BAD_REQUEST, _rid)
+
+
 @pytest.mark.parametrize("name", list(UNATTRIBUTABLE))
 def test_unattributable_frame_is_dropped_and_counted(hostile_broker, hostile, name):
     before = counters(hostile_broker)

@@ -210,10 +210,10 @@ MALFORMED_REQUESTS: list[tuple[str, bytes, Code, int | None]] = [
     # not msgpack at all
     ("empty", b"", BAD, None),
     ("reserved byte", b"\xc1", BAD, None),
-    ("truncated", encode_request(5, GOOD)[:-1], BAD, None),
+    ("truncated", encode_request(5, GOOD)[:-1], BAD, 5),
     ("text", b"mg foo v\r\n", BAD, None),
-    ("trailing bytes", encode_request(5, GOOD) + b"\x00", BAD, None),
-    ("two frames", encode_request(5, GOOD) * 2, BAD, None),
+    ("trailing bytes", encode_request(5, GOOD) + b"\x00", BAD, 5),
+    ("two frames", encode_request(5, GOOD) * 2, BAD, 5),
     # wrong top-level type
     ("int", pack(1), BAD, None),
     ("str", pack("frame"), BAD, None),
@@ -307,14 +307,14 @@ MALFORMED_REQUESTS: list[tuple[str, bytes, Code, int | None]] = [
     ("empty key on set", frame_with([Op.SET, b"", b"v", 0, 0]), BAD, 5),
     ("oversized key", frame_with([Op.GET, b"k" * (MAX_KEY_LEN + 1)]), BAD, 5),
     ("oversized key on cas", frame_with([Op.CAS, b"k" * (MAX_KEY_LEN + 1), b"v", 0, 0, 1]), BAD, 5),
-    # maps and ext types: rejected by the unpacker, before the header is known
-    ("map in ops", req(VERSION, 5, 0, 0, [[Op.STATS, [{"a": 1}]]]), BAD, None),
-    ("map as op", req(VERSION, 5, 0, 0, [{"op": 1}]), BAD, None),
-    ("map as ops", req(VERSION, 5, 0, 0, {"op": 1}), BAD, None),
+    # maps and ext types: rejected by the unpacker; the id is still read from the frame's first bytes
+    ("map in ops", req(VERSION, 5, 0, 0, [[Op.STATS, [{"a": 1}]]]), BAD, 5),
+    ("map as op", req(VERSION, 5, 0, 0, [{"op": 1}]), BAD, 5),
+    ("map as ops", req(VERSION, 5, 0, 0, {"op": 1}), BAD, 5),
     ("empty map as stats arg", req(VERSION, 5, 0, 0, [[Op.STATS, [{}]]]), BAD, 5),
-    ("ext type", req(VERSION, 5, 0, 0, [[Op.GET, msgpack.ExtType(1, b"k")]]), BAD, None),
+    ("ext type", req(VERSION, 5, 0, 0, [[Op.GET, msgpack.ExtType(1, b"k")]]), BAD, 5),
     ("ext id", req(VERSION, msgpack.ExtType(0, b"\x05"), 0, 0, GOOD), BAD, None),
-    ("timestamp", req(VERSION, 5, msgpack.Timestamp(1), 0, GOOD), BAD, None),
+    ("timestamp", req(VERSION, 5, msgpack.Timestamp(1), 0, GOOD), BAD, 5),
     ("deep nesting", b"\x91" * 100_000 + b"\xc0", BAD, None),
     # Within msgpack's depth limit, but deeper than repr() can go: the message must not recurse.
     ("op code nested 1000 deep", frame_with([DEEP_LIST]), BAD, 5),
