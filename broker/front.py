@@ -24,9 +24,12 @@ _RCVMORE = int(zmq.RCVMORE)
 _SNDMORE_DONTWAIT = int(zmq.SNDMORE | zmq.DONTWAIT)
 _DONTWAIT = int(zmq.DONTWAIT)
 
-# Replies queue per worker inside ZeroMQ; past this the worker is not reading and we drop.
-SNDHWM = 10_000
-RCVHWM = 10_000
+# ZeroMQ's queues are bounded in messages, not bytes, so these bound the broker's memory per
+# worker: at most RCVHWM frames of max_frame_bytes waiting to be read, and SNDHWM replies waiting
+# for a worker that does not read (past that its replies are dropped and counted). A synchronous
+# client has one frame outstanding; an AsyncClient a few hundred.
+SNDHWM = 1_000
+RCVHWM = 100
 
 
 class AddressInUse(RuntimeError):
