@@ -1,0 +1,51 @@
+"""A worker's noreply write is never overtaken by its own next read of that key.
+
+With two connections per server, a later request could be sent on the other, idle connection
+and reach memcached first; the broker keeps later requests for a key on the connection that
+still has earlier ones in flight. Other threads keep both connections busy meanwhile.
+"""
+
+import threading
+import time
+
+import pytest
+
+from clientlib import Client
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.mark.timeout(120)
+def test_noreply_write_then_read_sees_the_write(mc, broker_factory):
+    broker = broker_factory([mc.address], connections_per_server=2)
+    stop = threading.Event()
+
+    def background(n: int) -> None:
+        c = Client(broker.url, timeout=5.0)
+        keys = [f"bg{n}:{i}" for i in range(50)]
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            c.set_many({k: b"x" * 200 for k in keys})
+            c.get_many(keys)
+
+    threads = [threading.Thread(target=background, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        client = Client(broker.url, timeout=5.0)
+        stale = []
+        for i in range(3000):
+            key = f"order:{i % 7}"
+            value = b"v%d" % i
+            assert client.set(key, value, noreply=True) is True
+            got = client.get(key)
+            if got != value:
+                stale.append((key, value, got))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert stale == []
+    stats = broker.stats()
+    assert stats["errors"] == 0
+    assert stats["noreply"] >= 3000
