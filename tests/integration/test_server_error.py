@@ -26,3 +26,22 @@ def test_server_error_fails_its_request_alone_and_keeps_the_connection(memcached
     with pytest.raises(MemcacheServerError):
         client.set("big", big)
     assert client.set("after", b"ok") is True and client.get("after") == b"ok"
+
+
+def test_a_failing_noreply_request_shifts_no_later_answer(mc, broker):
+    """memcached #1312: errors answered to noreply requests shifted every later response. The
+    broker never sends noreply upstream, so each response keeps its own request. (A CLIENT_ERROR
+    still resets the connection, so a request in flight beside it may get an explicit error,
+    never another request's value.)"""
+    from clientlib import MemcacheError
+
+    client = Client(broker.url, timeout=5.0)
+    client.set_many({"text": b"abc", "k1": b"v1", "k2": b"v2"})
+    for _ in range(20):
+        assert client.incr("text", 1, noreply=True) is None  # memcached: CLIENT_ERROR non-numeric
+        try:
+            got = client.get_many(["k1", "k2"])
+        except MemcacheError:
+            continue
+        assert got == {"k1": b"v1", "k2": b"v2"}
+    assert client.get("text") == b"abc" and client.get("k1") == b"v1"
