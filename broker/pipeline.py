@@ -149,8 +149,13 @@ class Connection:
             log.warning("%s: closing connection: %s (%d in flight)", server.address.name, reason, len(self.inflight))
         self.close()
         self.fail_inflight(code, reason)
-        self.attempt += 1
-        self.reconnect_at = now + backoff(self.attempt - 1, 0.02, 2.0)
+        if count:
+            self.attempt += 1
+            self.reconnect_at = now + backoff(self.attempt - 1, 0.02, 2.0)
+        else:
+            # The server answered (ERROR, CLIENT_ERROR): it is alive, only this stream is spoiled.
+            # Reconnect at once, or requests would fail fast for want of a connection meanwhile.
+            self.reconnect_at = now
         if self.probe:
             self.probe = False
             server.health.probe_failed(now, reason)
