@@ -287,11 +287,9 @@ class Router:
         stats.ops += len(frame.ops)
         for i, op in enumerate(frame.ops):
             self.route(job, i, op, now)
+        # A job whose every op was answered on the spot (refused, local) has already replied.
         if not job.done:
-            if job.pending == 0:
-                job.finish()
-            else:
-                heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
+            heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
 
     def route(self, job: Job, i: int, op: list[Any], now: float) -> None:
         code = op[0]

@@ -417,31 +417,26 @@ class _Commands:
 
     # --- frames --------------------------------------------------------------------------------
 
-    def _frames(self, cmd: Command, ids: list[int], timeout_ms: int) -> list[tuple[int, bytes, int, int]]:
+    def _frames(self, cmd: Command, new_id: Callable[[], int], timeout_ms: int) -> list[tuple[int, bytes, int, int]]:
         """Split a command into frames under the size and op limits: (id, bytes, first op, end)."""
         ops = cmd.ops
         flags = wire.NOREPLY if cmd.noreply else 0
         out = []
         start = 0
-        i = 0
         while start < len(ops):
+            rid = new_id()
             end = min(len(ops), start + MAX_OPS_PER_FRAME)
-            data = wire.encode_request(ids[i], ops[start:end], timeout_ms, flags)
+            data = wire.encode_request(rid, ops[start:end], timeout_ms, flags)
             while len(data) > self.max_frame_bytes:
                 if end - start == 1:
                     raise MemcacheIllegalInputError(
                         f"request of {len(data)} bytes exceeds the broker's frame limit of {self.max_frame_bytes} bytes"
                     )
                 end = start + (end - start) // 2
-                data = wire.encode_request(ids[i], ops[start:end], timeout_ms, flags)
-            out.append((ids[i], data, start, end))
+                data = wire.encode_request(rid, ops[start:end], timeout_ms, flags)
+            out.append((rid, data, start, end))
             start = end
-            i += 1
         return out
-
-    def _frame_count_bound(self, cmd: Command) -> int:
-        # Enough ids for any split _frames can make (halving can at worst isolate every op).
-        return len(cmd.ops)
 
     def _results(self, cmd: Command, frames: list[tuple[int, bytes, int, int]], replies: dict[int, wire.ReplyFrame]) -> list[list[Any]]:
         results: list[list[Any]] = []
@@ -502,8 +497,7 @@ class Client(_Commands):
         return self._guarded(cmd, lambda: self._call(cmd))
 
     def _call(self, cmd: Command) -> Any:
-        ids = self._transport.next_ids(self._frame_count_bound(cmd))
-        frames = self._frames(cmd, ids, self._broker_timeout_ms())
+        frames = self._frames(cmd, self._transport.next_id, self._broker_timeout_ms())
         if cmd.noreply:
             self._transport.send_only([f[1] for f in frames], self.timeout)
             return cmd.noreply_value
@@ -572,6 +566,10 @@ class AsyncClient(_Commands):
             self._reader = loop.create_task(self._read_loop(sock))
         return self._sock
 
+    def _new_id(self) -> int:
+        self._next_id = rid = (self._next_id + 1) & _U64
+        return rid
+
     async def _read_loop(self, sock: Any) -> None:
         while True:
             try:
@@ -603,10 +601,7 @@ class AsyncClient(_Commands):
             return cmd.finish([])
         try:
             sock = self._ensure()
-            n = len(cmd.ops)
-            ids = [(self._next_id + i) & _U64 for i in range(n)]
-            self._next_id = (self._next_id + n) & _U64
-            frames = self._frames(cmd, ids, self._broker_timeout_ms())
+            frames = self._frames(cmd, self._new_id, self._broker_timeout_ms())
             start = time.monotonic()
             loop = asyncio.get_running_loop()
             futs = {}

@@ -18,6 +18,7 @@ gat/gats, flush_all with a delay, and the item size limit. Not kept: memory limi
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import threading
@@ -285,7 +286,7 @@ class MockClient(Client):
         return self._guarded(cmd, lambda: self._execute(cmd))
 
     def _execute(self, cmd: Command) -> Any:
-        frames = self._frames(cmd, list(range(len(cmd.ops))), int(self.timeout * 1000))
+        frames = self._frames(cmd, itertools.count().__next__, int(self.timeout * 1000))
         results: list[list[Any]] = []
         with self._lock:
             for _, data, _, _ in frames:

@@ -142,11 +142,11 @@ class Transport:
                 pass
         raise BrokerUnavailable(f"no broker is accepting requests at {self.url}")
 
-    def next_ids(self, n: int) -> list[int]:
+    def next_id(self) -> int:
+        """A fresh request id for this thread's socket."""
         _, st = self._sock()
-        first = st.next_id
-        st.next_id = (first + n) & 0xFFFFFFFFFFFFFFFF
-        return [(first + i) & 0xFFFFFFFFFFFFFFFF for i in range(n)]
+        st.next_id = rid = (st.next_id + 1) & 0xFFFFFFFFFFFFFFFF
+        return rid
 
     def send_only(self, frames: list[bytes], timeout: float) -> None:
         sock, _ = self._sock()
