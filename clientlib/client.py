@@ -14,7 +14,7 @@ import asyncio
 import functools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from . import address, serde as serde_mod, wire
@@ -111,7 +111,7 @@ def _merge_stats(per_server: dict[str, dict[bytes, Any]]) -> dict[bytes, Any]:
     return merged
 
 
-@dataclass
+@dataclass(slots=True)
 class Command:
     """One client call: its ops, how to read their results, and how failures are treated."""
 
@@ -121,7 +121,6 @@ class Command:
     noreply_value: Any = True
     read: bool = False  # with ignore_exc, a failed read is a miss
     miss_value: Any = None
-    keys: list[Any] = field(default_factory=list)
 
 
 class _Commands:
@@ -278,7 +277,7 @@ class _Commands:
                     self._raise(r)
             return out
 
-        return Command(ops, finish, read=True, miss_value={}, keys=keys)
+        return Command(ops, finish, read=True, miss_value={})
 
     def _cmd_get_many(self, keys: Iterable[Any]) -> Command:
         return self._many(keys, Op.GET, False)
@@ -345,7 +344,7 @@ class _Commands:
                     failed.append(key)
             return failed
 
-        return Command(ops, finish, noreply=self._noreply(noreply), noreply_value=[], keys=keys)
+        return Command(ops, finish, noreply=self._noreply(noreply), noreply_value=[])
 
     def _cmd_delete(self, key: Any, noreply: bool | None = None) -> Command:
         k = self.check_key(key)
@@ -416,6 +415,14 @@ class _Commands:
         return self._single([Op.BROKER_STATS], lambda v: v)
 
     # --- frames --------------------------------------------------------------------------------
+
+    def _one_frame(self, rid: int, ops: list[list[Any]], timeout_ms: int) -> bytes:
+        data = wire.encode_request(rid, ops, timeout_ms)
+        if len(data) > self.max_frame_bytes:
+            raise MemcacheIllegalInputError(
+                f"request of {len(data)} bytes exceeds the broker's frame limit of {self.max_frame_bytes} bytes"
+            )
+        return data
 
     def _frames(self, cmd: Command, new_id: Callable[[], int], timeout_ms: int) -> list[tuple[int, bytes, int, int]]:
         """Split a command into frames under the size and op limits: (id, bytes, first op, end)."""
@@ -497,6 +504,16 @@ class Client(_Commands):
         return self._guarded(cmd, lambda: self._call(cmd))
 
     def _call(self, cmd: Command) -> Any:
+        ops = cmd.ops
+        if len(ops) == 1 and not cmd.noreply:
+            # Most calls are one op in one frame: skip the splitting and gathering machinery.
+            timeout_ms = self._broker_timeout_ms()
+            reply = self._transport.call_one(lambda rid: self._one_frame(rid, ops, timeout_ms), self.timeout)
+            if reply.code != Code.OK:
+                raise error_for(reply.code, reply.payload)
+            if len(reply.payload) != 1:
+                raise ProtocolMismatch(f"broker answered {len(reply.payload)} results for 1 op")
+            return cmd.finish(reply.payload)
         frames = self._frames(cmd, self._transport.next_id, self._broker_timeout_ms())
         if cmd.noreply:
             self._transport.send_only([f[1] for f in frames], self.timeout)

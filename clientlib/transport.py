@@ -18,7 +18,7 @@ import random
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -154,6 +154,15 @@ class Transport:
         for data in frames:
             self._send(sock, data, deadline)
 
+    def call_one(self, make_frame: Callable[[int], bytes], timeout: float) -> ReplyFrame:
+        """One frame, one reply: the common case, without call()'s bookkeeping."""
+        sock, st = self._sock()
+        st.next_id = rid = (st.next_id + 1) & 0xFFFFFFFFFFFFFFFF
+        data = make_frame(rid)
+        start = time.monotonic()
+        self._send(sock, data, start + timeout)
+        return self._wait(sock, st, {rid}, start + timeout + GRACE, timeout)[rid]
+
     def call(self, frames: list[tuple[int, bytes]], timeout: float) -> dict[int, ReplyFrame]:
         """Send frames, wait for exactly their replies (by id) until the deadline."""
         sock, st = self._sock()
@@ -161,7 +170,9 @@ class Transport:
         deadline = start + timeout + GRACE
         for _, data in frames:
             self._send(sock, data, start + timeout)
-        waiting = {rid for rid, _ in frames}
+        return self._wait(sock, st, {rid for rid, _ in frames}, deadline, timeout)
+
+    def _wait(self, sock: zmq.Socket, st: _ThreadState, waiting: set[int], deadline: float, timeout: float) -> dict[int, ReplyFrame]:
         replies: dict[int, ReplyFrame] = {}
         while waiting:
             remaining = deadline - time.monotonic()
