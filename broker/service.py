@@ -15,6 +15,8 @@ from typing import Any
 
 import zmq
 
+from clientlib.wire import Code
+
 from . import config as config_mod
 from . import shard
 from .config import Config
@@ -259,10 +261,16 @@ class Broker:
                     conn = fds.get(obj)
                     if conn is None:
                         continue
-                    if ev & _POLLIN_ERR:
-                        conn.on_readable(now)
-                    if ev & _POLLOUT and conn.sock is not None and conn.fd == obj:
-                        conn.on_writable(now)
+                    try:
+                        if ev & _POLLIN_ERR:
+                            conn.on_readable(now)
+                        if ev & _POLLOUT and conn.sock is not None and conn.fd == obj:
+                            conn.on_writable(now)
+                    except Exception:
+                        # A bug must cost one connection (its requests get errors), not the service.
+                        router.stats.internal_errors += 1
+                        log.exception("internal error on a memcached connection; resetting it")
+                        conn.failed(now, "internal error in the broker", Code.CONNECTION_ERROR, count=False)
                 # zmq_poll reports a ROUTER as readable for as long as frames wait, so sockets
                 # it did not report need no (exception-raising) empty read.
                 for sock in readable:
