@@ -17,33 +17,17 @@ from typing import Any
 
 import pytest
 import zmq
-from pymemcache.client.base import Client as PlainClient
-from pymemcache.client.hash import HashClient
 
 from brokerproc import BrokerProcess
 from clientlib import Client, wire
 from clientlib.errors import BrokerTimeout, MemcacheError, ServerUnavailable
 from clientlib.wire import Code, Op
 from harness import Memcached, MemcachedFactory
+from pool import direct, owners, value_of, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.timeout(120)]
 
 _ids = itertools.count(1)
-
-
-def owners(addresses: list[str], keys: list[str]) -> dict[str, str]:
-    """key -> address, as pymemcache's HashClient places it."""
-    hc = HashClient(addresses, use_pooling=False)  # never connects: only its hasher is used
-    return {k: hc.hasher.get_node(k) for k in keys}
-
-
-def value_of(key: str, seq: int = 0) -> bytes:
-    # Self-verifying: names its key, so a value delivered to the wrong request is caught.
-    return f"{key}|{seq}".encode()
-
-
-def direct(server: Memcached) -> PlainClient:
-    return PlainClient((server.host, server.port), timeout=5.0, connect_timeout=5.0)
 
 
 class Wire:
@@ -70,16 +54,6 @@ class Wire:
     def close(self) -> None:
         self.sock.close(linger=0)
         self.ctx.term()
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, step: float = 0.02) -> float:
-    """Poll until cond() holds; returns the time it took."""
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(step)
-    return time.monotonic() - start
 
 
 def server_stats(broker: BrokerProcess, address: str) -> dict[str, Any]:

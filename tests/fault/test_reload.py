@@ -14,41 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from pymemcache.client.base import Client as PlainClient
-from pymemcache.client.hash import HashClient
 
 from brokerproc import BrokerProcess
 from clientlib import Client
 from clientlib.errors import MemcacheError
-from harness import Memcached, MemcachedFactory
+from harness import MemcachedFactory
+from pool import direct, owners, value_of, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.timeout(120)]
 
 
-def owners(addresses: list[str], keys: list[str]) -> dict[str, str]:
-    """key -> address, as pymemcache's HashClient (the broker's rendezvous) places it."""
-    hc = HashClient(addresses, use_pooling=False)
-    return {k: hc.hasher.get_node(k) for k in keys}
-
-
-def value_of(key: str, seq: int) -> bytes:
-    return f"{key}|{seq}".encode()
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout}s")
-        time.sleep(0.02)
-
-
 def servers_in_stats(broker: BrokerProcess) -> set[str]:
     return set(broker.stats()["servers"])
-
-
-def direct(server: Memcached) -> PlainClient:
-    return PlainClient((server.host, server.port), timeout=5.0, connect_timeout=5.0)
 
 
 @dataclass

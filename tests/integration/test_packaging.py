@@ -1,7 +1,6 @@
 """`pip install .` into a fresh virtualenv gives both packages and a working `mcbroker` command."""
 
 import subprocess
-import sys
 import venv
 from pathlib import Path
 
