@@ -380,10 +380,6 @@ class Router:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
-    @property
-    def jobs_pending(self) -> int:
-        return sum(1 for _, _, job in self._deadlines if not job.done)
-
 
 def _build(code: int, op: list[Any], opaque: int) -> meta.Request:
     key = op[1]

@@ -15,7 +15,7 @@ from typing import Any
 
 import zmq
 
-from clientlib.wire import Code
+from clientlib.wire import Code, Op
 
 from . import config as config_mod
 from . import shard
@@ -165,8 +165,6 @@ class Broker:
     # --- local ops -----------------------------------------------------------------------------
 
     def _local(self, op: int) -> Any:
-        from clientlib.wire import Op
-
         if op == Op.PING:
             return "PONG"
         return self.snapshot()
