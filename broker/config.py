@@ -93,7 +93,7 @@ DEFAULTS: Mapping[str, object] = MappingProxyType(
         "probe_interval_ms": 1000,
         "probe_max_interval_ms": 30000,
         "max_frame_bytes": 4194304,
-        "max_value_bytes": 1048576,
+        "max_value_bytes": 0,
         "max_inflight_per_connection": 65536,
         "max_inflight_per_server": 131072,
         "max_inflight_total": 262144,
@@ -129,7 +129,7 @@ INT_RANGES: Mapping[str, tuple[int, int]] = MappingProxyType(
         "probe_max_interval_ms": (1, _HOUR_MS),
         "max_frame_bytes": (FRAME_OVERHEAD_BYTES + 1, 1 << 30),
         # memcached itself refuses item sizes over 1 GiB (-I).
-        "max_value_bytes": (1, 1 << 30),
+        "max_value_bytes": (0, 1 << 30),
         "max_inflight_per_connection": (1, 1 << 24),
         "max_inflight_per_server": (1, 1 << 24),
         "max_inflight_total": (1, 1 << 26),

@@ -398,6 +398,23 @@ class Response:
 
 
 _NO_FLAGS: dict[str, bytes] = {}
+# One meta response line: status, VA's size, and the flag tokens. A line this does not match (an
+# error, a text reply, a malformed line) goes through the general parser, which explains it.
+_META_LINE = re.compile(rb"(VA|HD|EN|NS|EX|NF|MN)(?: (\d{1,20}))?((?: [A-Za-z][\x21-\x7e]*)*)\r\n")
+_FLAG_TOKEN = re.compile(rb" ([A-Za-z])([\x21-\x7e]*)")
+MetaItem = tuple[Status, Union[bytes, None], bytes]
+
+
+def flag_dict(flags: bytes) -> dict[str, bytes]:
+    """The flag tokens of a meta line (as `next_item` returns them) as {letter: token}."""
+    return {chr(m[0][0]): m[1] for m in _FLAG_TOKEN.findall(flags)} if flags else _NO_FLAGS
+
+
+def opaque_of(flags: bytes) -> bytes | None:
+    """The `O` token of a meta line's flags. The broker puts O last on every request and
+    memcached answers flags in request order, so the last token that starts with O is it."""
+    i = flags.rfind(b" O")
+    return flags[i + 2 :] if i >= 0 else None
 # `stats cachedump` answers ITEM lines where the others answer STAT lines (pymemcache reads both).
 _STAT_HEADS = (b"STAT", b"ITEM")
 
@@ -438,6 +455,40 @@ class ResponseParser:
     def buffered(self) -> int:
         """Bytes received but not yet returned as responses."""
         return len(self._buf) - self._pos
+
+    def set_max_value_len(self, limit: int) -> None:
+        self._max_value = limit
+
+    def next_item(self) -> MetaItem | Response | None:
+        """The next complete response, or None when more bytes are needed; raises ProtocolError.
+
+        A meta response comes back as a tuple `(status, value or None, flag bytes)` with no object
+        built per response (the hot path); anything else as a `Response` from `next_response`.
+        """
+        if self._stats is None:
+            buf = self._buf
+            m = _META_LINE.match(buf, self._pos)
+            if m is not None:
+                status = _META_STATUS[m[1]]
+                end = m.end()
+                if status is Status.VALUE:
+                    if m[2] is None:
+                        raise ProtocolError(f"bad VA line: {bytes(m[0][:60])!r}")
+                    size = int(m[2])
+                    if size > self._max_value:
+                        raise ProtocolError(f"VA of {size} bytes exceeds the {self._max_value} limit")
+                    stop = end + size
+                    if len(buf) < stop + 2:
+                        return None
+                    if buf[stop : stop + 2] != b"\r\n":
+                        raise ProtocolError("VA data not followed by CRLF")
+                    self._pos = stop + 2
+                    return (status, bytes(buf[end:stop]), m[3])
+                if m[2] is not None:
+                    raise ProtocolError(f"bad {status.value} line: {bytes(m[0][:60])!r}")
+                self._pos = end
+                return (status, None, m[3])
+        return self.next_response()
 
     def next_response(self) -> Response | None:
         """The next complete response, or None when more bytes are needed. Raises ProtocolError."""

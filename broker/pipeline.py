@@ -1,519 +1,262 @@
-"""Pipelined connections to one memcached server: write batching, in-flight FIFO, opaque checks.
+"""The state of one pipelined memcached connection, sans-I/O: requests and bytes in, results out.
 
-This module owns the memcached sockets and nothing else does. Every request written gets a slot at
-the tail of its connection's FIFO; every parsed response belongs to the slot at the head. The
-opaque token the broker put on the request must come back on the response, so a lost or extra
-response is noticed at once; then the connection is closed and every request in flight on it fails
-with an explicit error. A slot whose waiter gave up (deadline passed) stays in the FIFO as a
-tombstone that swallows its late response.
+No socket and no clock here (the driver in connection.py owns both), so the guarantee "a response
+reaches only the request that asked for it" lives in this one object and is tested byte by byte.
+
+- `submit(batch, data)` queues the meta requests of one `Batch` (a worker frame's ops bound for
+  this connection, encoded in one join); `seal()` ends a write with an `mn` fence; the driver
+  writes `out` and calls `sent(n)`.
+- `receive(data)` parses what memcached sent. Responses come back in request order: FIFO position
+  is the truth, and the opaque token the broker put on each request (consecutive per connection)
+  must come back on its response as the cross-check.
+- Self-verifying stream: a meta result is held until the next response arrives whole and in its
+  place (its opaque checked) or the `mn` fence that closes its write does, so a response whose
+  data block swallowed (or lost) bytes of the next one is caught by the next check before its
+  value leaves the broker. Text replies (stats, version) are not cache values and go at once.
+- Anything that casts doubt on the stream's sync raises `OutOfStep`; the driver then closes the
+  connection and calls `fail_all`, so every request not yet answered gets an explicit error.
+  Which replies keep the stream in step, and so belong to their request alone:
+  `SERVER_ERROR` to any request; `CLIENT_ERROR` to a request without a data block (`mg`, `md`,
+  `ma`: memcached read its whole line); `ERROR` / `CLIENT_ERROR` to a text command. Reset:
+  `CLIENT_ERROR` or `ERROR` to `ms` (memcached may have read our data as commands), `ERROR` to a
+  meta request, an unexpected opaque or status, an unparsable line, a response with nothing in
+  flight.
+- A waiter that gave up (deadline passed) stays in the FIFO as a tombstone: its late response is
+  parsed, checked and dropped, never handed to anyone else.
 """
 
 from __future__ import annotations
 
-import errno
-import logging
-import socket
-import time
 from collections import deque
 from typing import Any, Callable, Protocol
 
-from clientlib.address import ServerAddress
-from clientlib.wire import Code
+from clientlib.wire import Code, Op
 
 from . import meta
-from .health import Health, State, backoff
 from .meta import ProtocolError, Response, Status
+from .translate import DATA_OPS, error_result, meta_result, op_name, text_result
 
-log = logging.getLogger("mcbroker.pipeline")
-
-READ_SIZE = 256 * 1024
-MAX_READS_PER_EVENT = 8
+FENCE = b"mn\r\n"
+TEXT = -1  # Batch.first of a text command: its answer carries no opaque
 
 
 class Waiter(Protocol):
-    """Whoever is waiting for a response (a worker's frame, a fan-out gather, a probe)."""
+    """Whoever is waiting for results (a worker's frame, a broadcast gather, a probe)."""
 
     done: bool
 
-    def deliver(self, index: int, op: int, resp: Response) -> None: ...
+    def deliver(self, index: int, result: list[Any]) -> None: ...
 
     def fail(self, index: int, code: Code, message: str) -> None: ...
 
 
-class Budget:
-    """Broker-wide bounds shared by every connection, so no queue grows without limit."""
+class OutOfStep(Exception):
+    """The connection's stream can no longer be trusted: close it and `fail_all`. `answered`:
+    memcached itself said so (ERROR, CLIENT_ERROR), so the server is alive, only the stream spoilt."""
 
-    __slots__ = ("inflight", "buffered", "max_inflight", "max_buffered")
-
-    def __init__(self, max_inflight: int, max_buffered: int) -> None:
-        self.inflight = 0
-        self.buffered = 0
-        self.max_inflight = max_inflight
-        self.max_buffered = max_buffered
+    def __init__(self, reason: str, answered: bool = False) -> None:
+        super().__init__(reason)
+        self.answered = answered
 
 
-class ServerStats:
-    __slots__ = ("requests", "errors", "timeouts", "resets", "writes", "written", "latency_sum", "latency_n")
+class Batch:
+    """Consecutive requests on one connection for one waiter: a frame's ops bound here, or one
+    text command. Request j carries opaque `first + j` (TEXT: none) and answers `indices[j]`."""
 
-    def __init__(self) -> None:
-        self.requests = 0
-        self.errors = 0
-        self.timeouts = 0
-        self.resets = 0
-        self.writes = 0
-        self.written = 0
-        self.latency_sum = 0.0
-        self.latency_n = 0
+    __slots__ = ("waiter", "indices", "ops", "keys", "first", "expect")
 
-
-# Connection states
-DISCONNECTED = 0
-CONNECTING = 1
-READY = 2
-
-# A slot: (waiter, index, op, opaque token or None, key or None, accepted statuses for text commands)
-Slot = tuple[Any, int, int, bytes | None, bytes | None, frozenset | None]
+    def __init__(
+        self, waiter: Waiter, indices: list[int], ops: list[int], keys: list[bytes] | None,
+        first: int, expect: frozenset[Status] | None = None,
+    ) -> None:
+        self.waiter = waiter
+        self.indices = indices
+        self.ops = ops
+        self.keys = keys  # pinned keys to release as their responses arrive
+        self.first = first
+        self.expect = expect
 
 
-class Connection:
-    __slots__ = (
-        "server", "sock", "state", "out", "inflight", "parser", "seq", "since", "connect_started",
-        "reconnect_at", "attempt", "unflushed", "want_write", "probe", "sample", "sample_t",
-    )
+class _Fence:
+    """The FIFO entry of an `mn` fence."""
 
-    def __init__(self, server: "Server") -> None:
-        self.server = server
-        self.sock: socket.socket | None = None
-        self.state = DISCONNECTED
-        self.out = bytearray()
-        self.inflight: deque[Slot] = deque()
-        self.parser = meta.ResponseParser(server.max_value_len)
+
+_FENCE = _Fence()
+_VALUE = Status.VALUE
+_NOOP = Status.NOOP
+_GET = int(Op.GET)
+
+
+class Pipeline:
+    __slots__ = ("parser", "queue", "head", "out", "seq", "inflight", "held", "unfenced", "unflushed", "_release")
+
+    def __init__(self, max_value_len: int, release: Callable[[bytes], None] | None = None) -> None:
+        self.parser = meta.ResponseParser(max_value_len)
+        self.queue: deque[Batch | _Fence] = deque()
+        self.head = 0  # responses already matched in queue[0]
+        self.out = bytearray()  # bytes to write
         self.seq = 0
-        self.since = 0.0  # last progress: a read, or the first request after idle
-        self.connect_started = 0.0
-        self.reconnect_at = 0.0
-        self.attempt = 0
-        self.unflushed = 0
-        self.want_write = False
-        self.probe = False
-        # Latency is sampled: one slot at a time is timed from push to its response, so the hot
-        # path pays one identity check per response (every request is timed when depth is 1).
-        self.sample: Slot | None = None
-        self.sample_t = 0.0
-
-    @property
-    def fd(self) -> int:
-        return self.sock.fileno() if self.sock is not None else -1
-
-    @property
-    def depth(self) -> int:
-        return len(self.inflight)
-
-    # --- lifecycle -----------------------------------------------------------------------------
-
-    def open(self, now: float) -> None:
-        addr = self.server.address
-        if addr.is_unix:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            target: Any = addr.path
-        else:
-            family = socket.AF_INET6 if ":" in (addr.host or "") else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            target = (addr.host, addr.port)
-        sock.setblocking(False)
-        self.sock = sock
-        self.state = CONNECTING
-        self.connect_started = now
-        self.want_write = True
-        self.parser = meta.ResponseParser(self.server.max_value_len)
-        rc = sock.connect_ex(target)
-        self.server.io.watch(self)
-        if rc not in (0, errno.EINPROGRESS, errno.EAGAIN):
-            self.failed(now, f"connect to {addr.name}: {errno.errorcode.get(rc, rc)}", Code.CONNECTION_ERROR)
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.server.io.unwatch(self)
-            self.sock.close()
-            self.sock = None
-        self.state = DISCONNECTED
-        self.want_write = False
-
-    def failed(self, now: float, reason: str, code: Code, *, count: bool = True) -> None:
-        """The connection can no longer be trusted: close it, fail everything on it, retry later."""
-        server = self.server
-        if self.sock is not None:
-            server.stats.resets += 1
-            log.warning("%s: closing connection: %s (%d in flight)", server.address.name, reason, len(self.inflight))
-        self.close()
-        self.fail_inflight(code, reason)
-        if count:
-            self.attempt += 1
-            self.reconnect_at = now + backoff(self.attempt - 1, 0.02, 2.0)
-        else:
-            # The server answered (ERROR, CLIENT_ERROR): it is alive, only this stream is spoiled.
-            # Reconnect at once, or requests would fail fast for want of a connection meanwhile.
-            self.reconnect_at = now
-        if self.probe:
-            self.probe = False
-            server.health.probe_failed(now, reason)
-        elif count:
-            server.record_failure(now, reason)
-
-    def fail_inflight(self, code: Code, reason: str) -> None:
-        budget = self.server.budget
-        budget.buffered -= len(self.out)
-        self.out.clear()
-        self.unflushed = 0
-        self.sample = None
-        inflight = self.inflight
-        self.inflight = deque()
-        budget.inflight -= len(inflight)
-        server = self.server
-        for waiter, index, op, _opaque, key, _expect in inflight:
-            if key is not None:
-                server.unpin(key)
-            if not waiter.done:
-                waiter.fail(index, code, reason)
+        self.inflight = 0  # requests written or queued, not yet answered (fences not counted)
+        self.held: list[tuple[Waiter, int, list[Any]]] = []  # results waiting for their fence
+        self.unfenced = False
+        self.unflushed = 0  # requests in `out` since the last sent()
+        self._release = release
 
     # --- requests ------------------------------------------------------------------------------
 
-    def next_opaque(self) -> int:
-        self.seq = seq = (self.seq + 1) & 0xFFFFFFFF
-        return seq
-
-    def push(self, slot: Slot, data: bytes, now: float) -> None:
-        if not self.inflight:
-            self.since = now
-        if self.sample is None:
-            self.sample = slot
-            self.sample_t = now
-        self.inflight.append(slot)
+    def submit(self, batch: Batch, data: bytes, *, reserved: bool = False) -> None:
+        """Queue a batch whose encoded requests are `data` (opaques from `seq`, consecutive).
+        `reserved`: its requests were already counted in `inflight` when they were admitted."""
+        self.queue.append(batch)
         self.out += data
-        self.unflushed += 1
-        self.server.budget.inflight += 1
-        self.server.budget.buffered += len(data)
-        self.server.stats.requests += 1
-        if self.state == READY and not self.want_write:
-            self.server.io.dirty(self)
+        n = len(batch.indices)
+        if not reserved:
+            self.inflight += n
+        self.unflushed += n
+        self.unfenced = True
 
-    def flush(self, now: float) -> None:
-        if self.state != READY or not self.out:
-            return
-        try:
-            n = self.sock.send(self.out)  # type: ignore[union-attr]
-        except (BlockingIOError, InterruptedError):
-            n = 0
-        except OSError as exc:
-            self.failed(now, f"write to {self.server.address.name}: {exc.strerror or exc}", Code.CONNECTION_ERROR)
-            return
-        stats = self.server.stats
-        if n:
-            stats.writes += 1
-            stats.written += self.unflushed
-            self.unflushed = 0
-            del self.out[:n]
-            self.server.budget.buffered -= n
-        want = bool(self.out)
-        if want != self.want_write:
-            self.want_write = want
-            self.server.io.watch(self)
+    def seal(self) -> None:
+        """End the requests queued so far with a fence (before each write)."""
+        if self.unfenced:
+            self.queue.append(_FENCE)
+            self.out += FENCE
+            self.unfenced = False
 
-    # --- events --------------------------------------------------------------------------------
+    def sent(self, n: int) -> None:
+        del self.out[:n]
+        self.unflushed = 0
 
-    def on_writable(self, now: float) -> None:
-        if self.state == CONNECTING:
-            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)  # type: ignore[union-attr]
-            if err:
-                self.failed(now, f"connect to {self.server.address.name}: {errno.errorcode.get(err, err)}", Code.CONNECTION_ERROR)
-                return
-            self.state = READY
-            self.want_write = bool(self.out)
-            self.server.io.watch(self)
-            if self.inflight:
-                self.since = now
-        self.flush(now)
+    # --- responses -----------------------------------------------------------------------------
 
-    def on_readable(self, now: float) -> None:
-        sock = self.sock
-        for _ in range(MAX_READS_PER_EVENT):
-            try:
-                data = sock.recv(READ_SIZE)  # type: ignore[union-attr]
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self.failed(now, f"read from {self.server.address.name}: {exc.strerror or exc}", Code.CONNECTION_ERROR)
-                return
-            if not data:
-                self.failed(now, f"{self.server.address.name} closed the connection", Code.CONNECTION_ERROR)
-                return
-            self.since = now
-            self.parser.feed(data)
-            try:
-                self._drain(now)
-            except ProtocolError as exc:
-                self.failed(now, f"protocol error from {self.server.address.name}: {exc}", Code.CONNECTION_ERROR)
-                return
-            if self.sock is not sock or len(data) < READ_SIZE:
-                return
-
-    def _drain(self, now: float) -> None:
+    def receive(self, data: bytes) -> int:
+        """Parse `data`; deliver every result whose fence arrived. Returns responses matched.
+        Raises OutOfStep (after giving the request it blames its own error)."""
         parser = self.parser
-        inflight = self.inflight
-        server = self.server
-        while (resp := parser.next_response()) is not None:
-            if not inflight:
-                raise ProtocolError(f"response with nothing in flight: {resp.status.name}")
-            head = inflight[0]
-            waiter, index, op, opaque, key, expect = head
-            status = resp.status
-            if status is Status.ERROR or status is Status.CLIENT_ERROR:
-                if opaque is None and waiter is not _PROBE:
-                    # A text command the broker built from checked tokens (stats <arg>, flush_all) is
-                    # one line answered by one line: ERROR to `stats <unknown>` is its own answer and
-                    # the stream is still in step (the next meta response's opaque would show it if
-                    # not). Resetting would let one worker's typo fail every request in flight.
-                    inflight.popleft()
-                    server.budget.inflight -= 1
-                    if head is self.sample:
-                        self.sample = None
-                    if not waiter.done:
-                        code = Code.CLIENT_ERROR if status is Status.CLIENT_ERROR else Code.UNKNOWN_COMMAND
-                        waiter.fail(index, code, f"{status.value} {resp.text.decode('ascii', 'replace')}".strip())
-                    if inflight:
-                        self.since = now
+        parser.feed(data)
+        queue = self.queue
+        matched = 0
+        held = self.held
+        while True:
+            try:
+                item = parser.next_item()
+            except ProtocolError as exc:
+                raise OutOfStep(f"protocol error: {exc}") from None
+            if item is None:
+                return matched
+            if not queue:
+                raise OutOfStep(f"a response with nothing in flight: {_describe(item)}")
+            batch = queue[0]
+            matched += 1
+            if batch is _FENCE:
+                if type(item) is tuple and item[0] is _NOOP:
+                    queue.popleft()
+                    self.release_held()
                     continue
-                # Which request it answers, and what memcached did with the rest of the stream, is
-                # now unknowable: blame the head, fail the rest, start over.
-                inflight.popleft()
-                server.budget.inflight -= 1
-                if key is not None:
-                    server.unpin(key)
-                code = Code.CLIENT_ERROR if status is Status.CLIENT_ERROR else Code.UNKNOWN_COMMAND
-                if not waiter.done:
-                    waiter.fail(index, code, f"{status.value} {resp.text.decode('ascii', 'replace')}".strip())
-                self.failed(now, f"{status.value} from {server.address.name}; pipeline reset", Code.CONNECTION_ERROR, count=False)
-                return
-            if status is not Status.SERVER_ERROR:
-                if opaque is not None:
-                    if resp.flags.get("O") != opaque:
-                        raise ProtocolError(f"opaque mismatch: expected {opaque!r}, got {resp.flags.get('O')!r}")
-                elif expect is not None and status not in expect:
-                    raise ProtocolError(f"unexpected {status.name} for a text command")
-            inflight.popleft()
-            server.budget.inflight -= 1
-            if key is not None:
-                server.unpin(key)
-            if head is self.sample:
-                self.sample = None
-                server.stats.latency_sum += now - self.sample_t
-                server.stats.latency_n += 1
-            if self.probe:
-                self.probe = False
-                server.probe_succeeded(now)
-            elif server.health.failures:
-                server.health.record_success()
-            if not waiter.done:
+                raise OutOfStep(f"{_describe(item)} where the fence's MN was due")
+            assert isinstance(batch, Batch)
+            j = self.head
+            op = batch.ops[j]
+            if type(item) is tuple:
+                status, value, flags = item
+                if batch.first == TEXT:
+                    raise OutOfStep(f"{status.name} to a text command")
+                opaque = meta.opaque_of(flags)
+                if opaque is None or opaque != b"%d" % (batch.first + j):
+                    raise OutOfStep(f"opaque mismatch: expected {batch.first + j}, got {opaque!r}")
                 try:
-                    waiter.deliver(index, op, resp)
+                    if op == _GET and status is _VALUE and flags[:2] == b" f":
+                        result: list[Any] = [Code.OK, value, int(flags[2 : flags.index(b" ", 2)])]
+                    else:
+                        result = meta_result(op, status, value, meta.flag_dict(flags))
                 except ValueError as exc:
-                    # A well-framed response with unusable content (say, flags that are not
-                    # numbers): this peer is not a memcached we can trust.
-                    waiter.fail(index, Code.CONNECTION_ERROR, f"unusable response from {server.address.name}")
-                    raise ProtocolError(f"unusable {status.name} response: {exc}") from None
-            if inflight:
-                self.since = now
-        self.attempt = 0
+                    raise OutOfStep(f"unusable {status.name} response: {exc}") from None
+                # This response arrived whole and in its place: what came before it is proven.
+                if held:
+                    self.release_held()
+                    held = self.held
+                held.append((batch.waiter, batch.indices[j], result))
+            else:
+                result = self._other(batch, op, item)
+                if batch.first == TEXT:
+                    # Not a cache value (stats, version, flush_all): it needs no proof.
+                    if not batch.waiter.done:
+                        batch.waiter.deliver(batch.indices[j], result)
+                else:
+                    held.append((batch.waiter, batch.indices[j], result))
+            self._advance(batch, j)
 
-    def check_timers(self, now: float, connect_timeout: float, io_timeout: float) -> None:
-        if self.state == CONNECTING and now - self.connect_started > connect_timeout:
-            self.failed(now, f"connect to {self.server.address.name} timed out", Code.CONNECTION_ERROR)
-        elif self.state == READY and self.inflight and now - self.since > io_timeout:
-            self.failed(now, f"{self.server.address.name} silent for {now - self.since:.1f}s with requests in flight", Code.TIMEOUT)
+    def _other(self, batch: Batch, op: int, resp: Response) -> list[Any]:
+        """A response the meta fast path did not take: an error, a text reply, a meta line with
+        unusual tokens."""
+        status = resp.status
+        text = batch.first == TEXT
+        if status is Status.SERVER_ERROR or (status is Status.CLIENT_ERROR and op not in DATA_OPS) or (
+            text and status is Status.ERROR
+        ):
+            return error_result(resp)
+        if status is Status.ERROR or status is Status.CLIENT_ERROR:
+            # memcached may have read our data block as commands: nothing after it can be trusted.
+            self._blame(batch, error_result(resp))
+            raise OutOfStep(f"{status.value} to {op_name(op)}", answered=True)
+        if text:
+            if batch.expect is not None and status not in batch.expect:
+                raise OutOfStep(f"unexpected {status.name} for a text command")
+            return text_result(op, resp)
+        raise OutOfStep(f"unexpected {status.name} for {op_name(op)}")
 
+    def _blame(self, batch: Batch, result: list[Any]) -> None:
+        j = self.head
+        self._advance(batch, j)
+        if not batch.waiter.done:
+            batch.waiter.fail(batch.indices[j], result[0], result[1])
 
-class IO(Protocol):
-    """What a connection needs from the loop: poll registration and the write-soon list."""
+    def _advance(self, batch: Batch, j: int) -> None:
+        self.inflight -= 1
+        if batch.keys is not None and self._release is not None:
+            self._release(batch.keys[j])
+        if j + 1 < len(batch.indices):
+            self.head = j + 1
+        else:
+            self.head = 0
+            self.queue.popleft()
 
-    def watch(self, conn: Connection) -> None: ...
+    def release_held(self) -> None:
+        held = self.held
+        if held:
+            self.held = []
+            for waiter, index, result in held:
+                if not waiter.done:
+                    waiter.deliver(index, result)
 
-    def unwatch(self, conn: Connection) -> None: ...
+    # --- failure -------------------------------------------------------------------------------
 
-    def dirty(self, conn: Connection) -> None: ...
-
-
-class Server:
-    """One memcached server: its connections, health, key pinning and counters."""
-
-    def __init__(
-        self,
-        address: ServerAddress,
-        *,
-        connections: int,
-        io: IO,
-        budget: Budget,
-        health: Health,
-        max_inflight_conn: int,
-        max_inflight_server: int,
-        max_value_len: int,
-        on_down: Callable[["Server"], None] | None = None,
-    ) -> None:
-        self.address = address
-        self.name = address.name
-        self.io = io
-        self.budget = budget
-        self.health = health
-        self.max_inflight_conn = max_inflight_conn
-        self.max_inflight_server = max_inflight_server
-        self.max_value_len = max_value_len
-        self.stats = ServerStats()
-        self.conns = [Connection(self) for _ in range(connections)]
-        # key -> [connection, requests in flight]: later requests for a key follow earlier ones, so
-        # a worker's own writes are never overtaken by its own later reads on another connection.
-        self.pinned: dict[bytes, list[Any]] = {}
-        self.batch_conn: Connection | None = None
-        self.retired = False
-        self._on_down = on_down
-
-    def start(self, now: float) -> None:
-        for conn in self.conns:
-            conn.open(now)
-
-    @property
-    def inflight(self) -> int:
-        return sum(len(c.inflight) for c in self.conns)
-
-    def silent_for(self, now: float) -> float:
-        """How long the server has answered nothing while requests waited on it (0 if none wait)."""
-        waits = [now - c.since for c in self.conns if c.inflight]
-        return min(waits) if waits else 0.0
-
-    def inflight_over(self) -> bool:
-        conns = self.conns
-        # Cheap bound first: the sum only matters once one connection is deep enough.
-        if max(len(c.inflight) for c in conns) * len(conns) < self.max_inflight_server:
-            return False
-        return self.inflight >= self.max_inflight_server
-
-    @property
-    def state(self) -> State:
-        return self.health.state
-
-    def unpin(self, key: bytes) -> None:
-        entry = self.pinned.get(key)
-        if entry is not None:
-            entry[1] -= 1
-            if entry[1] <= 0:
-                del self.pinned[key]
-
-    def pick(self, key: bytes | None, now: float) -> Connection | None:
-        """The connection for the next request (None if the server has none usable)."""
-        if key is not None:
-            entry = self.pinned.get(key)
-            if entry is not None:
-                entry[1] += 1
-                return entry[0]
-        conn = self.batch_conn
-        if conn is None or conn.sock is None:
-            # One connection takes the whole loop turn's batch: idle first, else the least deep.
-            best = None
-            for c in self.conns:
-                if c.sock is not None and (best is None or len(c.inflight) < len(best.inflight)):
-                    best = c
-                    if not c.inflight:
-                        break
-            if best is None:
-                for c in self.conns:
-                    if c.sock is None and now >= c.reconnect_at and self.health.is_up:
-                        c.open(now)
-                        if c.sock is not None:
-                            best = c
-                            break
-                if best is None:
-                    return None
-            self.batch_conn = conn = best
-        if key is not None:
-            self.pinned[key] = [conn, 1]
-        return conn
-
-    def record_failure(self, now: float, reason: str) -> None:
-        self.stats.errors += 1
-        if self.health.record_failure(now, reason):
-            log.error("%s marked down after %d consecutive failures: %s", self.name, self.health.failures, reason)
-            self.mark_down(now, reason)
-
-    def mark_down(self, now: float, reason: str) -> None:
-        for conn in self.conns:
-            if conn.sock is not None:
-                conn.close()
-            conn.fail_inflight(Code.SERVER_DOWN, f"{self.name} is down: {reason}")
-        self.pinned.clear()
-        if self._on_down is not None:
-            self._on_down(self)
-
-    def probe_succeeded(self, now: float) -> None:
-        log.warning("%s is back up", self.name)
-        self.health.probe_succeeded(now)
-        for conn in self.conns:
-            conn.attempt = 0
-            if conn.sock is None:
-                conn.open(now)
-        if self._on_down is not None:
-            self._on_down(self)
-
-    def tick(self, now: float, connect_timeout: float, io_timeout: float) -> None:
-        """Timers: connect/io timeouts, reconnects, probes."""
-        health = self.health
-        for conn in self.conns:
-            if conn.sock is not None:
-                conn.check_timers(now, connect_timeout, io_timeout)
-            elif health.is_up and not self.retired and now >= conn.reconnect_at:
-                conn.open(now)
-        if health.probe_due(now) and not self.retired:
-            health.start_probe()
-            conn = self.conns[0]
-            conn.probe = True
-            conn.open(now)
-            if conn.sock is not None:
-                conn.push((_PROBE, 0, 0, None, None, _VERSION_OK), meta.encode(meta.Version()), now)
-
-    def close(self, reason: str) -> None:
-        for conn in self.conns:
-            conn.close()
-            conn.fail_inflight(Code.CONNECTION_ERROR, reason)
-
-    def snapshot(self) -> dict[str, Any]:
-        s = self.stats
-        return {
-            "state": self.health.state.value,
-            "connections": sum(1 for c in self.conns if c.state == READY),
-            "depth": self.inflight,
-            "requests": s.requests,
-            "errors": s.errors,
-            "timeouts": s.timeouts,
-            "resets": s.resets,
-            "ejections": self.health.ejections,
-            "writes": s.writes,
-            "requests_written": s.written,
-            "requests_per_write": round(s.written / s.writes, 2) if s.writes else 0.0,
-            "latency_avg_us": round(s.latency_sum / s.latency_n * 1e6, 1) if s.latency_n else 0.0,
-        }
+    def fail_all(self, code: Code, reason: str) -> int:
+        """Fail every request not yet delivered (held results included: their stream is
+        unproven); returns how many were in flight. The pipeline is empty afterwards."""
+        failed: list[tuple[Waiter, int]] = [(w, i) for w, i, _ in self.held]
+        self.held = []
+        queue, self.queue = self.queue, deque()
+        head, self.head = self.head, 0
+        release = self._release
+        for batch in queue:
+            if batch is _FENCE:
+                continue
+            assert isinstance(batch, Batch)
+            for j in range(head, len(batch.indices)):
+                if batch.keys is not None and release is not None:
+                    release(batch.keys[j])
+                failed.append((batch.waiter, batch.indices[j]))
+            head = 0
+        n = self.inflight
+        self.inflight = 0
+        self.out.clear()
+        self.unflushed = 0
+        self.unfenced = False
+        for waiter, index in failed:
+            if not waiter.done:
+                waiter.fail(index, code, reason)
+        return n
 
 
-class _ProbeWaiter:
-    """A probe's `version` answer needs no delivery: receiving it is the whole point."""
-
-    done = False
-
-    def deliver(self, index: int, op: int, resp: Response) -> None:
-        pass
-
-    def fail(self, index: int, code: Code, message: str) -> None:
-        pass
-
-
-_PROBE = _ProbeWaiter()
-_VERSION_OK = frozenset({Status.VERSION})
-monotonic = time.monotonic
+def _describe(item: Any) -> str:
+    return item[0].name if type(item) is tuple else item.status.name

@@ -12,84 +12,24 @@ import itertools
 import logging
 from typing import Any, Callable
 
+from clientlib.limits import item_fits
 from clientlib.wire import Code, Op, RequestFrame, WireError, decode_request, encode_error, encode_reply
 
 from . import meta
-from .meta import ArithMode, Response, SetMode, Status
-from .pipeline import Budget, Server
+from .connection import Budget, Connection, Server
+from .pipeline import TEXT, Batch
+from .translate import BROADCAST, TEXT_EXPECT, UNLINK_TOO_LARGE, encode_op, encode_text, too_large
 
 log = logging.getLogger("mcbroker.router")
 
 Send = Callable[[Any, bytes, bytes], bool]
 
-_SET_MODES = {
-    Op.SET: SetMode.SET,
-    Op.ADD: SetMode.ADD,
-    Op.REPLACE: SetMode.REPLACE,
-    Op.APPEND: SetMode.APPEND,
-    Op.PREPEND: SetMode.PREPEND,
-    Op.CAS: SetMode.SET,
-}
-_STORE_CODES = {
-    Status.OK: [Code.OK],
-    Status.NOT_STORED: [Code.NOT_STORED],
-    Status.EXISTS: [Code.EXISTS],
-    Status.NOT_FOUND: [Code.NOT_FOUND],
-    Status.MISS: [Code.NOT_FOUND],
-}
-_TEXT_EXPECT = {
-    Op.VERSION: frozenset({Status.VERSION}),
-    Op.STATS: frozenset({Status.STATS, Status.RESET, Status.TEXT_OK}),
-    Op.FLUSH_ALL: frozenset({Status.TEXT_OK}),
-    Op.CACHE_MEMLIMIT: frozenset({Status.TEXT_OK}),
-}
-_BROADCAST = frozenset(_TEXT_EXPECT)
-_OK = [Code.OK]
 # A deadline missed while the server had answered nothing for this long is a failure of the server.
 SILENT_FAILURE = 0.1
-_MISS = [Code.MISS]
-
-
-def to_result(op: int, resp: Response) -> list[Any]:
-    """Translate one memcached response into the wire's result for `op`."""
-    status = resp.status
-    if status is Status.SERVER_ERROR:
-        return [Code.SERVER_ERROR, resp.text.decode("utf-8", "replace")]
-    if op <= Op.GATS:
-        if status is Status.VALUE:
-            f = resp.flags.get("f")
-            flags = int(f) if f else 0
-            if op == Op.GETS or op == Op.GATS:
-                c = resp.flags.get("c")
-                return [Code.OK, resp.value, flags, int(c) if c else 0]
-            return [Code.OK, resp.value, flags]
-        if status is Status.MISS:
-            return _MISS
-    elif op <= Op.DELETE:
-        r = _STORE_CODES.get(status)
-        if r is not None:
-            return r
-    elif op <= Op.DECR:
-        if status is Status.VALUE and resp.value is not None and resp.value.isdigit():
-            return [Code.OK, int(resp.value)]
-        if status is Status.NOT_FOUND:
-            return [Code.NOT_FOUND]
-        if status is Status.CLIENT_ERROR:
-            return [Code.CLIENT_ERROR, resp.text.decode("utf-8", "replace")]
-    elif op == Op.TOUCH:
-        if status is Status.OK:
-            return _OK
-        if status is Status.MISS:
-            return [Code.NOT_FOUND]
-    elif op == Op.VERSION and status is Status.VERSION:
-        return [Code.OK, resp.text.decode("ascii", "replace")]
-    elif op == Op.STATS:
-        if status is Status.STATS:
-            return [Code.OK, resp.stats]
-        return [Code.OK, {}]
-    elif op in (Op.FLUSH_ALL, Op.CACHE_MEMLIMIT) and status is Status.TEXT_OK:
-        return [Code.OK, True]
-    return [Code.SERVER_ERROR, f"unexpected {status.name} reply to {Op(op).name}"]
+_GET = int(Op.GET)
+_SET = int(Op.SET)
+_CAS = int(Op.CAS)
+_VERSION = int(Op.VERSION)
 
 
 class RouterStats:
@@ -124,8 +64,8 @@ class Job:
         self.done = False
         self.where: list[Server | None] = [None] * n
 
-    def deliver(self, index: int, op: int, resp: Response) -> None:
-        self.results[index] = to_result(op, resp)
+    def deliver(self, index: int, result: list[Any]) -> None:
+        self.results[index] = result
         self.pending -= 1
         if self.pending == 0:
             self.finish()
@@ -136,12 +76,6 @@ class Job:
             self.pending -= 1
             if self.pending == 0 and not self.done:
                 self.finish()
-
-    def set(self, index: int, result: list[Any]) -> None:
-        self.results[index] = result
-        self.pending -= 1
-        if self.pending == 0:
-            self.finish()
 
     def expire(self, now: float) -> None:
         late: list[Server] = []
@@ -200,8 +134,7 @@ class Gather:
         self.error: str | None = None
         self.done = False
 
-    def deliver(self, index: int, op: int, resp: Response) -> None:
-        r = to_result(op, resp)
+    def deliver(self, index: int, r: list[Any]) -> None:
         if r[0] == Code.OK:
             self.values[self.names[index]] = r[1]
         else:
@@ -220,7 +153,7 @@ class Gather:
                 if self.error is not None:
                     self.job.fail(self.index, Code.SERVER_ERROR, self.error)
                 else:
-                    self.job.set(self.index, [Code.OK, self.values])
+                    self.job.deliver(self.index, [Code.OK, self.values])
 
 
 class Router:
@@ -284,21 +217,56 @@ class Router:
             return
         timeout = frame.timeout_ms / 1000.0 if frame.timeout_ms else self.default_timeout
         job = Job(self, peer, ident, frame, now + timeout)
-        stats.ops += len(frame.ops)
-        for i, op in enumerate(frame.ops):
-            self.route(job, i, op, now)
+        ops = frame.ops
+        stats.ops += len(ops)
+        # The frame's requests bound for one connection go as one batch: one join, one FIFO entry.
+        groups: dict[Connection, tuple[list[int], list[int], list[bytes], list[bytes]]] = {}
+        for i, op in enumerate(ops):
+            code = op[0]
+            if code >= _VERSION:
+                if code in BROADCAST:
+                    self._broadcast(job, i, op, now)
+                else:
+                    job.deliver(i, [Code.OK, self.local(code)])
+                continue
+            conn = self._admit(job, i, op, now)
+            if conn is None:
+                continue
+            key: bytes = op[1]
+            pipeline = conn.pipeline
+            try:
+                if code != _SET or len(op[2]) <= self._value_limit(conn.server):
+                    req = encode_op(code, op, pipeline.seq + 1)
+                else:
+                    # memcached would refuse it and unlink the key (the text protocol's rule for a
+                    # set that fails for size): do the unlink without shipping the value.
+                    code = UNLINK_TOO_LARGE
+                    req = meta.encode(meta.Delete(key, pipeline.seq + 1))
+            except meta.RequestError as exc:
+                conn.server.unpin(key)
+                job.fail(i, Code.CLIENT_ERROR, str(exc))
+                continue
+            pipeline.seq += 1
+            conn.reserve(now)
+            job.where[i] = conn.server
+            g = groups.get(conn)
+            if g is None:
+                groups[conn] = ([i], [code], [key], [req])
+            else:
+                g[0].append(i)
+                g[1].append(code)
+                g[2].append(key)
+                g[3].append(req)
+        for conn, (indices, codes, keys, reqs) in groups.items():
+            first = conn.pipeline.seq - len(indices) + 1
+            conn.push(Batch(job, indices, codes, keys, first), b"".join(reqs), now, reserved=True)
         # A job whose every op was answered on the spot (refused, local) has already replied.
         if not job.done:
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
 
-    def route(self, job: Job, i: int, op: list[Any], now: float) -> None:
+    def _admit(self, job: Job, i: int, op: list[Any], now: float) -> Connection | None:
+        """The connection for one keyed op, or None after answering it (refused)."""
         code = op[0]
-        if code >= Op.VERSION:
-            if code in _BROADCAST:
-                self._broadcast(job, i, op, now)
-            else:
-                job.set(i, [Code.OK, self.local(code)])
-            return
         key: bytes = op[1]
         servers = self.servers
         idx = self.placement.lookup(key)
@@ -309,50 +277,39 @@ class Router:
             if idx in self.down:
                 server = servers[idx]
                 job.fail(i, Code.SERVER_DOWN, f"{server.name} is down: {server.health.last_error}")
-                return
+                return None
         server = servers[idx]
         budget = self.budget
         if budget.inflight >= budget.max_inflight or budget.buffered >= budget.max_buffered:
             job.fail(i, Code.OVERLOADED, "broker at its in-flight or buffer limit")
-            return
-        if code >= Op.SET and code <= Op.CAS and len(op[2]) > self.max_value:
-            job.fail(i, Code.SERVER_ERROR, f"object too large for cache ({len(op[2])} > {self.max_value} bytes)")
-            return
+            return None
+        if _SET < code <= _CAS:
+            # memcached's meta `ms` unlinks the stored item on a too-large value in every mode; the
+            # text protocol (and so every pymemcache user) only does that for `set`. Refuse here,
+            # by memcached's own size rule, so add/replace/append/prepend/cas change nothing.
+            limit = self._value_limit(server)
+            if not item_fits(len(key), len(op[2]), op[3], item_size_max=limit, cas_enabled=server.cas_enabled):
+                job.deliver(i, too_large(len(op[2]), limit))
+                return None
         conn = server.pick(key, now)
         if conn is None:
             job.fail(i, Code.CONNECTION_ERROR, f"no connection to {server.name}: {server.health.last_error or 'connecting'}")
-            return
-        if len(conn.inflight) >= server.max_inflight_conn or server.inflight_over():
+            return None
+        if conn.pipeline.inflight >= server.max_inflight_conn or server.inflight_over():
             server.unpin(key)
             job.fail(i, Code.OVERLOADED, f"too many requests in flight to {server.name}")
-            return
-        opaque = conn.next_opaque()
-        try:
-            if code == Op.GET:
-                data = meta.encode_get(key, opaque)
-            elif code == Op.SET:
-                data = meta.encode_set(key, op[2], opaque, op[3], op[4])
-            else:
-                data = meta.encode(_build(code, op, opaque))
-        except meta.RequestError as exc:
-            server.unpin(key)
-            job.fail(i, Code.CLIENT_ERROR, str(exc))
-            return
-        job.where[i] = server
-        conn.push((job, i, code, b"%d" % opaque, key, None), data, now)
+            return None
+        return conn
+
+    def _value_limit(self, server: Server) -> int:
+        """The server's item size limit, or the broker's own cap (max_value_bytes) when lower."""
+        limit = server.item_limit
+        return self.max_value if 0 < self.max_value < limit else limit
 
     def _broadcast(self, job: Job, i: int, op: list[Any], now: float) -> None:
         code = op[0]
-        if code == Op.VERSION:
-            req: meta.Request = meta.Version()
-        elif code == Op.STATS:
-            req = meta.Stats(tuple(op[1]))
-        elif code == Op.FLUSH_ALL:
-            req = meta.FlushAll(op[1] or None)
-        else:
-            req = meta.CacheMemlimit(op[1])
         try:
-            data = meta.encode(req)
+            data = encode_text(code, op)
         except meta.RequestError as exc:
             job.fail(i, Code.CLIENT_ERROR, str(exc))
             return
@@ -363,7 +320,7 @@ class Router:
             if conn is None:
                 gather.fail(n, Code.SERVER_DOWN, f"no connection ({server.health.state.value})")
                 continue
-            conn.push((gather, n, code, None, None, _TEXT_EXPECT[code]), data, now)
+            conn.push(Batch(gather, [n], [code], None, TEXT, TEXT_EXPECT[code]), data, now)
 
     # --- deadlines -----------------------------------------------------------------------------
 
@@ -379,29 +336,3 @@ class Router:
         while heap and heap[0][2].done:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
-
-
-def _build(code: int, op: list[Any], opaque: int) -> meta.Request:
-    key = op[1]
-    if code == Op.GET:
-        return meta.Get(key, opaque)
-    if code == Op.GETS:
-        return meta.Get(key, opaque, cas=True)
-    if code == Op.GAT:
-        return meta.Get(key, opaque, touch=op[2])
-    if code == Op.GATS:
-        return meta.Get(key, opaque, cas=True, touch=op[2])
-    if code <= Op.CAS:
-        return meta.Set(
-            key, op[2], opaque, mode=_SET_MODES[code], client_flags=op[3], ttl=op[4],
-            cas=op[5] if code == Op.CAS else None,
-        )
-    if code == Op.DELETE:
-        return meta.Delete(key, opaque)
-    if code == Op.INCR:
-        return meta.Arith(key, opaque, delta=op[2])
-    if code == Op.DECR:
-        return meta.Arith(key, opaque, mode=ArithMode.DECR, delta=op[2])
-    if code == Op.TOUCH:
-        return meta.Get(key, opaque, value=False, client_flags=False, touch=op[2])
-    raise WireError(Code.BAD_REQUEST, f"unknown op {code}")

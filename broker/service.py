@@ -22,7 +22,7 @@ from . import shard
 from .config import Config
 from .front import Front
 from .health import Health
-from .pipeline import CONNECTING, Budget, Connection, Server
+from .connection import CONNECTING, Budget, Connection, Server
 from .router import Router
 
 log = logging.getLogger("mcbroker")
@@ -113,7 +113,6 @@ class Broker:
             health=Health(c.failure_limit, c.probe_interval_ms / 1000, c.probe_max_interval_ms / 1000),
             max_inflight_conn=c.max_inflight_per_connection,
             max_inflight_server=c.max_inflight_per_server,
-            max_value_len=max(c.max_value_bytes, 1 << 20) + 1024,
             on_down=self.router.refresh_down,
         )
         server.start(now)

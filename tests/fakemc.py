@@ -11,7 +11,7 @@ It answers `mg` (v f c k O flags), `ms` (modes S E A P R, C cas, F flags), `md`,
 `mn`, `version`, `stats`, `flush_all` and `cache_memlimit` from a dict, one response per request,
 in request order, echoing the opaque `O` token like memcached 1.6.18 does (also on `EN`).
 
-A fault fires once, on the nth request counted from when it was injected, either on any
+A fault fires once, on the nth data request (mg/ms/md/ma) counted from when it was injected, either on any
 connection or only on the connection with a given id (ids count accepted connections from 1).
 Requests before the faulty one are answered correctly, so a test knows exactly which requests were
 served and which were in flight when the stream went bad.
@@ -275,7 +275,9 @@ class FakeMemcached:
                 conn.lines.append(line)
                 self.requests += 1
                 self._cond.notify_all()
-                fault = self._take_fault(conn)
+                # Faults target the data requests; the broker's own `mn` fences and its
+                # `stats settings` on each new connection do not count toward `nth`.
+                fault = self._take_fault(conn) if tokens[:1] in ([b"mg"], [b"ms"], [b"md"], [b"ma"]) else None
                 stalled = conn.stalled
             if stalled:
                 continue

@@ -359,7 +359,7 @@ def test_as_mapping_round_trips() -> None:
         ({"failure_limit": 0}, "failure_limit", "out of range"),
         ({"probe_interval_ms": 0}, "probe_interval_ms", "out of range"),
         ({"max_batch_per_turn": 0}, "max_batch_per_turn", "out of range"),
-        ({"max_value_bytes": 0}, "max_value_bytes", "out of range"),
+        ({"max_value_bytes": -1}, "max_value_bytes", "out of range"),
         ({"max_frame_bytes": 1 << 31}, "max_frame_bytes", "out of range"),
         ({"max_buffered_bytes": 10}, "max_buffered_bytes", "out of range"),
         ({"hash": "md5"}, "hash", "not one of rendezvous, ketama"),
