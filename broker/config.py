@@ -90,7 +90,7 @@ DEFAULTS: Mapping[str, object] = MappingProxyType(
         "io_timeout_ms": 3000,
         "failure_limit": 3,
         "on_server_down": "fail",
-        "probe_interval_ms": 1000,
+        "probe_interval_ms": 100,
         "probe_max_interval_ms": 30000,
         "max_frame_bytes": 4194304,
         "max_value_bytes": 0,

@@ -9,6 +9,9 @@ import enum
 import random
 
 
+FAST_WINDOW = 10.0
+
+
 class State(enum.Enum):
     UP = "up"
     DOWN = "down"
@@ -24,10 +27,12 @@ def backoff(attempt: int, base: float, cap: float, rng: random.Random = random._
 class Health:
     __slots__ = (
         "state", "failures", "failure_limit", "ejections", "probe_at", "probe_attempt", "up_since", "_base", "_cap",
-        "last_error",
+        "last_error", "down_since", "fast_window",
     )
 
-    def __init__(self, failure_limit: int, probe_interval: float, probe_max_interval: float) -> None:
+    def __init__(
+        self, failure_limit: int, probe_interval: float, probe_max_interval: float, fast_window: float = FAST_WINDOW,
+    ) -> None:
         self.state = State.UP
         self.failures = 0
         self.failure_limit = failure_limit
@@ -38,6 +43,11 @@ class Health:
         self._base = probe_interval
         self._cap = probe_max_interval
         self.last_error = ""
+        self.down_since = 0.0
+        # For this long after a mark-down, failed probes do not back off: most outages are short
+        # (a restart, a deploy), and a server must be back in use within about one probe interval
+        # of answering again. Only an outage that lasts longer backs off exponentially.
+        self.fast_window = fast_window
 
     def configure(self, failure_limit: int, probe_interval: float, probe_max_interval: float) -> None:
         """A reloaded config's settings; the state and the outage history carry over."""
@@ -67,6 +77,7 @@ class Health:
             else:
                 self.probe_attempt = 0
             self.ejections += 1
+            self.down_since = now
             self.probe_at = now + backoff(self.probe_attempt, self._base, self._cap)
             return True
         return False
@@ -84,6 +95,7 @@ class Health:
 
     def probe_failed(self, now: float, reason: str) -> None:
         self.last_error = reason
-        self.probe_attempt += 1
+        if now - self.down_since >= self.fast_window:
+            self.probe_attempt += 1
         self.state = State.DOWN
         self.probe_at = now + backoff(self.probe_attempt, self._base, self._cap)

@@ -436,13 +436,14 @@ def _parse_flags(tokens: list[bytes]) -> dict[str, bytes]:
 class ResponseParser:
     """Incremental parser: feed any slices of the byte stream, pull whole responses."""
 
-    __slots__ = ("_buf", "_pos", "_max_value", "_stats")
+    __slots__ = ("_buf", "_pos", "_max_value", "_stats", "_error")
 
     def __init__(self, max_value_len: int = DEFAULT_MAX_VALUE_LEN) -> None:
         self._buf = bytearray()
         self._pos = 0
         self._max_value = max_value_len
         self._stats: dict[str, str] | None = None
+        self._error: ProtocolError | None = None
 
     def feed(self, data: bytes) -> None:
         buf = self._buf
@@ -458,6 +459,24 @@ class ResponseParser:
 
     def set_max_value_len(self, limit: int) -> None:
         self._max_value = limit
+
+    def next_items(self) -> list[MetaItem | Response]:
+        """Every complete response buffered now, in order (empty when more bytes are needed).
+        A ProtocolError after good responses is raised by the next call, so those come first."""
+        error = self._error
+        if error is not None:
+            self._error = None
+            raise error
+        items: list[MetaItem | Response] = []
+        append = items.append
+        try:
+            while (item := self.next_item()) is not None:
+                append(item)
+        except ProtocolError as exc:
+            if not items:
+                raise
+            self._error = exc
+        return items
 
     def next_item(self) -> MetaItem | Response | None:
         """The next complete response, or None when more bytes are needed; raises ProtocolError.

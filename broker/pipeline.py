@@ -85,10 +85,11 @@ _FENCE = _Fence()
 _VALUE = Status.VALUE
 _NOOP = Status.NOOP
 _GET = int(Op.GET)
+_OK = Code.OK
 
 
 class Pipeline:
-    __slots__ = ("parser", "queue", "head", "out", "seq", "inflight", "held", "unfenced", "unflushed", "_release")
+    __slots__ = ("parser", "queue", "head", "out", "seq", "inflight", "held", "proven", "unfenced", "unflushed", "_release")
 
     def __init__(self, max_value_len: int, release: Callable[[bytes], None] | None = None) -> None:
         self.parser = meta.ResponseParser(max_value_len)
@@ -97,7 +98,8 @@ class Pipeline:
         self.out = bytearray()  # bytes to write
         self.seq = 0
         self.inflight = 0  # requests written or queued, not yet answered (fences not counted)
-        self.held: list[tuple[Waiter, int, list[Any]]] = []  # results waiting for their fence
+        self.held: list[tuple[Waiter, int, list[Any]]] = []  # results not yet proven in step
+        self.proven = 0  # how many of `held` a later response or fence has proven
         self.unfenced = False
         self.unflushed = 0  # requests in `out` since the last sent()
         self._release = release
@@ -129,61 +131,81 @@ class Pipeline:
     # --- responses -----------------------------------------------------------------------------
 
     def receive(self, data: bytes) -> int:
-        """Parse `data`; deliver every result whose fence arrived. Returns responses matched.
-        Raises OutOfStep (after giving the request it blames its own error)."""
+        """Parse `data`; deliver every result proven in step. Returns responses matched.
+        Raises OutOfStep (after delivering what was proven and giving the request it blames its
+        own error)."""
         parser = self.parser
         parser.feed(data)
-        queue = self.queue
         matched = 0
-        held = self.held
-        while True:
-            try:
-                item = parser.next_item()
-            except ProtocolError as exc:
-                raise OutOfStep(f"protocol error: {exc}") from None
-            if item is None:
-                return matched
-            if not queue:
-                raise OutOfStep(f"a response with nothing in flight: {_describe(item)}")
-            batch = queue[0]
-            matched += 1
-            if batch is _FENCE:
-                if type(item) is tuple and item[0] is _NOOP:
-                    queue.popleft()
-                    self.release_held()
-                    continue
-                raise OutOfStep(f"{_describe(item)} where the fence's MN was due")
-            assert isinstance(batch, Batch)
-            j = self.head
-            op = batch.ops[j]
-            if type(item) is tuple:
-                status, value, flags = item
-                if batch.first == TEXT:
-                    raise OutOfStep(f"{status.name} to a text command")
-                opaque = meta.opaque_of(flags)
-                if opaque is None or opaque != b"%d" % (batch.first + j):
-                    raise OutOfStep(f"opaque mismatch: expected {batch.first + j}, got {opaque!r}")
+        try:
+            while True:
                 try:
-                    if op == _GET and status is _VALUE and flags[:2] == b" f":
-                        result: list[Any] = [Code.OK, value, int(flags[2 : flags.index(b" ", 2)])]
-                    else:
-                        result = meta_result(op, status, value, meta.flag_dict(flags))
-                except ValueError as exc:
-                    raise OutOfStep(f"unusable {status.name} response: {exc}") from None
-                # This response arrived whole and in its place: what came before it is proven.
-                if held:
-                    self.release_held()
-                    held = self.held
-                held.append((batch.waiter, batch.indices[j], result))
-            else:
-                result = self._other(batch, op, item)
-                if batch.first == TEXT:
-                    # Not a cache value (stats, version, flush_all): it needs no proof.
-                    if not batch.waiter.done:
-                        batch.waiter.deliver(batch.indices[j], result)
+                    items = parser.next_items()
+                except ProtocolError as exc:
+                    raise OutOfStep(f"protocol error: {exc}") from None
+                if not items:
+                    return matched
+                matched += len(items)
+                self._match(items)
+        finally:
+            if self.proven:
+                self.release_held()
+
+    def _match(self, items: list[Any]) -> None:
+        # The hot loop: one pass over a read's responses, no object built per response.
+        queue = self.queue
+        held = self.held
+        release = self._release
+        j = self.head
+        try:
+            for item in items:
+                if not queue:
+                    raise OutOfStep(f"a response with nothing in flight: {_describe(item)}")
+                batch = queue[0]
+                if batch is _FENCE:
+                    if type(item) is tuple and item[0] is _NOOP:
+                        queue.popleft()
+                        self.proven = len(held)
+                        continue
+                    raise OutOfStep(f"{_describe(item)} where the fence's MN was due")
+                op = batch.ops[j]  # type: ignore[union-attr]
+                if type(item) is tuple:
+                    status, value, flags = item
+                    first = batch.first  # type: ignore[union-attr]
+                    if first == TEXT:
+                        raise OutOfStep(f"{status.name} to a text command")
+                    o = flags.rfind(b" O")
+                    if o < 0 or flags[o + 2 :] != b"%d" % (first + j):
+                        raise OutOfStep(f"opaque mismatch: expected {first + j}, got {meta.opaque_of(flags)!r}")
+                    try:
+                        if op == _GET and status is _VALUE and flags.find(b" ", 1) == o and flags[:2] == b" f":
+                            result: list[Any] = [_OK, value, int(flags[2:o])]
+                        else:
+                            result = meta_result(op, status, value, meta.flag_dict(flags))
+                    except ValueError as exc:
+                        raise OutOfStep(f"unusable {status.name} response: {exc}") from None
+                    # This response arrived whole and in its place: what came before it is proven.
+                    self.proven = len(held)
+                    held.append((batch.waiter, batch.indices[j], result))  # type: ignore[union-attr]
                 else:
-                    held.append((batch.waiter, batch.indices[j], result))
-            self._advance(batch, j)
+                    self.head = j
+                    result = self._other(batch, op, item)  # type: ignore[arg-type]
+                    if batch.first == TEXT:  # type: ignore[union-attr]
+                        # Not a cache value (stats, version, flush_all): it needs no proof.
+                        if not batch.waiter.done:  # type: ignore[union-attr]
+                            batch.waiter.deliver(batch.indices[j], result)  # type: ignore[union-attr]
+                    else:
+                        held.append((batch.waiter, batch.indices[j], result))  # type: ignore[union-attr]
+                self.inflight -= 1
+                keys = batch.keys  # type: ignore[union-attr]
+                if keys is not None and release is not None:
+                    release(keys[j])
+                j += 1
+                if j == len(batch.indices):  # type: ignore[union-attr]
+                    j = 0
+                    queue.popleft()
+        finally:
+            self.head = j
 
     def _other(self, batch: Batch, op: int, resp: Response) -> list[Any]:
         """A response the meta fast path did not take: an error, a text reply, a meta line with
@@ -205,34 +227,32 @@ class Pipeline:
         raise OutOfStep(f"unexpected {status.name} for {op_name(op)}")
 
     def _blame(self, batch: Batch, result: list[Any]) -> None:
+        # Only this request's own error; fail_all then fails it (a no-op for a job that already
+        # has its result) and everything after it.
         j = self.head
-        self._advance(batch, j)
         if not batch.waiter.done:
             batch.waiter.fail(batch.indices[j], result[0], result[1])
 
-    def _advance(self, batch: Batch, j: int) -> None:
-        self.inflight -= 1
-        if batch.keys is not None and self._release is not None:
-            self._release(batch.keys[j])
-        if j + 1 < len(batch.indices):
-            self.head = j + 1
-        else:
-            self.head = 0
-            self.queue.popleft()
-
     def release_held(self) -> None:
+        """Deliver the held results that a later response or fence proved."""
+        n = self.proven
         held = self.held
-        if held:
+        if n == len(held):
             self.held = []
-            for waiter, index, result in held:
-                if not waiter.done:
-                    waiter.deliver(index, result)
+        else:
+            self.held = held[n:]
+            del held[n:]
+        self.proven = 0
+        for waiter, index, result in held:
+            if not waiter.done:
+                waiter.deliver(index, result)
 
     # --- failure -------------------------------------------------------------------------------
 
     def fail_all(self, code: Code, reason: str) -> int:
         """Fail every request not yet delivered (held results included: their stream is
         unproven); returns how many were in flight. The pipeline is empty afterwards."""
+        self.release_held()
         failed: list[tuple[Waiter, int]] = [(w, i) for w, i, _ in self.held]
         self.held = []
         queue, self.queue = self.queue, deque()

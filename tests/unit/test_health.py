@@ -26,8 +26,9 @@ class _Fixed(random.Random):
         return self.value
 
 
-def _health(limit: int = 3) -> Health:
-    return Health(failure_limit=limit, probe_interval=BASE, probe_max_interval=CAP)
+def _health(limit: int = 3, fast_window: float = 0.0) -> Health:
+    # fast_window 0: the exponential backoff from the first failed probe (tested on its own below).
+    return Health(failure_limit=limit, probe_interval=BASE, probe_max_interval=CAP, fast_window=fast_window)
 
 
 def _down(h: Health, now: float) -> None:
@@ -239,3 +240,26 @@ def test_first_ejection_uses_the_base_interval_even_late_in_life() -> None:
     _down(h, 1e6)
     assert h.probe_attempt == 0
     assert 1e6 + BASE / 2 <= h.probe_at <= 1e6 + BASE
+
+
+def test_probes_stay_at_the_base_interval_during_a_short_outage() -> None:
+    # A restart takes a second or so: probing every BASE (with jitter) brings the server back
+    # within one BASE of answering, instead of after an ever longer backoff.
+    h = _health(fast_window=10.0)
+    _down(h, 100.0)
+    now = h.probe_at
+    while now < 110.0:
+        h.start_probe()
+        h.probe_failed(now, "refused")
+        assert BASE / 2 <= h.probe_at - now <= BASE
+        now = h.probe_at
+    # Past the window the backoff grows: one doubling per failed probe, up to the cap.
+    delays = []
+    for _ in range(6):
+        h.start_probe()
+        h.probe_failed(now, "refused")
+        delays.append(h.probe_at - now)
+        now = h.probe_at
+    for attempt, d in enumerate(delays, start=1):
+        step = min(CAP, BASE * 2**attempt)
+        assert step / 2 <= d <= step
