@@ -187,22 +187,15 @@ class Connection:
         pipeline = self.pipeline
         budget = self.server.budget
         budget.buffered -= len(pipeline.out)
-        budget.inflight -= pipeline.fail_all(code, reason)
+        n = pipeline.fail_all(code, reason)
+        budget.inflight -= n
+        self.server.inflight_n -= n
 
     # --- requests ------------------------------------------------------------------------------
 
-    def reserve(self, now: float) -> None:
-        """Count one admitted request in flight before its batch is pushed, so the bounds see it."""
-        pipeline = self.pipeline
-        if not pipeline.inflight:
-            self.since = now
-            self.sample_t = now
-        pipeline.inflight += 1
-        self.server.budget.inflight += 1
-
     def push(self, batch: Batch, data: bytes, now: float, *, internal: bool = False, reserved: bool = False) -> None:
         """Queue a batch for the next write. `internal`: the broker's own (not counted as
-        requests); `reserved`: each of its requests went through `reserve`."""
+        requests); `reserved`: its requests were counted in flight when admitted (Router.handle)."""
         pipeline = self.pipeline
         n = len(batch.indices)
         server = self.server
@@ -211,6 +204,7 @@ class Connection:
                 self.since = now
                 self.sample_t = now
             server.budget.inflight += n
+            server.inflight_n += n
         pipeline.submit(batch, data, reserved=reserved)
         server.budget.buffered += len(data)
         if not internal:
@@ -285,9 +279,11 @@ class Connection:
                 matched = pipeline.receive(data)
             except OutOfStep as exc:
                 server.budget.inflight -= busy - pipeline.inflight
+                server.inflight_n -= busy - pipeline.inflight
                 self.failed(now, f"{server.address.name}: {exc}; pipeline reset", Code.CONNECTION_ERROR, count=not exc.answered)
                 return
             server.budget.inflight -= busy - pipeline.inflight
+            server.inflight_n -= busy - pipeline.inflight
             if matched:
                 self.attempt = 0
                 if server.health.failures and not self.probe:
@@ -330,6 +326,7 @@ class Server:
         self.max_inflight_conn = max_inflight_conn
         self.max_inflight_server = max_inflight_server
         self.stats = ServerStats()
+        self.inflight_n = 0  # requests in flight on all its connections (admitted and not answered)
         # Learned from `stats settings` on each new connection; memcached's defaults until then.
         self.item_size_max: int | None = None
         self.cas_enabled = True
@@ -361,19 +358,12 @@ class Server:
 
     @property
     def inflight(self) -> int:
-        return sum(c.pipeline.inflight for c in self.conns)
+        return self.inflight_n
 
     def silent_for(self, now: float) -> float:
         """How long the server has answered nothing while requests waited on it (0 if none wait)."""
         waits = [now - c.since for c in self.conns if c.pipeline.inflight]
         return min(waits) if waits else 0.0
-
-    def inflight_over(self) -> bool:
-        conns = self.conns
-        # Cheap bound first: the sum only matters once one connection is deep enough.
-        if max(c.pipeline.inflight for c in conns) * len(conns) < self.max_inflight_server:
-            return False
-        return self.inflight >= self.max_inflight_server
 
     @property
     def state(self) -> State:

@@ -436,26 +436,42 @@ def _parse_flags(tokens: list[bytes]) -> dict[str, bytes]:
 class ResponseParser:
     """Incremental parser: feed any slices of the byte stream, pull whole responses."""
 
-    __slots__ = ("_buf", "_pos", "_max_value", "_stats", "_error")
+    __slots__ = ("_buf", "_pos", "_max_value", "_stats", "_error", "_chunks", "_chunked", "_need")
 
     def __init__(self, max_value_len: int = DEFAULT_MAX_VALUE_LEN) -> None:
-        self._buf = bytearray()
+        self._buf = b""
         self._pos = 0
+        self._chunks: list[bytes] = []
+        self._chunked = 0
+        self._need = 0  # bytes still missing for the value being received (0: none)
         self._max_value = max_value_len
         self._stats: dict[str, str] | None = None
         self._error: ProtocolError | None = None
 
     def feed(self, data: bytes) -> None:
+        if type(data) is not bytes:
+            data = bytes(data)
+        if self._need:
+            # A large value arriving in pieces: collect them and join once it is whole, instead of
+            # copying the growing buffer on every read.
+            self._chunks.append(data)
+            self._chunked += len(data)
+            if self._chunked < self._need:
+                return
+            data = b"".join(self._chunks)
+            self._chunks = []
+            self._chunked = 0
+            self._need = 0
         buf = self._buf
-        if self._pos and self._pos > (len(buf) >> 1):
-            del buf[: self._pos]
-            self._pos = 0
-        buf += data
+        pos = self._pos
+        # bytes, not bytearray: a value is then one slice (one copy) of what recv() returned.
+        self._buf = data if pos >= len(buf) else buf[pos:] + data
+        self._pos = 0
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as responses."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._chunked
 
     def set_max_value_len(self, limit: int) -> None:
         self._max_value = limit
@@ -469,10 +485,42 @@ class ResponseParser:
             raise error
         items: list[MetaItem | Response] = []
         append = items.append
+        # The hot loop, inlined from next_item: one regex match and one slice per response.
+        buf = self._buf
+        pos = self._pos
+        n = len(buf)
+        match = _META_LINE.match
+        statuses = _META_STATUS
         try:
+            while self._stats is None:
+                m = match(buf, pos)
+                if m is None:
+                    break
+                head, size, flags = m.groups()
+                end = m.end()
+                if size is None:
+                    append((statuses[head], None, flags))
+                    pos = end
+                    continue
+                if head != b"VA":
+                    raise ProtocolError(f"bad {head.decode()} line: {bytes(m[0][:60])!r}")
+                length = int(size)
+                if length > self._max_value:
+                    raise ProtocolError(f"VA of {length} bytes exceeds the {self._max_value} limit")
+                stop = end + length
+                if n < stop + 2:
+                    self._need = stop + 2 - n
+                    break
+                if buf[stop : stop + 2] != b"\r\n":
+                    raise ProtocolError("VA data not followed by CRLF")
+                append((Status.VALUE, buf[end:stop], flags))
+                pos = stop + 2
+            self._pos = pos
+            # What the fast loop does not take (errors, text replies, STAT blocks), one by one.
             while (item := self.next_item()) is not None:
                 append(item)
         except ProtocolError as exc:
+            self._pos = max(self._pos, pos)
             if not items:
                 raise
             self._error = exc
@@ -488,25 +536,24 @@ class ResponseParser:
             buf = self._buf
             m = _META_LINE.match(buf, self._pos)
             if m is not None:
-                status = _META_STATUS[m[1]]
+                head, size, flags = m.groups()
                 end = m.end()
-                if status is Status.VALUE:
-                    if m[2] is None:
-                        raise ProtocolError(f"bad VA line: {bytes(m[0][:60])!r}")
-                    size = int(m[2])
-                    if size > self._max_value:
-                        raise ProtocolError(f"VA of {size} bytes exceeds the {self._max_value} limit")
-                    stop = end + size
-                    if len(buf) < stop + 2:
-                        return None
-                    if buf[stop : stop + 2] != b"\r\n":
-                        raise ProtocolError("VA data not followed by CRLF")
-                    self._pos = stop + 2
-                    return (status, bytes(buf[end:stop]), m[3])
-                if m[2] is not None:
-                    raise ProtocolError(f"bad {status.value} line: {bytes(m[0][:60])!r}")
-                self._pos = end
-                return (status, None, m[3])
+                if size is None:
+                    self._pos = end
+                    return (_META_STATUS[head], None, flags)
+                if head != b"VA":
+                    raise ProtocolError(f"bad {head.decode()} line: {bytes(m[0][:60])!r}")
+                length = int(size)
+                if length > self._max_value:
+                    raise ProtocolError(f"VA of {length} bytes exceeds the {self._max_value} limit")
+                stop = end + length
+                if len(buf) < stop + 2:
+                    self._need = stop + 2 - len(buf)
+                    return None
+                if buf[stop : stop + 2] != b"\r\n":
+                    raise ProtocolError("VA data not followed by CRLF")
+                self._pos = stop + 2
+                return (Status.VALUE, buf[end:stop], flags)
         return self.next_response()
 
     def next_response(self) -> Response | None:

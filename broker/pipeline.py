@@ -66,13 +66,13 @@ class Batch:
     __slots__ = ("waiter", "indices", "ops", "keys", "first", "expect")
 
     def __init__(
-        self, waiter: Waiter, indices: list[int], ops: list[int], keys: list[bytes] | None,
+        self, waiter: Waiter, indices: list[int], ops: list[int], keys: list[bytes | None] | None,
         first: int, expect: frozenset[Status] | None = None,
     ) -> None:
         self.waiter = waiter
         self.indices = indices
         self.ops = ops
-        self.keys = keys  # pinned keys to release as their responses arrive
+        self.keys = keys  # per request, the pinned key to release when it is answered (or None)
         self.first = first
         self.expect = expect
 
@@ -198,7 +198,7 @@ class Pipeline:
                         held.append((batch.waiter, batch.indices[j], result))  # type: ignore[union-attr]
                 self.inflight -= 1
                 keys = batch.keys  # type: ignore[union-attr]
-                if keys is not None and release is not None:
+                if keys is not None and release is not None and keys[j] is not None:
                     release(keys[j])
                 j += 1
                 if j == len(batch.indices):  # type: ignore[union-attr]
@@ -263,7 +263,7 @@ class Pipeline:
                 continue
             assert isinstance(batch, Batch)
             for j in range(head, len(batch.indices)):
-                if batch.keys is not None and release is not None:
+                if batch.keys is not None and release is not None and batch.keys[j] is not None:
                     release(batch.keys[j])
                 failed.append((batch.waiter, batch.indices[j]))
             head = 0

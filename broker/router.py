@@ -18,6 +18,7 @@ from clientlib.wire import Code, Op, RequestFrame, WireError, decode_request, en
 from . import meta
 from .connection import Budget, Connection, Server
 from .pipeline import TEXT, Batch
+from .meta import encode_get
 from .translate import BROADCAST, TEXT_EXPECT, UNLINK_TOO_LARGE, encode_op, encode_text, too_large
 
 log = logging.getLogger("mcbroker.router")
@@ -27,6 +28,7 @@ Send = Callable[[Any, bytes, bytes], bool]
 # A deadline missed while the server had answered nothing for this long is a failure of the server.
 SILENT_FAILURE = 0.1
 _GET = int(Op.GET)
+_GETS = int(Op.GETS)
 _SET = int(Op.SET)
 _CAS = int(Op.CAS)
 _VERSION = int(Op.VERSION)
@@ -177,6 +179,7 @@ class Router:
         self.local = local  # answers PING and BROKER_STATS
         self.stats = RouterStats()
         self.servers: list[Server] = []
+        self.single: Server | None = None  # the only server: no placement to compute
         self.placement: Any = None
         self.down: frozenset[int] = frozenset()
         self.draining = False
@@ -186,6 +189,7 @@ class Router:
     def set_servers(self, servers: list[Server], placement: Any) -> None:
         self.servers = servers
         self.placement = placement
+        self.single = servers[0] if len(servers) == 1 else None
         self.refresh_down()
 
     def refresh_down(self, _server: Server | None = None) -> None:
@@ -220,7 +224,9 @@ class Router:
         ops = frame.ops
         stats.ops += len(ops)
         # The frame's requests bound for one connection go as one batch: one join, one FIFO entry.
-        groups: dict[Connection, tuple[list[int], list[int], list[bytes], list[bytes]]] = {}
+        groups: dict[Connection, tuple[list[int], list[int], list[bytes | None], list[bytes]]] = {}
+        budget = self.budget
+        single = self.single if not self.down else None
         for i, op in enumerate(ops):
             code = op[0]
             if code >= _VERSION:
@@ -229,45 +235,86 @@ class Router:
                 else:
                     job.deliver(i, [Code.OK, self.local(code)])
                 continue
-            conn = self._admit(job, i, op, now)
-            if conn is None:
-                continue
             key: bytes = op[1]
+            server = single if single is not None else self._place(job, i, key)
+            if server is None:
+                continue
+            if budget.inflight >= budget.max_inflight or budget.buffered >= budget.max_buffered:
+                job.fail(i, Code.OVERLOADED, "broker at its in-flight or buffer limit")
+                continue
+            if server.inflight_n >= server.max_inflight_server:
+                job.fail(i, Code.OVERLOADED, f"too many requests in flight to {server.name}")
+                continue
+            # Reads follow a key's writes in flight onto their connection, so a worker's own write
+            # is never overtaken by its own later read; only writes pin a key.
+            pin: bytes | None = None
+            if code <= _GETS:
+                entry = server.pinned.get(key)
+                conn = entry[0] if entry is not None else server.pick(None, now)
+            else:
+                if code == _SET:
+                    if len(op[2]) > self._value_limit(server):
+                        # memcached would refuse it and unlink the key (the text protocol's rule
+                        # for a set that fails for size): do the unlink without shipping the value.
+                        code = UNLINK_TOO_LARGE
+                elif _SET < code <= _CAS:
+                    # memcached's meta `ms` unlinks the stored item on a too-large value in every
+                    # mode; the text protocol (and so every pymemcache user) only does that for
+                    # `set`. Refuse by memcached's own size rule, so these change nothing.
+                    limit = self._value_limit(server)
+                    if not item_fits(len(key), len(op[2]), op[3], item_size_max=limit, cas_enabled=server.cas_enabled):
+                        job.deliver(i, too_large(len(op[2]), limit))
+                        continue
+                conn = server.pick(key, now)
+                pin = key
+            if conn is None:
+                job.fail(i, Code.CONNECTION_ERROR, f"no connection to {server.name}: {server.health.last_error or 'connecting'}")
+                continue
             pipeline = conn.pipeline
+            if pipeline.inflight >= server.max_inflight_conn:
+                if pin is not None:
+                    server.unpin(pin)
+                job.fail(i, Code.OVERLOADED, f"too many requests in flight to {server.name}")
+                continue
+            opaque = pipeline.seq + 1
             try:
-                if code != _SET or len(op[2]) <= self._value_limit(conn.server):
-                    req = encode_op(code, op, pipeline.seq + 1)
+                if code == _GET:
+                    req = encode_get(key, opaque)
+                elif code == UNLINK_TOO_LARGE:
+                    req = meta.encode(meta.Delete(key, opaque))
                 else:
-                    # memcached would refuse it and unlink the key (the text protocol's rule for a
-                    # set that fails for size): do the unlink without shipping the value.
-                    code = UNLINK_TOO_LARGE
-                    req = meta.encode(meta.Delete(key, pipeline.seq + 1))
+                    req = encode_op(code, op, opaque)
             except meta.RequestError as exc:
-                conn.server.unpin(key)
+                if pin is not None:
+                    server.unpin(pin)
                 job.fail(i, Code.CLIENT_ERROR, str(exc))
                 continue
-            pipeline.seq += 1
-            conn.reserve(now)
-            job.where[i] = conn.server
+            pipeline.seq = opaque
+            # Counted in flight now, so the bounds above see this frame's earlier requests.
+            if not pipeline.inflight:
+                conn.since = conn.sample_t = now
+            pipeline.inflight += 1
+            server.inflight_n += 1
+            budget.inflight += 1
+            job.where[i] = server
             g = groups.get(conn)
             if g is None:
-                groups[conn] = ([i], [code], [key], [req])
+                groups[conn] = ([i], [code], [pin], [req])
             else:
                 g[0].append(i)
                 g[1].append(code)
-                g[2].append(key)
+                g[2].append(pin)
                 g[3].append(req)
-        for conn, (indices, codes, keys, reqs) in groups.items():
+        for conn, (indices, codes, pins, reqs) in groups.items():
             first = conn.pipeline.seq - len(indices) + 1
+            keys = pins if any(k is not None for k in pins) else None
             conn.push(Batch(job, indices, codes, keys, first), b"".join(reqs), now, reserved=True)
         # A job whose every op was answered on the spot (refused, local) has already replied.
         if not job.done:
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
 
-    def _admit(self, job: Job, i: int, op: list[Any], now: float) -> Connection | None:
-        """The connection for one keyed op, or None after answering it (refused)."""
-        code = op[0]
-        key: bytes = op[1]
+    def _place(self, job: Job, i: int, key: bytes) -> Server | None:
+        """The key's server among several, or None after refusing the op (its server is down)."""
         servers = self.servers
         idx = self.placement.lookup(key)
         if idx in self.down:
@@ -278,28 +325,7 @@ class Router:
                 server = servers[idx]
                 job.fail(i, Code.SERVER_DOWN, f"{server.name} is down: {server.health.last_error}")
                 return None
-        server = servers[idx]
-        budget = self.budget
-        if budget.inflight >= budget.max_inflight or budget.buffered >= budget.max_buffered:
-            job.fail(i, Code.OVERLOADED, "broker at its in-flight or buffer limit")
-            return None
-        if _SET < code <= _CAS:
-            # memcached's meta `ms` unlinks the stored item on a too-large value in every mode; the
-            # text protocol (and so every pymemcache user) only does that for `set`. Refuse here,
-            # by memcached's own size rule, so add/replace/append/prepend/cas change nothing.
-            limit = self._value_limit(server)
-            if not item_fits(len(key), len(op[2]), op[3], item_size_max=limit, cas_enabled=server.cas_enabled):
-                job.deliver(i, too_large(len(op[2]), limit))
-                return None
-        conn = server.pick(key, now)
-        if conn is None:
-            job.fail(i, Code.CONNECTION_ERROR, f"no connection to {server.name}: {server.health.last_error or 'connecting'}")
-            return None
-        if conn.pipeline.inflight >= server.max_inflight_conn or server.inflight_over():
-            server.unpin(key)
-            job.fail(i, Code.OVERLOADED, f"too many requests in flight to {server.name}")
-            return None
-        return conn
+        return servers[idx]
 
     def _value_limit(self, server: Server) -> int:
         """The server's item size limit, or the broker's own cap (max_value_bytes) when lower."""
