@@ -144,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
                         rows.append(row)
                         if "ops_per_s" in row:
                             say(f"[{sc.name}] round {rnd + 1}/{rounds} {path:<19} {row['ops_per_s']:>11,.0f} {entry['unit']}"
-                                f"  worker {row['worker_cpu_us']:.1f} us/op  mc conns {row['mc_conns']}")
+                                f"  worker {row['worker_cpu_us']:.1f} us/op  mc conns {'-' if row['mc_conns'] is None else row['mc_conns']}")
                         else:
                             say(f"[{sc.name}] round {rnd + 1}/{rounds} {path:<19} {row['workers']} idle DEALERs: "
                                 f"broker RSS {row['rss_before_mib']:.1f} -> {row['rss_mib']:.1f} MiB")

@@ -164,16 +164,17 @@ def _fmt(v: Any, digits: int = 0) -> str:
     return str(v)
 
 
-def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]], drop_empty: bool = True) -> str:
-    """A markdown table; columns empty in every row are left out. First column left-aligned."""
+def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]], drop_empty: bool = True, left: int = 1) -> str:
+    """A markdown table; columns empty in every row are left out. The first `left` columns are
+    left-aligned, the rest (numbers) right-aligned."""
     keep = [i for i in range(len(headers)) if not drop_empty or i == 0 or any(r[i] for r in rows)]
     hs = [headers[i] for i in keep]
     rs = [[r[i] for i in keep] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rs)) if rs else len(h) for i, h in enumerate(hs)]
-    lines = ["| " + " | ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(hs, widths))) + " |"]
-    lines.append("|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|")
+    lines = ["| " + " | ".join(h.ljust(w) if i < left else h.rjust(w) for i, (h, w) in enumerate(zip(hs, widths))) + " |"]
+    lines.append("|" + "|".join(("-" * (w + 2)) if i < left else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|")
     for r in rs:
-        lines.append("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |")
+        lines.append("| " + " | ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |")
     return "\n".join(lines)
 
 
@@ -204,4 +205,4 @@ def scenario_table(summaries: Sequence[Mapping[str, Any]], unit: str) -> str:
 def targets_table(targets: Sequence[Mapping[str, Any]]) -> str:
     headers = ["target (issue 9; last row issue 10)", "scenario", "workers", "measured", "target", "result"]
     rows = [[t["target"], t["scenario"], _fmt(t["workers"]), _fmt(t["value"], 2), t["limit"], t["status"]] for t in targets]
-    return markdown(headers, rows, drop_empty=False)
+    return markdown(headers, rows, drop_empty=False, left=2)

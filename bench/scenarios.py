@@ -206,10 +206,7 @@ def environment(sc: Scenario, value_size: int, coalesce: str, say: Callable[[str
                 stack.callback(broker.stop)
                 env.brokers[p] = broker
         env.paths = tuple(paths)
-        try:
-            yield env
-        finally:
-            pass
+        yield env
 
 
 # --- one round of one path ---------------------------------------------------------------------
