@@ -1,0 +1,1 @@
+"""mcbroker's benchmarks: `python -m bench` (see bench/README.md)."""
