@@ -266,8 +266,7 @@ def _key_part(verb: bytes, key: bytes) -> bytes:
 
 def encode(req: Request) -> bytes:
     """Encode one request. Raises RequestError, never emits partial or ambiguous bytes."""
-    t = type(req)
-    if t is Get:
+    if type(req) is Get:
         out = _key_part(b"mg ", req.key)
         if req.value:
             out += b" v"
@@ -286,7 +285,7 @@ def encode(req: Request) -> bytes:
         if req.recache is not None:
             out += b" R%d" % _ttl(req.recache, "recache")
         return out + _opaque(req.opaque) + b"\r\n"
-    if t is Set:
+    if type(req) is Set:
         value = req.value
         if type(value) is not bytes:
             raise RequestError(f"value must be bytes, not {type(value).__name__}")
@@ -307,12 +306,12 @@ def encode(req: Request) -> bytes:
         if req.mode is not SetMode.SET:
             out += b" M" + req.mode.value
         return out + _opaque(req.opaque) + b"\r\n" + value + b"\r\n"
-    if t is Delete:
+    if type(req) is Delete:
         out = _key_part(b"md ", req.key)
         if req.cas is not None:
             out += b" C%d" % _uint(req.cas, "cas", _U64)
         return out + _opaque(req.opaque) + b"\r\n"
-    if t is Arith:
+    if type(req) is Arith:
         out = _key_part(b"ma ", req.key)
         if req.value:
             out += b" v"
@@ -327,11 +326,11 @@ def encode(req: Request) -> bytes:
         if req.initial is not None:
             out += b" J%d" % _uint(req.initial, "initial", _U64)
         return out + _opaque(req.opaque) + b"\r\n"
-    if t is NoOp:
+    if type(req) is NoOp:
         return b"mn" + _opaque(req.opaque) + b"\r\n"
-    if t is Version:
+    if type(req) is Version:
         return b"version\r\n"
-    if t is Stats:
+    if type(req) is Stats:
         if type(req.args) is not tuple:
             raise RequestError(f"stats arguments must be a tuple, not {type(req.args).__name__}")
         for arg in req.args:
@@ -345,18 +344,18 @@ def encode(req: Request) -> bytes:
             # Its PREFIX lines are no response form we parse; memcached would be disconnected.
             raise RequestError("stats detail dump is not supported")
         return b" ".join((b"stats",) + tuple(req.args)) + b"\r\n"
-    if t is FlushAll:
+    if type(req) is FlushAll:
         if req.delay is None:
             return b"flush_all\r\n"
         return b"flush_all %d\r\n" % _uint(req.delay, "delay", _I32)
-    if t is Verbosity:
+    if type(req) is Verbosity:
         return b"verbosity %d\r\n" % _uint(req.level, "verbosity level", _U32)
-    if t is CacheMemlimit:
+    if type(req) is CacheMemlimit:
         mb = req.megabytes
         if type(mb) is not int or not _MEMLIMIT_MIN <= mb <= _MEMLIMIT_MAX:
             raise RequestError(f"cache_memlimit must be an integer in {_MEMLIMIT_MIN}..{_MEMLIMIT_MAX} (MB), got {_show(mb)}")
         return b"cache_memlimit %d\r\n" % mb
-    raise RequestError(f"cannot encode {t.__name__}")
+    raise RequestError(f"cannot encode {type(req).__name__}")
 
 
 def encode_get(key: bytes, opaque: int, cas: bool = False) -> bytes:

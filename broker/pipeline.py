@@ -77,11 +77,16 @@ class Batch:
         self.expect = expect
 
 
-class _Fence:
-    """The FIFO entry of an `mn` fence."""
+class _NoWaiter:
+    done = True
+
+    def deliver(self, index: int, result: list[Any]) -> None: ...
+
+    def fail(self, index: int, code: Code, message: str) -> None: ...
 
 
-_FENCE = _Fence()
+# The FIFO entry of an `mn` fence (no requests, no waiter).
+_FENCE = Batch(_NoWaiter(), [], [], None, TEXT)
 _VALUE = Status.VALUE
 _NOOP = Status.NOOP
 _GET = int(Op.GET)
@@ -93,7 +98,7 @@ class Pipeline:
 
     def __init__(self, max_value_len: int, release: Callable[[bytes], None] | None = None) -> None:
         self.parser = meta.ResponseParser(max_value_len)
-        self.queue: deque[Batch | _Fence] = deque()
+        self.queue: deque[Batch] = deque()
         self.head = 0  # responses already matched in queue[0]
         self.out = bytearray()  # bytes to write
         self.seq = 0
@@ -168,10 +173,10 @@ class Pipeline:
                         self.proven = len(held)
                         continue
                     raise OutOfStep(f"{_describe(item)} where the fence's MN was due")
-                op = batch.ops[j]  # type: ignore[union-attr]
+                op = batch.ops[j]
                 if type(item) is tuple:
                     status, value, flags = item
-                    first = batch.first  # type: ignore[union-attr]
+                    first = batch.first
                     if first == TEXT:
                         raise OutOfStep(f"{status.name} to a text command")
                     o = flags.rfind(b" O")
@@ -186,22 +191,24 @@ class Pipeline:
                         raise OutOfStep(f"unusable {status.name} response: {exc}") from None
                     # This response arrived whole and in its place: what came before it is proven.
                     self.proven = len(held)
-                    held.append((batch.waiter, batch.indices[j], result))  # type: ignore[union-attr]
+                    held.append((batch.waiter, batch.indices[j], result))
                 else:
                     self.head = j
-                    result = self._other(batch, op, item)  # type: ignore[arg-type]
-                    if batch.first == TEXT:  # type: ignore[union-attr]
+                    result = self._other(batch, op, item)
+                    if batch.first == TEXT:
                         # Not a cache value (stats, version, flush_all): it needs no proof.
-                        if not batch.waiter.done:  # type: ignore[union-attr]
-                            batch.waiter.deliver(batch.indices[j], result)  # type: ignore[union-attr]
+                        if not batch.waiter.done:
+                            batch.waiter.deliver(batch.indices[j], result)
                     else:
-                        held.append((batch.waiter, batch.indices[j], result))  # type: ignore[union-attr]
+                        held.append((batch.waiter, batch.indices[j], result))
                 self.inflight -= 1
-                keys = batch.keys  # type: ignore[union-attr]
-                if keys is not None and release is not None and keys[j] is not None:
-                    release(keys[j])
+                keys = batch.keys
+                if keys is not None and release is not None:
+                    key = keys[j]
+                    if key is not None:
+                        release(key)
                 j += 1
-                if j == len(batch.indices):  # type: ignore[union-attr]
+                if j == len(batch.indices):
                     j = 0
                     queue.popleft()
         finally:
@@ -261,10 +268,10 @@ class Pipeline:
         for batch in queue:
             if batch is _FENCE:
                 continue
-            assert isinstance(batch, Batch)
             for j in range(head, len(batch.indices)):
-                if batch.keys is not None and release is not None and batch.keys[j] is not None:
-                    release(batch.keys[j])
+                key = batch.keys[j] if batch.keys is not None else None
+                if key is not None and release is not None:
+                    release(key)
                 failed.append((batch.waiter, batch.indices[j]))
             head = 0
         n = self.inflight

@@ -41,8 +41,9 @@ class RouterStats:
     )
 
     def __init__(self) -> None:
-        for name in self.__slots__:
-            setattr(self, name, 0)
+        self.frames = self.ops = self.ok = self.miss = self.errors = self.timeouts = 0
+        self.overloaded = self.bad_frames = self.dropped_frames = self.replies = 0
+        self.replies_dropped = self.noreply = self.internal_errors = 0
 
     def snapshot(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}

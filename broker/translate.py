@@ -15,7 +15,7 @@ from clientlib.wire import Code, Op
 from . import meta
 from .meta import ArithMode, Response, SetMode, Status
 
-_SET_MODES = {
+_SET_MODES: dict[int, SetMode] = {
     Op.SET: SetMode.SET,
     Op.ADD: SetMode.ADD,
     Op.REPLACE: SetMode.REPLACE,
