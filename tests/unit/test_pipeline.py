@@ -43,7 +43,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from broker.pipeline import TEXT, Batch, OutOfStep, Pipeline
-from broker.translate import TEXT_EXPECT, encode_op, encode_text
+from broker import meta
+from broker.translate import TEXT_EXPECT, UNLINK_TOO_LARGE, encode_op, encode_text
 from clientlib.wire import Code, Op
 
 pytestmark = pytest.mark.unit
@@ -358,6 +359,31 @@ def test_every_op_kind_answered_in_one_write_however_fed() -> None:
     assert out.inflight == 0 and sorted(out.released) == sorted(op[1] for op in ops)
 
 
+def test_a_set_too_large_for_the_server_is_answered_as_memcached_answers_it() -> None:
+    # The router sends it as `md` (memcached would refuse the value and unlink the key); whether
+    # the key existed or not, the worker reads "SERVER_ERROR object too large for cache".
+    def build() -> Rig:
+        rig = Rig()
+        first = rig.p.seq + 1
+        data = meta.encode(meta.Delete(b"big", first)) + meta.encode(meta.Delete(b"big2", first + 1))
+        assert data == b"md big O1\r\nmd big2 O2\r\n"
+        rig.p.seq += 2
+        rig.p.submit(Batch(rig.waiter("A"), [0, 1], [UNLINK_TOO_LARGE] * 2, [b"big", b"big2"], first), data)
+        rig.meta("B", [[Op.GET, b"c"]])
+        rig.seal()
+        return rig
+
+    answer = [b"HD O1\r\n", b"NF O2\r\n", b"EN O3\r\n", MN]
+    ends = offsets(*answer)
+    out = every_way(build, b"".join(answer), visible=ends[1:])
+    assert out.log == [
+        ("A", 0, Err(Code.SERVER_ERROR, "object too large for cache")),
+        ("A", 1, Err(Code.SERVER_ERROR, "object too large for cache")),
+        ("B", 0, [Code.MISS]),
+    ]
+    assert sorted(out.released) == [b"big", b"big2", b"c"]
+
+
 # --- opaque mismatch and other doubt: OutOfStep, and no value leaves -------------------------------
 
 
@@ -544,13 +570,15 @@ def test_va_whose_data_swallows_the_fence() -> None:
     assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))]
 
 
-def test_a_value_that_reads_as_an_error_line_cannot_pass_a_swallow() -> None:
+@pytest.mark.parametrize("line", [b"SERVER_ERROR x", b"CLIENT_ERROR x"])
+def test_a_value_that_reads_as_an_error_line_cannot_pass_a_swallow(line: bytes) -> None:
     # Two gets. b's stored value is the 14 bytes "SERVER_ERROR x" with client flags 12345678;
     # memcached sends
     #   VA 10 f0 O1\r\nAAAAAAAAAA\r\n  VA 14 f12345678 O2\r\nSERVER_ERROR x\r\n  MN\r\n
     # One corrupted byte turns "VA 10" into "VA 30": a's data block then ends exactly at the end
     # of b's header line (10 + 2 + 18 bytes) and is followed by CRLF, and b's data reads as an
-    # error line in b's place, which carries no opaque to check. Then the fence arrives in place.
+    # error line in b's place (SERVER_ERROR, or CLIENT_ERROR to an mg: both belong to their
+    # request), which carries no opaque to check. Then the fence arrives in place.
     # The stream lost a response header, so no value may leave: a gets its own value or a
     # failure, never its value with b's header appended.
     def build() -> Rig:
@@ -560,7 +588,7 @@ def test_a_value_that_reads_as_an_error_line_cannot_pass_a_swallow() -> None:
         rig.seal()
         return rig
 
-    true = va(b"A" * 10, 1) + va(b"SERVER_ERROR x", 2, flags=12345678) + MN
+    true = va(b"A" * 10, 1) + va(line, 2, flags=12345678) + MN
     bad = true.replace(b"VA 10", b"VA 30", 1)
     assert sum(x != y for x, y in zip(true, bad)) == 1 and len(true) == len(bad)
     for name, log in damaged_runs(build, bad):
@@ -983,6 +1011,21 @@ def test_reconnect_after_a_reset_starts_clean() -> None:
     assert fresh.inflight == 0
 
 
+def test_reserved_requests_are_not_counted_twice() -> None:
+    # The router counts each admitted request (Connection.reserve) before the batch is pushed.
+    rig = Rig()
+    rig.p.inflight += 2
+    first = rig.p.seq + 1
+    data = encode_op(Op.GET, [Op.GET, b"a"], first) + encode_op(Op.GET, [Op.GET, b"b"], first + 1)
+    rig.p.seq += 2
+    rig.p.submit(Batch(rig.waiter("A"), [0, 1], [int(Op.GET)] * 2, [b"a", b"b"], first), data, reserved=True)
+    assert rig.p.inflight == 2
+    rig.seal()
+    rig.p.receive(va(b"x", 1) + b"EN O2\r\n" + MN)
+    assert rig.p.inflight == 0
+    assert rig.log == [("A", 0, [Code.OK, b"x", 0]), ("A", 1, [Code.MISS])]
+
+
 def test_inflight_counts_back_to_zero_as_answers_arrive() -> None:
     rig = Rig()
     rig.meta("A", [[Op.GET, b"a"], [Op.GET, b"b"]])
@@ -1019,7 +1062,7 @@ batch_strategy = st.tuples(
 class Scenario:
     rig: Rig
     stream: bytes
-    expected: dict[tuple[str, int], list[Any]]  # (waiter, index) -> result
+    expected: dict[tuple[str, int], Any]  # (waiter, index) -> result (a list, or an Err)
     owner: list[tuple[str, int] | None]  # per stream byte: the request whose content it is
     tombstones: set[str]
     vas: list[tuple[int, int]]  # each VA response: where it starts, where its data starts
@@ -1032,7 +1075,7 @@ def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
     store: dict[bytes, tuple[bytes, int]] = {}
     stream = bytearray()
     owner: list[tuple[str, int] | None] = []
-    expected: dict[tuple[str, int], list[Any]] = {}
+    expected: dict[tuple[str, int], Any] = {}
     next_index = {w: 0 for w in range(4)}
     pending_fence = False
     vas: list[tuple[int, int]] = []
@@ -1085,7 +1128,7 @@ def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
                 store.pop(op[1], None)
                 line = b"SERVER_ERROR out of memory storing object\r\n"
                 emit(line, who, [(13, len(line) - 2)])
-                expected[who] = Err(Code.SERVER_ERROR, "out of memory storing object")  # type: ignore[assignment]
+                expected[who] = Err(Code.SERVER_ERROR, "out of memory storing object")
             elif op[0] == "set":
                 store[op[1]] = (op[2], op[3])
                 emit(b"HD O%d\r\n" % opaque, who, [(0, 2)])
@@ -1105,7 +1148,7 @@ def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
                 else:
                     line = b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
                     emit(line, who, [(13, len(line) - 2)])
-                    expected[who] = Err(Code.CLIENT_ERROR, "non-numeric")  # type: ignore[assignment]
+                    expected[who] = Err(Code.CLIENT_ERROR, "non-numeric")
             else:
                 found = store.pop(op[1], None) is not None
                 emit(b"%s O%d\r\n" % (b"HD" if found else b"NF", opaque), who, [(0, 2)])
