@@ -1,0 +1,1278 @@
+"""broker/pipeline.py: one memcached connection's pipeline, sans-I/O, fed memcached's answers.
+
+The requests are built as the router builds them (`encode_op` with opaque `seq + 1`, consecutive
+per connection; a Batch's `first` is the opaque of its first request; text commands carry none)
+and the answers are written out here as memcached 1.6 sends them (doc/protocol.txt; checked
+against memcached 1.6.18 on one connection):
+
+    mg <key> v f O1      ->  VA <size> f<flags> O1\\r\\n<data>\\r\\n  |  EN O1
+    ms <key> <len> O2    ->  HD O2 | NS O2 | EX O2 | NF O2
+    md <key> O3          ->  HD O3 | NF O3
+    ma <key> v O4        ->  VA <size> O4\\r\\n<number>\\r\\n  |  NF O4
+    mn                   ->  MN                 (the fence `seal()` ends each write with)
+    stats                ->  STAT <name> <value> ... END
+    version              ->  VERSION <version>
+    errors               ->  ERROR | CLIENT_ERROR <message> | SERVER_ERROR <message>
+
+and the results each waiter must get are the wire results of clientlib/wire.py.
+
+The guarantees checked (pipeline.py's docstring, issues 8, 9 and 13):
+- FIFO: every response goes to the request in its place, whose opaque it must carry.
+- A meta result is held until the next response arrives whole and in its place (opaque checked)
+  or the `mn` fence closing its write arrives; text replies go at once.
+- Anything that casts doubt on the stream raises OutOfStep; `fail_all` then fails every request
+  not yet delivered, held results included; no value is ever delivered from a doubtful stream.
+- SERVER_ERROR to any request, CLIENT_ERROR to mg/md/ma, ERROR/CLIENT_ERROR to a text command
+  belong to their request and the stream goes on; CLIENT_ERROR/ERROR to ms and ERROR to a meta
+  request fail that request with its own error and raise OutOfStep(answered=True).
+- A waiter that gave up (done) is a tombstone: its responses are parsed, checked and dropped.
+- `release` is called once per keyed request, answered or failed; `inflight` counts back to 0.
+
+Every answer is fed whole, split in two at every offset, and byte by byte; every way must give
+the same outcome, and at every point of the byte-by-byte feed exactly the results whose proof has
+arrived must have been delivered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from broker.pipeline import TEXT, Batch, OutOfStep, Pipeline
+from broker import meta
+from broker.translate import TEXT_EXPECT, UNLINK_TOO_LARGE, encode_op, encode_text
+from clientlib.wire import Code, Op
+
+pytestmark = pytest.mark.unit
+
+MAX_VALUE = 1 << 20
+
+
+# --- a recording waiter and a rig around one pipeline ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Failed:
+    """`waiter.fail(index, code, message)` was called with this code."""
+
+    code: Code
+
+
+class Err:
+    """Matches a delivered failure result `[code, message]` whose message mentions `text`."""
+
+    def __init__(self, code: Code, text: str) -> None:
+        self.code = code
+        self.text = text
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, list) and len(other) == 2 and other[0] == self.code
+            and isinstance(other[1], str) and self.text in other[1]
+        )
+
+    def __repr__(self) -> str:
+        return f"Err({self.code.name}, {self.text!r})"
+
+
+Event = tuple[str, int, Any]  # (waiter name, index, result list or Failed)
+
+
+class Recorder:
+    """A waiter: what it was given goes into the rig's log, in the order it happened."""
+
+    def __init__(self, name: str, log: list[Event]) -> None:
+        self.name = name
+        self.done = False
+        self.log = log
+        self.messages: dict[int, str] = {}
+
+    def deliver(self, index: int, result: list[Any]) -> None:
+        self.log.append((self.name, index, result))
+
+    def fail(self, index: int, code: Code, message: str) -> None:
+        assert isinstance(message, str) and message, "a failure carries a message"
+        self.messages[index] = message
+        self.log.append((self.name, index, Failed(code)))
+
+
+class Rig:
+    """One pipeline, its waiters, and every key it released."""
+
+    def __init__(self, max_value_len: int = MAX_VALUE) -> None:
+        self.log: list[Event] = []
+        self.released: list[bytes] = []
+        self.p = Pipeline(max_value_len, release=self.released.append)
+        self.waiters: dict[str, Recorder] = {}
+        self.keys: list[bytes] = []
+
+    def waiter(self, name: str) -> Recorder:
+        w = self.waiters.get(name)
+        if w is None:
+            w = self.waiters[name] = Recorder(name, self.log)
+        return w
+
+    def meta(self, name: str, ops: list[list[Any]], indices: list[int] | None = None) -> bytes:
+        """Queue `ops` for waiter `name` as the router does; returns the bytes queued."""
+        p = self.p
+        first = p.seq + 1
+        data = b"".join(encode_op(op[0], op, first + j) for j, op in enumerate(ops))
+        p.seq += len(ops)
+        keys = [op[1] for op in ops]
+        self.keys += keys
+        p.submit(Batch(self.waiter(name), indices or list(range(len(ops))), [int(op[0]) for op in ops], keys, first), data)
+        return data
+
+    def text(self, name: str, op: list[Any], index: int = 0) -> bytes:
+        data = encode_text(op[0], op)
+        self.p.submit(Batch(self.waiter(name), [index], [int(op[0])], None, TEXT, TEXT_EXPECT[op[0]]), data)
+        return data
+
+    def seal(self) -> None:
+        self.p.seal()
+
+
+@dataclass
+class Outcome:
+    log: list[Event]
+    error: OutOfStep | None
+    released: list[bytes]
+    inflight: int
+    failed_in_flight: int | None = None  # what fail_all returned, when it ran
+    keys: list[bytes] = field(default_factory=list)
+
+
+def feedings(data: bytes) -> Iterator[tuple[str, list[bytes]]]:
+    yield "whole", [data]
+    for i in range(1, len(data)):
+        yield f"split at {i}", [data[:i], data[i:]]
+    yield "byte by byte", [data[i : i + 1] for i in range(len(data))]
+
+
+def play(
+    build: Callable[[], Rig], chunks: list[bytes], *,
+    visible: list[int] | None = None, error_at: int | None = None, name: str = "",
+) -> Outcome:
+    """Feed `chunks`; on OutOfStep do what the driver does (fail_all with CONNECTION_ERROR).
+
+    `visible[k]`: the stream offset from which the k-th event of the log (before any error) must
+    have happened; `error_at`: the offset whose byte makes the pipeline raise OutOfStep."""
+    rig = build()
+    fed = 0
+    error = None
+    n = None
+    for chunk in chunks:
+        try:
+            rig.p.receive(chunk)
+        except OutOfStep as exc:
+            error = exc
+            assert error_at is not None, f"{name}: unexpected OutOfStep after {fed}+{len(chunk)} bytes: {exc}"
+            assert fed < error_at <= fed + len(chunk), f"{name}: OutOfStep in bytes {fed}..{fed + len(chunk)}, expected at {error_at}"
+            if visible is not None:
+                assert len(rig.log) == sum(v <= error_at for v in visible), f"{name}: at the error: {rig.log}"
+            n = rig.p.fail_all(Code.CONNECTION_ERROR, "pipeline reset")
+            break
+        fed += len(chunk)
+        if error_at is not None:
+            assert fed < error_at, f"{name}: no OutOfStep after {fed} bytes (expected at {error_at})"
+        if visible is not None:
+            assert len(rig.log) == sum(v <= fed for v in visible), f"{name}: after {fed} bytes: {rig.log}"
+    return Outcome(rig.log, error, rig.released, rig.p.inflight, n, rig.keys)
+
+
+def every_way(build: Callable[[], Rig], data: bytes, **kw: Any) -> Outcome:
+    """Play `data` whole, split at every offset and byte by byte; all must agree. Returns one."""
+    outcomes = {name: play(build, chunks, name=name, **kw) for name, chunks in feedings(data)}
+    first = outcomes["whole"]
+    for name, o in outcomes.items():
+        assert o.log == first.log, f"{name}: {o.log} vs whole feed {first.log}"
+        assert (o.error is None) == (first.error is None), f"{name}: OutOfStep {o.error} vs {first.error}"
+        if o.error is not None and first.error is not None:
+            assert o.error.answered == first.error.answered, name
+        assert sorted(o.released) == sorted(first.released), name
+        assert o.inflight == first.inflight, name
+        assert o.failed_in_flight == first.failed_in_flight, name
+    return first
+
+
+def offsets(*parts: bytes) -> list[int]:
+    """The stream offset at which each part ends."""
+    ends, total = [], 0
+    for part in parts:
+        total += len(part)
+        ends.append(total)
+    return ends
+
+
+def va(value: bytes, opaque: int, flags: int | None = 0) -> bytes:
+    """memcached's hit: `VA <size> f<flags> O<opaque>` and the data block."""
+    f = b"" if flags is None else b" f%d" % flags
+    return b"VA %d%b O%d\r\n%b\r\n" % (len(value), f, opaque, value)
+
+
+MN = b"MN\r\n"
+C = Code.CONNECTION_ERROR
+
+
+# --- requests --------------------------------------------------------------------------------------
+
+
+def test_requests_go_out_in_order_and_each_write_ends_with_a_fence() -> None:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"], [Op.SET, b"b", b"hi", 0, 0]])
+    rig.meta("B", [[Op.DELETE, b"c"]])
+    assert rig.p.inflight == 3
+    rig.seal()
+    rig.seal()  # nothing new: no second fence
+    assert bytes(rig.p.out) == b"mg a v f O1\r\nms b 2 O2\r\nhi\r\nmd c O3\r\nmn\r\n"
+    rig.p.sent(13)
+    assert bytes(rig.p.out) == b"ms b 2 O2\r\nhi\r\nmd c O3\r\nmn\r\n"
+    rig.p.sent(len(rig.p.out))
+    assert rig.p.out == b""
+    rig.meta("C", [[Op.INCR, b"n", 5]])
+    rig.text("G", [Op.VERSION])
+    rig.seal()
+    assert bytes(rig.p.out) == b"ma n v D5 O4\r\nversion\r\nmn\r\n"
+    assert rig.p.inflight == 5  # fences are not requests
+
+
+# --- FIFO matching and the hold rule ---------------------------------------------------------------
+
+
+def build_fifo() -> Rig:
+    rig = Rig()
+    # A frame's ops 0 and 2 bound here (op 1 went to another server).
+    rig.meta("A", [[Op.GET, b"a"], [Op.GET, b"b"]], indices=[0, 2])
+    rig.meta("B", [[Op.SET, b"c", b"vc", 0, 0], [Op.DELETE, b"d"], [Op.GET, b"e"]])
+    rig.meta("C", [[Op.INCR, b"n", 5]], indices=[3])
+    rig.seal()
+    return rig
+
+
+def test_fifo_across_batches_and_waiters_however_fed() -> None:
+    r1 = va(b"va", 1, flags=5)
+    r2 = b"EN O2\r\n"
+    r3 = b"HD O3\r\n"
+    r4 = b"NF O4\r\n"
+    r5 = va(b"v\r\n", 5)  # a value may hold CRLF
+    r6 = b"VA 2 O6\r\n47\r\n"
+    e1, e2, e3, e4, e5, e6, e_mn = offsets(r1, r2, r3, r4, r5, r6, MN)
+    out = every_way(
+        build_fifo, r1 + r2 + r3 + r4 + r5 + r6 + MN,
+        # each result goes once the next response arrived whole with its opaque, the last at MN
+        visible=[e2, e3, e4, e5, e6, e_mn],
+    )
+    assert out.log == [
+        ("A", 0, [Code.OK, b"va", 5]),
+        ("A", 2, [Code.MISS]),
+        ("B", 0, [Code.OK]),
+        ("B", 1, [Code.NOT_FOUND]),
+        ("B", 2, [Code.OK, b"v\r\n", 0]),
+        ("C", 3, [Code.OK, 47]),
+    ]
+    assert out.error is None
+    assert out.inflight == 0
+    assert sorted(out.released) == sorted(out.keys) == [b"a", b"b", b"c", b"d", b"e", b"n"]
+
+
+def build_two_writes() -> Rig:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"], [Op.GETS, b"b"]])
+    rig.seal()
+    rig.meta("B", [[Op.GET, b"c"]])
+    rig.meta("A2", [[Op.TOUCH, b"d", 10]])
+    rig.seal()
+    return rig
+
+
+def test_each_write_is_proven_by_its_own_fence_however_fed() -> None:
+    r1 = va(b"x", 1)
+    r2 = b"VA 1 f7 c99 O2\r\ny\r\n"
+    r3 = va(b"z", 3)
+    r4 = b"EN O4\r\n"
+    e1, e2, mn1, e3, e4, mn2 = offsets(r1, r2, MN, r3, r4, MN)
+    out = every_way(build_two_writes, r1 + r2 + MN + r3 + r4 + MN, visible=[e2, mn1, e4, mn2])
+    assert out.log == [
+        ("A", 0, [Code.OK, b"x", 0]),
+        ("A", 1, [Code.OK, b"y", 7, 99]),
+        ("B", 0, [Code.OK, b"z", 0]),
+        ("A2", 0, [Code.NOT_FOUND]),
+    ]
+    assert out.inflight == 0 and out.error is None
+    assert sorted(out.released) == [b"a", b"b", b"c", b"d"]
+
+
+def test_a_value_waits_while_the_next_response_is_incomplete() -> None:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"], [Op.GET, b"b"]])
+    rig.seal()
+    r1, r2 = va(b"one", 1), va(b"two", 2)
+    assert rig.p.receive(r1) == 1
+    assert rig.log == []  # nothing proves r1's length yet
+    assert rig.p.receive(r2[:-1]) == 0  # r2 lacks its last byte
+    assert rig.log == []
+    assert rig.p.receive(r2[-1:]) == 1  # r2 whole, opaque 2 in place: r1 is proven
+    assert rig.log == [("A", 0, [Code.OK, b"one", 0])]
+    rig.p.receive(MN[:-1])
+    assert len(rig.log) == 1
+    rig.p.receive(MN[-1:])  # the fence proves r2
+    assert rig.log == [("A", 0, [Code.OK, b"one", 0]), ("A", 1, [Code.OK, b"two", 0])]
+    assert rig.p.inflight == 0
+
+
+def test_every_op_kind_answered_in_one_write_however_fed() -> None:
+    ops = [
+        [Op.GET, b"k1"], [Op.GETS, b"k2"], [Op.GAT, b"k3", 10], [Op.GATS, b"k4", 10],
+        [Op.SET, b"k5", b"v", 0, 0], [Op.ADD, b"k6", b"v", 0, 0], [Op.REPLACE, b"k7", b"v", 0, 0],
+        [Op.APPEND, b"k8", b"v", 0, 0], [Op.PREPEND, b"k9", b"v", 0, 0], [Op.CAS, b"k10", b"v", 0, 0, 5],
+        [Op.DELETE, b"k11"], [Op.INCR, b"k12", 1], [Op.DECR, b"k13", 1], [Op.TOUCH, b"k14", 10],
+        [Op.CAS, b"k15", b"v", 0, 0, 6],
+    ]
+
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", ops)
+        rig.seal()
+        return rig
+
+    answer = [
+        va(b"1", 1, 1), b"VA 1 f2 c22 O2\r\n2\r\n", b"EN O3\r\n", b"VA 1 f4 c44 O4\r\n4\r\n",
+        b"HD O5\r\n", b"NS O6\r\n", b"NS O7\r\n",
+        b"HD O8\r\n", b"NS O9\r\n", b"EX O10\r\n",
+        b"HD O11\r\n", b"VA 1 O12\r\n9\r\n", b"NF O13\r\n", b"HD O14\r\n",
+        b"NF O15\r\n", MN,
+    ]
+    ends = offsets(*answer)
+    out = every_way(build, b"".join(answer), visible=ends[1:])
+    assert [e[2] for e in out.log] == [
+        [Code.OK, b"1", 1], [Code.OK, b"2", 2, 22], [Code.MISS], [Code.OK, b"4", 4, 44],
+        [Code.OK], [Code.NOT_STORED], [Code.NOT_STORED],
+        [Code.OK], [Code.NOT_STORED], [Code.EXISTS],
+        [Code.OK], [Code.OK, 9], [Code.NOT_FOUND], [Code.OK],
+        [Code.NOT_FOUND],
+    ]
+    assert [e[1] for e in out.log] == list(range(len(ops)))
+    assert out.inflight == 0 and sorted(out.released) == sorted(op[1] for op in ops)
+
+
+def test_a_set_too_large_for_the_server_is_answered_as_memcached_answers_it() -> None:
+    # The router sends it as `md` (memcached would refuse the value and unlink the key); whether
+    # the key existed or not, the worker reads "SERVER_ERROR object too large for cache".
+    def build() -> Rig:
+        rig = Rig()
+        first = rig.p.seq + 1
+        data = meta.encode(meta.Delete(b"big", first)) + meta.encode(meta.Delete(b"big2", first + 1))
+        assert data == b"md big O1\r\nmd big2 O2\r\n"
+        rig.p.seq += 2
+        rig.p.submit(Batch(rig.waiter("A"), [0, 1], [UNLINK_TOO_LARGE] * 2, [b"big", b"big2"], first), data)
+        rig.meta("B", [[Op.GET, b"c"]])
+        rig.seal()
+        return rig
+
+    answer = [b"HD O1\r\n", b"NF O2\r\n", b"EN O3\r\n", MN]
+    ends = offsets(*answer)
+    out = every_way(build, b"".join(answer), visible=ends[1:])
+    assert out.log == [
+        ("A", 0, Err(Code.SERVER_ERROR, "object too large for cache")),
+        ("A", 1, Err(Code.SERVER_ERROR, "object too large for cache")),
+        ("B", 0, [Code.MISS]),
+    ]
+    assert sorted(out.released) == [b"big", b"big2", b"c"]
+
+
+# --- opaque mismatch and other doubt: OutOfStep, and no value leaves -------------------------------
+
+
+def build_two_gets() -> Rig:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"], [Op.GET, b"b"]])
+    rig.seal()
+    return rig
+
+
+def two_gets_failed(out: Outcome) -> None:
+    assert out.error is not None and not out.error.answered
+    assert out.log == [("A", 0, Failed(C)), ("A", 1, Failed(C))]
+    assert out.inflight == 0
+    assert sorted(out.released) == [b"a", b"b"]
+
+
+@pytest.mark.parametrize(
+    "second",
+    [va(b"y", 3), va(b"y", 1), b"VA 1 f0\r\ny\r\n", va(b"y", 12), b"VA 1 f0 O02\r\ny\r\n", b"EN O3\r\n"],
+    ids=["O3-for-O2", "O1-again", "no-opaque", "O12", "O02", "EN-O3"],
+)
+def test_opaque_mismatch_fails_the_held_and_the_unanswered(second: bytes) -> None:
+    r1 = va(b"x", 1)
+    e1, e2 = offsets(r1, second)
+    out = every_way(build_two_gets, r1 + second + MN, visible=[], error_at=e2)
+    two_gets_failed(out)
+    assert out.failed_in_flight == 1  # r1 was answered (held), r2 was not
+
+
+def test_opaque_mismatch_on_the_first_response() -> None:
+    r = va(b"x", 2)
+    out = every_way(build_two_gets, r + va(b"y", 1) + MN, visible=[], error_at=len(r))
+    two_gets_failed(out)
+    assert out.failed_in_flight == 2
+
+
+def test_responses_swapped_between_waiters_deliver_nothing() -> None:
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.meta("B", [[Op.GET, b"b"]])
+        rig.seal()
+        return rig
+
+    rb = va(b"for B", 2)
+    out = every_way(build, rb + va(b"for A", 1) + MN, visible=[], error_at=len(rb))
+    assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))]
+
+
+def test_mn_where_a_response_was_due() -> None:
+    r1 = va(b"x", 1)
+    out = every_way(build_two_gets, r1 + MN + MN, visible=[], error_at=len(r1 + MN))
+    two_gets_failed(out)
+
+
+def test_response_where_the_fence_mn_was_due() -> None:
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.seal()
+        return rig
+
+    r1, extra = va(b"x", 1), b"HD O2\r\n"
+    out = every_way(build, r1 + extra + MN, visible=[], error_at=len(r1 + extra))
+    assert out.error is not None
+    assert out.log == [("A", 0, Failed(C))]  # held, never delivered
+    assert out.released == [b"a"] and out.inflight == 0
+
+
+def test_a_response_with_nothing_in_flight() -> None:
+    out = every_way(Rig, b"HD O1\r\n", visible=[], error_at=7)
+    assert out.error is not None and out.log == [] and out.failed_in_flight == 0
+
+
+def test_a_response_after_everything_was_answered() -> None:
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.seal()
+        return rig
+
+    r1 = va(b"x", 1)
+    e1, mn = offsets(r1, MN)
+    out = every_way(build, r1 + MN + MN, visible=[mn], error_at=mn + 4)
+    assert out.log == [("A", 0, [Code.OK, b"x", 0])]  # proven before the extra MN came
+    assert out.failed_in_flight == 0 and out.released == [b"a"]
+
+
+@pytest.mark.parametrize("garbage", [b"garbage\r\n", b"VALUE a 0 1\r\nx\r\nEND\r\n", b"\r\n", b"STORED\r\n"], ids=repr)
+def test_garbage_in_place_of_a_response(garbage: bytes) -> None:
+    r1 = va(b"x", 1)
+    out = every_way(build_two_gets, r1 + garbage + va(b"y", 2) + MN, visible=[], error_at=len(r1) + garbage.index(b"\r\n") + 2)
+    two_gets_failed(out)
+
+
+def test_trailing_garbage_after_the_fence() -> None:
+    r1, r2 = va(b"x", 1), va(b"y", 2)
+    e1, e2, mn = offsets(r1, r2, MN)
+    out = every_way(build_two_gets, r1 + r2 + MN + b"junk\r\n", visible=[e2, mn], error_at=mn + 6)
+    assert out.log == [("A", 0, [Code.OK, b"x", 0]), ("A", 1, [Code.OK, b"y", 0])]
+    assert out.error is not None and out.failed_in_flight == 0
+
+
+def test_va_data_not_followed_by_crlf() -> None:
+    head = b"VA 1 f0 O1\r\n"
+    bad = head + b"xy\r\n"  # one byte more than the header said
+    out = every_way(build_two_gets, bad + va(b"y", 2) + MN, visible=[], error_at=len(head) + 3)
+    two_gets_failed(out)
+
+
+def test_va_data_one_byte_short() -> None:
+    head = b"VA 3 f0 O1\r\n"
+    bad = head + b"xy\r\n"  # the data lost a byte: its terminator is not where the size says
+    out = every_way(build_two_gets, bad + va(b"y", 2) + MN, visible=[], error_at=len(head) + 5)
+    two_gets_failed(out)
+
+
+def test_va_larger_than_max_value_len_is_refused_from_its_header() -> None:
+    def build() -> Rig:
+        rig = Rig(max_value_len=4)
+        rig.meta("A", [[Op.GET, b"a"], [Op.GET, b"b"]])
+        rig.seal()
+        return rig
+
+    r1 = va(b"abcd", 1)  # exactly the limit: fine
+    head2 = b"VA 5 f0 O2\r\n"
+    out = every_way(build, r1 + head2 + b"abcde\r\n" + MN, visible=[], error_at=len(r1 + head2))
+    two_gets_failed(out)
+
+
+def test_unusable_client_flags_reset_the_stream() -> None:
+    bad = b"VA 1 fx O1\r\nx\r\n"
+    out = every_way(build_two_gets, bad + va(b"y", 2) + MN, visible=[], error_at=len(bad))
+    two_gets_failed(out)
+
+
+# --- a data block that swallows the next response (issue 13, item 3) ------------------------------
+
+
+def test_va_whose_data_swallows_the_next_response_line() -> None:
+    # memcached sent "VA 2 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nMN\r\n"; the stream's first
+    # header is corrupted to a size that covers the next response's line.
+    true = va(b"xx", 1) + va(b"yy", 2) + MN
+    assert true == b"VA 2 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nMN\r\n"
+    bad = b"VA 14 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nMN\r\n"  # data "xx\r\nVA 2 f0 O2", then CRLF
+    out = every_way(build_two_gets, bad, visible=[], error_at=bad.index(b"yy") + 4)
+    two_gets_failed(out)
+
+
+def build_get_delete_get() -> Rig:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"]])
+    rig.meta("B", [[Op.DELETE, b"b"]])
+    rig.meta("C", [[Op.GET, b"c"]])
+    rig.seal()
+    return rig
+
+
+def test_va_whose_data_swallows_a_whole_response_and_stays_framed() -> None:
+    # True: "VA 2 f0 O1\r\nxx\r\n" "HD O2\r\n" "VA 2 f0 O3\r\nzz\r\n" "MN\r\n". With "VA 9" the
+    # data block is "xx\r\nHD O2" and is followed by CRLF: well framed, with the right opaque.
+    # Only the next response (O3 where O2 is due) can tell, and nobody may get a value.
+    bad = b"VA 9 f0 O1\r\nxx\r\nHD O2\r\n" + va(b"zz", 3) + MN
+    out = every_way(build_get_delete_get, bad, visible=[], error_at=bad.index(b"zz") + 4)
+    assert out.error is not None
+    assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C)), ("C", 0, Failed(C))]
+    assert sorted(out.released) == [b"a", b"b", b"c"]
+
+
+def test_va_whose_data_swallows_the_fence() -> None:
+    # The last value of a write swallows its fence's MN: its proof never comes. The next write's
+    # first response then arrives where that MN was due.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.seal()
+        rig.meta("B", [[Op.GET, b"b"]])
+        rig.seal()
+        return rig
+
+    bad = b"VA 6 f0 O1\r\nxx\r\nMN\r\n" + va(b"yy", 2) + MN  # true size 2
+    out = every_way(build, bad, visible=[], error_at=bad.index(b"yy") + 4)
+    assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))]
+
+
+@pytest.mark.parametrize("line", [b"SERVER_ERROR x", b"CLIENT_ERROR x"])
+def test_a_value_that_reads_as_an_error_line_cannot_pass_a_swallow(line: bytes) -> None:
+    # Two gets. b's stored value is the 14 bytes "SERVER_ERROR x" with client flags 12345678;
+    # memcached sends
+    #   VA 10 f0 O1\r\nAAAAAAAAAA\r\n  VA 14 f12345678 O2\r\nSERVER_ERROR x\r\n  MN\r\n
+    # One corrupted byte turns "VA 10" into "VA 30": a's data block then ends exactly at the end
+    # of b's header line (10 + 2 + 18 bytes) and is followed by CRLF, and b's data reads as an
+    # error line in b's place (SERVER_ERROR, or CLIENT_ERROR to an mg: both belong to their
+    # request), which carries no opaque to check. Then the fence arrives in place.
+    # The stream lost a response header, so no value may leave: a gets its own value or a
+    # failure, never its value with b's header appended.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.meta("B", [[Op.GET, b"b"]])
+        rig.seal()
+        return rig
+
+    true = va(b"A" * 10, 1) + va(line, 2, flags=12345678) + MN
+    bad = true.replace(b"VA 10", b"VA 30", 1)
+    assert sum(x != y for x, y in zip(true, bad)) == 1 and len(true) == len(bad)
+    for name, log in damaged_runs(build, bad):
+        a = [e[2] for e in log if e[0] == "A"]
+        assert a in ([[Code.OK, b"A" * 10, 0]], [Failed(C)], [Failed(Code.TIMEOUT)]), f"{name}: a got {a}"
+
+
+def test_a_swallow_up_to_a_later_writes_fence_is_caught() -> None:
+    # Two writes in flight, each closed by its fence; memcached sends
+    #   VA 12 f0 O1\r\nxxxxxxxxxxxx\r\n MN\r\n VA 2 f0 O2\r\nyy\r\n MN\r\n
+    # One corrupted byte turns "VA 12" into "VA 32": a's data block then runs through its own
+    # fence and all of b's response (12 + 2 + 4 + 12 + 2 bytes) and is followed by CRLF, and the
+    # second write's MN arrives where the first write's MN is due. An MN carries no opaque, so
+    # only its count says which fence it is: no value may leave on such a proof.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.seal()
+        rig.meta("B", [[Op.GET, b"b"]])
+        rig.seal()
+        return rig
+
+    true = va(b"x" * 12, 1) + MN + va(b"yy", 2) + MN
+    bad = true.replace(b"VA 12", b"VA 32", 1)
+    assert sum(x != y for x, y in zip(true, bad)) == 1 and len(true) == len(bad)
+    for name, log in damaged_runs(build, bad):
+        a = [e[2] for e in log if e[0] == "A"]
+        assert a in ([[Code.OK, b"x" * 12, 0]], [Failed(C)], [Failed(Code.TIMEOUT)]), f"{name}: a got {a}"
+
+
+def damaged_runs(build: Callable[[], Rig], bad: bytes) -> Iterator[tuple[str, list[Event]]]:
+    """Feed `bad` every way; what each waiter got once the driver gave up on the stream (a reset on
+    OutOfStep, else the deadline of whatever never got its answer)."""
+    for name, chunks in feedings(bad):
+        rig = build()
+        try:
+            for chunk in chunks:
+                rig.p.receive(chunk)
+        except OutOfStep:
+            rig.p.fail_all(C, "pipeline reset")
+        else:
+            rig.p.fail_all(Code.TIMEOUT, "deadline")
+        yield name, rig.log
+
+
+# --- errors that keep the stream in step (issue 8, item 2) -----------------------------------------
+
+
+def test_server_error_belongs_to_its_request_and_the_stream_goes_on() -> None:
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], [Op.SET, b"b", b"big", 0, 0], [Op.DELETE, b"c"]])
+        rig.meta("B", [[Op.GET, b"d"], [Op.INCR, b"n", 1]])
+        rig.seal()
+        return rig
+
+    r1 = va(b"x", 1)
+    r2 = b"SERVER_ERROR out of memory storing object\r\n"
+    r3 = b"HD O3\r\n"
+    r4 = b"SERVER_ERROR temporary failure\r\n"
+    r5 = b"SERVER_ERROR busy\r\n"
+    e1, e2, e3, e4, e5, mn = offsets(r1, r2, r3, r4, r5, MN)
+    # An error line carries no opaque: it proves nothing, and waits for the next proof itself.
+    out = every_way(build, r1 + r2 + r3 + r4 + r5 + MN, visible=[e3, e3, mn, mn, mn])
+    assert out.log == [
+        ("A", 0, [Code.OK, b"x", 0]),
+        ("A", 1, Err(Code.SERVER_ERROR, "out of memory storing object")),
+        ("A", 2, [Code.OK]),
+        ("B", 0, Err(Code.SERVER_ERROR, "temporary failure")),
+        ("B", 1, Err(Code.SERVER_ERROR, "busy")),
+    ]
+    assert out.error is None and out.inflight == 0
+    assert sorted(out.released) == [b"a", b"b", b"c", b"d", b"n"]
+
+
+@pytest.mark.parametrize(
+    "op, reply, expected",
+    [
+        ([Op.SET, b"b", b"v", 0, 0], b"SERVER_ERROR out of memory storing object\r\n", Err(Code.SERVER_ERROR, "out of memory storing object")),
+        ([Op.GET, b"b"], b"SERVER_ERROR temporary failure\r\n", Err(Code.SERVER_ERROR, "temporary failure")),
+        ([Op.INCR, b"b", 1], b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n", Err(Code.CLIENT_ERROR, "non-numeric")),
+    ],
+    ids=["ms-SERVER_ERROR", "mg-SERVER_ERROR", "ma-CLIENT_ERROR"],
+)
+def test_an_error_reply_first_in_a_write_is_delivered_however_fed(op: list[Any], reply: bytes, expected: Err) -> None:
+    # Two writes: the second write's first answer is an error line. Read in one recv (whole) it
+    # comes right after the first write's MN; it belongs to its request all the same.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.seal()
+        rig.meta("B", [op, [Op.GET, b"c"]])
+        rig.seal()
+        return rig
+
+    r1, r3 = b"EN O1\r\n", va(b"z", 3)
+    e1, mn1, e2, e3, mn2 = offsets(r1, MN, reply, r3, MN)
+    for name, chunks in feedings(r1 + MN + reply + r3 + MN):
+        out = play(build, chunks, visible=[mn1, e3, mn2], name=name)
+        assert out.log == [("A", 0, [Code.MISS]), ("B", 0, expected), ("B", 1, [Code.OK, b"z", 0])], name
+        assert out.inflight == 0
+
+
+@pytest.mark.parametrize(
+    "op, reply",
+    [
+        ([Op.INCR, b"n", 1], b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"),
+        ([Op.DECR, b"n", 1], b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"),
+        ([Op.GET, b"a"], b"CLIENT_ERROR bad command line format\r\n"),
+        ([Op.DELETE, b"a"], b"CLIENT_ERROR bad command line format\r\n"),
+        ([Op.TOUCH, b"a", 5], b"CLIENT_ERROR bad command line format\r\n"),
+    ],
+    ids=["ma-incr", "ma-decr", "mg", "md", "mg-touch"],
+)
+def test_client_error_to_a_request_without_data_belongs_to_it(op: list[Any], reply: bytes) -> None:
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [op])
+        rig.meta("B", [[Op.GET, b"x"], [Op.SET, b"y", b"v", 0, 0]])
+        rig.meta("C", [[Op.DELETE, b"z"]])
+        rig.seal()
+        return rig
+
+    r2, r3, r4 = va(b"vx", 2), b"HD O3\r\n", b"HD O4\r\n"
+    e1, e2, e3, e4, mn = offsets(reply, r2, r3, r4, MN)
+    out = every_way(build, reply + r2 + r3 + r4 + MN, visible=[e2, e3, e4, mn])
+    message = reply[len(b"CLIENT_ERROR ") : -2].decode()
+    assert out.log == [
+        ("A", 0, Err(Code.CLIENT_ERROR, message)),
+        ("B", 0, [Code.OK, b"vx", 0]),
+        ("B", 1, [Code.OK]),
+        ("C", 0, [Code.OK]),
+    ]
+    assert out.error is None and out.inflight == 0
+    assert sorted(out.released) == sorted([op[1], b"x", b"y", b"z"])
+
+
+@pytest.mark.parametrize(
+    "reply, code",
+    [(b"CLIENT_ERROR bad data chunk\r\n", Code.CLIENT_ERROR), (b"ERROR\r\n", Code.UNKNOWN_COMMAND)],
+    ids=["CLIENT_ERROR", "ERROR"],
+)
+@pytest.mark.parametrize("store", [Op.SET, Op.ADD, Op.APPEND, Op.CAS])
+def test_client_error_or_error_to_ms_fails_it_and_resets(reply: bytes, code: Code, store: Op) -> None:
+    ms = [store, b"b", b"hi", 0, 0] + ([7] if store == Op.CAS else [])
+
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], ms, [Op.GET, b"c"]])
+        rig.meta("B", [[Op.GET, b"d"]])
+        rig.seal()
+        return rig
+
+    # memcached may have read our data block as commands: what follows cannot be trusted.
+    r1 = va(b"x", 1)
+    e1, e2 = offsets(r1, reply)
+    after = b"ERROR\r\n" + va(b"z", 3) + va(b"w", 4) + MN
+    out = every_way(build, r1 + reply + after, visible=[e2], error_at=e2)
+    assert out.error is not None and out.error.answered
+    assert out.log == [
+        ("A", 1, Failed(code)),  # the ms gets memcached's own answer
+        ("A", 0, Failed(C)),  # held, unproven: never delivered
+        ("A", 2, Failed(C)),
+        ("B", 0, Failed(C)),
+    ]
+    assert sorted(out.released) == [b"a", b"b", b"c", b"d"]
+    assert out.inflight == 0 and out.failed_in_flight == 2
+
+
+@pytest.mark.parametrize("op", [[Op.GET, b"a"], [Op.DELETE, b"a"], [Op.INCR, b"a", 1], [Op.TOUCH, b"a", 1]], ids=lambda o: Op(o[0]).name)
+def test_error_to_a_meta_request_resets(op: list[Any]) -> None:
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [op])
+        rig.meta("B", [[Op.GET, b"b"]])
+        rig.seal()
+        return rig
+
+    # memcached answers ERROR to a command it does not know: it did not read what we think.
+    out = every_way(build, b"ERROR\r\n" + va(b"y", 2) + MN, visible=[7], error_at=7)
+    assert out.error is not None and out.error.answered
+    assert out.log == [("A", 0, Failed(Code.UNKNOWN_COMMAND)), ("B", 0, Failed(C))]
+    assert sorted(out.released) == [b"a", b"b"]
+
+
+# --- text commands -----------------------------------------------------------------------------
+
+
+STATS = b"STAT pid 1\r\nSTAT uptime 5\r\nEND\r\n"
+
+
+@pytest.mark.parametrize(
+    "op, reply, result",
+    [
+        ([Op.STATS, []], STATS, [Code.OK, {"pid": "1", "uptime": "5"}]),
+        ([Op.STATS, [b"settings"]], b"STAT item_size_max 1048576\r\nEND\r\n", [Code.OK, {"item_size_max": "1048576"}]),
+        ([Op.STATS, [b"reset"]], b"RESET\r\n", [Code.OK, {}]),
+        ([Op.VERSION], b"VERSION 1.6.18\r\n", [Code.OK, "1.6.18"]),
+        ([Op.FLUSH_ALL, 0], b"OK\r\n", [Code.OK, True]),
+        ([Op.CACHE_MEMLIMIT, 64], b"OK\r\n", [Code.OK, True]),
+    ],
+    ids=["stats", "stats-settings", "stats-reset", "version", "flush_all", "cache_memlimit"],
+)
+def test_text_command_answer_goes_at_once(op: list[Any], reply: bytes, result: list[Any]) -> None:
+    def build() -> Rig:
+        rig = Rig()
+        rig.text("G", op, index=3)
+        rig.seal()
+        return rig
+
+    out = every_way(build, reply + MN, visible=[len(reply)])
+    assert out.log == [("G", 3, result)]
+    assert out.error is None and out.inflight == 0 and out.released == []
+
+
+def build_mixed() -> Rig:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"]])
+    rig.text("G", [Op.STATS, []])
+    rig.meta("B", [[Op.GET, b"b"]])
+    rig.seal()
+    return rig
+
+
+def test_text_reply_between_meta_responses() -> None:
+    r1, r3 = va(b"x", 1), va(b"y", 2)  # the text command takes no opaque
+    e1, e2, e3, mn = offsets(r1, STATS, r3, MN)
+    out = every_way(build_mixed, r1 + STATS + r3 + MN, visible=[e2, e3, mn])
+    assert out.log == [
+        ("G", 0, [Code.OK, {"pid": "1", "uptime": "5"}]),
+        ("A", 0, [Code.OK, b"x", 0]),
+        ("B", 0, [Code.OK, b"y", 0]),
+    ]
+    assert out.inflight == 0 and sorted(out.released) == [b"a", b"b"]
+
+
+@pytest.mark.parametrize(
+    "reply, expected",
+    [
+        (b"ERROR\r\n", Err(Code.UNKNOWN_COMMAND, "ERROR")),
+        (b"CLIENT_ERROR bad command line format\r\n", Err(Code.CLIENT_ERROR, "bad command line format")),
+        (b"SERVER_ERROR out of memory\r\n", Err(Code.SERVER_ERROR, "out of memory")),
+    ],
+    ids=["ERROR", "CLIENT_ERROR", "SERVER_ERROR"],
+)
+def test_an_error_to_a_text_command_belongs_to_it(reply: bytes, expected: Err) -> None:
+    r1, r3 = va(b"x", 1), va(b"y", 2)
+    e1, e2, e3, mn = offsets(r1, reply, r3, MN)
+    out = every_way(build_mixed, r1 + reply + r3 + MN, visible=[e2, e3, mn])
+    assert out.log == [("G", 0, expected), ("A", 0, [Code.OK, b"x", 0]), ("B", 0, [Code.OK, b"y", 0])]
+    assert out.error is None and out.inflight == 0
+
+
+@pytest.mark.parametrize(
+    "op, reply",
+    [
+        ([Op.VERSION], b"OK\r\n"),
+        ([Op.VERSION], b"HD O1\r\n"),
+        ([Op.VERSION], MN),
+        ([Op.STATS, []], b"VERSION 1.6.18\r\n"),
+        ([Op.FLUSH_ALL, 0], b"END\r\n"),
+        ([Op.FLUSH_ALL, 0], b"EN O1\r\n"),
+    ],
+    ids=["version-OK", "version-HD", "version-MN", "stats-VERSION", "flush_all-END", "flush_all-EN"],
+)
+def test_a_text_command_answered_by_something_else_resets(op: list[Any], reply: bytes) -> None:
+    def build() -> Rig:
+        rig = Rig()
+        rig.text("G", op)
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.seal()
+        return rig
+
+    out = every_way(build, reply + va(b"x", 1) + MN, visible=[], error_at=len(reply))
+    assert out.log == [("G", 0, Failed(C)), ("A", 0, Failed(C))]
+
+
+@pytest.mark.parametrize("reply", [STATS, b"VERSION 1.6.18\r\n", b"OK\r\n", b"END\r\n"], ids=repr)
+def test_a_meta_request_answered_by_a_text_reply_resets(reply: bytes) -> None:
+    r1 = va(b"x", 1)
+    out = every_way(build_two_gets, r1 + reply + MN, visible=[], error_at=len(r1 + reply))
+    two_gets_failed(out)
+
+
+# --- tombstones ---------------------------------------------------------------------------------
+
+
+def build_tombstone() -> Rig:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"], [Op.SET, b"b", b"v", 0, 0]])
+    rig.meta("B", [[Op.GET, b"c"]])
+    rig.seal()
+    rig.waiters["A"].done = True  # A's deadline passed: it was answered TIMEOUT elsewhere
+    return rig
+
+
+def test_a_tombstone_gets_nothing_and_later_waiters_get_theirs() -> None:
+    r1, r2, r3 = va(b"x", 1), b"HD O2\r\n", va(b"y", 3)
+    e1, e2, e3, mn = offsets(r1, r2, r3, MN)
+    out = every_way(build_tombstone, r1 + r2 + r3 + MN, visible=[mn])
+    assert out.log == [("B", 0, [Code.OK, b"y", 0])]
+    assert out.inflight == 0
+    assert sorted(out.released) == [b"a", b"b", b"c"]  # A's pins go too
+
+
+def test_a_tombstones_late_responses_are_still_checked() -> None:
+    # A gave up, but its responses still prove (or disprove) the stream.
+    r1, r2 = va(b"x", 1), b"HD O7\r\n"
+    out = every_way(build_tombstone, r1 + r2 + va(b"y", 3) + MN, visible=[], error_at=len(r1 + r2))
+    assert out.error is not None
+    assert out.log == [("B", 0, Failed(C))]  # nothing at all for A, not even a failure
+    assert sorted(out.released) == [b"a", b"b", b"c"]
+
+
+def test_a_tombstones_bad_ms_answer_resets_without_telling_it() -> None:
+    r1 = va(b"x", 1)
+    reply = b"CLIENT_ERROR bad data chunk\r\n"
+    out = every_way(build_tombstone, r1 + reply + va(b"y", 3) + MN, visible=[], error_at=len(r1 + reply))
+    assert out.error is not None and out.error.answered
+    assert out.log == [("B", 0, Failed(C))]
+
+
+def test_a_waiter_that_gives_up_while_its_result_is_held_gets_nothing() -> None:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"]])
+    rig.meta("B", [[Op.GET, b"b"]])
+    rig.seal()
+    rig.p.receive(va(b"x", 1))  # held until r2 proves it
+    rig.waiters["A"].done = True
+    rig.p.receive(va(b"y", 2) + MN)
+    assert rig.log == [("B", 0, [Code.OK, b"y", 0])]
+    assert rig.p.inflight == 0 and sorted(rig.released) == [b"a", b"b"]
+
+
+def test_a_tombstone_text_command_gets_nothing() -> None:
+    def build() -> Rig:
+        rig = build_mixed()
+        rig.waiters["G"].done = True
+        return rig
+
+    r1, r3 = va(b"x", 1), va(b"y", 2)
+    e1, e2, e3, mn = offsets(r1, STATS, r3, MN)
+    out = every_way(build, r1 + STATS + r3 + MN, visible=[e3, mn])
+    assert out.log == [("A", 0, [Code.OK, b"x", 0]), ("B", 0, [Code.OK, b"y", 0])]
+
+
+def test_fail_all_does_not_tell_a_tombstone() -> None:
+    rig = build_tombstone()
+    rig.p.receive(va(b"x", 1))
+    assert rig.p.fail_all(Code.TIMEOUT, "silent") == 2
+    assert rig.log == [("B", 0, Failed(Code.TIMEOUT))]
+    assert sorted(rig.released) == [b"a", b"b", b"c"]
+
+
+# --- failing what is in flight, and reconnecting -----------------------------------------------
+
+
+def test_fail_all_before_anything_was_sent() -> None:
+    # A connect that failed: the queued requests never left.
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"], [Op.SET, b"b", b"v", 0, 0]])
+    rig.text("G", [Op.VERSION])
+    rig.seal()
+    assert rig.p.fail_all(Code.CONNECTION_ERROR, "connect refused") == 3
+    assert rig.log == [("A", 0, Failed(C)), ("A", 1, Failed(C)), ("G", 0, Failed(C))]
+    assert rig.waiters["A"].messages[0] == "connect refused"
+    assert rig.p.out == b"" and rig.p.inflight == 0
+    assert sorted(rig.released) == [b"a", b"b"]
+    rig.p.seal()
+    assert rig.p.out == b""  # nothing left to fence
+
+
+def test_fail_all_fails_held_results_with_its_code() -> None:
+    # An io timeout with results held for a fence that never came.
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"], [Op.GET, b"b"], [Op.GET, b"c"]])
+    rig.seal()
+    rig.p.receive(va(b"x", 1) + va(b"y", 2))  # a proven by b; b held; c unanswered
+    assert rig.log == [("A", 0, [Code.OK, b"x", 0])]
+    assert rig.p.fail_all(Code.TIMEOUT, "silent for 5s") == 1
+    assert rig.log == [("A", 0, [Code.OK, b"x", 0]), ("A", 1, Failed(Code.TIMEOUT)), ("A", 2, Failed(Code.TIMEOUT))]
+    assert rig.p.inflight == 0 and sorted(rig.released) == [b"a", b"b", b"c"]
+
+
+def test_fail_all_on_an_idle_pipeline_fails_nobody() -> None:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"]])
+    rig.seal()
+    rig.p.receive(va(b"x", 1) + MN)
+    assert rig.p.fail_all(Code.CONNECTION_ERROR, "closed by the server") == 0
+    assert rig.log == [("A", 0, [Code.OK, b"x", 0])]
+    assert rig.released == [b"a"]
+
+
+def test_reconnect_after_a_reset_starts_clean() -> None:
+    # The driver (connection.py) closes the socket on OutOfStep, calls fail_all, and on reconnect
+    # builds a new Pipeline whose first request is `stats settings`.
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"], [Op.GET, b"b"]])
+    rig.seal()
+    with pytest.raises(OutOfStep):
+        rig.p.receive(va(b"x", 1) + va(b"y", 5) + MN)
+    assert rig.p.fail_all(Code.CONNECTION_ERROR, "reset") == 1
+    assert rig.p.inflight == 0 and rig.p.out == b""
+    assert rig.log == [("A", 0, Failed(C)), ("A", 1, Failed(C))]
+
+    fresh = Pipeline(MAX_VALUE, release=rig.released.append)
+    settings_waiter = Recorder("S", rig.log)
+    fresh.submit(Batch(settings_waiter, [0], [int(Op.STATS)], None, TEXT, TEXT_EXPECT[Op.STATS]), b"stats settings\r\n")
+    waiter = Recorder("B", rig.log)
+    fresh.submit(Batch(waiter, [0], [int(Op.GET)], [b"a"], fresh.seq + 1), encode_op(Op.GET, [Op.GET, b"a"], fresh.seq + 1))
+    fresh.seq += 1
+    fresh.seal()
+    assert bytes(fresh.out) == b"stats settings\r\nmg a v f O1\r\nmn\r\n"
+    fresh.sent(len(fresh.out))
+    answer = b"STAT item_size_max 1048576\r\nEND\r\n" + va(b"new", 1) + MN
+    for i in range(len(answer)):
+        fresh.receive(answer[i : i + 1])
+    assert rig.log[2:] == [("S", 0, [Code.OK, {"item_size_max": "1048576"}]), ("B", 0, [Code.OK, b"new", 0])]
+    assert fresh.inflight == 0
+
+
+def test_reserved_requests_are_not_counted_twice() -> None:
+    # The router counts each admitted request (Connection.reserve) before the batch is pushed.
+    rig = Rig()
+    rig.p.inflight += 2
+    first = rig.p.seq + 1
+    data = encode_op(Op.GET, [Op.GET, b"a"], first) + encode_op(Op.GET, [Op.GET, b"b"], first + 1)
+    rig.p.seq += 2
+    rig.p.submit(Batch(rig.waiter("A"), [0, 1], [int(Op.GET)] * 2, [b"a", b"b"], first), data, reserved=True)
+    assert rig.p.inflight == 2
+    rig.seal()
+    rig.p.receive(va(b"x", 1) + b"EN O2\r\n" + MN)
+    assert rig.p.inflight == 0
+    assert rig.log == [("A", 0, [Code.OK, b"x", 0]), ("A", 1, [Code.MISS])]
+
+
+def test_inflight_counts_back_to_zero_as_answers_arrive() -> None:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"], [Op.GET, b"b"]])
+    rig.meta("B", [[Op.DELETE, b"c"]])
+    rig.seal()
+    answer = [va(b"x", 1), va(b"y", 2), b"HD O3\r\n", MN]
+    seen = []
+    for part in answer:
+        rig.p.receive(part)
+        seen.append(rig.p.inflight)
+    assert seen == [2, 1, 0, 0]
+
+
+# --- property: random batches against a model of memcached ---------------------------------------
+
+KEYS = [b"k%d" % i for i in range(4)]
+
+values = st.one_of(st.binary(max_size=12), st.integers(0, 2**64 - 1).map(lambda n: b"%d" % n))
+op_strategy = st.one_of(
+    st.tuples(st.just("get"), st.sampled_from(KEYS)),
+    # the last field: memcached answers SERVER_ERROR out of memory (and unlinks the key)
+    st.tuples(st.just("set"), st.sampled_from(KEYS), values, st.integers(0, 2**32 - 1), st.booleans()),
+    st.tuples(st.just("delete"), st.sampled_from(KEYS)),
+    st.tuples(st.just("incr"), st.sampled_from(KEYS), st.integers(0, 2**64 - 1)),
+)
+batch_strategy = st.tuples(
+    st.integers(0, 3),  # which waiter (a waiter may have several batches)
+    st.lists(op_strategy, min_size=1, max_size=4),
+    st.booleans(),  # seal (end a write) after this batch
+)
+
+
+@dataclass
+class Scenario:
+    rig: Rig
+    stream: bytes
+    expected: dict[tuple[str, int], Any]  # (waiter, index) -> result (a list, or an Err)
+    owner: list[tuple[str, int] | None]  # per stream byte: the request whose content it is
+    tombstones: set[str]
+    vas: list[tuple[int, int]]  # each VA response: where it starts, where its data starts
+    parts: list[tuple[int, int]]  # each response (and each fence's MN): where it starts and ends
+
+
+def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
+    """Submit `batches`, and write the answer memcached would send (from a model of its data)."""
+    rig = Rig()
+    store: dict[bytes, tuple[bytes, int]] = {}
+    stream = bytearray()
+    owner: list[tuple[str, int] | None] = []
+    expected: dict[tuple[str, int], Any] = {}
+    next_index = {w: 0 for w in range(4)}
+    pending_fence = False
+    vas: list[tuple[int, int]] = []
+    parts: list[tuple[int, int]] = []
+
+    def emit(part: bytes, who: tuple[str, int] | None, content: list[tuple[int, int]] = []) -> None:
+        start = len(stream)
+        stream.extend(part)
+        parts.append((start, len(stream)))
+        marks: list[tuple[str, int] | None] = [None] * len(part)
+        for a, b in content:  # spans of this response that only its own request can miss-read
+            for i in range(a, b):
+                marks[i] = who
+        owner.extend(marks)
+        assert len(owner) == len(stream) == start + len(part)
+
+    for w, ops, seal in batches:
+        name = f"W{w}"
+        wire_ops: list[list[Any]] = []
+        for op in ops:
+            if op[0] == "get":
+                wire_ops.append([Op.GET, op[1]])
+            elif op[0] == "set":
+                wire_ops.append([Op.SET, op[1], op[2], op[3], 0])
+            elif op[0] == "incr":
+                wire_ops.append([Op.INCR, op[1], op[2]])
+            else:
+                wire_ops.append([Op.DELETE, op[1]])
+        indices = list(range(next_index[w], next_index[w] + len(ops)))
+        next_index[w] += len(ops)
+        first = rig.p.seq + 1
+        rig.meta(name, wire_ops, indices)
+        for j, op in enumerate(ops):
+            opaque = first + j
+            who = (name, indices[j])
+            if op[0] == "get":
+                hit = store.get(op[1])
+                if hit is None:
+                    part = b"EN O%d\r\n" % opaque
+                    emit(part, who, [(0, 2)])
+                    expected[who] = [Code.MISS]
+                else:
+                    value, flags = hit
+                    head = b"VA %d f%d O%d\r\n" % (len(value), flags, opaque)
+                    f_at = head.index(b" f") + 1
+                    vas.append((len(stream), len(stream) + len(head)))
+                    emit(head + value + b"\r\n", who, [(0, 2), (f_at, head.index(b" O")), (len(head), len(head) + len(value))])
+                    expected[who] = [Code.OK, value, flags]
+            elif op[0] == "set" and op[4]:
+                store.pop(op[1], None)
+                line = b"SERVER_ERROR out of memory storing object\r\n"
+                emit(line, who, [(13, len(line) - 2)])
+                expected[who] = Err(Code.SERVER_ERROR, "out of memory storing object")
+            elif op[0] == "set":
+                store[op[1]] = (op[2], op[3])
+                emit(b"HD O%d\r\n" % opaque, who, [(0, 2)])
+                expected[who] = [Code.OK]
+            elif op[0] == "incr":
+                hit = store.get(op[1])
+                if hit is None:
+                    emit(b"NF O%d\r\n" % opaque, who, [(0, 2)])
+                    expected[who] = [Code.NOT_FOUND]
+                elif hit[0].isdigit() and len(hit[0]) <= 20 and int(hit[0]) < 2**64:
+                    new = (int(hit[0]) + op[2]) % 2**64  # protocol.txt: incrementing can overflow
+                    store[op[1]] = (b"%d" % new, hit[1])
+                    head = b"VA %d O%d\r\n" % (len(b"%d" % new), opaque)
+                    vas.append((len(stream), len(stream) + len(head)))
+                    emit(head + b"%d\r\n" % new, who, [(0, 2), (len(head), len(head) + len(b"%d" % new))])
+                    expected[who] = [Code.OK, new]
+                else:
+                    line = b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
+                    emit(line, who, [(13, len(line) - 2)])
+                    expected[who] = Err(Code.CLIENT_ERROR, "non-numeric")
+            else:
+                found = store.pop(op[1], None) is not None
+                emit(b"%s O%d\r\n" % (b"HD" if found else b"NF", opaque), who, [(0, 2)])
+                expected[who] = [Code.OK] if found else [Code.NOT_FOUND]
+        pending_fence = True
+        if seal:
+            rig.seal()
+            emit(MN, None)
+            pending_fence = False
+    if pending_fence:
+        rig.seal()
+        emit(MN, None)
+    tombstones = {f"W{w}" for w in dead}
+    for name in tombstones:
+        rig.waiter(name).done = True
+    return Scenario(rig, bytes(stream), expected, owner, tombstones, vas, parts)
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    chunks, pos = [], 0
+    for cut in sorted(set(cuts)):
+        chunks.append(data[pos:cut])
+        pos = max(pos, cut)
+    chunks.append(data[pos:])
+    return chunks
+
+
+def outcomes_by_request(log: list[Event]) -> dict[tuple[str, int], list[Any]]:
+    by: dict[tuple[str, int], list[Any]] = {}
+    for name, index, what in log:
+        by.setdefault((name, index), []).append(what)
+    return by
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(batch_strategy, min_size=1, max_size=6), st.sets(st.integers(0, 3), max_size=2), st.data())
+def test_every_waiter_gets_exactly_its_own_results_in_order(batches: list[Any], dead: set[int], data: st.DataObject) -> None:
+    probe = model_scenario(batches, dead)
+    cuts = data.draw(st.lists(st.integers(0, len(probe.stream)), max_size=8), label="cuts")
+    for how in ("random cuts", "byte by byte"):
+        sc = model_scenario(batches, dead)
+        stream = sc.stream
+        chunks = chunked(stream, cuts) if how == "random cuts" else [stream[i : i + 1] for i in range(len(stream))]
+        for chunk in chunks:
+            sc.rig.p.receive(chunk)
+        for name in {n for n, _ in sc.expected}:
+            got = [(i, r) for n, i, r in sc.rig.log if n == name]
+            if name in sc.tombstones:
+                assert got == [], f"{how}: tombstone {name} got {got}"
+            else:
+                want = sorted((i, r) for (n, i), r in sc.expected.items() if n == name)
+                assert got == want, f"{how}: {name}"
+        assert sc.rig.p.inflight == 0
+        assert sorted(sc.rig.released) == sorted(sc.rig.keys)
+        assert sc.rig.p.fail_all(Code.CONNECTION_ERROR, "end") == 0
+        assert len(sc.rig.log) == sum(1 for n, _ in sc.expected if n not in sc.tombstones)
+
+
+def damage(sc: Scenario, data: st.DataObject) -> tuple[str, bytes, tuple[str, int] | None]:
+    """Damage the answer stream one way; returns how, the damaged stream, and the one request
+    (if any) whose own content (status, client flags, data) alone was touched: that request may
+    read a wrong result, as no protocol can tell; every other request must not."""
+    stream = sc.stream
+    n = len(stream)
+    kind = data.draw(st.sampled_from(["replace", "lose", "repeat", "resize"] if sc.vas else ["replace", "lose", "repeat"]), label="kind")
+
+    def own(a: int, b: int) -> tuple[str, int] | None:
+        who = sc.owner[a]
+        return who if who is not None and all(sc.owner[i] == who for i in range(a, b)) else None
+
+    if kind == "replace":
+        pos = data.draw(st.integers(0, n - 1), label="pos")
+        byte = data.draw(st.integers(0, 255).filter(lambda b: b != stream[pos]), label="byte")
+        return f"byte {pos} {stream[pos:pos + 1]!r} -> {bytes([byte])!r}", stream[:pos] + bytes([byte]) + stream[pos + 1 :], own(pos, pos + 1)
+    if kind in ("lose", "repeat"):
+        if data.draw(st.booleans(), label="whole responses"):
+            i = data.draw(st.integers(0, len(sc.parts) - 1), label="first")
+            j = data.draw(st.integers(i, min(len(sc.parts) - 1, i + 3)), label="last")
+            a, b = sc.parts[i][0], sc.parts[j][1]
+        else:
+            a = data.draw(st.integers(0, n - 1), label="start")
+            b = data.draw(st.integers(a + 1, min(n, a + 48)), label="end")
+        if kind == "lose":  # a middlebox dropped bytes
+            return f"lost {stream[a:b]!r} at {a}", stream[:a] + stream[b:], own(a, b)
+        return f"repeated {stream[a:b]!r} at {a}", stream[:b] + stream[a:b] + stream[b:], own(a, b)
+    # A VA header whose size now ends its data at another CRLF of the stream: the data block
+    # swallows what follows (or stops short). No request may get such a value.
+    start, data_at = sc.vas[data.draw(st.integers(0, len(sc.vas) - 1), label="va")]
+    ends = [i for i in range(data_at, n - 1) if stream[i : i + 2] == b"\r\n"]
+    before_fence = [i for i in ends if stream[i + 2 : i + 6] == MN]  # the data then ends at an MN
+    end = data.draw(st.sampled_from(ends) | st.sampled_from(before_fence) if before_fence else st.sampled_from(ends), label="crlf")
+    line_end = data_at - 2
+    head = stream[start:line_end].split(b" ")
+    head[1] = b"%d" % (end - data_at)
+    return f"VA at {start} resized to {end - data_at}", stream[:start] + b" ".join(head) + stream[line_end:], None
+
+
+def is_failure(what: Any) -> bool:
+    return isinstance(what, Failed) or (isinstance(what, list) and what[0] >= Code.SERVER_ERROR)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(batch_strategy, min_size=1, max_size=5), st.data())
+def test_a_damaged_stream_never_delivers_a_wrong_result(batches: list[Any], data: st.DataObject) -> None:
+    # A first write stores every key, so that later gets hit and values are in flight.
+    seed = (3, [("set", k, b"seed " + k, 1, False) for k in KEYS], True)
+    sc = model_scenario([seed] + batches, set())
+    how, bad, exempt = damage(sc, data)
+    cuts = data.draw(st.lists(st.integers(0, len(bad)), max_size=6), label="cuts")
+    p = sc.rig.p
+    try:
+        for chunk in chunked(bad, cuts):
+            p.receive(chunk)
+    except OutOfStep:
+        p.fail_all(Code.CONNECTION_ERROR, "pipeline reset")
+    else:
+        p.fail_all(Code.TIMEOUT, "deadline")  # what a stream that stalls ends with
+    by = outcomes_by_request(sc.rig.log)
+    assert set(by) == set(sc.expected), "every request gets an outcome"
+    for who, right in sc.expected.items():
+        got = by[who]
+        assert len(got) == 1, f"{who} got {got}"
+        if who == exempt:
+            continue
+        assert got[0] == right or is_failure(got[0]), f"{how}: {who} got {got[0]}, right is {right}"
+    assert p.inflight == 0
+    assert sorted(sc.rig.released) == sorted(sc.rig.keys)
