@@ -299,7 +299,7 @@ class Connection:
     def check_timers(self, now: float, connect_timeout: float, io_timeout: float) -> None:
         if self.state == CONNECTING and now - self.connect_started > connect_timeout:
             self.failed(now, f"connect to {self.server.address.name} timed out", Code.CONNECTION_ERROR)
-        elif self.state == READY and self.pipeline.inflight and now - self.since > io_timeout:
+        elif self.state == READY and self.pipeline.queue and now - self.since > io_timeout:
             self.failed(now, f"{self.server.address.name} silent for {now - self.since:.1f}s with requests in flight", Code.TIMEOUT)
 
 

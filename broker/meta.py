@@ -410,26 +410,12 @@ def flag_dict(flags: bytes) -> dict[str, bytes]:
 
 
 def opaque_of(flags: bytes) -> bytes | None:
-    """The `O` token of a meta line's flags. The broker puts O last on every request and
-    memcached answers flags in request order, so the last token that starts with O is it."""
+    """The `O` token of a meta line's flags (as `next_item` returns them), or None."""
     i = flags.rfind(b" O")
-    return flags[i + 2 :] if i >= 0 else None
-# `stats cachedump` answers ITEM lines where the others answer STAT lines (pymemcache reads both).
-_STAT_HEADS = (b"STAT", b"ITEM")
-
-
-def _parse_flags(tokens: list[bytes]) -> dict[str, bytes]:
-    if not tokens:
-        return _NO_FLAGS
-    flags: dict[str, bytes] = {}
-    for tok in tokens:
-        if not tok:
-            raise ProtocolError("empty flag token (double space)")
-        c = tok[0]
-        if not (0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A):
-            raise ProtocolError(f"bad flag token {tok[:40]!r}")
-        flags[chr(c)] = tok[1:]
-    return flags
+    if i < 0:
+        return None
+    end = flags.find(b" ", i + 2)
+    return flags[i + 2 :] if end < 0 else flags[i + 2 : end]
 
 
 class ResponseParser:
@@ -498,6 +484,8 @@ class ResponseParser:
                 head, size, flags = m.groups()
                 end = m.end()
                 if size is None:
+                    if head == b"VA":
+                        raise ProtocolError(f"bad VA line: {bytes(m[0][:60])!r}")
                     append((statuses[head], None, flags))
                     pos = end
                     continue
@@ -538,6 +526,8 @@ class ResponseParser:
                 head, size, flags = m.groups()
                 end = m.end()
                 if size is None:
+                    if head == b"VA":
+                        raise ProtocolError(f"bad VA line: {bytes(m[0][:60])!r}")
                     self._pos = end
                     return (_META_STATUS[head], None, flags)
                 if head != b"VA":

@@ -4,15 +4,18 @@ No socket and no clock here (the driver in connection.py owns both), so the guar
 reaches only the request that asked for it" lives in this one object and is tested byte by byte.
 
 - `submit(batch, data)` queues the meta requests of one `Batch` (a worker frame's ops bound for
-  this connection, encoded in one join); `seal()` ends a write with an `mn` fence; the driver
+  this connection, encoded in one join); `seal()` ends a write with a fence; the driver
   writes `out` and calls `sent(n)`.
 - `receive(data)` parses what memcached sent. Responses come back in request order: FIFO position
   is the truth, and the opaque token the broker put on each request (consecutive per connection)
   must come back on its response as the cross-check.
 - Self-verifying stream: a meta result is held until the next response arrives whole and in its
-  place (its opaque checked) or the `mn` fence that closes its write does, so a response whose
-  data block swallowed (or lost) bytes of the next one is caught by the next check before its
-  value leaves the broker. Text replies (stats, version) are not cache values and go at once.
+  place (its opaque checked) or the fence that closes its write does (an `mg` with an opaque of
+  its own), so a response whose data block swallowed (or lost) bytes of the next one is caught by
+  the next check before its value leaves the broker. A data block that ran past its end always
+  holds a CRLF, so a value holding one followed by a line without an opaque (an error, a text
+  reply) resets the connection rather than trust it. Text replies (stats, version) are not cache
+  values and go at once.
 - Anything that casts doubt on the stream's sync raises `OutOfStep`; the driver then closes the
   connection and calls `fail_all`, so every request not yet answered gets an explicit error.
   Which replies keep the stream in step, and so belong to their request alone:
@@ -36,8 +39,13 @@ from . import meta
 from .meta import ProtocolError, Response, Status
 from .translate import DATA_OPS, error_result, meta_result, op_name, text_result
 
-FENCE = b"mn\r\n"
 TEXT = -1  # Batch.first of a text command: its answer carries no opaque
+# A fence closes every write: `mg` of a key the broker never stores, with an opaque of its own, so
+# its answer (EN, or HD should the key exist) is checked in place like any other. (`mn` would be
+# cheaper, but its MN carries no opaque: a data block that ran on to a later write's MN could
+# not be told from one that stopped where it should.)
+FENCE_KEY = b"_mcbroker_fence_"
+_FENCE_OP = -2
 
 
 class Waiter(Protocol):
@@ -85,16 +93,19 @@ class _NoWaiter:
     def fail(self, index: int, code: Code, message: str) -> None: ...
 
 
-# The FIFO entry of an `mn` fence (no requests, no waiter).
-_FENCE = Batch(_NoWaiter(), [], [], None, TEXT)
+_NO_WAITER = _NoWaiter()
 _VALUE = Status.VALUE
-_NOOP = Status.NOOP
+_MISS = Status.MISS
+_HIT = Status.OK
 _GET = int(Op.GET)
 _OK = Code.OK
 
 
 class Pipeline:
-    __slots__ = ("parser", "queue", "head", "out", "seq", "inflight", "held", "proven", "unfenced", "unflushed", "_release")
+    __slots__ = (
+        "parser", "queue", "head", "out", "seq", "inflight", "held", "proven", "risky", "unfenced", "unflushed",
+        "_release",
+    )
 
     def __init__(self, max_value_len: int, release: Callable[[bytes], None] | None = None) -> None:
         self.parser = meta.ResponseParser(max_value_len)
@@ -105,6 +116,7 @@ class Pipeline:
         self.inflight = 0  # requests written or queued, not yet answered (fences not counted)
         self.held: list[tuple[Waiter, int, list[Any]]] = []  # results not yet proven in step
         self.proven = 0  # how many of `held` a later response or fence has proven
+        self.risky = False  # the last value held contains CRLF
         self.unfenced = False
         self.unflushed = 0  # requests in `out` since the last sent()
         self._release = release
@@ -125,8 +137,9 @@ class Pipeline:
     def seal(self) -> None:
         """End the requests queued so far with a fence (before each write)."""
         if self.unfenced:
-            self.queue.append(_FENCE)
-            self.out += FENCE
+            self.seq = opaque = self.seq + 1
+            self.queue.append(Batch(_NO_WAITER, [0], [_FENCE_OP], None, opaque))
+            self.out += b"mg %b O%d\r\n" % (FENCE_KEY, opaque)
             self.unfenced = False
 
     def sent(self, n: int) -> None:
@@ -167,12 +180,6 @@ class Pipeline:
                 if not queue:
                     raise OutOfStep(f"a response with nothing in flight: {_describe(item)}")
                 batch = queue[0]
-                if batch is _FENCE:
-                    if type(item) is tuple and item[0] is _NOOP:
-                        queue.popleft()
-                        self.proven = len(held)
-                        continue
-                    raise OutOfStep(f"{_describe(item)} where the fence's MN was due")
                 op = batch.ops[j]
                 if type(item) is tuple:
                     status, value, flags = item
@@ -181,20 +188,44 @@ class Pipeline:
                         raise OutOfStep(f"{status.name} to a text command")
                     o = flags.rfind(b" O")
                     if o < 0 or flags[o + 2 :] != b"%d" % (first + j):
-                        raise OutOfStep(f"opaque mismatch: expected {first + j}, got {meta.opaque_of(flags)!r}")
+                        if meta.opaque_of(flags) != b"%d" % (first + j):
+                            raise OutOfStep(f"opaque mismatch: expected {first + j}, got {meta.opaque_of(flags)!r}")
+                        o = -1  # other flags after O: not the fast shape
+                    # This response arrived whole and in its place: what came before it is proven.
+                    self.proven = len(held)
+                    if op == _FENCE_OP:
+                        if status is not _MISS and status is not _HIT:
+                            raise OutOfStep(f"{status.name} to the fence")
+                        self.risky = False
+                        queue.popleft()
+                        continue
                     try:
-                        if op == _GET and status is _VALUE and flags.find(b" ", 1) == o and flags[:2] == b" f":
-                            result: list[Any] = [_OK, value, int(flags[2:o])]
+                        if op == _GET and status is _VALUE and o > 0 and flags.find(b" ", 1) == o and flags[:2] == b" f":
+                            client_flags = flags[2:o]
+                            if not client_flags.isdigit():
+                                raise ValueError(f"client flags {client_flags[:20]!r}")
+                            result: list[Any] = [_OK, value, int(client_flags)]
                         else:
                             result = meta_result(op, status, value, meta.flag_dict(flags))
                     except ValueError as exc:
                         raise OutOfStep(f"unusable {status.name} response: {exc}") from None
-                    # This response arrived whole and in its place: what came before it is proven.
-                    self.proven = len(held)
+                    # A data block that ran past its end always holds a CRLF: such a value must be
+                    # proven by an answer that carries an opaque, never by an error or text line.
+                    self.risky = value is not None and b"\r\n" in value
                     held.append((batch.waiter, batch.indices[j], result))
                 else:
-                    self.head = j
-                    result = self._other(batch, op, item)
+                    if self.risky:
+                        raise OutOfStep(f"{item.status.name} after a value holding CRLF: the stream cannot be proven in step")
+                    result, reset = self._other(batch, op, item)
+                    if reset is not None:
+                        # memcached may have read our data as commands: this reply is the request's
+                        # own; nothing after it can be trusted.
+                        index = batch.indices[j]
+                        self._answered(batch, j, release)
+                        j = self.head
+                        if not batch.waiter.done:
+                            batch.waiter.fail(index, result[0], result[1])
+                        raise OutOfStep(reset, answered=True)
                     if batch.first == TEXT:
                         # Not a cache value (stats, version, flush_all): it needs no proof.
                         if not batch.waiter.done:
@@ -214,31 +245,35 @@ class Pipeline:
         finally:
             self.head = j
 
-    def _other(self, batch: Batch, op: int, resp: Response) -> list[Any]:
+    def _answered(self, batch: Batch, j: int, release: Callable[[bytes], None] | None) -> None:
+        self.inflight -= 1
+        key = batch.keys[j] if batch.keys is not None else None
+        if key is not None and release is not None:
+            release(key)
+        if j + 1 < len(batch.indices):
+            self.head = j + 1
+        else:
+            self.head = 0
+            self.queue.popleft()
+
+    def _other(self, batch: Batch, op: int, resp: Response) -> tuple[list[Any], str | None]:
         """A response the meta fast path did not take: an error, a text reply, a meta line with
-        unusual tokens."""
+        unusual tokens. Returns its result, and why the stream must be reset after it (or None)."""
         status = resp.status
         text = batch.first == TEXT
+        if op == _FENCE_OP:
+            raise OutOfStep(f"{status.name} to the fence")
         if status is Status.SERVER_ERROR or (status is Status.CLIENT_ERROR and op not in DATA_OPS) or (
             text and status is Status.ERROR
         ):
-            return error_result(resp)
+            return error_result(resp), None
         if status is Status.ERROR or status is Status.CLIENT_ERROR:
-            # memcached may have read our data block as commands: nothing after it can be trusted.
-            self._blame(batch, error_result(resp))
-            raise OutOfStep(f"{status.value} to {op_name(op)}", answered=True)
+            return error_result(resp), f"{status.value} to {op_name(op)}"
         if text:
             if batch.expect is not None and status not in batch.expect:
                 raise OutOfStep(f"unexpected {status.name} for a text command")
-            return text_result(op, resp)
+            return text_result(op, resp), None
         raise OutOfStep(f"unexpected {status.name} for {op_name(op)}")
-
-    def _blame(self, batch: Batch, result: list[Any]) -> None:
-        # Only this request's own error; fail_all then fails it (a no-op for a job that already
-        # has its result) and everything after it.
-        j = self.head
-        if not batch.waiter.done:
-            batch.waiter.fail(batch.indices[j], result[0], result[1])
 
     def release_held(self) -> None:
         """Deliver the held results that a later response or fence proved."""
@@ -266,7 +301,7 @@ class Pipeline:
         head, self.head = self.head, 0
         release = self._release
         for batch in queue:
-            if batch is _FENCE:
+            if batch.waiter is _NO_WAITER:
                 continue
             for j in range(head, len(batch.indices)):
                 key = batch.keys[j] if batch.keys is not None else None

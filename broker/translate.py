@@ -31,12 +31,17 @@ MISS = [Code.MISS]
 _NOT_STORED = [Code.NOT_STORED]
 _EXISTS = [Code.EXISTS]
 NOT_FOUND = [Code.NOT_FOUND]
+# protocol.txt: ms answers HD / NS / EX / NF; md answers HD / NF / EX.
 _STORE_RESULTS = {
     Status.OK: OK,
     Status.NOT_STORED: _NOT_STORED,
     Status.EXISTS: _EXISTS,
     Status.NOT_FOUND: NOT_FOUND,
-    Status.MISS: NOT_FOUND,
+}
+_DELETE_RESULTS = {
+    Status.OK: OK,
+    Status.EXISTS: _EXISTS,
+    Status.NOT_FOUND: NOT_FOUND,
 }
 
 # Text commands: which statuses answer them.
@@ -123,8 +128,12 @@ def meta_result(op: int, status: Status, value: bytes | None, flags: dict[str, b
             return [Code.OK, value, int(f) if f else 0, int(c) if c else 0]
         if status is Status.MISS:
             return MISS
-    elif op <= Op.DELETE:
+    elif op <= Op.CAS:
         r = _STORE_RESULTS.get(status)
+        if r is not None:
+            return r
+    elif op == Op.DELETE:
+        r = _DELETE_RESULTS.get(status)
         if r is not None:
             return r
     elif op <= Op.DECR:
@@ -143,13 +152,17 @@ def meta_result(op: int, status: Status, value: bytes | None, flags: dict[str, b
 def text_result(op: int, resp: Response) -> list[Any]:
     """The wire result of a text command's answer (the per-server part of a broadcast)."""
     status = resp.status
-    if op == Op.VERSION and status is Status.VERSION:
-        return [Code.OK, resp.text.decode("ascii", "replace")]
-    if op == Op.STATS:
-        return [Code.OK, resp.stats if status is Status.STATS else {}]
-    if status is Status.TEXT_OK:
+    if op == Op.VERSION:
+        if status is Status.VERSION:
+            return [Code.OK, resp.text.decode("ascii", "replace")]
+    elif op == Op.STATS:
+        if status is Status.STATS:
+            return [Code.OK, resp.stats]
+        if status is Status.RESET or status is Status.TEXT_OK:
+            return [Code.OK, {}]
+    elif status is Status.TEXT_OK:
         return [Code.OK, True]
-    return [Code.SERVER_ERROR, f"unexpected {status.name} reply to {Op(op).name}"]
+    return [Code.SERVER_ERROR, f"unexpected {status.name} reply to {op_name(op)}"]
 
 
 def error_result(resp: Response) -> list[Any]:

@@ -47,6 +47,9 @@ VERSION = "1.6.18-fake"
 GARBAGE = b"\x00\x01#!garbage\xff\r\n"
 
 
+FENCE_KEY = b"_mcbroker_fence_"  # broker/pipeline.py's
+
+
 class Fault(enum.Enum):
     WRONG_OPAQUE = "wrong_opaque"  # the right answer with somebody else's O token
     TRAILING_GARBAGE = "trailing_garbage"  # the right answer followed by an unparsable line
@@ -275,9 +278,10 @@ class FakeMemcached:
                 conn.lines.append(line)
                 self.requests += 1
                 self._cond.notify_all()
-                # Faults target the data requests; the broker's own `mn` fences and its
-                # `stats settings` on each new connection do not count toward `nth`.
-                fault = self._take_fault(conn) if tokens[:1] in ([b"mg"], [b"ms"], [b"md"], [b"ma"]) else None
+                # Faults target the data requests; the broker's own fences (an `mg` of its fence
+                # key) and its `stats settings` on each new connection do not count toward `nth`.
+                data_request = tokens[:1] in ([b"mg"], [b"ms"], [b"md"], [b"ma"]) and tokens[1:2] != [FENCE_KEY]
+                fault = self._take_fault(conn) if data_request else None
                 stalled = conn.stalled
             if stalled:
                 continue
