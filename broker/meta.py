@@ -418,6 +418,24 @@ def opaque_of(flags: bytes) -> bytes | None:
     return flags[i + 2 :] if end < 0 else flags[i + 2 : end]
 
 
+# `stats cachedump` answers ITEM lines where the others answer STAT lines (pymemcache reads both).
+_STAT_HEADS = (b"STAT", b"ITEM")
+
+
+def _parse_flags(tokens: list[bytes]) -> dict[str, bytes]:
+    if not tokens:
+        return _NO_FLAGS
+    flags: dict[str, bytes] = {}
+    for tok in tokens:
+        if not tok:
+            raise ProtocolError("empty flag token (double space)")
+        c = tok[0]
+        if not (0x41 <= c <= 0x5A or 0x61 <= c <= 0x7A):
+            raise ProtocolError(f"bad flag token {tok[:40]!r}")
+        flags[chr(c)] = tok[1:]
+    return flags
+
+
 class ResponseParser:
     """Incremental parser: feed any slices of the byte stream, pull whole responses."""
 
