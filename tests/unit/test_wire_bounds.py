@@ -1,0 +1,80 @@
+"""Decoding a request costs memory bounded by the frame's size, whatever its shape (issue 13
+item 4): msgpack allocates each array as its header declares, so a few KB of nested headers
+declaring 100,000 elements each once cost the broker 100+ ms and tens of MB per frame."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import msgpack
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from clientlib.wire import Code, Op, WireError, decode_request, encode_request
+
+pytestmark = pytest.mark.unit
+
+# Stated bound: peak memory of one decode, as a multiple of the frame's size, plus a constant.
+# The constant is one chain of nested arrays at msgpack's depth limit (1,024 levels of up to 16
+# preallocated slots), decoded at most twice: what a failing frame can waste before it fails.
+PER_BYTE = 64
+CONSTANT = 1 << 20
+
+
+def peak_of_decode(data: bytes) -> int:
+    tracemalloc.start()
+    try:
+        try:
+            decode_request(data)
+        except WireError:
+            pass
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+HEADERS = {
+    "array16 of 65535": b"\xdc\xff\xff",
+    "array32 of 100000": b"\xdd\x00\x01\x86\xa0",
+    "fixarray of 15": b"\x9f",
+}
+
+
+@pytest.mark.parametrize("header", list(HEADERS.values()), ids=list(HEADERS))
+@pytest.mark.parametrize("size", [100, 1_000, 5_000, 50_000])
+def test_nested_declared_arrays_cost_a_bounded_multiple_of_the_frame(header: bytes, size: int) -> None:
+    # [1, 5, 0, 0, <nested headers...>]: a valid start, then arrays that declare far more
+    # elements than the frame holds, nested as deep as the bytes allow.
+    data = msgpack.packb([1, 5, 0, 0, 0])[:-1] + header * (size // len(header))
+    assert peak_of_decode(data) <= PER_BYTE * len(data) + CONSTANT
+    with pytest.raises(WireError) as info:
+        decode_request(data)
+    assert (info.value.code, info.value.req_id) == (Code.BAD_REQUEST, 5)
+
+
+@pytest.mark.parametrize("header", list(HEADERS.values()), ids=list(HEADERS))
+def test_hostile_arrays_inside_an_op_are_bounded_too(header: bytes) -> None:
+    ops = [[Op.GET, b"k%d" % i] for i in range(100)]
+    good = encode_request(9, ops)
+    # The last op replaced by nested hostile headers.
+    last = msgpack.packb([Op.GET, b"k99"])
+    data = good[: -len(last)] + header * 2000
+    assert peak_of_decode(data) <= PER_BYTE * len(data) + CONSTANT
+    with pytest.raises(WireError) as info:
+        decode_request(data)
+    assert (info.value.code, info.value.req_id) == (Code.BAD_REQUEST, 9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2000))
+def test_random_bytes_after_a_valid_start_are_bounded(tail: bytes) -> None:
+    data = msgpack.packb([1, 7, 0, 0, 0])[:-1] + tail
+    assert peak_of_decode(data) <= PER_BYTE * len(data) + CONSTANT
+
+
+def test_large_valid_frames_decode_unchanged() -> None:
+    # The op-by-op path (frames above 256 bytes) gives exactly what one msgpack call gives.
+    ops = [[Op.GET, b"key:%06d" % i] for i in range(5000)] + [[Op.SET, b"s", b"v" * 300, 3, 60], [Op.STATS, [b"slabs"]]]
+    frame = decode_request(encode_request(11, ops, 250, 0))
+    assert (frame.req_id, frame.timeout_ms, frame.flags) == (11, 250, 0)
+    assert frame.ops == [list(op) for op in ops]
