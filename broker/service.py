@@ -33,6 +33,7 @@ _POLLOUT = int(zmq.POLLOUT)
 _POLLIN_ERR = int(zmq.POLLIN | zmq.POLLERR)
 IDLE_POLL_MS = 250
 DRAIN_SECONDS = 10.0
+TURN_BYTES = 4 << 20
 
 
 def sd_notify(state: str) -> None:
@@ -237,6 +238,9 @@ class Broker:
         fds = self._fds
         wake_fd = self._wake_r.fileno()
         limit = self.config.max_batch_per_turn
+        # Bytes of frames read per turn: enough for a full turn of small frames, while a flood of
+        # large ones cannot keep the loop from flushing memcached and reading its answers.
+        turn_bytes = max(self.config.max_frame_bytes, TURN_BYTES)
         try:
             while not self._stop:
                 now = time.monotonic()
@@ -271,7 +275,7 @@ class Broker:
                 # zmq_poll reports a ROUTER as readable for as long as frames wait, so sockets
                 # it did not report need no (exception-raising) empty read.
                 for sock in readable:
-                    for ident, data in front.recv_batch(sock, limit):
+                    for ident, data in front.recv_batch(sock, limit, turn_bytes):
                         try:
                             router.handle(sock, ident, data, now)
                         except Exception:
