@@ -13,8 +13,12 @@ ZeroMQ, threads and fork lives here.
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import random
+import socket
+import stat
 import threading
 import time
 import weakref
@@ -28,6 +32,11 @@ from .wire import ReplyFrame, WireError, decode_reply
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's enum flags cost more than the call
 _RCVTIMEO = int(zmq.RCVTIMEO)
 RCVTIMEO_SLACK_MS = 5
+
+# How long a verdict of the OS check "is anything listening at the address?" is reused. The check
+# costs microseconds (a stat and a non-blocking connect) and runs only when a send would block;
+# reusing it briefly bounds its rate in a tight loop of failing calls.
+PROBE_TTL = 0.01
 
 # The broker answers TIMEOUT at the call's deadline; waiting a little longer lets that clear
 # answer arrive, while a broker that is stopped or gone still fails close to the deadline.
@@ -59,6 +68,91 @@ class _ThreadState(threading.local):
     gen = -1
     next_id = 0
     rcvtimeo = -2
+    saw_down = False  # this thread's socket last found nobody listening
+
+
+def _ipc_down_reason(path: str) -> str | None:
+    """Why nothing can accept a connection on the unix socket `path`, or None when something may."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{path} does not exist (is the broker running?)"
+    except PermissionError:
+        return f"access denied to {path}: this user may not reach the broker's socket (check the directory's permissions)"
+    except OSError as exc:
+        return f"cannot stat {path}: {exc.strerror}"
+    if not stat.S_ISSOCK(st.st_mode):
+        return f"{path} is not a socket"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        err = s.connect_ex(path)
+    finally:
+        s.close()
+    if err in (0, errno.EAGAIN, errno.EINPROGRESS):
+        return None  # listening (EAGAIN: its accept queue is full, so it is there but busy)
+    if err == errno.ECONNREFUSED:
+        return f"nothing listens on {path} (connection refused: a broker that was killed leaves its socket file behind)"
+    if err in (errno.EACCES, errno.EPERM):
+        return (
+            f"access denied to {path}: this user may not connect to the broker's socket "
+            "(check the socket's owner, group and mode, and this user's groups)"
+        )
+    if err == errno.ENOENT:
+        return f"{path} does not exist (is the broker running?)"
+    return f"cannot connect to {path}: {os.strerror(err)}"
+
+
+def _tcp_down_reason(host: str, port: int) -> str | None:
+    """Why nothing can accept a TCP connection at host:port, or None when something may."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"cannot resolve {host}: {exc}"
+    reason = None
+    for family, type_, proto, _, sockaddr in infos:
+        s = socket.socket(family, type_, proto)
+        try:
+            s.settimeout(PROBE_TTL)
+            err = s.connect_ex(sockaddr)
+        finally:
+            s.close()
+        if err not in (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EADDRNOTAVAIL, errno.EACCES):
+            return None  # connected, or slow to answer: something may be there
+        reason = f"nothing listens on {host} port {port} ({os.strerror(err).lower()})"
+    return reason
+
+
+class _Probe:
+    """Asks the OS, cheaply, whether anything listens at the broker's address.
+
+    ZeroMQ cannot tell "nobody is there" from "still connecting": with IMMEDIATE set, a send just
+    would block in both cases. The transport asks this only when a send would block, so a call to
+    an address where nothing listens fails in microseconds instead of waiting out its deadline,
+    while a broker that is there but slow to accept still gets the whole deadline.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._check: Callable[[], str | None]
+        if url.startswith("ipc://"):
+            path = url[len("ipc://"):]
+            self._check = lambda: _ipc_down_reason(path)
+        elif url.startswith("tcp://"):
+            host, _, port = url[len("tcp://"):].rpartition(":")
+            host = host[1:-1] if host.startswith("[") else host
+            self._check = lambda: _tcp_down_reason(host, int(port))
+        else:
+            self._check = lambda: None
+        self._reason: str | None = None
+        self._checked_at = -math.inf
+
+    def down_reason(self) -> str | None:
+        """None when something may be listening; else why nothing is (reused for PROBE_TTL)."""
+        now = time.monotonic()
+        if now - self._checked_at >= PROBE_TTL:
+            self._reason = self._check()
+            self._checked_at = time.monotonic()
+        return self._reason
 
 
 class Transport:
@@ -69,6 +163,7 @@ class Transport:
         self._local = _ThreadState()
         self._sockets: "weakref.WeakSet[zmq.Socket]" = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._probe = _Probe(url)
         _transports.add(self)
 
     # --- sockets -------------------------------------------------------------------------------
@@ -124,23 +219,42 @@ class Transport:
 
     # --- calls ---------------------------------------------------------------------------------
 
-    def _send(self, sock: zmq.Socket, data: bytes, deadline: float) -> None:
+    def _send(self, sock: zmq.Socket, st: _ThreadState, data: bytes, deadline: float) -> None:
+        copy = len(data) < 65536
         try:
-            sock.send(data, _NOBLOCK, copy=len(data) < 65536)
+            sock.send(data, _NOBLOCK, copy=copy)
             return
         except zmq.Again:
             pass
         except zmq.ZMQError as exc:
             raise BrokerUnavailable(f"cannot send to the broker at {self.url}: {exc}") from None
-        # No connected broker yet (a new socket, or the broker restarting): wait for one.
-        remaining = deadline - time.monotonic()
-        if remaining > 0 and sock.poll(max(1, int(remaining * 1000)), zmq.POLLOUT):
-            try:
-                sock.send(data, _NOBLOCK, copy=len(data) < 65536)
-                return
-            except zmq.ZMQError:
-                pass
-        raise BrokerUnavailable(f"no broker is accepting requests at {self.url}")
+        # IMMEDIATE: no connection to a broker is up. Either nothing listens (fail now), or the
+        # socket is (re)connecting to a broker that is there (wait for it, up to the deadline).
+        reason = self._probe.down_reason()
+        if reason is not None:
+            st.saw_down = True
+            raise BrokerUnavailable(f"no broker at {self.url}: {reason}")
+        if st.saw_down:
+            # The broker is back. ZeroMQ retries with a growing interval (up to RECONNECT_IVL_MAX);
+            # a fresh connect attempts at once, so the first call after the broker's return works.
+            st.saw_down = False
+            sock.disconnect(self.url)
+            sock.connect(self.url)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerUnavailable(f"no broker accepted a connection at {self.url} before the deadline")
+            # Slices of PROBE_TTL: a broker that goes away meanwhile is noticed within one.
+            if sock.poll(max(1, math.ceil(min(remaining, PROBE_TTL) * 1000)), zmq.POLLOUT):
+                try:
+                    sock.send(data, _NOBLOCK, copy=copy)
+                    return
+                except zmq.Again:
+                    continue
+            reason = self._probe.down_reason()
+            if reason is not None:
+                st.saw_down = True
+                raise BrokerUnavailable(f"no broker at {self.url}: {reason}")
 
     def next_id(self) -> int:
         """A fresh request id for this thread's socket."""
@@ -149,10 +263,10 @@ class Transport:
         return rid
 
     def send_only(self, frames: list[bytes], timeout: float) -> None:
-        sock, _ = self._sock()
+        sock, st = self._sock()
         deadline = time.monotonic() + timeout
         for data in frames:
-            self._send(sock, data, deadline)
+            self._send(sock, st, data, deadline)
 
     def call_one(self, make_frame: Callable[[int], bytes], timeout: float) -> ReplyFrame:
         """One frame, one reply: the common case, without call()'s bookkeeping."""
@@ -160,7 +274,7 @@ class Transport:
         st.next_id = rid = (st.next_id + 1) & 0xFFFFFFFFFFFFFFFF
         data = make_frame(rid)
         start = time.monotonic()
-        self._send(sock, data, start + timeout)
+        self._send(sock, st, data, start + timeout)
         return self._wait(sock, st, {rid}, start + timeout + GRACE, timeout)[rid]
 
     def call(self, frames: list[tuple[int, bytes]], timeout: float) -> dict[int, ReplyFrame]:
@@ -169,7 +283,7 @@ class Transport:
         start = time.monotonic()
         deadline = start + timeout + GRACE
         for _, data in frames:
-            self._send(sock, data, start + timeout)
+            self._send(sock, st, data, start + timeout)
         return self._wait(sock, st, {rid for rid, _ in frames}, deadline, timeout)
 
     def _wait(self, sock: zmq.Socket, st: _ThreadState, waiting: set[int], deadline: float, timeout: float) -> dict[int, ReplyFrame]:
