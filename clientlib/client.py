@@ -153,7 +153,8 @@ class _Commands:
                 "clientlib.Client takes the broker's URL (ipc:///path or tcp://127.0.0.1:PORT), "
                 f"not a memcached address: got {broker!r}"
             )
-        self.broker_url = broker or address.default_connect_url()
+        # Checked here, once: a bad address must not surface later as a raw ZeroMQ error.
+        self.broker_url = address.check_connect_url(broker) if broker else address.default_connect_url()
         if timeout is None:
             timeout = DEFAULT_TIMEOUT
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 86_400:

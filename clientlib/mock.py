@@ -275,7 +275,8 @@ class MockClient(Client):
         **kwargs: Any,
     ) -> None:
         # Skips Client.__init__ on purpose: there is no transport to build.
-        _Commands.__init__(self, "inproc://clientlib-mock", **kwargs)
+        _Commands.__init__(self, "ipc:///clientlib-mock", **kwargs)
+        self.broker_url = "mock"
         self.server = server
         self._memory = _Memory(clock, max_value_bytes)
         self._lock = threading.Lock()

@@ -24,9 +24,10 @@ import time
 import weakref
 from typing import Any, Callable
 
+import msgpack
 import zmq
 
-from .errors import BrokerTimeout, BrokerUnavailable, ProtocolMismatch
+from .errors import BrokerTimeout, BrokerUnavailable, MemcacheError, MemcacheUnknownError, ProtocolMismatch
 from .wire import ReplyFrame, WireError, decode_reply
 
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's enum flags cost more than the call
@@ -53,14 +54,51 @@ def context() -> zmq.Context:
     """This process's ZeroMQ context (a new one after fork)."""
     global _context, _context_pid
     pid = os.getpid()
-    if _context is None or _context_pid != pid:
+    if _context is None or _context_pid != pid or _context.closed:
+        # closed: someone terminated it (zmq.Context.instance().term() in user code, a test);
+        # a new one lets calls go on instead of failing forever.
         with _context_lock:
-            if _context is None or _context_pid != pid:
-                if _context is not None:
+            if _context is None or _context_pid != pid or _context.closed:
+                if _context is not None and _context_pid != pid:
                     _inherited.append(_context)
                 _context = zmq.Context(io_threads=1)
                 _context_pid = pid
     return _context
+
+
+class _ErrorMap:
+    """`with self._errors:` around everything that touches ZeroMQ or the OS: the one place where
+    their exceptions become clientlib's (httpcore's map_exceptions). Nothing from zmq, msgpack or
+    socket leaves the transport. A class rather than a generator context manager: it is entered
+    on every call, and this costs a fraction of a microsecond."""
+
+    __slots__ = ("url",)
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, MemcacheError) or not isinstance(exc, Exception):
+            return False  # ours already, or KeyboardInterrupt / CancelledError: let it through
+        raise translate(exc, self.url) from exc
+
+
+def translate(exc: BaseException, url: str) -> MemcacheError:
+    """clientlib's exception for one raised by ZeroMQ, msgpack or the OS while talking to `url`."""
+    if isinstance(exc, zmq.Again):
+        return BrokerTimeout(f"no reply from the broker at {url} in time")
+    if isinstance(exc, zmq.ContextTerminated):
+        return BrokerUnavailable(f"the ZeroMQ context for the broker at {url} was terminated")
+    if isinstance(exc, zmq.ZMQError):
+        return BrokerUnavailable(f"cannot talk to the broker at {url}: {exc} (ZeroMQ errno {exc.errno})")
+    if isinstance(exc, OSError):
+        return BrokerUnavailable(f"cannot reach the broker at {url}: {exc}")
+    if isinstance(exc, (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, WireError)):
+        return ProtocolMismatch(f"malformed reply from the broker at {url}: {exc}")
+    return MemcacheUnknownError(f"unexpected {type(exc).__name__} talking to the broker at {url}: {exc}")
 
 
 class _ThreadState(threading.local):
@@ -164,6 +202,7 @@ class Transport:
         self._sockets: "weakref.WeakSet[zmq.Socket]" = weakref.WeakSet()
         self._lock = threading.Lock()
         self._probe = _Probe(url)
+        self._errors = _ErrorMap(url)
         _transports.add(self)
 
     # --- sockets -------------------------------------------------------------------------------
@@ -181,8 +220,8 @@ class Transport:
             self._after_fork()
         st = self._local
         sock = st.sock
-        if sock is None or st.gen != self._gen:
-            if sock is not None:
+        if sock is None or st.gen != self._gen or sock.closed:
+            if sock is not None and not sock.closed:
                 sock.close(linger=0)
             sock = context().socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
@@ -205,6 +244,10 @@ class Transport:
         if self._pid != os.getpid():
             self._after_fork()
             return
+        with self._errors:
+            self._close()
+
+    def _close(self) -> None:
         with self._lock:
             self._gen += 1
             socks = list(self._sockets)
@@ -226,8 +269,6 @@ class Transport:
             return
         except zmq.Again:
             pass
-        except zmq.ZMQError as exc:
-            raise BrokerUnavailable(f"cannot send to the broker at {self.url}: {exc}") from None
         # IMMEDIATE: no connection to a broker is up. Either nothing listens (fail now), or the
         # socket is (re)connecting to a broker that is there (wait for it, up to the deadline).
         reason = self._probe.down_reason()
@@ -258,33 +299,37 @@ class Transport:
 
     def next_id(self) -> int:
         """A fresh request id for this thread's socket."""
-        _, st = self._sock()
+        with self._errors:
+            _, st = self._sock()
         st.next_id = rid = (st.next_id + 1) & 0xFFFFFFFFFFFFFFFF
         return rid
 
     def send_only(self, frames: list[bytes], timeout: float) -> None:
-        sock, st = self._sock()
-        deadline = time.monotonic() + timeout
-        for data in frames:
-            self._send(sock, st, data, deadline)
+        with self._errors:
+            sock, st = self._sock()
+            deadline = time.monotonic() + timeout
+            for data in frames:
+                self._send(sock, st, data, deadline)
 
     def call_one(self, make_frame: Callable[[int], bytes], timeout: float) -> ReplyFrame:
         """One frame, one reply: the common case, without call()'s bookkeeping."""
-        sock, st = self._sock()
-        st.next_id = rid = (st.next_id + 1) & 0xFFFFFFFFFFFFFFFF
-        data = make_frame(rid)
-        start = time.monotonic()
-        self._send(sock, st, data, start + timeout)
-        return self._wait(sock, st, {rid}, start + timeout + GRACE, timeout)[rid]
+        with self._errors:
+            sock, st = self._sock()
+            st.next_id = rid = (st.next_id + 1) & 0xFFFFFFFFFFFFFFFF
+            data = make_frame(rid)
+            start = time.monotonic()
+            self._send(sock, st, data, start + timeout)
+            return self._wait(sock, st, {rid}, start + timeout + GRACE, timeout)[rid]
 
     def call(self, frames: list[tuple[int, bytes]], timeout: float) -> dict[int, ReplyFrame]:
         """Send frames, wait for exactly their replies (by id) until the deadline."""
-        sock, st = self._sock()
-        start = time.monotonic()
-        deadline = start + timeout + GRACE
-        for _, data in frames:
-            self._send(sock, st, data, start + timeout)
-        return self._wait(sock, st, {rid for rid, _ in frames}, deadline, timeout)
+        with self._errors:
+            sock, st = self._sock()
+            start = time.monotonic()
+            deadline = start + timeout + GRACE
+            for _, data in frames:
+                self._send(sock, st, data, start + timeout)
+            return self._wait(sock, st, {rid for rid, _ in frames}, deadline, timeout)
 
     def _wait(self, sock: zmq.Socket, st: _ThreadState, waiting: set[int], deadline: float, timeout: float) -> dict[int, ReplyFrame]:
         replies: dict[int, ReplyFrame] = {}
