@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from . import address, serde as serde_mod, wire
+from . import address, limits, serde as serde_mod, wire
 from .errors import (
     BrokerOverloaded,
     BrokerTimeout,
@@ -38,6 +38,9 @@ from .wire import Code, Op
 DEFAULT_TIMEOUT = 1.0
 MAX_OPS_PER_FRAME = 10_000
 DEFAULT_MAX_FRAME = wire.DEFAULT_MAX_FRAME
+# More than a frame's bytes beyond a store op's key and value: header, request id, deadline,
+# flags, op code, bin headers, client flags, TTL, cas.
+FRAME_SLACK = 64
 _U32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
 
@@ -58,6 +61,18 @@ _ERRORS: dict[int, type[MemcacheError]] = {
 def error_for(code: int, message: Any) -> MemcacheError:
     """The exception for a wire failure code: the one place wire codes become exceptions."""
     return _ERRORS.get(code, MemcacheServerError)(str(message))
+
+
+def _deleted_then_raise(message: str, results: list[list[Any]]) -> Any:
+    """finish() of a set too large to send: its key was deleted instead; the set still failed."""
+    r = results[0]
+    if r[0] >= Code.SERVER_ERROR:
+        raise error_for(r[0], r[1] if len(r) > 1 else "")
+    raise MemcacheServerError(message)
+
+
+def _true(results: list[list[Any]]) -> bool:
+    return True
 
 
 # pymemcache converts some stats to Python types; everything else is tried as int.
@@ -288,6 +303,18 @@ class _Commands:
 
     # --- writes --------------------------------------------------------------------------------
 
+    def _fits_frame(self, op: list[Any]) -> bool:
+        """Whether a frame holding just this store op stays within max_frame_bytes."""
+        if len(op[1]) + len(op[2]) + FRAME_SLACK <= self.max_frame_bytes:
+            return True  # the common case, decided without encoding the value
+        return len(wire.encode_request(_U64, [op], _U32, wire.NOREPLY)) <= self.max_frame_bytes
+
+    def _too_large(self, key: bytes, value: bytes) -> str:
+        return (
+            f"{limits.TOO_LARGE}: a {len(value)}-byte value for key {key[:64]!r} does not fit the "
+            f"broker's frame limit of {self.max_frame_bytes} bytes (max_frame_bytes)"
+        )
+
     def _store(self, op: int, key: Any, value: Any, expire: Any, noreply: bool | None, flags: int | None, cas: Any = None) -> Command:
         k = self.check_key(key)
         ttl = self._expire(expire)
@@ -295,6 +322,17 @@ class _Commands:
         o: list[Any] = [op, k, data, fl, ttl]
         if op == Op.CAS:
             o.append(check_cas(cas))
+        nr = self._noreply(noreply)
+        if not self._fits_frame(o):
+            # memcached's text protocol answers "SERVER_ERROR object too large for cache"; for a
+            # set it also unlinks the key's old item, so a failed write never leaves stale data
+            # readable (Django's cache relies on it). With noreply the error is not sent.
+            message = self._too_large(k, data)
+            if op == Op.SET:
+                return Command([[Op.DELETE, k]], functools.partial(_deleted_then_raise, message), noreply=nr)
+            if nr:
+                return Command([], _true, noreply=True)
+            raise MemcacheServerError(message)
 
         def finish(results: list[list[Any]]) -> Any:
             r = results[0]
@@ -307,7 +345,7 @@ class _Commands:
                 return None
             self._raise(r)
 
-        return Command([o], finish, noreply=self._noreply(noreply))
+        return Command([o], finish, noreply=nr)
 
     def _cmd_set(self, key: Any, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None) -> Command:
         return self._store(Op.SET, key, value, expire, noreply, flags)
@@ -331,15 +369,26 @@ class _Commands:
         ttl = self._expire(expire)
         keys = list(values)
         ops = []
-        for key in keys:
+        too_large: dict[int, str] = {}
+        for n, key in enumerate(keys):
             data, fl = self._value(key, values[key], flags)
-            ops.append([Op.SET, self.check_key(key), data, fl, ttl])
+            k = self.check_key(key)
+            op = [Op.SET, k, data, fl, ttl]
+            if not self._fits_frame(op):
+                # As memcached does for each too-large set of a batch: the key's old item goes.
+                too_large[n] = self._too_large(k, data)
+                op = [Op.DELETE, k]
+            ops.append(op)
         ignore = self.ignore_exc
 
         def finish(results: list[list[Any]]) -> list[Any]:
             failed = []
-            for key, r in zip(keys, results):
-                if r[0] != Code.OK:
+            for n, (key, r) in enumerate(zip(keys, results)):
+                if n in too_large:
+                    if not ignore:
+                        raise MemcacheServerError(too_large[n])
+                    failed.append(key)
+                elif r[0] != Code.OK:
                     if r[0] >= Code.SERVER_ERROR and not ignore:
                         self._raise(r)
                     failed.append(key)

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import wire
+from . import limits, wire
 from .client import Client, Command, _Commands, error_for
 from .wire import Code, Op
 
@@ -34,7 +34,6 @@ __all__ = ["MockClient", "MOCK_SERVER", "MOCK_VERSION"]
 
 MOCK_SERVER = "mock"
 MOCK_VERSION = "1.6.18-mock"
-DEFAULT_MAX_VALUE_BYTES = 1 << 20  # the broker's default max_value_bytes (memcached's -I 1m)
 
 # memcached reads a TTL above 30 days as an absolute Unix time.
 _RELATIVE_TTL_LIMIT = 60 * 60 * 24 * 30
@@ -62,9 +61,10 @@ class _Item:
 class _Memory:
     """One emulated memcached server: wire ops in, wire results out. Not thread-safe by itself."""
 
-    def __init__(self, clock: Callable[[], float], max_value_bytes: int) -> None:
+    def __init__(self, clock: Callable[[], float], item_size_max: int, cas_enabled: bool) -> None:
         self.clock = clock
-        self.max_value_bytes = max_value_bytes
+        self.item_size_max = item_size_max
+        self.cas_enabled = cas_enabled
         self.items: dict[bytes, _Item] = {}
         self.cas_counter = 0
         self.flush_at: float | None = None
@@ -98,6 +98,9 @@ class _Memory:
             del self.items[key]
             return None
         return item
+
+    def _fits(self, key: bytes, value_len: int, flags: int) -> bool:
+        return limits.item_fits(len(key), value_len, flags, item_size_max=self.item_size_max, cas_enabled=self.cas_enabled)
 
     def _next_cas(self) -> int:
         self.cas_counter += 1
@@ -159,8 +162,12 @@ class _Memory:
     def _store(self, code: int, op: list[Any], now: float) -> list[Any]:
         self.counters["cmd_set"] += 1
         key, value, flags, ttl = op[1], op[2], op[3], op[4]
-        if len(value) > self.max_value_bytes:
-            return [Code.SERVER_ERROR, f"object too large for cache ({len(value)} > {self.max_value_bytes} bytes)"]
+        if not self._fits(key, len(value), flags):
+            # memcached's text protocol: "SERVER_ERROR object too large for cache" in every mode;
+            # a set also unlinks the key's old item (memcached's process_update_command).
+            if code == Op.SET:
+                self.items.pop(key, None)
+            return [Code.SERVER_ERROR, limits.TOO_LARGE]
         item = self._live(key, now)
         exptime = self._exptime(ttl, now)
         if code == Op.SET:
@@ -181,9 +188,9 @@ class _Memory:
         # APPEND / PREPEND: the old item's flags and TTL stay, as in memcached.
         if item is None:
             return _NOT_STORED
+        if not self._fits(key, len(item.value) + len(value), item.flags):
+            return _NOT_STORED  # memcached cannot allocate the joined item: NOT_STORED, item kept
         joined = item.value + value if code == Op.APPEND else value + item.value
-        if len(joined) > self.max_value_bytes:
-            return [Code.SERVER_ERROR, "out of memory storing object"]
         return self._store_item(key, joined, item.flags, item.exptime, now)
 
     def _arith(self, code: int, key: bytes, delta: int, now: float) -> list[Any]:
@@ -250,8 +257,8 @@ class _Memory:
         if args == [b"settings"]:
             return {
                 "maxbytes": str(self.memlimit_mb * 1024 * 1024),
-                "item_size_max": str(self.max_value_bytes),
-                "cas_enabled": "yes",
+                "item_size_max": str(self.item_size_max),
+                "cas_enabled": "yes" if self.cas_enabled else "no",
                 "evictions": "on",
             }
         return {}
@@ -263,7 +270,11 @@ class MockClient(Client):
     Takes the Client's keyword arguments (serde, key_prefix, allow_unicode_keys, default_noreply,
     ignore_exc, encoding, timeout, ...) with the same meaning. `server` is accepted and ignored,
     as pymemcache's mock does. `clock` (seconds, like time.time) lets tests drive expiry without
-    sleeping; `max_value_bytes` mirrors the broker setting of the same name.
+    sleeping. `item_size_max` (bytes, memcached's `-I`, default 1 MiB) and `cas_enabled` (False
+    for memcached's `-C`) set memcached 1.6's item size rule (clientlib.limits): a value whose
+    item does not fit fails with MemcacheServerError("object too large for cache") in every store
+    mode, and a failed `set` also deletes the key's old value, as memcached does; an append or
+    prepend whose joined value would not fit returns False (NOT_STORED).
     """
 
     def __init__(
@@ -271,14 +282,15 @@ class MockClient(Client):
         server: Any = None,
         *,
         clock: Callable[[], float] = time.time,
-        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        item_size_max: int = limits.DEFAULT_ITEM_SIZE_MAX,
+        cas_enabled: bool = True,
         **kwargs: Any,
     ) -> None:
         # Skips Client.__init__ on purpose: there is no transport to build.
         _Commands.__init__(self, "ipc:///clientlib-mock", **kwargs)
         self.broker_url = "mock"
         self.server = server
-        self._memory = _Memory(clock, max_value_bytes)
+        self._memory = _Memory(clock, item_size_max, cas_enabled)
         self._lock = threading.Lock()
 
     def _run(self, cmd: Command) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from clientlib import AsyncClient, Client, MockClient
-from clientlib.errors import BrokerTimeout, BrokerUnavailable, MemcacheIllegalInputError
+from clientlib.errors import BrokerTimeout, BrokerUnavailable, MemcacheIllegalInputError, MemcacheServerError
 
 pytestmark = pytest.mark.unit
 
@@ -230,14 +230,19 @@ def test_unencodable_values_rejected(nowhere: str) -> None:
     rejected(make(nowhere), lambda c: c.set_many({"a": b"ok", "b": "\u00e9"}))
 
 
-def test_value_over_the_frame_limit_rejected(nowhere: str) -> None:
-    # Found while framing, after the thread's socket exists; still nothing is sent (a send to no
-    # broker would raise BrokerUnavailable instead).
+def test_value_over_the_frame_limit(nowhere: str) -> None:
+    # memcached's outcome, not an input error: add/replace/append/prepend/cas fail without sending
+    # anything; a set sends a delete of the key instead (so here, with no broker, it reaches the
+    # transport and fails there). tests/integration/test_client_too_large.py has the real thing.
     c = make(nowhere, max_frame_bytes=1 << 20)
-    with pytest.raises(MemcacheIllegalInputError, match="frame limit"):
-        c.set("k", b"x" * (1 << 20))
-    with pytest.raises(MemcacheIllegalInputError, match="frame limit"):
-        c.set_many({"small": b"1", "k": b"x" * (1 << 20)})
+    big = b"x" * (1 << 20)
+    for call in (lambda: c.add("k", big), lambda: c.replace("k", big), lambda: c.append("k", big),
+                 lambda: c.prepend("k", big), lambda: c.cas("k", big, 1)):
+        with pytest.raises(MemcacheServerError, match="object too large for cache"):
+            call()
+    assert no_socket(c)
+    with pytest.raises(BrokerUnavailable):
+        c.set("k", big)
     c.disconnect_all()
 
 
