@@ -27,7 +27,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import limits, wire
-from .client import Client, Command, _Commands, error_for
+from .client import Client
+from .commands import Commands
+from .errors import error_for
+from .transport import build_frames
 from .wire import Code, Op
 
 __all__ = ["MockClient", "MOCK_SERVER", "MOCK_VERSION"]
@@ -264,6 +267,37 @@ class _Memory:
         return {}
 
 
+class _MemoryTransport:
+    """The transport of a MockClient: the same frames as the real one (transport.build_frames),
+    decoded with the broker's own schema check, executed against `_Memory`."""
+
+    def __init__(self, memory: _Memory) -> None:
+        self.memory = memory
+        self.lock = threading.Lock()
+        self._ids = itertools.count()
+
+    def request1(self, op: list[Any], timeout_ms: int, timeout: float) -> list[list[Any]]:
+        return self.request([op], timeout_ms, timeout) or []
+
+    def request(
+        self, ops: list[list[Any]], timeout_ms: int, timeout: float, *, noreply: bool = False,
+        max_frame_bytes: int = 1 << 30,
+    ) -> list[list[Any]] | None:
+        flags = wire.NOREPLY if noreply else 0
+        results: list[list[Any]] = []
+        with self.lock:
+            for _, data, _ in build_frames(ops, timeout_ms, flags, max_frame_bytes, self._ids.__next__):
+                try:
+                    request = wire.decode_request(data, max_frame=max_frame_bytes)
+                except wire.WireError as exc:
+                    raise error_for(exc.code, str(exc)) from None
+                results.extend(self.memory.execute(op) for op in request.ops)
+        return None if noreply else results
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
 class MockClient(Client):
     """A `Client` backed by an in-memory store instead of a broker.
 
@@ -286,35 +320,17 @@ class MockClient(Client):
         cas_enabled: bool = True,
         **kwargs: Any,
     ) -> None:
-        # Skips Client.__init__ on purpose: there is no transport to build.
-        _Commands.__init__(self, "ipc:///clientlib-mock", **kwargs)
+        # Skips Client.__init__ on purpose: no broker address, no ZeroMQ transport.
+        Commands.__init__(self, **kwargs)
         self.broker_url = "mock"
         self.server = server
         self._memory = _Memory(clock, item_size_max, cas_enabled)
-        self._lock = threading.Lock()
-
-    def _run(self, cmd: Command) -> Any:
-        if not cmd.ops:
-            return cmd.finish([])
-        return self._guarded(cmd, lambda: self._execute(cmd))
-
-    def _execute(self, cmd: Command) -> Any:
-        frames = self._frames(cmd, itertools.count().__next__, int(self.timeout * 1000))
-        results: list[list[Any]] = []
-        with self._lock:
-            for _, data, _, _ in frames:
-                try:
-                    request = wire.decode_request(data, max_frame=self.max_frame_bytes)
-                except wire.WireError as exc:
-                    raise error_for(exc.code, str(exc)) from None
-                results.extend(self._memory.execute(op) for op in request.ops)
-        if cmd.noreply:
-            return cmd.noreply_value
-        return cmd.finish(results)
+        self._memory_transport = _MemoryTransport(self._memory)
+        self._transport = self._memory_transport
 
     def clear(self) -> None:
         """Forget every item (pymemcache's mock has the same helper)."""
-        with self._lock:
+        with self._memory_transport.lock:
             self._memory.items.clear()
             self._memory.flush_at = None
 

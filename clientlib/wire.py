@@ -53,7 +53,7 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 VERSION = 1
 NOREPLY = 1

@@ -287,7 +287,7 @@ def test_async_client_rejects_before_sending(nowhere: str) -> None:
             await c.cas("k", b"v", "x")
         with pytest.raises(MemcacheIllegalInputError):
             await c.touch("k", "1")
-        assert c._sock is None  # never opened
+        assert c._transport._sock is None  # never opened
         with pytest.raises(BrokerUnavailable):  # control
             await c.get("good")
         await c.disconnect_all()
