@@ -219,3 +219,33 @@ def test_access_denied_is_said_clearly(broker: Any, denied: str) -> None:
     elapsed, message = _call_as_nobody(broker.url)
     assert elapsed < FAST, elapsed
     assert path in message and "access denied" in message, message
+
+
+def test_async_client_fails_fast_and_recovers(broker: Any) -> None:
+    import asyncio
+
+    from clientlib import AsyncClient
+
+    async def main() -> tuple[list[float], Any]:
+        c = AsyncClient(broker.url, timeout=TIMEOUT)
+        try:
+            assert await c.set("k", b"v") is True
+            broker.kill()
+            times = []
+            deadline = time.monotonic() + 5
+            while len(times) < 20 and time.monotonic() < deadline:
+                t0 = time.monotonic()
+                try:
+                    await c.get("k")
+                except BrokerUnavailable:
+                    times.append(time.monotonic() - t0)
+                except BrokerTimeout:
+                    pass  # sent on the dying connection before ZeroMQ noticed: waits its deadline
+            broker.start()
+            return times, await c.get("k")
+        finally:
+            await c.disconnect_all()
+
+    times, after = asyncio.run(main())
+    assert len(times) == 20 and max(times) < FAST, times
+    assert after == b"v"
