@@ -24,6 +24,8 @@ DEFAULT_MAX_FRAME = wire.DEFAULT_MAX_FRAME
 # More than a frame's bytes beyond a store op's key and value: header, request id, deadline,
 # flags, op code, bin headers, client flags, TTL, cas.
 FRAME_SLACK = 64
+# The smallest frame that holds any single non-store op (a 250-byte key and the header).
+MIN_FRAME_BYTES = 512
 _U32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
 _OK = int(Code.OK)
@@ -278,6 +280,10 @@ class Commands:
         self.default_noreply = default_noreply
         self.ignore_exc = ignore_exc
         self.encoding = encoding
+        if type(max_frame_bytes) is not int or not MIN_FRAME_BYTES <= max_frame_bytes <= 1 << 30:
+            raise MemcacheIllegalInputError(
+                f"max_frame_bytes must be an int in {MIN_FRAME_BYTES}..{1 << 30} (bytes), got {max_frame_bytes!r}"
+            )
         self.max_frame_bytes = max_frame_bytes
         # pymemcache's socket-level options: accepted so existing configuration keeps working.
         # The broker owns the memcached sockets, so they have no effect here (see the README).

@@ -382,7 +382,8 @@ class Transport:
             data = pack_request(rid, [op], timeout_ms)
             deadline = time.monotonic() + timeout
             try:
-                sock.send(data, _NOBLOCK)
+                # Zero-copy only pays for large frames (a set of a big value).
+                sock.send(data, _NOBLOCK, copy=len(data) < 65536)
             except zmq.Again:
                 self._send_slow(sock, st, data, deadline)
             while True:

@@ -300,3 +300,10 @@ def test_async_client_rejects_before_sending(nowhere: str) -> None:
 def test_mock_client_rejects_the_same_keys(method: str, label: str, key: Any) -> None:
     with pytest.raises(MemcacheIllegalInputError):
         KEYED[method](MockClient(), key)
+
+
+def test_max_frame_bytes_must_be_a_sane_int(nowhere: str) -> None:
+    for bad in (0, -1, 100, "4MiB", 1.5, True, 1 << 31):
+        with pytest.raises(MemcacheIllegalInputError, match="max_frame_bytes"):
+            Client(nowhere, max_frame_bytes=bad)
+    assert Client(nowhere, max_frame_bytes=512).max_frame_bytes == 512
