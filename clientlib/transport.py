@@ -143,8 +143,9 @@ class _ErrorMap:
 
 def translate(exc: BaseException, url: str) -> MemcacheError:
     """clientlib's exception for one raised by ZeroMQ, msgpack or the OS while talking to `url`."""
-    if isinstance(exc, zmq.Again):
-        return BrokerTimeout(f"no reply from the broker at {url} in time")
+    if isinstance(exc, (zmq.Again, TimeoutError)):
+        # A blocking receive that hit its timeout (RCVTIMEO), or asyncio's wait_for: the deadline.
+        return BrokerTimeout(f"no reply from the broker at {url} before the call's deadline")
     if isinstance(exc, zmq.ContextTerminated):
         return BrokerUnavailable(f"the ZeroMQ context for the broker at {url} was terminated")
     if isinstance(exc, zmq.ZMQError):
@@ -154,8 +155,6 @@ def translate(exc: BaseException, url: str) -> MemcacheError:
     if isinstance(exc, (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, WireError)):
         return ProtocolMismatch(f"malformed reply from the broker at {url}: {exc}")
     return MemcacheUnknownError(f"unexpected {type(exc).__name__} talking to the broker at {url}: {exc}")
-
-
 
 
 def _ipc_down_reason(path: str) -> str | None:
@@ -395,10 +394,7 @@ class Transport:
                 if not 0 <= st.rcvtimeo - ms <= RCVTIMEO_SLACK_MS:
                     sock.setsockopt(_RCVTIMEO, ms)
                     st.rcvtimeo = ms
-                try:
-                    reply = sock.recv()
-                except zmq.Again:
-                    raise BrokerTimeout(f"no reply from the broker at {self.url} within {timeout:.3f}s") from None
+                reply = sock.recv()  # zmq.Again at the receive timeout: _ErrorMap makes it BrokerTimeout
                 try:
                     got, code, payload = unpack_reply(reply)
                 except WireError as exc:
@@ -476,10 +472,7 @@ class Transport:
             if not 0 <= st.rcvtimeo - ms <= RCVTIMEO_SLACK_MS:
                 sock.setsockopt(_RCVTIMEO, ms)
                 st.rcvtimeo = ms
-            try:
-                data = sock.recv()
-            except zmq.Again:
-                raise BrokerTimeout(f"no reply from the broker at {self.url} within {timeout:.3f}s") from None
+            data = sock.recv()  # zmq.Again at the receive timeout: _ErrorMap makes it BrokerTimeout
             try:
                 rid, code, payload = unpack_reply(data)
             except WireError as exc:
@@ -586,10 +579,8 @@ class AsyncTransport:
                 if noreply:
                     return None
                 remaining = deadline + GRACE - time.monotonic()
-                try:
-                    done = await asyncio.wait_for(asyncio.gather(*futs.values()), max(remaining, 0.001))
-                except asyncio.TimeoutError:
-                    raise BrokerTimeout(f"no reply from the broker at {self.url} within {timeout:.3f}s") from None
+                # TimeoutError at the deadline: _ErrorMap makes it BrokerTimeout.
+                done = await asyncio.wait_for(asyncio.gather(*futs.values()), max(remaining, 0.001))
             finally:
                 for rid in futs:
                     self._waiters.pop(rid, None)

@@ -23,6 +23,7 @@ URL = "ipc:///run/mcbroker/mcbroker.sock"
     "exc,expected",
     [
         (zmq.Again(), BrokerTimeout),
+        (TimeoutError(), BrokerTimeout),
         (zmq.ContextTerminated(), BrokerUnavailable),
         (zmq.ZMQError(errno.EINVAL), BrokerUnavailable),
         (zmq.ZMQError(errno.ENOTSOCK), BrokerUnavailable),
