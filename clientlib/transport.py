@@ -326,6 +326,7 @@ class Transport:
         self._pid = os.getpid()
 
     def _socket(self) -> tuple[zmq.Socket[Any], _ThreadState]:
+        """This thread's socket; the one pid check of the blocking transport."""
         if self._pid != os.getpid():
             self._after_fork()
         st = self._local
@@ -371,12 +372,7 @@ class Transport:
         """Send one op in one frame; return its one-element result list. `timeout_ms` goes to the
         broker; `timeout` (seconds) bounds the whole call here."""
         with self._errors:
-            if self._pid != os.getpid():
-                self._after_fork()
-            st = self._local
-            sock = st.sock
-            if sock is None or st.gen != self._gen or sock.closed:
-                sock = self._new_socket(st)
+            sock, st = self._socket()
             st.next_id = rid = (st.next_id + 1) & _U64
             data = pack_request(rid, [op], timeout_ms)
             deadline = time.monotonic() + timeout
