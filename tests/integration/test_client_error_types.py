@@ -115,7 +115,7 @@ def test_context_closed_under_the_client(broker: Any) -> None:
 def test_socket_closed_under_the_client(broker: Any) -> None:
     c = Client(broker.url, timeout=2.0)
     assert c.set("a", b"1") is True
-    c._transport._local.sock.close(linger=0)
+    c._transport._state().sock.close(linger=0)
     assert c.get("a") == b"1"
 
 

@@ -35,7 +35,7 @@ def make(url: str, **kwargs: Any) -> Client:
 
 
 def no_socket(c: Client) -> bool:
-    return c._transport._local.sock is None and not list(c._transport._sockets)
+    return c._transport._state().sock is None and not list(c._transport._sockets)
 
 
 def rejected(c: Client, call: Callable[[Client], Any]) -> MemcacheIllegalInputError:

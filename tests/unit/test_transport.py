@@ -97,7 +97,7 @@ def url() -> Iterator[str]:
 
 
 def install(t: Transport, sock: FakeSocket, first_id: int = 1000) -> FakeSocket:
-    st = t._local
+    st = t._state()
     st.sock = sock  # type: ignore[assignment]
     st.gen = t._gen
     st.next_id = first_id
@@ -272,7 +272,7 @@ def test_send_that_would_block_with_nobody_listening_fails_at_once(url: str) -> 
     with pytest.raises(BrokerUnavailable, match="does not exist"):
         t.request1([Op.GET, b"a"], 900, 5.0)
     assert sock.polls == 0  # did not wait for the deadline
-    assert t._local.saw_down
+    assert t._state().saw_down
 
 
 def test_when_the_broker_is_back_the_socket_reconnects_at_once(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -284,7 +284,7 @@ def test_when_the_broker_is_back_the_socket_reconnects_at_once(url: str, monkeyp
     monkeypatch.setattr(t._probe, "down_reason", lambda: None)  # now something listens
     sock.send_again = 1
     assert t.request1([Op.GET, b"a"], 900, 5.0) == [[Code.OK, b"a", 0]]
-    assert sock.reconnects == 1 and not t._local.saw_down
+    assert sock.reconnects == 1 and not t._state().saw_down
 
 
 def test_a_broker_that_is_there_but_not_connected_gets_the_deadline(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -353,7 +353,7 @@ def test_a_forked_child_never_uses_the_parents_socket(url: str) -> None:
                 out = "answered"
             except BrokerUnavailable:
                 out = "unavailable"  # its own new socket, to where nothing listens
-            fresh = t._local.sock
+            fresh = t._state().sock
             same = fresh is parent_sock
             os.write(w, f"{out} {same} {len(parent_sock.sent)} {t._pid == os.getpid()}".encode())
             status = 0
