@@ -32,6 +32,12 @@ def test_pip_install_into_fresh_venv(tmp_path):
         check=True, capture_output=True, text=True, cwd=tmp_path,
     ).stdout
     assert str(env_dir) in out and "Client" in out
+    # PEP 561: type checkers see clientlib's hints in the installed package.
+    installed = subprocess.run(
+        [py, "-c", "import clientlib, pathlib; print(pathlib.Path(clientlib.__file__).parent)"],
+        check=True, capture_output=True, text=True, cwd=tmp_path,
+    ).stdout.strip()
+    assert (Path(installed) / "py.typed").is_file()
     help_text = subprocess.run([env_dir / "bin" / "mcbroker", "--help"], check=True, capture_output=True, text=True).stdout
     assert "serve" in help_text and "check-config" in help_text
     check = subprocess.run(
