@@ -66,7 +66,8 @@ def gets_token(c: Any, st: dict[str, Any]) -> bool:
 def scripts() -> dict[str, list[Step]]:
     near = b"v" * (MIB - 10)  # passes a naive "<= 1 MiB" check; does not fit memcached's item
     out: dict[str, list[Step]] = {}
-    for size, label in ((MIB + 1, "1 MiB + 1"), (2 * MIB, "2 MiB")):
+    # 5 MiB is past the Client's default frame limit (4 MiB) too: the frame path must agree as well.
+    for size, label in ((MIB + 1, "1 MiB + 1"), (2 * MIB, "2 MiB"), (5 * MIB, "5 MiB")):
         out[f"set {label}"] = [
             ("set old", lambda c, st: c.set("k", b"old")),
             (f"set {label}", lambda c, st, size=size: c.set("k", b"x" * size)),
