@@ -13,6 +13,10 @@ included) and the calling thread's CPU time, median / min / max over rounds, and
 what clientlib adds on top of the socket round trip (issue 9: at most ~5 us). Both paths pay the
 same broker and memcached, so the difference is clientlib's; the calling thread's CPU time is the
 steadiest figure on a shared machine (wall time carries the broker's and the machine's noise).
+
+Last, both paths run again with the socket replaced by an in-memory stand-in that answers at once:
+the Python of a call alone, with warm caches. On a busy 2-vCPU machine the same Python costs
+several times more in the real loop, where each call resumes from a blocking receive.
 """
 
 from __future__ import annotations
@@ -74,6 +78,51 @@ def measure(fn: Callable[[], object], calls: int) -> tuple[float, float, float]:
         fn()
     w1, c1, t1 = time.perf_counter(), time.process_time(), time.thread_time()
     return (w1 - w0) / calls * 1e6, (c1 - c0) / calls * 1e6, (t1 - t0) / calls * 1e6
+
+
+class StubSocket:
+    """Stands in for the DEALER: answers each GET at once with the same reply the broker sends.
+    Measures the Python of a call with no I/O at all (warm caches, no wake-ups)."""
+
+    closed = False
+
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+        self.reply = b""
+
+    def send(self, data: bytes, flags: int = 0, copy: bool = True) -> None:
+        rid = msgpack.unpackb(data)[1]
+        self.reply = msgpack.packb([VERSION, rid, 0, [[0, self.value, 0]]])
+
+    def recv(self, flags: int = 0, copy: bool = True) -> bytes:
+        return self.reply
+
+    def setsockopt(self, option: int, value: int) -> None:
+        pass
+
+
+def python_only(url: str, value: bytes, calls: int, rounds: int) -> tuple[list[float], list[float]]:
+    """(client us, raw us) per get with the socket replaced by a StubSocket on both paths."""
+    client = Client(url, timeout=2.0)
+    transport = client._transport
+    transport._socket()  # type: ignore[attr-defined]  # make this thread's state, then swap its socket
+    stub = StubSocket(value)
+    transport._state().sock = stub  # type: ignore[attr-defined]
+    rid = [0]
+    op = [[int(Op.GET), b"bench:k"]]
+
+    def raw_get() -> object:
+        rid[0] += 1
+        stub.send(msgpack.packb([VERSION, rid[0], 1950, 0, op]))
+        return msgpack.unpackb(stub.recv())[3][0][1]
+
+    assert client.get("bench:k") == value and raw_get() == value
+    out_client: list[float] = []
+    out_raw: list[float] = []
+    for _ in range(rounds):
+        out_raw.append(measure(raw_get, calls)[2])
+        out_client.append(measure(lambda: client.get("bench:k"), calls)[2])
+    return out_client, out_raw
 
 
 def summary(values: list[float]) -> str:
@@ -149,12 +198,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name} {got[name][0]:.1f} us wall, {got[name][1]:.1f} us cpu, {got[name][2]:.1f} us thread cpu"
                 for name in paths), file=sys.stderr)
         raw.close()
+        stub_client, stub_raw = python_only(url, value, args.calls, args.rounds)
+        for name, values in (("client", stub_client), ("raw", stub_raw)):
+            got_all[(f"{name} no I/O", "thread cpu")] = values
+        got_all[("client-raw no I/O", "thread cpu")] = [c - r for c, r in zip(stub_client, stub_raw)]
 
         print(f"{args.calls} gets x {args.rounds} rounds, {args.value_size}-byte value, one thread; us per get")
         print(f"{'path':<24}{'median':>8} {'min':>8} {'max':>8}")
         for name in (*paths, "client-raw"):
             for kind in kinds:
                 print(f"{name + ' ' + kind:<24}{summary(got_all[(name, kind)])}")
+        print("the same Python with the socket replaced by an in-memory stand-in (no I/O, warm caches):")
+        for name in ("raw no I/O", "client no I/O", "client-raw no I/O"):
+            print(f"{name + ' thread cpu':<32}{summary(got_all[(name, 'thread cpu')])}")
         return 0
     finally:
         for proc in reversed(procs):
