@@ -58,10 +58,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class _BadAddress(Exception):
+    pass
+
+
 def _client(args: argparse.Namespace) -> Any:
     from clientlib import Client
 
-    return Client(args.broker, timeout=args.timeout)
+    try:
+        # Validated at construction: a bad --connect or MCBROKER_URL is a one-line error.
+        return Client(args.broker, timeout=args.timeout)
+    except (TypeError, ValueError) as exc:
+        raise _BadAddress(str(exc)) from None
 
 
 def cmd_ping(args: argparse.Namespace) -> int:
@@ -69,6 +77,9 @@ def cmd_ping(args: argparse.Namespace) -> int:
 
     try:
         print(_client(args).broker_ping())
+    except _BadAddress as exc:
+        print(f"mcbroker: {exc}", file=sys.stderr)
+        return 2
     except MemcacheError as exc:
         print(f"mcbroker: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -80,6 +91,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     try:
         stats = _client(args).broker_stats()
+    except _BadAddress as exc:
+        print(f"mcbroker: {exc}", file=sys.stderr)
+        return 2
     except MemcacheError as exc:
         print(f"mcbroker: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -105,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
     for name, func, text in (("ping", cmd_ping, "ask a running broker for PONG"), ("stats", cmd_stats, "print a running broker's stats as JSON")):
         sp = sub.add_parser(name, help=text)
-        sp.add_argument("--broker", metavar="URL", help="broker address (default: $MCBROKER_URL or the default ipc socket)")
+        sp.add_argument(
+            "--connect", "--broker", dest="broker", metavar="URL",
+            help="broker address, ipc:///path or tcp://127.0.0.1:PORT (default: $MCBROKER_URL or the default ipc socket)",
+        )
         sp.add_argument("--timeout", type=float, default=2.0)
         sp.set_defaults(func=func)
     return p

@@ -91,7 +91,7 @@ def default_connect_url() -> str:
     """
     explicit = os.environ.get("MCBROKER_URL")
     if explicit:
-        return explicit
+        return check_connect_url(explicit, "MCBROKER_URL")
     candidates = [os.path.join(SYSTEM_DIR, SOCKET_NAME)]
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
@@ -169,6 +169,57 @@ def check_listen_url(url: str) -> str:
             )
         return url
     raise ValueError(f"{what}: expected ipc://<absolute path> or tcp://<loopback host>:<port>")
+
+
+CONNECT_FORMS = "ipc:///path/to/mcbroker.sock or tcp://127.0.0.1:PORT"
+
+
+def check_connect_url(url: str, source: str = "the broker URL") -> str:
+    """Validate the ZeroMQ address a client connects to; return it unchanged.
+
+    The forms a broker can listen on: ``ipc://`` with an absolute socket path, or ``tcp://`` with a
+    loopback host and a port. Raises ValueError naming the accepted forms otherwise; a memcached
+    address such as ``127.0.0.1:11211`` (what pymemcache takes) is the common mistake, said so.
+    `source` names where the address came from (e.g. ``MCBROKER_URL``) for the message.
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"{source} must be a string ({CONNECT_FORMS}), got {type(url).__name__}")
+    try:
+        return _check_connect_url(url, f"{source} {url!r}")
+    except ValueError as exc:
+        if CONNECT_FORMS in str(exc):
+            raise
+        raise ValueError(f"{exc}; expected {CONNECT_FORMS}") from None
+
+
+def _check_connect_url(url: str, what: str) -> str:
+    if url.startswith("ipc://"):
+        _check_unix_path(url[len("ipc://"):], what)
+        return url
+    if url.startswith("tcp://"):
+        rest = url[len("tcp://"):]
+        if rest.startswith("["):
+            close = rest.find("]")
+            if close < 0 or not rest[close + 1:].startswith(":"):
+                raise ValueError(f"{what}: expected tcp://[<ipv6>]:<port>")
+            host, port_text = rest[1:close], rest[close + 2:]
+        else:
+            host, sep, port_text = rest.rpartition(":")
+            if not sep or not host:
+                raise ValueError(f"{what}: tcp:// needs a host and a port")
+        _parse_port(port_text, what)
+        if not _is_loopback(host):
+            raise ValueError(
+                f"{what}: the broker listens on loopback only (127.0.0.0/8, [::1] or localhost); "
+                f"expected {CONNECT_FORMS}"
+            )
+        return url
+    if "://" not in url:
+        raise ValueError(
+            f"{what} has no scheme: a memcached host:port is not a broker address (clientlib talks "
+            f"to the local mcbroker); expected {CONNECT_FORMS}"
+        )
+    raise ValueError(f"{what} has an unsupported scheme; expected {CONNECT_FORMS}")
 
 
 # --------------------------------------------------------------------------

@@ -1,130 +1,74 @@
-"""`Client` and `AsyncClient`: pymemcache's API, served by the local mcbroker.
+"""`Client` and `AsyncClient`: pymemcache's Client API, served by the local mcbroker.
 
-Each method is written once, as a *command*: it checks its arguments, builds the wire ops, and
-says how to turn the broker's per-op results into pymemcache's return value. `Client` runs
-commands over the blocking transport; `AsyncClient` runs the very same commands over zmq.asyncio.
+Every public method is written out here with its real signature and a docstring; each builds its
+call with `Commands` (checks, ops, result translation, shared with MockClient) and runs it over
+the transport, the one module that talks to the broker.
 
-Cache outcomes are values (a miss returns the default, NOT_STORED returns False); failures are
-exceptions, translated from wire codes in one place (`error_for`).
+Errors, for every method: MemcacheIllegalInputError (a bad key, value or number; raised in the
+worker before anything is sent, whatever ignore_exc says); BrokerUnavailable (nothing listens at
+the broker's address, or the broker went away: raised at once, not after the timeout),
+BrokerTimeout (no answer within `timeout` seconds; for a write the outcome is unknown),
+BrokerOverloaded (refused by a broker bound, nothing was sent), ServerUnavailable (the key's
+memcached server is marked down), MemcacheServerError / MemcacheClientError /
+MemcacheUnknownCommandError (memcached's SERVER_ERROR / CLIENT_ERROR / ERROR for that request),
+MemcacheUnexpectedCloseError (the memcached connection failed with the request in flight),
+ProtocolMismatch (a malformed or other-version reply). All are MemcacheError subclasses; nothing
+from ZeroMQ or msgpack escapes. With ignore_exc=True a failed *read* returns its miss value
+instead of raising, as in pymemcache.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import os
-import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable, Protocol
 
-from . import address, serde as serde_mod, wire
-from .errors import (
-    BrokerOverloaded,
-    BrokerTimeout,
-    BrokerUnavailable,
-    MemcacheClientError,
-    MemcacheError,
-    MemcacheIllegalInputError,
-    MemcacheServerError,
-    MemcacheUnexpectedCloseError,
-    MemcacheUnknownCommandError,
-    ProtocolMismatch,
-    ServerUnavailable,
-)
-from .keys import check_cas, check_int, check_key
-from .transport import GRACE, Transport
-from .wire import Code, Op
+from . import address
+from .commands import DEFAULT_MAX_FRAME, DEFAULT_TIMEOUT, Command, Commands, Key, raise_failure
+from .commands import _OK
+from .commands import _ADD, _APPEND, _CAS, _DECR, _GET, _GETS, _INCR, _PREPEND, _REPLACE, _SET
+from .errors import MemcacheError, MemcacheIllegalInputError, error_for
+from .transport import AsyncTransport, Transport
 
-DEFAULT_TIMEOUT = 1.0
-MAX_OPS_PER_FRAME = 10_000
-DEFAULT_MAX_FRAME = wire.DEFAULT_MAX_FRAME
-_U32 = (1 << 32) - 1
-_U64 = (1 << 64) - 1
-
-_ERRORS: dict[int, type[MemcacheError]] = {
-    Code.SERVER_ERROR: MemcacheServerError,
-    Code.CLIENT_ERROR: MemcacheClientError,
-    Code.UNKNOWN_COMMAND: MemcacheUnknownCommandError,
-    Code.CONNECTION_ERROR: MemcacheUnexpectedCloseError,
-    Code.TIMEOUT: BrokerTimeout,
-    Code.OVERLOADED: BrokerOverloaded,
-    Code.SERVER_DOWN: ServerUnavailable,
-    Code.BAD_REQUEST: MemcacheClientError,
-    Code.UNSUPPORTED_VERSION: ProtocolMismatch,
-    Code.SHUTTING_DOWN: BrokerUnavailable,
-}
+__all__ = ["Client", "AsyncClient", "DEFAULT_TIMEOUT", "DEFAULT_MAX_FRAME", "error_for"]
 
 
-def error_for(code: int, message: Any) -> MemcacheError:
-    """The exception for a wire failure code: the one place wire codes become exceptions."""
-    return _ERRORS.get(code, MemcacheServerError)(str(message))
+class BlockingTransport(Protocol):
+    """What Client needs from its transport (transport.Transport; MockClient's memory store)."""
+
+    def request1(self, op: list[Any], timeout_ms: int, timeout: float) -> list[list[Any]]: ...
+
+    def request(
+        self, ops: list[list[Any]], timeout_ms: int, timeout: float, *, noreply: bool = False,
+        max_frame_bytes: int = ...,
+    ) -> list[list[Any]] | None: ...
+
+    def close(self) -> None: ...
 
 
-# pymemcache converts some stats to Python types; everything else is tried as int.
-def _stat_float(v: bytes) -> float:
-    return float(v.replace(b":", b"."))
+def _broker_url(broker: str | None) -> str:
+    if broker is not None and not isinstance(broker, str):
+        raise TypeError(
+            "clientlib.Client takes the broker's URL (ipc:///path or tcp://127.0.0.1:PORT), "
+            f"not a memcached address: got {broker!r}"
+        )
+    # Checked here, once: a bad address must not surface later as a raw ZeroMQ error.
+    return address.check_connect_url(broker) if broker else address.default_connect_url()
 
 
-_STAT_TYPES: dict[bytes, Callable[[bytes], Any]] = {
-    b"version": bytes,
-    b"rusage_user": _stat_float,
-    b"rusage_system": _stat_float,
-    b"hash_is_expanding": lambda v: int(v) != 0,
-    b"slab_reassign_running": lambda v: int(v) != 0,
-    b"inter": bytes,
-    b"growth_factor": float,
-    b"stat_key_prefix": bytes,
-    b"umask": lambda v: int(v, 8),
-    b"detail_enabled": lambda v: int(v) != 0,
-    b"cas_enabled": lambda v: int(v) != 0,
-    b"auth_enabled_sasl": lambda v: v == b"yes",
-    b"maxconns_fast": lambda v: int(v) != 0,
-    b"slab_reassign": lambda v: int(v) != 0,
-    b"slab_automove": lambda v: int(v) != 0,
-}
+class Client(Commands):
+    """A drop-in for pymemcache's Client that sends every call through the local mcbroker.
 
+    `broker`: the broker's address, ``ipc:///path/to/mcbroker.sock`` or ``tcp://127.0.0.1:PORT``
+    (default: $MCBROKER_URL, else the broker's default socket); anything else raises ValueError
+    here. Keyword options as pymemcache's: `timeout` (seconds per call, default 1), `serde` or
+    `serializer`/`deserializer`, `key_prefix`, `allow_unicode_keys`, `default_noreply` (False),
+    `ignore_exc`, `encoding`; `max_frame_bytes` (bytes, default 4 MiB: larger requests are split,
+    larger values are refused the way memcached refuses them). pymemcache's socket options
+    (connect_timeout, no_delay, socket_module, socket_keepalive, tls_context) are accepted and
+    have no effect: the broker owns the memcached connections.
 
-def _convert_stats(raw: dict[str, str]) -> dict[bytes, Any]:
-    out: dict[bytes, Any] = {}
-    for name, value in raw.items():
-        k = name.encode()
-        v = value.encode()
-        try:
-            out[k] = _STAT_TYPES.get(k, int)(v)
-        except Exception:
-            out[k] = v
-    return out
-
-
-def _merge_stats(per_server: dict[str, dict[bytes, Any]]) -> dict[bytes, Any]:
-    """One server: its stats. Several: numeric counters summed, the rest from the first server."""
-    values = list(per_server.values())
-    if len(values) == 1:
-        return values[0]
-    merged: dict[bytes, Any] = {}
-    for stats in values:
-        for k, v in stats.items():
-            if k not in merged:
-                merged[k] = v
-            elif type(v) is int and type(merged[k]) is int:
-                merged[k] += v
-    return merged
-
-
-@dataclass(slots=True)
-class Command:
-    """One client call: its ops, how to read their results, and how failures are treated."""
-
-    ops: list[list[Any]]
-    finish: Callable[[list[list[Any]]], Any]
-    noreply: bool = False
-    noreply_value: Any = True
-    read: bool = False  # with ignore_exc, a failed read is a miss
-    miss_value: Any = None
-
-
-class _Commands:
-    """Argument checks and result translation shared by Client and AsyncClient."""
+    Thread-safe (one ZeroMQ socket per thread) and fork-safe (a child process opens its own).
+    See the module docstring for the errors every method may raise.
+    """
 
     def __init__(
         self,
@@ -132,394 +76,191 @@ class _Commands:
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
         serde: Any = None,
-        serializer: Callable[..., Any] | None = None,
-        deserializer: Callable[..., Any] | None = None,
+        serializer: Any = None,
+        deserializer: Any = None,
         key_prefix: bytes | str = b"",
         allow_unicode_keys: bool = False,
         default_noreply: bool = False,
         ignore_exc: bool = False,
         encoding: str = "ascii",
         max_frame_bytes: int = DEFAULT_MAX_FRAME,
-        # pymemcache's socket-level options: accepted so existing configuration keeps working.
-        # The broker owns the memcached sockets, so they have no effect here (see the README).
         connect_timeout: float | None = None,
         no_delay: bool = False,
         socket_module: Any = None,
         socket_keepalive: Any = None,
         tls_context: Any = None,
     ) -> None:
-        if broker is not None and not isinstance(broker, str):
-            raise TypeError(
-                "clientlib.Client takes the broker's URL (ipc:///path or tcp://127.0.0.1:PORT), "
-                f"not a memcached address: got {broker!r}"
-            )
-        self.broker_url = broker or address.default_connect_url()
-        if timeout is None:
-            timeout = DEFAULT_TIMEOUT
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 86_400:
-            raise MemcacheIllegalInputError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self.timeout = float(timeout)
-        self.serde = serde_mod.make_serde(serde, serializer, deserializer, encoding)
-        if isinstance(key_prefix, str):
-            key_prefix = key_prefix.encode(encoding)
-        self.key_prefix = key_prefix
-        self.allow_unicode_keys = allow_unicode_keys
-        self.default_noreply = default_noreply
-        self.ignore_exc = ignore_exc
-        self.encoding = encoding
-        self.max_frame_bytes = max_frame_bytes
-        self.connect_timeout = connect_timeout
+        super().__init__(
+            timeout=timeout, serde=serde, serializer=serializer, deserializer=deserializer,
+            key_prefix=key_prefix, allow_unicode_keys=allow_unicode_keys, default_noreply=default_noreply,
+            ignore_exc=ignore_exc, encoding=encoding, max_frame_bytes=max_frame_bytes,
+            connect_timeout=connect_timeout, no_delay=no_delay, socket_module=socket_module,
+            socket_keepalive=socket_keepalive, tls_context=tls_context,
+        )
+        self.broker_url = _broker_url(broker)
+        self._transport: BlockingTransport = Transport(self.broker_url)
 
-    def _broker_timeout_ms(self) -> int:
-        # The broker answers TIMEOUT a little before our own deadline, so its explicit per-key
-        # answer (partial results of a fan-out included) arrives before we give up waiting.
-        ms = self.timeout * 1000
-        return max(1, int(ms - min(25.0, ms / 20)))
-
-    # --- checks --------------------------------------------------------------------------------
-
-    def check_key(self, key: Any) -> bytes:
-        return check_key(key, prefix=self.key_prefix, allow_unicode_keys=self.allow_unicode_keys, encoding=self.encoding)
-
-    def _expire(self, expire: Any) -> int:
-        return check_int(expire, "expire", minimum=-(1 << 31), maximum=_U32)
-
-    def _value(self, key: Any, value: Any, flags: int | None) -> tuple[bytes, int]:
-        return serde_mod.encode_value(self.serde, key, value, flags=flags, encoding=self.encoding)
-
-    def _noreply(self, noreply: bool | None) -> bool:
-        return self.default_noreply if noreply is None else bool(noreply)
-
-    def _found(self, on_ok: Callable[[list[Any]], Any], otherwise: Any) -> Callable[[list[list[Any]]], Any]:
-        """finish() for single-key ops whose only outcomes are done / not found / failure."""
-
-        def finish(results: list[list[Any]]) -> Any:
-            r = results[0]
-            if r[0] == Code.OK:
-                return on_ok(r)
-            self._raise(r)
-            return otherwise
-
-        return finish
-
-    def _guarded(self, cmd: Command, run: Callable[[], Any]) -> Any:
-        """Run a command; with ignore_exc a failed read is a miss, as in pymemcache."""
+    def _run(self, cmd: Command) -> Any:
+        ops = cmd.ops
         try:
-            return run()
+            if cmd.noreply:
+                if ops:
+                    self._transport.request(ops, self._timeout_ms, self._timeout, noreply=True,
+                                            max_frame_bytes=self.max_frame_bytes)
+                return cmd.noreply_value
+            if len(ops) == 1:
+                results = self._transport.request1(ops[0], self._timeout_ms, self._timeout)
+            elif ops:
+                results = self._transport.request(ops, self._timeout_ms, self._timeout,
+                                                  max_frame_bytes=self.max_frame_bytes) or []
+            else:
+                results = []
+            return cmd.finish(self, cmd, results)
         except MemcacheIllegalInputError:
             raise
         except MemcacheError:
             if cmd.read and self.ignore_exc:
-                return cmd.miss_value
+                return cmd.miss
             raise
-
-    @staticmethod
-    def _raise(result: list[Any]) -> None:
-        if result[0] >= Code.SERVER_ERROR:
-            raise error_for(result[0], result[1] if len(result) > 1 else "")
 
     # --- reads ---------------------------------------------------------------------------------
 
-    def _cmd_get(self, key: Any, default: Any = None) -> Command:
+    def get(self, key: Key, default: Any = None) -> Any:
+        """The value stored under `key` (decoded by the serde; bytes by default), or `default` on
+        a miss. `key`: str or bytes, 1-250 bytes with key_prefix, no whitespace or control bytes
+        (non-ASCII str only with allow_unicode_keys). As pymemcache's Client.get."""
+        # The hot path, spelled out: what _run(_get(...)) does, without a Command per call.
         k = self.check_key(key)
-
-        def finish(results: list[list[Any]]) -> Any:
-            r = results[0]
-            if r[0] == Code.OK:
+        try:
+            r = self._transport.request1([_GET, k], self._timeout_ms, self._timeout)[0]
+            if r[0] == _OK:
                 return self.serde.deserialize(key, r[1], r[2])
-            if r[0] == Code.MISS:
+            raise_failure(r)
+        except MemcacheError:
+            if self.ignore_exc:
                 return default
-            self._raise(r)
+            raise
+        return default
 
-        return Command([[Op.GET, k]], finish, read=True, miss_value=default)
+    def gets(self, key: Key, default: Any = None, cas_default: Any = None) -> tuple[Any, Any]:
+        """(value, cas token as bytes of digits) for `key`, or (default, cas_default) on a miss.
+        The token is for `cas`. As pymemcache's Client.gets."""
+        return self._run(self._gets(key, default, cas_default))
 
-    def _cmd_gets(self, key: Any, default: Any = None, cas_default: Any = None) -> Command:
-        k = self.check_key(key)
+    def gat(self, key: Key, expire: int = 0, default: Any = None) -> Any:
+        """Get and touch: the value under `key` (or `default`), its expiry reset to `expire`
+        seconds (0: never; above 30 days: a Unix time). As pymemcache's Client.gat."""
+        return self._run(self._gat(key, expire, default))
 
-        def finish(results: list[list[Any]]) -> Any:
-            r = results[0]
-            if r[0] == Code.OK:
-                return self.serde.deserialize(key, r[1], r[2]), b"%d" % r[3]
-            if r[0] == Code.MISS:
-                return default, cas_default
-            self._raise(r)
+    def gats(self, key: Key, expire: int = 0, default: Any = None, cas_default: Any = None) -> tuple[Any, Any]:
+        """`gets` and touch: (value, cas token) or (default, cas_default), expiry reset to
+        `expire` seconds. As pymemcache's Client.gats."""
+        return self._run(self._gats(key, expire, default, cas_default))
 
-        return Command([[Op.GETS, k]], finish, read=True, miss_value=(default, cas_default))
+    def get_many(self, keys: Iterable[Key]) -> dict[Any, Any]:
+        """{key: value} for the keys found (missing keys are left out), keyed by the caller's
+        keys. Sent as one frame (split only past the frame limits). As pymemcache's get_many."""
+        return self._run(self._many(keys, _GET, False))
 
-    def _cmd_gat(self, key: Any, expire: int = 0, default: Any = None) -> Command:
-        k = self.check_key(key)
-        ttl = self._expire(expire)
-        cmd = self._cmd_get(key, default)
-        cmd.ops = [[Op.GAT, k, ttl]]
-        return cmd
+    get_multi = get_many
 
-    def _cmd_gats(self, key: Any, expire: int = 0, default: Any = None, cas_default: Any = None) -> Command:
-        k = self.check_key(key)
-        ttl = self._expire(expire)
-        cmd = self._cmd_gets(key, default, cas_default)
-        cmd.ops = [[Op.GATS, k, ttl]]
-        return cmd
-
-    def _many(self, keys: Iterable[Any], op: int, with_cas: bool) -> Command:
-        keys = list(keys)
-        ops = [[op, self.check_key(k)] for k in keys]
-        ignore = self.ignore_exc
-
-        def finish(results: list[list[Any]]) -> dict[Any, Any]:
-            out: dict[Any, Any] = {}
-            deserialize = self.serde.deserialize
-            for key, r in zip(keys, results):
-                code = r[0]
-                if code == Code.OK:
-                    value = deserialize(key, r[1], r[2])
-                    out[key] = (value, b"%d" % r[3]) if with_cas else value
-                elif code >= Code.SERVER_ERROR and not ignore:
-                    self._raise(r)
-            return out
-
-        return Command(ops, finish, read=True, miss_value={})
-
-    def _cmd_get_many(self, keys: Iterable[Any]) -> Command:
-        return self._many(keys, Op.GET, False)
-
-    def _cmd_gets_many(self, keys: Iterable[Any]) -> Command:
-        return self._many(keys, Op.GETS, True)
+    def gets_many(self, keys: Iterable[Key]) -> dict[Any, tuple[Any, bytes]]:
+        """{key: (value, cas token)} for the keys found. As pymemcache's Client.gets_many."""
+        return self._run(self._many(keys, _GETS, True))
 
     # --- writes --------------------------------------------------------------------------------
 
-    def _store(self, op: int, key: Any, value: Any, expire: Any, noreply: bool | None, flags: int | None, cas: Any = None) -> Command:
-        k = self.check_key(key)
-        ttl = self._expire(expire)
-        data, fl = self._value(key, value, flags)
-        o: list[Any] = [op, k, data, fl, ttl]
-        if op == Op.CAS:
-            o.append(check_cas(cas))
+    def set(self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None) -> bool:
+        """Store `value` (encoded by the serde) under `key` for `expire` seconds (0: never);
+        True. `noreply` (default: default_noreply) returns True without waiting. A value too
+        large for a frame raises MemcacheServerError("object too large for cache") and, as
+        memcached does, deletes the key's old value. As pymemcache's Client.set."""
+        return self._run(self._store(_SET, key, value, expire, noreply, flags))
 
-        def finish(results: list[list[Any]]) -> Any:
-            r = results[0]
-            code = r[0]
-            if code == Code.OK:
-                return True
-            if code == Code.NOT_STORED or code == Code.EXISTS:
-                return False
-            if code == Code.NOT_FOUND:
-                return None
-            self._raise(r)
+    def set_many(self, values: dict[Key, Any], expire: int = 0, noreply: bool | None = None,
+                 flags: int | None = None) -> list[Any]:
+        """Store every {key: value}; the list of keys that were not stored (empty on success).
+        A too-large value raises MemcacheServerError after the others are stored (with
+        ignore_exc its key is listed instead). As pymemcache's Client.set_many."""
+        return self._run(self._set_many(values, expire, noreply, flags))
 
-        return Command([o], finish, noreply=self._noreply(noreply))
+    set_multi = set_many
 
-    def _cmd_set(self, key: Any, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None) -> Command:
-        return self._store(Op.SET, key, value, expire, noreply, flags)
+    def add(self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None) -> bool:
+        """Store only if `key` is absent: True if stored, False if it exists. As pymemcache's."""
+        return self._run(self._store(_ADD, key, value, expire, noreply, flags))
 
-    def _cmd_add(self, key: Any, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None) -> Command:
-        return self._store(Op.ADD, key, value, expire, noreply, flags)
+    def replace(self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None) -> bool:
+        """Store only if `key` exists: True if stored, False if absent. As pymemcache's."""
+        return self._run(self._store(_REPLACE, key, value, expire, noreply, flags))
 
-    def _cmd_replace(self, key: Any, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None) -> Command:
-        return self._store(Op.REPLACE, key, value, expire, noreply, flags)
+    def append(self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None) -> bool:
+        """Add bytes after the stored value (flags and expiry stay the item's): True, or False
+        if `key` is absent or the joined value would not fit. As pymemcache's Client.append."""
+        return self._run(self._store(_APPEND, key, value, expire, noreply, flags))
 
-    def _cmd_append(self, key: Any, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None) -> Command:
-        return self._store(Op.APPEND, key, value, expire, noreply, flags)
+    def prepend(self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None) -> bool:
+        """Add bytes before the stored value; as `append` otherwise. As pymemcache's."""
+        return self._run(self._store(_PREPEND, key, value, expire, noreply, flags))
 
-    def _cmd_prepend(self, key: Any, value: Any, expire: int = 0, noreply: bool | None = None, flags: int | None = None) -> Command:
-        return self._store(Op.PREPEND, key, value, expire, noreply, flags)
+    def cas(self, key: Key, value: Any, cas: Any, expire: int = 0, noreply: bool | None = False,
+            flags: int | None = None) -> bool | None:
+        """Store if the item's cas token is still `cas` (int, or str/bytes of digits, from
+        `gets`): True if stored, False if it changed, None if `key` is absent. As pymemcache's."""
+        return self._run(self._store(_CAS, key, value, expire, noreply, flags, cas))
 
-    def _cmd_cas(self, key: Any, value: Any, cas: Any, expire: int = 0, noreply: bool = False, flags: int | None = None) -> Command:
-        return self._store(Op.CAS, key, value, expire, noreply, flags, cas)
+    def delete(self, key: Key, noreply: bool | None = None) -> bool:
+        """Remove `key`: True if it was there, False if not. As pymemcache's Client.delete."""
+        return self._run(self._delete(key, noreply))
 
-    def _cmd_set_many(self, values: dict[Any, Any], expire: int = 0, noreply: bool | None = None, flags: int | None = None) -> Command:
-        ttl = self._expire(expire)
-        keys = list(values)
-        ops = []
-        for key in keys:
-            data, fl = self._value(key, values[key], flags)
-            ops.append([Op.SET, self.check_key(key), data, fl, ttl])
-        ignore = self.ignore_exc
+    def delete_many(self, keys: Iterable[Key], noreply: bool | None = None) -> bool:
+        """Remove every key; True (missing keys are not an error). As pymemcache's delete_many."""
+        return self._run(self._delete_many(keys, noreply))
 
-        def finish(results: list[list[Any]]) -> list[Any]:
-            failed = []
-            for key, r in zip(keys, results):
-                if r[0] != Code.OK:
-                    if r[0] >= Code.SERVER_ERROR and not ignore:
-                        self._raise(r)
-                    failed.append(key)
-            return failed
+    delete_multi = delete_many
 
-        return Command(ops, finish, noreply=self._noreply(noreply), noreply_value=[])
+    def incr(self, key: Key, value: int, noreply: bool | None = False) -> int | None:
+        """Add `value` (0..2**64-1) to the decimal number stored under `key`, wrapping at 2**64:
+        the new value, or None if `key` is absent. A non-numeric value raises
+        MemcacheClientError, as memcached answers. As pymemcache's Client.incr."""
+        return self._run(self._arith(_INCR, key, value, noreply))
 
-    def _cmd_delete(self, key: Any, noreply: bool | None = None) -> Command:
-        k = self.check_key(key)
+    def decr(self, key: Key, value: int, noreply: bool | None = False) -> int | None:
+        """Subtract `value`, stopping at 0: the new value, or None if `key` is absent."""
+        return self._run(self._arith(_DECR, key, value, noreply))
 
-        return Command([[Op.DELETE, k]], self._found(lambda r: True, False), noreply=self._noreply(noreply))
-
-    def _cmd_delete_many(self, keys: Iterable[Any], noreply: bool | None = None) -> Command:
-        ops = [[Op.DELETE, self.check_key(k)] for k in keys]
-
-        def finish(results: list[list[Any]]) -> bool:
-            for r in results:
-                self._raise(r)
-            return True
-
-        return Command(ops, finish, noreply=self._noreply(noreply))
-
-    def _arith(self, op: int, key: Any, value: Any, noreply: bool | None) -> Command:
-        k = self.check_key(key)
-        delta = check_int(value, "value", minimum=0, maximum=_U64)
-
-        return Command([[op, k, delta]], self._found(lambda r: r[1], None), noreply=bool(noreply), noreply_value=None)
-
-    def _cmd_incr(self, key: Any, value: int, noreply: bool | None = False) -> Command:
-        return self._arith(Op.INCR, key, value, noreply)
-
-    def _cmd_decr(self, key: Any, value: int, noreply: bool | None = False) -> Command:
-        return self._arith(Op.DECR, key, value, noreply)
-
-    def _cmd_touch(self, key: Any, expire: int = 0, noreply: bool | None = None) -> Command:
-        k = self.check_key(key)
-        ttl = self._expire(expire)
-
-        return Command([[Op.TOUCH, k, ttl]], self._found(lambda r: True, False), noreply=self._noreply(noreply))
+    def touch(self, key: Key, expire: int = 0, noreply: bool | None = None) -> bool:
+        """Reset the expiry of `key` to `expire` seconds: True, or False if absent."""
+        return self._run(self._touch(key, expire, noreply))
 
     # --- server-wide ---------------------------------------------------------------------------
 
-    def _single(self, op: list[Any], convert: Callable[[Any], Any], **kw: Any) -> Command:
-        def finish(results: list[list[Any]]) -> Any:
-            r = results[0]
-            self._raise(r)
-            return convert(r[1])
+    def stats(self, *args: Any) -> dict[bytes, Any]:
+        """memcached's stats (``stats`` with `args`, e.g. "settings"), values converted as
+        pymemcache converts them; summed over servers when there are several."""
+        return self._run(self._stats(args))
 
-        return Command([op], finish, **kw)
+    def version(self) -> bytes:
+        """memcached's version string (of the first server), as bytes."""
+        return self._run(self._version())
 
-    def _cmd_stats(self, *args: Any) -> Command:
-        raw_args = [a if isinstance(a, bytes) else str(a).encode(self.encoding) for a in args]
+    def flush_all(self, delay: int = 0, noreply: bool | None = None) -> bool:
+        """Invalidate every item on every server, after `delay` seconds: True."""
+        return self._run(self._flush_all(delay, noreply))
 
-        def convert(per_server: dict[str, dict[str, str]]) -> dict[bytes, Any]:
-            return _merge_stats({name: _convert_stats(s) for name, s in per_server.items()})
+    def cache_memlimit(self, memlimit: int) -> bool:
+        """Set every server's memory limit to `memlimit` megabytes: True."""
+        return self._run(self._cache_memlimit(memlimit))
 
-        return self._single([Op.STATS, raw_args], convert, read=True, miss_value={})
+    def broker_ping(self) -> str:
+        """"PONG" from the broker itself (no memcached involved)."""
+        return self._run(self._broker_ping())
 
-    def _cmd_version(self) -> Command:
-        return self._single([Op.VERSION], lambda per_server: next(iter(per_server.values())).encode())
+    def broker_stats(self) -> dict[str, Any]:
+        """The broker's own counters and per-server state, as a dict."""
+        return self._run(self._broker_stats())
 
-    def _cmd_flush_all(self, delay: int = 0, noreply: bool | None = None) -> Command:
-        d = check_int(delay, "delay", minimum=0, maximum=_U32)
-        return self._single([Op.FLUSH_ALL, d], lambda _: True, noreply=self._noreply(noreply))
-
-    def _cmd_cache_memlimit(self, memlimit: int) -> Command:
-        m = check_int(memlimit, "memlimit", minimum=0, maximum=_U32)
-        return self._single([Op.CACHE_MEMLIMIT, m], lambda _: True)
-
-    def _cmd_broker_ping(self) -> Command:
-        return self._single([Op.PING], lambda v: v)
-
-    def _cmd_broker_stats(self) -> Command:
-        return self._single([Op.BROKER_STATS], lambda v: v)
-
-    # --- frames --------------------------------------------------------------------------------
-
-    def _one_frame(self, rid: int, ops: list[list[Any]], timeout_ms: int) -> bytes:
-        data = wire.encode_request(rid, ops, timeout_ms)
-        if len(data) > self.max_frame_bytes:
-            raise MemcacheIllegalInputError(
-                f"request of {len(data)} bytes exceeds the broker's frame limit of {self.max_frame_bytes} bytes"
-            )
-        return data
-
-    def _frames(self, cmd: Command, new_id: Callable[[], int], timeout_ms: int) -> list[tuple[int, bytes, int, int]]:
-        """Split a command into frames under the size and op limits: (id, bytes, first op, end)."""
-        ops = cmd.ops
-        flags = wire.NOREPLY if cmd.noreply else 0
-        out = []
-        start = 0
-        while start < len(ops):
-            rid = new_id()
-            end = min(len(ops), start + MAX_OPS_PER_FRAME)
-            data = wire.encode_request(rid, ops[start:end], timeout_ms, flags)
-            while len(data) > self.max_frame_bytes:
-                if end - start == 1:
-                    raise MemcacheIllegalInputError(
-                        f"request of {len(data)} bytes exceeds the broker's frame limit of {self.max_frame_bytes} bytes"
-                    )
-                end = start + (end - start) // 2
-                data = wire.encode_request(rid, ops[start:end], timeout_ms, flags)
-            out.append((rid, data, start, end))
-            start = end
-        return out
-
-    def _results(self, cmd: Command, frames: list[tuple[int, bytes, int, int]], replies: dict[int, wire.ReplyFrame]) -> list[list[Any]]:
-        results: list[list[Any]] = []
-        for rid, _, start, end in frames:
-            reply = replies[rid]
-            if reply.code != Code.OK:
-                raise error_for(reply.code, reply.payload)
-            if len(reply.payload) != end - start:
-                raise ProtocolMismatch(f"broker answered {len(reply.payload)} results for {end - start} ops")
-            results.extend(reply.payload)
-        return results
-
-
-def _sync(name: str) -> Callable[..., Any]:
-    builder = getattr(_Commands, "_cmd_" + name)
-
-    @functools.wraps(builder)
-    def method(self: "Client", *args: Any, **kwargs: Any) -> Any:
-        return self._run(builder(self, *args, **kwargs))
-
-    method.__name__ = name
-    method.__qualname__ = "Client." + name
-    return method
-
-
-def _async(name: str) -> Callable[..., Any]:
-    builder = getattr(_Commands, "_cmd_" + name)
-
-    @functools.wraps(builder)
-    async def method(self: "AsyncClient", *args: Any, **kwargs: Any) -> Any:
-        return await self._run(builder(self, *args, **kwargs))
-
-    method.__name__ = name
-    method.__qualname__ = "AsyncClient." + name
-    return method
-
-
-COMMANDS = [
-    "get", "gets", "gat", "gats", "get_many", "gets_many", "set", "add", "replace", "append",
-    "prepend", "cas", "set_many", "delete", "delete_many", "incr", "decr", "touch", "stats",
-    "version", "flush_all", "cache_memlimit", "broker_ping", "broker_stats",
-]
-
-
-class Client(_Commands):
-    """A drop-in for pymemcache's Client that sends every call through the local mcbroker.
-
-    Thread-safe (one ZeroMQ socket per thread) and fork-safe (a child process opens its own).
-    """
-
-    def __init__(self, broker: str | None = None, **kwargs: Any) -> None:
-        super().__init__(broker, **kwargs)
-        self._transport = Transport(self.broker_url)
-
-    def _run(self, cmd: Command) -> Any:
-        if not cmd.ops:
-            return cmd.finish([])
-        return self._guarded(cmd, lambda: self._call(cmd))
-
-    def _call(self, cmd: Command) -> Any:
-        ops = cmd.ops
-        if len(ops) == 1 and not cmd.noreply:
-            # Most calls are one op in one frame: skip the splitting and gathering machinery.
-            timeout_ms = self._broker_timeout_ms()
-            reply = self._transport.call_one(lambda rid: self._one_frame(rid, ops, timeout_ms), self.timeout)
-            if reply.code != Code.OK:
-                raise error_for(reply.code, reply.payload)
-            if len(reply.payload) != 1:
-                raise ProtocolMismatch(f"broker answered {len(reply.payload)} results for 1 op")
-            return cmd.finish(reply.payload)
-        frames = self._frames(cmd, self._transport.next_id, self._broker_timeout_ms())
-        if cmd.noreply:
-            self._transport.send_only([f[1] for f in frames], self.timeout)
-            return cmd.noreply_value
-        replies = self._transport.call([(f[0], f[1]) for f in frames], self.timeout)
-        return cmd.finish(self._results(cmd, frames, replies))
+    # --- connection ----------------------------------------------------------------------------
 
     def close(self) -> None:
         """Cheap and idempotent: the broker connection is shared, stateless and reconnects by
@@ -531,143 +272,196 @@ class Client(_Commands):
         self._transport.close()
 
     def quit(self) -> None:
+        """As disconnect_all."""
         self.disconnect_all()
 
-    def __setitem__(self, key: Any, value: Any) -> None:
+    def __setitem__(self, key: Key, value: Any) -> None:
         self.set(key, value, noreply=True)
 
-    def __getitem__(self, key: Any) -> Any:
+    def __getitem__(self, key: Key) -> Any:
         value = self.get(key)
         if value is None:
             raise KeyError(key)
         return value
 
-    def __delitem__(self, key: Any) -> None:
+    def __delitem__(self, key: Key) -> None:
         self.delete(key, noreply=True)
 
-    get_multi = property(lambda self: self.get_many)
-    set_multi = property(lambda self: self.set_many)
-    delete_multi = property(lambda self: self.delete_many)
 
+class AsyncClient(Commands):
+    """Client's calls as coroutines, for asyncio: the same arguments, results and errors.
 
-class AsyncClient(_Commands):
-    """The same methods as coroutines; concurrent calls share one socket and are pipelined."""
+    Concurrent calls share one socket per event loop and are pipelined to the broker. Takes the
+    same constructor arguments as Client (the broker address is checked the same way).
+    """
 
-    def __init__(self, broker: str | None = None, **kwargs: Any) -> None:
-        super().__init__(broker, **kwargs)
-        self._pid = 0
-        self._sock: Any = None
-        self._reader: asyncio.Task[None] | None = None
-        self._waiters: dict[int, asyncio.Future[wire.ReplyFrame]] = {}
-        self._next_id = 0
-
-    def _ensure(self) -> Any:
-        import zmq
-        import zmq.asyncio
-
-        loop = asyncio.get_running_loop()
-        if self._sock is None or self._pid != os.getpid() or self._reader is None or self._reader.get_loop() is not loop or self._reader.done():
-            if self._sock is not None and self._pid == os.getpid():
-                self._sock.close(linger=0)
-            ctx = zmq.asyncio.Context.instance()
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IMMEDIATE, 1)
-            sock.setsockopt(zmq.RECONNECT_IVL, 50)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            sock.connect(self.broker_url)
-            self._sock = sock
-            self._pid = os.getpid()
-            self._waiters = {}
-            self._next_id = int.from_bytes(os.urandom(6), "big")
-            self._reader = loop.create_task(self._read_loop(sock))
-        return self._sock
-
-    def _new_id(self) -> int:
-        self._next_id = rid = (self._next_id + 1) & _U64
-        return rid
-
-    async def _read_loop(self, sock: Any) -> None:
-        while True:
-            try:
-                data = await sock.recv()
-            except Exception:
-                return
-            try:
-                reply = wire.decode_reply(data)
-            except wire.WireError:
-                continue
-            fut = self._waiters.pop(reply.req_id, None)
-            if fut is not None and not fut.done():
-                fut.set_result(reply)
-
-    async def _send(self, sock: Any, data: bytes, deadline: float) -> None:
-        import zmq
-
-        while True:
-            try:
-                await sock.send(data, zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                if time.monotonic() >= deadline:
-                    raise BrokerUnavailable(f"no broker is accepting requests at {self.broker_url}") from None
-                await asyncio.sleep(0.005)
+    def __init__(
+        self,
+        broker: str | None = None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        serde: Any = None,
+        serializer: Any = None,
+        deserializer: Any = None,
+        key_prefix: bytes | str = b"",
+        allow_unicode_keys: bool = False,
+        default_noreply: bool = False,
+        ignore_exc: bool = False,
+        encoding: str = "ascii",
+        max_frame_bytes: int = DEFAULT_MAX_FRAME,
+        connect_timeout: float | None = None,
+        no_delay: bool = False,
+        socket_module: Any = None,
+        socket_keepalive: Any = None,
+        tls_context: Any = None,
+    ) -> None:
+        super().__init__(
+            timeout=timeout, serde=serde, serializer=serializer, deserializer=deserializer,
+            key_prefix=key_prefix, allow_unicode_keys=allow_unicode_keys, default_noreply=default_noreply,
+            ignore_exc=ignore_exc, encoding=encoding, max_frame_bytes=max_frame_bytes,
+            connect_timeout=connect_timeout, no_delay=no_delay, socket_module=socket_module,
+            socket_keepalive=socket_keepalive, tls_context=tls_context,
+        )
+        self.broker_url = _broker_url(broker)
+        self._transport = AsyncTransport(self.broker_url)
 
     async def _run(self, cmd: Command) -> Any:
-        if not cmd.ops:
-            return cmd.finish([])
+        ops = cmd.ops
         try:
-            sock = self._ensure()
-            frames = self._frames(cmd, self._new_id, self._broker_timeout_ms())
-            start = time.monotonic()
-            loop = asyncio.get_running_loop()
-            futs = {}
-            if not cmd.noreply:
-                for rid, *_ in frames:
-                    futs[rid] = self._waiters[rid] = loop.create_future()
-            try:
-                for _, data, _, _ in frames:
-                    await self._send(sock, data, start + self.timeout)
-                if cmd.noreply:
-                    return cmd.noreply_value
-                remaining = start + self.timeout + GRACE - time.monotonic()
-                try:
-                    done = await asyncio.wait_for(asyncio.gather(*futs.values()), max(remaining, 0.001))
-                except asyncio.TimeoutError:
-                    raise BrokerTimeout(f"no reply from the broker at {self.broker_url} within {self.timeout:.3f}s") from None
-            finally:
-                for rid in futs:
-                    self._waiters.pop(rid, None)
-            replies = dict(zip(futs, done))
-            return cmd.finish(self._results(cmd, frames, replies))
+            if cmd.noreply:
+                if ops:
+                    await self._transport.request(ops, self._timeout_ms, self._timeout, noreply=True,
+                                                  max_frame_bytes=self.max_frame_bytes)
+                return cmd.noreply_value
+            results = []
+            if ops:
+                results = await self._transport.request(ops, self._timeout_ms, self._timeout,
+                                                        max_frame_bytes=self.max_frame_bytes) or []
+            return cmd.finish(self, cmd, results)
         except MemcacheIllegalInputError:
             raise
         except MemcacheError:
             if cmd.read and self.ignore_exc:
-                return cmd.miss_value
+                return cmd.miss
             raise
+
+    async def get(self, key: Key, default: Any = None) -> Any:
+        """Coroutine form of Client.get: the value under `key`, or `default` on a miss."""
+        return await self._run(self._get(key, default))
+
+    async def gets(self, key: Key, default: Any = None, cas_default: Any = None) -> tuple[Any, Any]:
+        """Coroutine form of Client.gets: (value, cas token) or (default, cas_default)."""
+        return await self._run(self._gets(key, default, cas_default))
+
+    async def gat(self, key: Key, expire: int = 0, default: Any = None) -> Any:
+        """Coroutine form of Client.gat: get and reset the expiry to `expire` seconds."""
+        return await self._run(self._gat(key, expire, default))
+
+    async def gats(self, key: Key, expire: int = 0, default: Any = None, cas_default: Any = None) -> tuple[Any, Any]:
+        """Coroutine form of Client.gats: gets and reset the expiry to `expire` seconds."""
+        return await self._run(self._gats(key, expire, default, cas_default))
+
+    async def get_many(self, keys: Iterable[Key]) -> dict[Any, Any]:
+        """Coroutine form of Client.get_many: {key: value} for the keys found."""
+        return await self._run(self._many(keys, _GET, False))
+
+    get_multi = get_many
+
+    async def gets_many(self, keys: Iterable[Key]) -> dict[Any, tuple[Any, bytes]]:
+        """Coroutine form of Client.gets_many: {key: (value, cas token)} for the keys found."""
+        return await self._run(self._many(keys, _GETS, True))
+
+    async def set(self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None,
+                  flags: int | None = None) -> bool:
+        """Coroutine form of Client.set: True; a too-large value deletes the key and raises
+        MemcacheServerError."""
+        return await self._run(self._store(_SET, key, value, expire, noreply, flags))
+
+    async def set_many(self, values: dict[Key, Any], expire: int = 0, noreply: bool | None = None,
+                       flags: int | None = None) -> list[Any]:
+        """Coroutine form of Client.set_many: the keys that were not stored."""
+        return await self._run(self._set_many(values, expire, noreply, flags))
+
+    set_multi = set_many
+
+    async def add(self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None,
+                  flags: int | None = None) -> bool:
+        """Coroutine form of Client.add: True if stored, False if `key` exists."""
+        return await self._run(self._store(_ADD, key, value, expire, noreply, flags))
+
+    async def replace(self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None,
+                      flags: int | None = None) -> bool:
+        """Coroutine form of Client.replace: True if stored, False if `key` is absent."""
+        return await self._run(self._store(_REPLACE, key, value, expire, noreply, flags))
+
+    async def append(self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None,
+                     flags: int | None = None) -> bool:
+        """Coroutine form of Client.append: True, or False if absent or the result would not fit."""
+        return await self._run(self._store(_APPEND, key, value, expire, noreply, flags))
+
+    async def prepend(self, key: Key, value: Any, expire: int = 0, noreply: bool | None = None,
+                      flags: int | None = None) -> bool:
+        """Coroutine form of Client.prepend: True, or False if absent or the result would not fit."""
+        return await self._run(self._store(_PREPEND, key, value, expire, noreply, flags))
+
+    async def cas(self, key: Key, value: Any, cas: Any, expire: int = 0, noreply: bool | None = False,
+                  flags: int | None = None) -> bool | None:
+        """Coroutine form of Client.cas: True if stored, False if changed, None if absent."""
+        return await self._run(self._store(_CAS, key, value, expire, noreply, flags, cas))
+
+    async def delete(self, key: Key, noreply: bool | None = None) -> bool:
+        """Coroutine form of Client.delete: True if `key` was there, False if not."""
+        return await self._run(self._delete(key, noreply))
+
+    async def delete_many(self, keys: Iterable[Key], noreply: bool | None = None) -> bool:
+        """Coroutine form of Client.delete_many: True."""
+        return await self._run(self._delete_many(keys, noreply))
+
+    delete_multi = delete_many
+
+    async def incr(self, key: Key, value: int, noreply: bool | None = False) -> int | None:
+        """Coroutine form of Client.incr: the new value, or None if `key` is absent."""
+        return await self._run(self._arith(_INCR, key, value, noreply))
+
+    async def decr(self, key: Key, value: int, noreply: bool | None = False) -> int | None:
+        """Coroutine form of Client.decr: the new value (not below 0), or None if absent."""
+        return await self._run(self._arith(_DECR, key, value, noreply))
+
+    async def touch(self, key: Key, expire: int = 0, noreply: bool | None = None) -> bool:
+        """Coroutine form of Client.touch: True, or False if `key` is absent."""
+        return await self._run(self._touch(key, expire, noreply))
+
+    async def stats(self, *args: Any) -> dict[bytes, Any]:
+        """Coroutine form of Client.stats."""
+        return await self._run(self._stats(args))
+
+    async def version(self) -> bytes:
+        """Coroutine form of Client.version."""
+        return await self._run(self._version())
+
+    async def flush_all(self, delay: int = 0, noreply: bool | None = None) -> bool:
+        """Coroutine form of Client.flush_all: True."""
+        return await self._run(self._flush_all(delay, noreply))
+
+    async def cache_memlimit(self, memlimit: int) -> bool:
+        """Coroutine form of Client.cache_memlimit: True."""
+        return await self._run(self._cache_memlimit(memlimit))
+
+    async def broker_ping(self) -> str:
+        """Coroutine form of Client.broker_ping: "PONG"."""
+        return await self._run(self._broker_ping())
+
+    async def broker_stats(self) -> dict[str, Any]:
+        """Coroutine form of Client.broker_stats."""
+        return await self._run(self._broker_stats())
 
     async def close(self) -> None:
         """Cheap and idempotent, as Client.close."""
 
     async def disconnect_all(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            self._reader = None
-        if self._sock is not None and self._pid == os.getpid():
-            self._sock.close(linger=0)
-        self._sock = None
+        """Close this client's socket; the next call opens a new one."""
+        await self._transport.close()
 
     async def quit(self) -> None:
+        """As disconnect_all."""
         await self.disconnect_all()
-
-    # pymemcache's aliases, as on Client.
-    get_multi = property(lambda self: self.get_many)
-    set_multi = property(lambda self: self.set_many)
-    delete_multi = property(lambda self: self.delete_many)
-
-
-for _name in COMMANDS:
-    setattr(Client, _name, _sync(_name))
-    setattr(AsyncClient, _name, _async(_name))
-del _name

@@ -123,3 +123,29 @@ class ProtocolMismatch(BrokerError):
     Raised when the broker's reply carries a different wire version, or a
     reply frame is malformed (bad msgpack, wrong shape, unknown status).
     """
+
+
+def _wire_errors() -> dict[int, type[MemcacheError]]:
+    from .wire import Code
+
+    return {
+        Code.SERVER_ERROR: MemcacheServerError,
+        Code.CLIENT_ERROR: MemcacheClientError,
+        Code.UNKNOWN_COMMAND: MemcacheUnknownCommandError,
+        Code.CONNECTION_ERROR: MemcacheUnexpectedCloseError,
+        Code.TIMEOUT: BrokerTimeout,
+        Code.OVERLOADED: BrokerOverloaded,
+        Code.SERVER_DOWN: ServerUnavailable,
+        Code.BAD_REQUEST: MemcacheClientError,
+        Code.UNSUPPORTED_VERSION: ProtocolMismatch,
+        Code.SHUTTING_DOWN: BrokerUnavailable,
+    }
+
+
+_BY_CODE = _wire_errors()
+
+
+def error_for(code: int, message: object) -> MemcacheError:
+    """The exception for a wire failure code (clientlib.wire.Code): the one place where the
+    broker's failure codes become exceptions. Unknown codes are server errors."""
+    return _BY_CODE.get(code, MemcacheServerError)(str(message))

@@ -26,15 +26,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import wire
-from .client import Client, Command, _Commands, error_for
+from . import limits, wire
+from .client import Client
+from .commands import Commands
+from .errors import error_for
+from .transport import build_frames
 from .wire import Code, Op
 
 __all__ = ["MockClient", "MOCK_SERVER", "MOCK_VERSION"]
 
 MOCK_SERVER = "mock"
 MOCK_VERSION = "1.6.18-mock"
-DEFAULT_MAX_VALUE_BYTES = 1 << 20  # the broker's default max_value_bytes (memcached's -I 1m)
 
 # memcached reads a TTL above 30 days as an absolute Unix time.
 _RELATIVE_TTL_LIMIT = 60 * 60 * 24 * 30
@@ -62,9 +64,10 @@ class _Item:
 class _Memory:
     """One emulated memcached server: wire ops in, wire results out. Not thread-safe by itself."""
 
-    def __init__(self, clock: Callable[[], float], max_value_bytes: int) -> None:
+    def __init__(self, clock: Callable[[], float], item_size_max: int, cas_enabled: bool) -> None:
         self.clock = clock
-        self.max_value_bytes = max_value_bytes
+        self.item_size_max = item_size_max
+        self.cas_enabled = cas_enabled
         self.items: dict[bytes, _Item] = {}
         self.cas_counter = 0
         self.flush_at: float | None = None
@@ -98,6 +101,9 @@ class _Memory:
             del self.items[key]
             return None
         return item
+
+    def _fits(self, key: bytes, value_len: int, flags: int) -> bool:
+        return limits.item_fits(len(key), value_len, flags, item_size_max=self.item_size_max, cas_enabled=self.cas_enabled)
 
     def _next_cas(self) -> int:
         self.cas_counter += 1
@@ -159,8 +165,12 @@ class _Memory:
     def _store(self, code: int, op: list[Any], now: float) -> list[Any]:
         self.counters["cmd_set"] += 1
         key, value, flags, ttl = op[1], op[2], op[3], op[4]
-        if len(value) > self.max_value_bytes:
-            return [Code.SERVER_ERROR, f"object too large for cache ({len(value)} > {self.max_value_bytes} bytes)"]
+        if not self._fits(key, len(value), flags):
+            # memcached's text protocol: "SERVER_ERROR object too large for cache" in every mode;
+            # a set also unlinks the key's old item (memcached's process_update_command).
+            if code == Op.SET:
+                self.items.pop(key, None)
+            return [Code.SERVER_ERROR, limits.TOO_LARGE]
         item = self._live(key, now)
         exptime = self._exptime(ttl, now)
         if code == Op.SET:
@@ -181,9 +191,9 @@ class _Memory:
         # APPEND / PREPEND: the old item's flags and TTL stay, as in memcached.
         if item is None:
             return _NOT_STORED
+        if not self._fits(key, len(item.value) + len(value), item.flags):
+            return _NOT_STORED  # memcached cannot allocate the joined item: NOT_STORED, item kept
         joined = item.value + value if code == Op.APPEND else value + item.value
-        if len(joined) > self.max_value_bytes:
-            return [Code.SERVER_ERROR, "out of memory storing object"]
         return self._store_item(key, joined, item.flags, item.exptime, now)
 
     def _arith(self, code: int, key: bytes, delta: int, now: float) -> list[Any]:
@@ -250,11 +260,42 @@ class _Memory:
         if args == [b"settings"]:
             return {
                 "maxbytes": str(self.memlimit_mb * 1024 * 1024),
-                "item_size_max": str(self.max_value_bytes),
-                "cas_enabled": "yes",
+                "item_size_max": str(self.item_size_max),
+                "cas_enabled": "yes" if self.cas_enabled else "no",
                 "evictions": "on",
             }
         return {}
+
+
+class _MemoryTransport:
+    """The transport of a MockClient: the same frames as the real one (transport.build_frames),
+    decoded with the broker's own schema check, executed against `_Memory`."""
+
+    def __init__(self, memory: _Memory) -> None:
+        self.memory = memory
+        self.lock = threading.Lock()
+        self._ids = itertools.count()
+
+    def request1(self, op: list[Any], timeout_ms: int, timeout: float) -> list[list[Any]]:
+        return self.request([op], timeout_ms, timeout) or []
+
+    def request(
+        self, ops: list[list[Any]], timeout_ms: int, timeout: float, *, noreply: bool = False,
+        max_frame_bytes: int = 1 << 30,
+    ) -> list[list[Any]] | None:
+        flags = wire.NOREPLY if noreply else 0
+        results: list[list[Any]] = []
+        with self.lock:
+            for _, data, _ in build_frames(ops, timeout_ms, flags, max_frame_bytes, self._ids.__next__):
+                try:
+                    request = wire.decode_request(data, max_frame=max_frame_bytes)
+                except wire.WireError as exc:
+                    raise error_for(exc.code, str(exc)) from None
+                results.extend(self.memory.execute(op) for op in request.ops)
+        return None if noreply else results
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 class MockClient(Client):
@@ -263,7 +304,11 @@ class MockClient(Client):
     Takes the Client's keyword arguments (serde, key_prefix, allow_unicode_keys, default_noreply,
     ignore_exc, encoding, timeout, ...) with the same meaning. `server` is accepted and ignored,
     as pymemcache's mock does. `clock` (seconds, like time.time) lets tests drive expiry without
-    sleeping; `max_value_bytes` mirrors the broker setting of the same name.
+    sleeping. `item_size_max` (bytes, memcached's `-I`, default 1 MiB) and `cas_enabled` (False
+    for memcached's `-C`) set memcached 1.6's item size rule (clientlib.limits): a value whose
+    item does not fit fails with MemcacheServerError("object too large for cache") in every store
+    mode, and a failed `set` also deletes the key's old value, as memcached does; an append or
+    prepend whose joined value would not fit returns False (NOT_STORED).
     """
 
     def __init__(
@@ -271,37 +316,21 @@ class MockClient(Client):
         server: Any = None,
         *,
         clock: Callable[[], float] = time.time,
-        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        item_size_max: int = limits.DEFAULT_ITEM_SIZE_MAX,
+        cas_enabled: bool = True,
         **kwargs: Any,
     ) -> None:
-        # Skips Client.__init__ on purpose: there is no transport to build.
-        _Commands.__init__(self, "inproc://clientlib-mock", **kwargs)
+        # Skips Client.__init__ on purpose: no broker address, no ZeroMQ transport.
+        Commands.__init__(self, **kwargs)
+        self.broker_url = "mock"
         self.server = server
-        self._memory = _Memory(clock, max_value_bytes)
-        self._lock = threading.Lock()
-
-    def _run(self, cmd: Command) -> Any:
-        if not cmd.ops:
-            return cmd.finish([])
-        return self._guarded(cmd, lambda: self._execute(cmd))
-
-    def _execute(self, cmd: Command) -> Any:
-        frames = self._frames(cmd, itertools.count().__next__, int(self.timeout * 1000))
-        results: list[list[Any]] = []
-        with self._lock:
-            for _, data, _, _ in frames:
-                try:
-                    request = wire.decode_request(data, max_frame=self.max_frame_bytes)
-                except wire.WireError as exc:
-                    raise error_for(exc.code, str(exc)) from None
-                results.extend(self._memory.execute(op) for op in request.ops)
-        if cmd.noreply:
-            return cmd.noreply_value
-        return cmd.finish(results)
+        self._memory = _Memory(clock, item_size_max, cas_enabled)
+        self._memory_transport = _MemoryTransport(self._memory)
+        self._transport = self._memory_transport
 
     def clear(self) -> None:
         """Forget every item (pymemcache's mock has the same helper)."""
-        with self._lock:
+        with self._memory_transport.lock:
             self._memory.items.clear()
             self._memory.flush_at = None
 

@@ -54,7 +54,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 
 VERSION = 1
 NOREPLY = 1
@@ -330,6 +330,60 @@ class ReplyFrame:
     req_id: int
     code: Code
     payload: Any  # results (list) when code is OK, else the error message
+
+
+# --- the worker's hot path ----------------------------------------------------------------------
+# The same bytes as encode_request and the same acceptance as decode_reply (tests/unit/test_wire.py
+# checks both with hypothesis), without the per-call costs that matter at a few microseconds per
+# call: no Packer built per frame, no enum or dataclass per reply.
+
+# One Packer for the process. Packer.pack is C code that runs no Python code for these types
+# (exact ints, bytes, str, lists, dicts), so it never lets another thread in mid-frame; it resets
+# its buffer after each frame, also when packing fails.
+_pack = msgpack.Packer(use_bin_type=True).pack
+_unpackb = msgpack.unpackb
+_REPLY_MAX = 1 << 30
+_CODES = frozenset(int(c) for c in Code)
+_OK = int(Code.OK)
+
+
+def pack_request(req_id: int, ops: list[list[Any]], timeout_ms: int = 0, flags: int = 0) -> bytes:
+    """encode_request's bytes, faster."""
+    return _pack([VERSION, req_id, timeout_ms, flags, ops])
+
+
+def unpack_reply(data: bytes) -> tuple[int, int, Any]:
+    """decode_reply for the worker's hot path: (req_id, code as a plain int, payload).
+
+    Accepts exactly the frames decode_reply accepts and raises WireError (with the request id when
+    it could be read) for every other, like decode_reply."""
+    try:
+        obj = _unpackb(
+            data, raw=False, use_list=True, strict_map_key=True, max_bin_len=_REPLY_MAX,
+            max_str_len=_REPLY_MAX, max_array_len=MAX_OPS, max_map_len=1 << 20, max_ext_len=0,
+        )
+    except Exception:
+        return _reply_frame(decode_reply(data))  # raises its WireError
+    if type(obj) is list and len(obj) == 4:
+        rid, code, payload = obj[1], obj[2], obj[3]
+        if (
+            obj[0] == VERSION and type(obj[0]) is int and type(rid) is int and 0 <= rid <= _U64
+            and type(code) is int
+        ):
+            if code == _OK:
+                if type(payload) is list:
+                    for r in payload:
+                        if type(r) is not list or not r or type(r[0]) is not int:
+                            break
+                    else:
+                        return rid, code, payload
+            elif code in _CODES and type(payload) is str:
+                return rid, code, payload
+    return _reply_frame(decode_reply(data))  # the rare malformed frame: decode_reply says why
+
+
+def _reply_frame(frame: ReplyFrame) -> tuple[int, int, Any]:
+    return frame.req_id, int(frame.code), frame.payload
 
 
 def decode_reply(data: bytes, max_frame: int = 1 << 30) -> ReplyFrame:

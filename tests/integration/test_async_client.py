@@ -158,12 +158,12 @@ def test_200_concurrent_calls_share_one_socket(broker: Any) -> None:
         try:
             values = {f"k{i}": f"value-of-k{i}".encode() for i in range(200)}
             assert await c.set_many(values) == []
-            sock = c._sock
+            sock = c._transport._sock
             # 200 reads at once, each for a different key: each must get its own value.
             got = await asyncio.gather(*(c.get(k) for k in values))
             assert got == list(values.values())
-            assert c._sock is sock  # one socket for all of them
-            assert c._waiters == {}
+            assert c._transport._sock is sock  # one socket for all of them
+            assert c._transport._waiters == {}
             # Mixed concurrent calls: writes, reads, counters, multi-key reads.
             await c.set("ctr", b"0")
             calls: list[Awaitable[Any]] = []
@@ -193,7 +193,7 @@ def test_200_concurrent_calls_share_one_socket(broker: Any) -> None:
             assert await c.get_many([f"w{i}" for i in range(0, 200, 4)]) == {
                 f"w{i}": f"written-{i}".encode() for i in range(0, 200, 4)
             }
-            assert c._sock is sock
+            assert c._transport._sock is sock
         finally:
             await c.disconnect_all()
 
@@ -207,14 +207,14 @@ def test_concurrent_calls_are_pipelined_not_serialized(broker: Any) -> None:
         try:
             await c.set("k", b"v")
             peak = 0
-            original = c._send
+            original = c._transport._send
 
             async def counting_send(sock: Any, data: bytes, deadline: float) -> None:
                 nonlocal peak
                 await original(sock, data, deadline)
-                peak = max(peak, len(c._waiters))
+                peak = max(peak, len(c._transport._waiters))
 
-            c._send = counting_send  # type: ignore[method-assign]
+            c._transport._send = counting_send  # type: ignore[method-assign]
             assert await asyncio.gather(*(c.get("k") for _ in range(200))) == [b"v"] * 200
             return peak
         finally:
@@ -260,7 +260,7 @@ def test_timeouts_cancellation_and_stale_replies(broker_factory: Any, mc: Any) -
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task
-                assert c._waiters == {}
+                assert c._transport._waiters == {}
             finally:
                 b.resume()
             # The late replies to all of the above arrive now; none may answer a new call.

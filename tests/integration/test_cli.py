@@ -46,3 +46,19 @@ def test_flags_override_the_file(tmp_path):
                   "--listen", f"ipc://{tmp_path}/b.sock")
     assert r.returncode == 0, r.stderr
     assert "unix:/tmp/x.sock" in r.stdout and "ketama" in r.stdout and f"ipc://{tmp_path}/b.sock" in r.stdout
+
+
+@pytest.mark.parametrize("how", ["--connect", "--broker", "MCBROKER_URL"])
+@pytest.mark.parametrize("command", ["ping", "stats"])
+def test_a_memcached_address_is_a_one_line_error(how, command):
+    import os
+
+    bad = "127.0.0.1:11211"
+    if how == "MCBROKER_URL":
+        r = _mcbroker(command, env={**os.environ, "MCBROKER_URL": bad})
+    else:
+        r = _mcbroker(command, how, bad)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert bad in r.stderr and "ipc:///" in r.stderr and "tcp://127.0.0.1:PORT" in r.stderr

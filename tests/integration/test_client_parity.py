@@ -326,7 +326,7 @@ def test_mock_client_matches_pymemcache_too(pair: Callable[..., tuple[Client, Pm
     # The in-memory MockClient runs the same script; only the version string is its own.
     _, theirs = pair()
     steps = [s for s in core_steps() if not s[0].startswith("version")]
-    mock = MockClient(max_value_bytes=ITEM_LIMIT)
+    mock = MockClient(item_size_max=ITEM_LIMIT)
     assert_same(run(mock, steps), run(theirs, steps))
     assert MockClient().version() == clientlib.mock.MOCK_VERSION.encode()
 

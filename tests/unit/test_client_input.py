@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from clientlib import AsyncClient, Client, MockClient
-from clientlib.errors import BrokerTimeout, BrokerUnavailable, MemcacheIllegalInputError
+from clientlib.errors import BrokerTimeout, BrokerUnavailable, MemcacheIllegalInputError, MemcacheServerError
 
 pytestmark = pytest.mark.unit
 
@@ -35,7 +35,7 @@ def make(url: str, **kwargs: Any) -> Client:
 
 
 def no_socket(c: Client) -> bool:
-    return c._transport._local.sock is None and not list(c._transport._sockets)
+    return c._transport._state().sock is None and not list(c._transport._sockets)
 
 
 def rejected(c: Client, call: Callable[[Client], Any]) -> MemcacheIllegalInputError:
@@ -230,14 +230,19 @@ def test_unencodable_values_rejected(nowhere: str) -> None:
     rejected(make(nowhere), lambda c: c.set_many({"a": b"ok", "b": "\u00e9"}))
 
 
-def test_value_over_the_frame_limit_rejected(nowhere: str) -> None:
-    # Found while framing, after the thread's socket exists; still nothing is sent (a send to no
-    # broker would raise BrokerUnavailable instead).
+def test_value_over_the_frame_limit(nowhere: str) -> None:
+    # memcached's outcome, not an input error: add/replace/append/prepend/cas fail without sending
+    # anything; a set sends a delete of the key instead (so here, with no broker, it reaches the
+    # transport and fails there). tests/integration/test_client_too_large.py has the real thing.
     c = make(nowhere, max_frame_bytes=1 << 20)
-    with pytest.raises(MemcacheIllegalInputError, match="frame limit"):
-        c.set("k", b"x" * (1 << 20))
-    with pytest.raises(MemcacheIllegalInputError, match="frame limit"):
-        c.set_many({"small": b"1", "k": b"x" * (1 << 20)})
+    big = b"x" * (1 << 20)
+    for call in (lambda: c.add("k", big), lambda: c.replace("k", big), lambda: c.append("k", big),
+                 lambda: c.prepend("k", big), lambda: c.cas("k", big, 1)):
+        with pytest.raises(MemcacheServerError, match="object too large for cache"):
+            call()
+    assert no_socket(c)
+    with pytest.raises(BrokerUnavailable):
+        c.set("k", big)
     c.disconnect_all()
 
 
@@ -282,7 +287,7 @@ def test_async_client_rejects_before_sending(nowhere: str) -> None:
             await c.cas("k", b"v", "x")
         with pytest.raises(MemcacheIllegalInputError):
             await c.touch("k", "1")
-        assert c._sock is None  # never opened
+        assert c._transport._sock is None  # never opened
         with pytest.raises(BrokerUnavailable):  # control
             await c.get("good")
         await c.disconnect_all()
@@ -295,3 +300,10 @@ def test_async_client_rejects_before_sending(nowhere: str) -> None:
 def test_mock_client_rejects_the_same_keys(method: str, label: str, key: Any) -> None:
     with pytest.raises(MemcacheIllegalInputError):
         KEYED[method](MockClient(), key)
+
+
+def test_max_frame_bytes_must_be_a_sane_int(nowhere: str) -> None:
+    for bad in (0, -1, 100, "4MiB", 1.5, True, 1 << 31):
+        with pytest.raises(MemcacheIllegalInputError, match="max_frame_bytes"):
+            Client(nowhere, max_frame_bytes=bad)
+    assert Client(nowhere, max_frame_bytes=512).max_frame_bytes == 512

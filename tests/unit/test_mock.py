@@ -294,16 +294,103 @@ def test_key_prefix_and_unicode_keys(clock: FakeClock) -> None:
         MockClient().get("caf\u00e9")  # non-ASCII without allow_unicode_keys
 
 
-def test_item_size_limit(clock: FakeClock) -> None:
-    m = MockClient(clock=clock, max_value_bytes=100)
-    assert m.set("ok", b"x" * 100) is True
+MIB = 1 << 20
+
+
+def largest_value(key: bytes, flags: int = 0, item_size_max: int = MIB, cas_enabled: bool = True) -> int:
+    """The longest value memcached stores under `key` (clientlib.limits' rule, spelled out)."""
+    return item_size_max - (48 + len(key) + 1 + (4 if flags else 0) + 2 + (8 if cas_enabled else 0))
+
+
+def test_item_size_rule_at_the_boundary(clock: FakeClock) -> None:
+    for item_size_max, cas_enabled in ((MIB, True), (2 * MIB, True), (MIB, False)):
+        m = MockClient(clock=clock, item_size_max=item_size_max, cas_enabled=cas_enabled)
+        n = largest_value(b"k", 0, item_size_max, cas_enabled)
+        assert m.set("k", b"x" * n) is True
+        assert len(m.get("k")) == n
+        with pytest.raises(MemcacheServerError, match="object too large for cache"):
+            m.set("k", b"x" * (n + 1))
+        # Client flags take 4 more bytes of the item.
+        assert m.set("k", b"x" * (n - 4), flags=5) is True
+        with pytest.raises(MemcacheServerError):
+            m.set("k", b"x" * (n - 3), flags=5)
+        settings = m.stats("settings")
+        assert settings[b"item_size_max"] == item_size_max
+        assert settings[b"cas_enabled"] == (b"yes" if cas_enabled else b"no")  # as pymemcache reads it
+
+
+@pytest.mark.parametrize("size", [MIB + 1, 2 * MIB, 5 * MIB])
+def test_too_large_set_deletes_the_old_value(mc: MockClient, size: int) -> None:
+    # memcached unlinks the old item when a set fails for size; Django's cache relies on it.
+    assert mc.set("k", b"old") is True
+    with pytest.raises(MemcacheServerError, match="object too large for cache"):
+        mc.set("k", b"x" * size)
+    assert mc.get("k") is None
     with pytest.raises(MemcacheServerError):
-        m.set("big", b"x" * 101)
+        mc.set("missing", b"x" * size)  # nothing to delete: still the same error
+    assert mc.get("missing") is None
+
+
+def test_too_large_set_with_noreply_deletes_silently(mc: MockClient) -> None:
+    mc.set("k", b"old")
+    assert mc.set("k", b"x" * (MIB + 1), noreply=True) is True  # memcached sends no error
+    assert mc.get("k") is None
+
+
+@pytest.mark.parametrize("mode", ["add", "replace", "append", "prepend", "cas"])
+def test_other_modes_with_a_too_large_value_keep_the_old_value(mc: MockClient, mode: str) -> None:
+    assert mc.set("k", b"old") is True
+    _, token = mc.gets("k")
+    big = b"x" * (MIB - 10)  # passes a naive length check, not memcached's item rule
+    call = {
+        "add": lambda: mc.add("k", big), "replace": lambda: mc.replace("k", big),
+        "append": lambda: mc.append("k", big), "prepend": lambda: mc.prepend("k", big),
+        "cas": lambda: mc.cas("k", big, token),
+    }[mode]
+    with pytest.raises(MemcacheServerError, match="object too large for cache"):
+        call()
+    assert mc.gets("k") == (b"old", token)  # not even rewritten
+
+
+def test_append_whose_result_would_not_fit_is_not_stored(mc: MockClient) -> None:
+    n = largest_value(b"k")
+    assert mc.set("k", b"a" * (n - 5)) is True
+    assert mc.append("k", b"b" * 6) is False
+    assert mc.prepend("k", b"b" * 6) is False
+    assert mc.get("k") == b"a" * (n - 5)
+    assert mc.append("k", b"b" * 5) is True  # exactly fits
+    assert mc.get("k") == b"a" * (n - 5) + b"b" * 5
+
+
+def test_set_many_with_a_too_large_value(mc: MockClient) -> None:
+    mc.set_many({"a": b"old", "big": b"old", "c": b"old"})
     with pytest.raises(MemcacheServerError):
-        m.append("ok", b"y")
+        mc.set_many({"a": b"1", "big": b"x" * (MIB + 1), "c": b"3"})
+    # memcached runs every set of the batch: the others are stored, the too-large key is gone.
+    assert mc.get_many(["a", "big", "c"]) == {"a": b"1", "c": b"3"}
+    assert MockClient(ignore_exc=True).set_many({"a": b"1", "big": b"x" * (MIB + 1)}) == ["big"]
+
+
+def test_values_above_the_frame_limit_follow_the_same_rule(clock: FakeClock) -> None:
+    # Above max_frame_bytes the Client itself handles the value (nothing that large is framed):
+    # the outcome is still memcached's.
+    m = MockClient(clock=clock, max_frame_bytes=1 << 16)
+    big = b"x" * (1 << 17)
+    m.set("k", b"old")
+    with pytest.raises(MemcacheServerError, match="object too large for cache"):
+        m.set("k", big)
+    assert m.get("k") is None
+    m.set("k", b"old")
+    for call in (lambda: m.add("k", big), lambda: m.replace("k", big), lambda: m.append("k", big),
+                 lambda: m.prepend("k", big), lambda: m.cas("k", big, 1)):
+        with pytest.raises(MemcacheServerError, match="object too large for cache"):
+            call()
+    assert m.get("k") == b"old"
     with pytest.raises(MemcacheServerError):
-        m.set_many({"a": b"1", "b": b"x" * 101})
-    assert m.get("a") == b"1"  # the ops before the failing one were applied, as in memcached
+        m.set_many({"a": b"1", "k": big})
+    assert m.get_many(["a", "k"]) == {"a": b"1"}
+    assert m.set("k", big, noreply=True) is True
+    assert m.add("k", big, noreply=True) is True
 
 
 def test_ignore_exc_turns_failed_reads_into_misses(clock: FakeClock) -> None:

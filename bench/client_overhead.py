@@ -1,0 +1,228 @@
+"""clientlib's own cost per get: `Client.get` against a raw DEALER sending the same frame.
+
+    python -m bench.client_overhead [--calls 5000] [--rounds 5] [--value-size 100]
+
+Starts its own memcached and broker (stopped by PID in a finally), stores one key, then in each
+round runs the two paths back to back on one thread, one call at a time:
+
+    raw     a bare zmq DEALER: msgpack.packb the request frame (fresh id), send, recv, unpackb
+    client  clientlib.Client.get on the same broker, same key
+
+and reports per get the wall time, this process's CPU time (all threads: ZeroMQ's I/O thread
+included) and the calling thread's CPU time, median / min / max over rounds, and client minus raw:
+what clientlib adds on top of the socket round trip (issue 9: at most ~5 us). Both paths pay the
+same broker and memcached, so the difference is clientlib's; the calling thread's CPU time is the
+steadiest figure on a shared machine (wall time carries the broker's and the machine's noise).
+
+Last, both paths run again with the socket replaced by an in-memory stand-in that answers at once:
+the Python of a call alone, with warm caches. On a busy 2-vCPU machine the same Python costs
+several times more in the real loop, where each call resumes from a blocking receive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgpack
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from clientlib import Client  # noqa: E402
+from clientlib.wire import VERSION, Op  # noqa: E402
+
+READY_TIMEOUT_S = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not come up within {timeout}s")
+
+
+def memcached_up(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        s.sendall(b"version\r\n")
+        return s.recv(100).startswith(b"VERSION")
+
+
+def measure(fn: Callable[[], object], calls: int) -> tuple[float, float, float]:
+    """(wall, process CPU, calling thread's CPU) in us per call over `calls` calls."""
+    w0, c0, t0 = time.perf_counter(), time.process_time(), time.thread_time()
+    for _ in range(calls):
+        fn()
+    w1, c1, t1 = time.perf_counter(), time.process_time(), time.thread_time()
+    return (w1 - w0) / calls * 1e6, (c1 - c0) / calls * 1e6, (t1 - t0) / calls * 1e6
+
+
+class StubSocket:
+    """Stands in for the DEALER: answers each GET at once with the same reply the broker sends.
+    Measures the Python of a call with no I/O at all (warm caches, no wake-ups)."""
+
+    closed = False
+
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+        self.reply = b""
+
+    def send(self, data: bytes, flags: int = 0, copy: bool = True) -> None:
+        rid = msgpack.unpackb(data)[1]
+        self.reply = msgpack.packb([VERSION, rid, 0, [[0, self.value, 0]]])
+
+    def recv(self, flags: int = 0, copy: bool = True) -> bytes:
+        return self.reply
+
+    def setsockopt(self, option: int, value: int) -> None:
+        pass
+
+
+def python_only(url: str, value: bytes, calls: int, rounds: int) -> tuple[list[float], list[float]]:
+    """(client us, raw us) per get with the socket replaced by a StubSocket on both paths."""
+    client = Client(url, timeout=2.0)
+    transport = client._transport
+    transport._socket()  # type: ignore[attr-defined]  # make this thread's state, then swap its socket
+    stub = StubSocket(value)
+    transport._state().sock = stub  # type: ignore[attr-defined]
+    rid = [0]
+    op = [[int(Op.GET), b"bench:k"]]
+
+    def raw_get() -> object:
+        rid[0] += 1
+        stub.send(msgpack.packb([VERSION, rid[0], 1950, 0, op]))
+        return msgpack.unpackb(stub.recv())[3][0][1]
+
+    assert client.get("bench:k") == value and raw_get() == value
+    out_client: list[float] = []
+    out_raw: list[float] = []
+    for _ in range(rounds):
+        out_raw.append(measure(raw_get, calls)[2])
+        out_client.append(measure(lambda: client.get("bench:k"), calls)[2])
+    return out_client, out_raw
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):8.1f} {min(values):8.1f} {max(values):8.1f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--calls", type=int, default=5000, help="gets per path per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--value-size", type=int, default=100)
+    args = p.parse_args(argv)
+    if shutil.which("memcached") is None:
+        print("memcached is not installed", file=sys.stderr)
+        return 2
+
+    tmp = tempfile.mkdtemp(prefix="mcb-overhead-")
+    url = f"ipc://{tmp}/b.sock"
+    port = free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        # memcached refuses to run as root without being told which user.
+        as_root = ["-u", "root"] if os.geteuid() == 0 else []
+        procs.append(subprocess.Popen(
+            ["memcached", "-U", "0", "-l", "127.0.0.1", "-p", str(port), "-t", "2", "-m", "64", *as_root],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        ))
+        wait_for(lambda: memcached_up(port), "memcached")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "broker", "serve", "--listen", url, "--server", f"127.0.0.1:{port}"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        ))
+        client = Client(url, timeout=2.0)
+        wait_for(lambda: client.broker_ping() == "PONG", "the broker")
+        value = b"v" * args.value_size
+        assert client.set("bench:k", value) is True and client.get("bench:k") == value
+
+        ctx = zmq.Context.instance()
+        raw = ctx.socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.setsockopt(zmq.RCVTIMEO, 2000)
+        raw.connect(url)
+        rid = [0]
+        op = [[int(Op.GET), b"bench:k"]]
+        packb, unpackb, send, recv = msgpack.packb, msgpack.unpackb, raw.send, raw.recv
+
+        def raw_get() -> object:
+            rid[0] += 1
+            send(packb([VERSION, rid[0], 1950, 0, op]))
+            reply = unpackb(recv())
+            return reply[3][0][1]
+
+        assert raw_get() == value
+        get = client.get
+
+        def client_get() -> object:
+            return get("bench:k")
+
+        paths = {"raw": raw_get, "client": client_get}
+        for fn in paths.values():  # warm-up
+            measure(fn, min(500, args.calls))
+        kinds = ("wall", "cpu", "thread cpu")
+        got_all: dict[tuple[str, str], list[float]] = {(n, k): [] for n in (*paths, "client-raw") for k in kinds}
+        for r in range(args.rounds):
+            # Alternate which path goes first, so neither always runs on a warmer machine.
+            order = list(paths) if r % 2 == 0 else list(reversed(paths))
+            got = {name: measure(paths[name], args.calls) for name in order}
+            for i, kind in enumerate(kinds):
+                for name in paths:
+                    got_all[(name, kind)].append(got[name][i])
+                got_all[("client-raw", kind)].append(got["client"][i] - got["raw"][i])
+            print(f"round {r + 1}/{args.rounds}: " + "; ".join(
+                f"{name} {got[name][0]:.1f} us wall, {got[name][1]:.1f} us cpu, {got[name][2]:.1f} us thread cpu"
+                for name in paths), file=sys.stderr)
+        raw.close()
+        stub_client, stub_raw = python_only(url, value, args.calls, args.rounds)
+        for name, values in (("client", stub_client), ("raw", stub_raw)):
+            got_all[(f"{name} no I/O", "thread cpu")] = values
+        got_all[("client-raw no I/O", "thread cpu")] = [c - r for c, r in zip(stub_client, stub_raw)]
+
+        print(f"{args.calls} gets x {args.rounds} rounds, {args.value_size}-byte value, one thread; us per get")
+        print(f"{'path':<24}{'median':>8} {'min':>8} {'max':>8}")
+        for name in (*paths, "client-raw"):
+            for kind in kinds:
+                print(f"{name + ' ' + kind:<24}{summary(got_all[(name, kind)])}")
+        print("the same Python with the socket replaced by an in-memory stand-in (no I/O, warm caches):")
+        for name in ("raw no I/O", "client no I/O", "client-raw no I/O"):
+            print(f"{name + ' thread cpu':<32}{summary(got_all[(name, 'thread cpu')])}")
+        return 0
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
