@@ -295,7 +295,7 @@ def from_mapping(d: Mapping[str, object]) -> Config:
         hash=hash_name,
         on_server_down=_choice("on_server_down", merged["on_server_down"]),
         log_level=_choice("log_level", merged["log_level"]),
-        **{key: _int(key, merged[key]) for key in INT_RANGES},  # type: ignore[arg-type]
+        **{key: _int(key, merged[key]) for key in INT_RANGES},
     )
     _check_relations(config)
     return config

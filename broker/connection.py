@@ -382,7 +382,7 @@ class Server:
             entry = self.pinned.get(key)
             if entry is not None:
                 entry[1] += 1
-                return entry[0]  # type: ignore[no-any-return]
+                return entry[0]
         conn = self.batch_conn
         if conn is None or conn.sock is None:
             # One connection takes the whole loop turn's batch: idle first, else the least deep.

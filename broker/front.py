@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import stat
+from typing import Any
 
 import zmq
 
@@ -65,8 +66,8 @@ def _claim_ipc_path(path: str) -> None:
 
 
 class Front:
-    def __init__(self, ctx: zmq.Context, urls: tuple[str, ...], max_frame: int) -> None:
-        self.sockets: list[zmq.Socket] = []
+    def __init__(self, ctx: "zmq.Context[Any]", urls: tuple[str, ...], max_frame: int) -> None:
+        self.sockets: list["zmq.Socket[Any]"] = []
         self.urls = urls
         self.bad_envelopes = 0
         for url in urls:
@@ -83,7 +84,7 @@ class Front:
             sock.bind(url)
             self.sockets.append(sock)
 
-    def recv_batch(self, sock: zmq.Socket, limit: int, max_bytes: int) -> list[tuple[bytes, bytes]]:
+    def recv_batch(self, sock: "zmq.Socket[Any]", limit: int, max_bytes: int) -> list[tuple[bytes, bytes]]:
         """Up to `limit` (ident, frame) pairs that are ready now, stopping once `max_bytes` of
         frames were read, so one loop turn stays short however large the frames; never waits."""
         out: list[tuple[bytes, bytes]] = []
@@ -111,7 +112,7 @@ class Front:
         return out
 
     @staticmethod
-    def send(sock: zmq.Socket, ident: bytes, data: bytes) -> bool:
+    def send(sock: "zmq.Socket[Any]", ident: bytes, data: bytes) -> bool:
         try:
             sock.send(ident, _SNDMORE_DONTWAIT)
             sock.send(data, _DONTWAIT, copy=len(data) < 65536)

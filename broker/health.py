@@ -18,7 +18,7 @@ class State(enum.Enum):
     PROBING = "probing"
 
 
-def backoff(attempt: int, base: float, cap: float, rng: random.Random = random._inst) -> float:  # type: ignore[attr-defined]
+def backoff(attempt: int, base: float, cap: float, rng: random.Random = random._inst) -> float:
     """Exponential backoff with "equal jitter": half fixed, half random, so retries never align."""
     step = min(cap, base * (2 ** min(attempt, 30)))
     return step / 2 + rng.random() * step / 2

@@ -1,6 +1,6 @@
-"""clientlib type-checks clean with mypy, and ships its hints (py.typed, PEP 561).
+"""clientlib and broker type-check clean with mypy, and ships its hints (py.typed, PEP 561).
 
-MYPY_TARGETS lists what is checked; broker/ joins when it is ready for it."""
+MYPY_TARGETS lists what is checked: both packages."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-MYPY_TARGETS = ["clientlib"]
+MYPY_TARGETS = ["clientlib", "broker"]
 # --strict except warn_return_any: msgpack ships no type hints, so every decoded value is Any.
 MYPY_FLAGS = ["--strict", "--no-warn-return-any"]
 
