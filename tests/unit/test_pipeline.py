@@ -1303,7 +1303,12 @@ def test_inflight_counts_back_to_zero_as_answers_arrive() -> None:
 
 KEYS = [b"k%d" % i for i in range(4)]
 
-values = st.one_of(st.binary(max_size=12), st.integers(0, 2**64 - 1).map(lambda n: b"%d" % n))
+values = st.one_of(
+    st.binary(max_size=12),
+    st.integers(0, 2**64 - 1).map(lambda n: b"%d" % n),
+    # values holding CRLF, and ones that read as a response line (a swallow would look like them)
+    st.sampled_from([b"a\r\nb", b"\r\n", b"x\r\n", b"SERVER_ERROR x", b"EN O1", b"HD O2\r\nHD O3"]),
+)
 op_strategy = st.one_of(
     st.tuples(st.just("get"), st.sampled_from(KEYS)),
     # the last field: memcached answers SERVER_ERROR out of memory (and unlinks the key)
@@ -1326,11 +1331,18 @@ class Scenario:
     owner: list[tuple[str, int] | None]  # per stream byte: the request whose content it is
     tombstones: set[str]
     vas: list[tuple[int, int]]  # each VA response: where it starts, where its data starts
-    parts: list[tuple[int, int]]  # each response (and each fence's MN): where it starts and ends
+    parts: list[tuple[int, int]]  # each response (and each fence's answer): where it starts and ends
+    fence_at: list[int]  # where each fence's answer starts
+    reset: bool  # the pipeline must reset (a value holding CRLF followed by a line without an opaque)
 
 
-def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
-    """Submit `batches`, and write the answer memcached would send (from a model of its data)."""
+def model_scenario(batches: list[Any], dead: set[int], fence_hit: bool = False) -> Scenario:
+    """Submit `batches`, and write the answer memcached would send (from a model of its data).
+    `fence_hit`: the fence's key exists, so memcached answers the fence HD rather than EN.
+
+    The expected results follow pipeline.py's rule: a value holding CRLF followed by a line
+    without an opaque (an error line) resets the stream, and then every request not yet proven
+    (that value, the error line's request, and all after) fails with CONNECTION_ERROR."""
     rig = Rig()
     store: dict[bytes, tuple[bytes, int]] = {}
     stream = bytearray()
@@ -1340,6 +1352,28 @@ def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
     pending_fence = False
     vas: list[tuple[int, int]] = []
     parts: list[tuple[int, int]] = []
+    fence_at: list[int] = []
+    # The proof model, response by response: results held for proof, and whether the last
+    # response was a value holding CRLF.
+    answered: list[tuple[str, int]] = []  # requests in stream order
+    held: list[tuple[str, int]] = []
+    reset = False
+    risky = False
+
+    def answer(who: tuple[str, int] | None, kind: str, value: bytes | None = None) -> None:
+        """`kind`: "meta" (carries an opaque), "line" (an error line), "fence"."""
+        nonlocal reset, risky
+        if reset:
+            return
+        if kind == "line" and risky:
+            reset = True
+            return
+        if kind != "line":
+            held.clear()  # proven
+            risky = value is not None and b"\r\n" in value
+        if who is not None:
+            answered.append(who)
+            held.append(who)
 
     def emit(part: bytes, who: tuple[str, int] | None, content: list[tuple[int, int]] = []) -> None:
         start = len(stream)
@@ -1351,6 +1385,13 @@ def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
                 marks[i] = who
         owner.extend(marks)
         assert len(owner) == len(stream) == start + len(part)
+
+    def end_write() -> None:
+        opaque = rig.seal()
+        assert opaque is not None and opaque == rig.p.seq
+        fence_at.append(len(stream))
+        emit(fence(opaque, fence_hit), None)
+        answer(None, "fence")
 
     for w, ops, seal in batches:
         name = f"W{w}"
@@ -1377,6 +1418,7 @@ def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
                     part = b"EN O%d\r\n" % opaque
                     emit(part, who, [(0, 2)])
                     expected[who] = [Code.MISS]
+                    answer(who, "meta")
                 else:
                     value, flags = hit
                     head = b"VA %d f%d O%d\r\n" % (len(value), flags, opaque)
@@ -1384,20 +1426,24 @@ def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
                     vas.append((len(stream), len(stream) + len(head)))
                     emit(head + value + b"\r\n", who, [(0, 2), (f_at, head.index(b" O")), (len(head), len(head) + len(value))])
                     expected[who] = [Code.OK, value, flags]
+                    answer(who, "meta", value)
             elif op[0] == "set" and op[4]:
                 store.pop(op[1], None)
                 line = b"SERVER_ERROR out of memory storing object\r\n"
                 emit(line, who, [(13, len(line) - 2)])
                 expected[who] = Err(Code.SERVER_ERROR, "out of memory storing object")
+                answer(who, "line")
             elif op[0] == "set":
                 store[op[1]] = (op[2], op[3])
                 emit(b"HD O%d\r\n" % opaque, who, [(0, 2)])
                 expected[who] = [Code.OK]
+                answer(who, "meta")
             elif op[0] == "incr":
                 hit = store.get(op[1])
                 if hit is None:
                     emit(b"NF O%d\r\n" % opaque, who, [(0, 2)])
                     expected[who] = [Code.NOT_FOUND]
+                    answer(who, "meta")
                 elif hit[0].isdigit() and len(hit[0]) <= 20 and int(hit[0]) < 2**64:
                     new = (int(hit[0]) + op[2]) % 2**64  # protocol.txt: incrementing can overflow
                     store[op[1]] = (b"%d" % new, hit[1])
@@ -1405,26 +1451,32 @@ def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
                     vas.append((len(stream), len(stream) + len(head)))
                     emit(head + b"%d\r\n" % new, who, [(0, 2), (len(head), len(head) + len(b"%d" % new))])
                     expected[who] = [Code.OK, new]
+                    answer(who, "meta", b"%d" % new)
                 else:
                     line = b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
                     emit(line, who, [(13, len(line) - 2)])
                     expected[who] = Err(Code.CLIENT_ERROR, "non-numeric")
+                    answer(who, "line")
             else:
                 found = store.pop(op[1], None) is not None
                 emit(b"%s O%d\r\n" % (b"HD" if found else b"NF", opaque), who, [(0, 2)])
                 expected[who] = [Code.OK] if found else [Code.NOT_FOUND]
+                answer(who, "meta")
         pending_fence = True
         if seal:
-            rig.seal()
-            emit(MN, None)
+            end_write()
             pending_fence = False
     if pending_fence:
-        rig.seal()
-        emit(MN, None)
+        end_write()
+    if reset:
+        # Unproven when the stream was reset: the held results, and every request after them.
+        unproven = set(held) | (set(expected) - set(answered))
+        for who in unproven:
+            expected[who] = Failed(C)
     tombstones = {f"W{w}" for w in dead}
     for name in tombstones:
         rig.waiter(name).done = True
-    return Scenario(rig, bytes(stream), expected, owner, tombstones, vas, parts)
+    return Scenario(rig, bytes(stream), expected, owner, tombstones, vas, parts, fence_at, reset)
 
 
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -1444,16 +1496,24 @@ def outcomes_by_request(log: list[Event]) -> dict[tuple[str, int], list[Any]]:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(batch_strategy, min_size=1, max_size=6), st.sets(st.integers(0, 3), max_size=2), st.data())
-def test_every_waiter_gets_exactly_its_own_results_in_order(batches: list[Any], dead: set[int], data: st.DataObject) -> None:
-    probe = model_scenario(batches, dead)
+@given(st.lists(batch_strategy, min_size=1, max_size=6), st.sets(st.integers(0, 3), max_size=2), st.booleans(), st.data())
+def test_every_waiter_gets_exactly_its_own_results_in_order(
+    batches: list[Any], dead: set[int], fence_hit: bool, data: st.DataObject,
+) -> None:
+    probe = model_scenario(batches, dead, fence_hit)
     cuts = data.draw(st.lists(st.integers(0, len(probe.stream)), max_size=8), label="cuts")
     for how in ("random cuts", "byte by byte"):
-        sc = model_scenario(batches, dead)
+        sc = model_scenario(batches, dead, fence_hit)
         stream = sc.stream
         chunks = chunked(stream, cuts) if how == "random cuts" else [stream[i : i + 1] for i in range(len(stream))]
-        for chunk in chunks:
-            sc.rig.p.receive(chunk)
+        reset = False
+        try:
+            for chunk in chunks:
+                sc.rig.p.receive(chunk)
+        except OutOfStep:
+            reset = True
+            sc.rig.p.fail_all(C, "pipeline reset")
+        assert reset == sc.reset, f"{how}: OutOfStep {reset}, the model says {sc.reset}"
         for name in {n for n, _ in sc.expected}:
             got = [(i, r) for n, i, r in sc.rig.log if n == name]
             if name in sc.tombstones:
@@ -1465,6 +1525,18 @@ def test_every_waiter_gets_exactly_its_own_results_in_order(batches: list[Any], 
         assert sorted(sc.rig.released) == sorted(sc.rig.keys)
         assert sc.rig.p.fail_all(Code.CONNECTION_ERROR, "end") == 0
         assert len(sc.rig.log) == sum(1 for n, _ in sc.expected if n not in sc.tombstones)
+
+
+def test_the_model_predicts_a_reset_for_a_crlf_value_before_an_error_line() -> None:
+    # The model itself, on the case pipeline.py's rule is about (and its control).
+    batches = [(0, [("set", b"k0", b"a\r\nb", 0, False)], True), (1, [("get", b"k0"), ("set", b"k1", b"v", 0, True)], True)]
+    sc = model_scenario(batches, set())
+    assert sc.reset
+    assert sc.expected == {("W0", 0): [Code.OK], ("W1", 0): Failed(C), ("W1", 1): Failed(C)}
+    batches[0] = (0, [("set", b"k0", b"a b", 0, False)], True)
+    sc = model_scenario(batches, set(), fence_hit=True)
+    assert not sc.reset and sc.expected[("W1", 0)] == [Code.OK, b"a b", 0]
+    assert sc.stream.endswith(b"SERVER_ERROR out of memory storing object\r\nHD O5\r\n")
 
 
 def damage(sc: Scenario, data: st.DataObject) -> tuple[str, bytes, tuple[str, int] | None]:
@@ -1498,7 +1570,7 @@ def damage(sc: Scenario, data: st.DataObject) -> tuple[str, bytes, tuple[str, in
     # swallows what follows (or stops short). No request may get such a value.
     start, data_at = sc.vas[data.draw(st.integers(0, len(sc.vas) - 1), label="va")]
     ends = [i for i in range(data_at, n - 1) if stream[i : i + 2] == b"\r\n"]
-    before_fence = [i for i in ends if stream[i + 2 : i + 6] == MN]  # the data then ends at an MN
+    before_fence = [i for i in ends if i + 2 in sc.fence_at]  # the data then ends at a fence's answer
     end = data.draw(st.sampled_from(ends) | st.sampled_from(before_fence) if before_fence else st.sampled_from(ends), label="crlf")
     line_end = data_at - 2
     head = stream[start:line_end].split(b" ")
