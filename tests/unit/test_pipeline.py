@@ -880,6 +880,37 @@ def test_a_tombstones_crlf_value_then_an_error_line_still_resets() -> None:
     assert out.error is not None and out.log == [("B", 0, Failed(C))]
 
 
+@pytest.mark.parametrize("then", ["set", "fence"])
+def test_a_value_cut_short_whose_rest_reads_as_the_next_answer_cannot_pass(then: str) -> None:
+    # The mirror of the swallow: a's size lowered, so its data block stops at a CRLF inside its
+    # value, and the rest of the value is read as the next answer. a's value is 9 bytes,
+    # "ab\r\nHD O2" (or "ab\r\nEN O2"), which anyone may store; memcached sends
+    #   VA 9 f0 O1\r\nab\r\nHD O2\r\n  HD O2\r\n  EN O3\r\n     (then: b's set O2, fence O3)
+    #   VA 9 f0 O1\r\nab\r\nEN O2\r\n  EN O2\r\n                (then: the fence O2)
+    # One corrupted byte turns "VA 9" into "VA 2": the data block "ab" is followed by CRLF, holds
+    # no CRLF, and the next line carries the opaque due next. a must get its own value or a
+    # failure, never "ab".
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        if then == "set":
+            rig.meta("B", [[Op.SET, b"b", b"v", 0, 0]])
+        rig.seal()
+        return rig
+
+    if then == "set":
+        value = b"ab\r\nHD O2"
+        true = va(value, 1) + b"HD O2\r\n" + fence(3)
+    else:
+        value = b"ab\r\nEN O2"
+        true = va(value, 1) + fence(2)
+    bad = true.replace(b"VA 9", b"VA 2", 1)
+    assert sum(x != y for x, y in zip(true, bad)) == 1 and len(true) == len(bad)
+    for name, log in damaged_runs(build, bad):
+        a = [e[2] for e in log if e[0] == "A"]
+        assert a in ([[Code.OK, value, 0]], [Failed(C)], [Failed(Code.TIMEOUT)]), f"{name}: a got {a}"
+
+
 def damaged_runs(build: Callable[[], Rig], bad: bytes) -> Iterator[tuple[str, list[Event]]]:
     """Feed `bad` every way; what each waiter got once the driver gave up on the stream (a reset on
     OutOfStep, else the deadline of whatever never got its answer)."""
