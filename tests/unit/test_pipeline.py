@@ -347,7 +347,7 @@ def test_a_value_waits_while_the_next_response_is_incomplete() -> None:
 
 
 def test_every_op_kind_answered_in_one_write_however_fed() -> None:
-    ops = [
+    ops: list[list[Any]] = [
         [Op.GET, b"k1"], [Op.GETS, b"k2"], [Op.GAT, b"k3", 10], [Op.GATS, b"k4", 10],
         [Op.SET, b"k5", b"v", 0, 0], [Op.ADD, b"k6", b"v", 0, 0], [Op.REPLACE, b"k7", b"v", 0, 0],
         [Op.APPEND, b"k8", b"v", 0, 0], [Op.PREPEND, b"k9", b"v", 0, 0], [Op.CAS, b"k10", b"v", 0, 0, 5],
@@ -438,6 +438,31 @@ def test_opaque_mismatch_fails_the_held_and_the_unanswered(second: bytes) -> Non
     out = every_way(build_two_gets, r1 + second + F3, visible=[], error_at=e2)
     two_gets_failed(out)
     assert out.failed_in_flight == 1  # r1 was answered (held), r2 was not
+
+
+@pytest.mark.parametrize(
+    "second, result",
+    [
+        (b"VA 1 f0 O2 t-1\r\ny\r\n", [Code.OK, b"y", 0]),
+        (b"VA 1 f7 O2 kYg== b\r\ny\r\n", [Code.OK, b"y", 7]),
+        (b"EN O2 kYg==\r\n", [Code.MISS]),
+    ],
+    ids=repr,
+)
+def test_the_opaque_token_is_checked_even_when_other_flags_follow_it(second: bytes, result: list[Any]) -> None:
+    # protocol.txt returns flags in the request's order; should any come after O, the O token is
+    # still the opaque (O2 here), not the rest of the line.
+    r1 = va(b"x", 1)
+    e1, e2, mn = offsets(r1, second, F3)
+    out = every_way(build_two_gets, r1 + second + F3, visible=[e2, mn])
+    assert out.log == [("A", 0, [Code.OK, b"x", 0]), ("A", 1, result)]
+
+
+@pytest.mark.parametrize("second", [b"VA 1 f0 O21 t-1\r\ny\r\n", b"VA 1 f0 O1 t2\r\ny\r\n", b"EN O3 k2\r\n", b"EN kO2\r\n"], ids=repr)
+def test_a_wrong_opaque_followed_by_other_flags_is_a_mismatch(second: bytes) -> None:
+    r1 = va(b"x", 1)
+    out = every_way(build_two_gets, r1 + second + F3, visible=[], error_at=len(r1 + second))
+    two_gets_failed(out)
 
 
 def test_opaque_mismatch_on_the_first_response() -> None:
@@ -565,7 +590,11 @@ def test_a_response_after_everything_was_answered() -> None:
         assert out.failed_in_flight == 0 and out.released == [b"a"]
 
 
-@pytest.mark.parametrize("garbage", [b"garbage\r\n", b"VALUE a 0 1\r\nx\r\nEND\r\n", b"\r\n", b"STORED\r\n"], ids=repr)
+@pytest.mark.parametrize(
+    "garbage",
+    [b"garbage\r\n", b"VALUE a 0 1\r\nx\r\nEND\r\n", b"\r\n", b"STORED\r\n", b"VA f0 O2\r\n", b"VA O2\r\n"],
+    ids=repr,
+)
 def test_garbage_in_place_of_a_response(garbage: bytes) -> None:
     r1 = va(b"x", 1)
     out = every_way(build_two_gets, r1 + garbage + va(b"y", 2) + F3, visible=[], error_at=len(r1) + garbage.index(b"\r\n") + 2)
@@ -1049,6 +1078,31 @@ def test_client_error_or_error_to_ms_fails_it_and_resets(reply: bytes, code: Cod
     ]
     assert sorted(out.released) == [b"a", b"b", b"c", b"d"]
     assert out.inflight == 0 and out.failed_in_flight == 2
+
+
+@pytest.mark.parametrize(
+    "reply, code",
+    [(b"CLIENT_ERROR bad data chunk\r\n", Code.CLIENT_ERROR), (b"ERROR\r\n", Code.UNKNOWN_COMMAND)],
+    ids=["CLIENT_ERROR", "ERROR"],
+)
+def test_an_ms_error_gives_each_request_of_every_write_exactly_one_outcome(reply: bytes, code: Code) -> None:
+    # Two writes in flight (a O1, ms O2, fence O3 | c O4, fence O5) and a third request queued
+    # but not yet sealed: the ms gets its own error once, everything else one CONNECTION_ERROR.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], [Op.SET, b"b", b"v", 0, 0]])
+        assert rig.seal() == 3
+        rig.meta("B", [[Op.GET, b"c"]])
+        assert rig.seal() == 5
+        rig.meta("D", [[Op.DELETE, b"d"]])
+        return rig
+
+    r1 = va(b"x", 1)
+    out = every_way(build, r1 + reply + fence(3) + va(b"z", 4) + fence(5), visible=[len(r1 + reply)], error_at=len(r1 + reply))
+    assert out.error is not None and out.error.answered
+    assert out.log == [("A", 1, Failed(code)), ("A", 0, Failed(C)), ("B", 0, Failed(C)), ("D", 0, Failed(C))]
+    assert out.failed_in_flight == 2 and out.inflight == 0  # c and d; a was answered (held)
+    assert sorted(out.released) == [b"a", b"b", b"c", b"d"]
 
 
 @pytest.mark.parametrize("op", [[Op.GET, b"a"], [Op.DELETE, b"a"], [Op.INCR, b"a", 1], [Op.TOUCH, b"a", 1]], ids=lambda o: Op(o[0]).name)
