@@ -280,12 +280,12 @@ def test_fifo_across_batches_and_waiters_however_fed() -> None:
     r4 = b"NF O4\r\n"
     r5 = va(b"v\r\n", 5)  # a value may hold CRLF
     r6 = b"VA 2 O6\r\n47\r\n"
-    e1, e2, e3, e4, e5, e6, e_mn = offsets(r1, r2, r3, r4, r5, r6, fence(7))
+    e1, e2, e3, e4, e5, e6, e_fence = offsets(r1, r2, r3, r4, r5, r6, fence(7))
     out = every_way(
         build_fifo, r1 + r2 + r3 + r4 + r5 + r6 + fence(7),
         # each result goes once the next response arrived whole with its opaque, the last at the
         # fence's answer
-        visible=[e2, e3, e4, e5, e6, e_mn],
+        visible=[e2, e3, e4, e5, e6, e_fence],
     )
     assert out.log == [
         ("A", 0, [Code.OK, b"va", 5]),
@@ -316,8 +316,8 @@ def test_each_write_is_proven_by_its_own_fence_however_fed() -> None:
     r2 = b"VA 1 f7 c99 O2\r\ny\r\n"
     r3 = va(b"z", 4)
     r4 = b"EN O5\r\n"
-    e1, e2, mn1, e3, e4, mn2 = offsets(r1, r2, fence(3), r3, r4, fence(6))
-    out = every_way(build_two_writes, r1 + r2 + fence(3) + r3 + r4 + fence(6), visible=[e2, mn1, e4, mn2])
+    e1, e2, fenced1, e3, e4, fenced2 = offsets(r1, r2, fence(3), r3, r4, fence(6))
+    out = every_way(build_two_writes, r1 + r2 + fence(3) + r3 + r4 + fence(6), visible=[e2, fenced1, e4, fenced2])
     assert out.log == [
         ("A", 0, [Code.OK, b"x", 0]),
         ("A", 1, [Code.OK, b"y", 7, 99]),
@@ -453,8 +453,8 @@ def test_the_opaque_token_is_checked_even_when_other_flags_follow_it(second: byt
     # protocol.txt returns flags in the request's order; should any come after O, the O token is
     # still the opaque (O2 here), not the rest of the line.
     r1 = va(b"x", 1)
-    e1, e2, mn = offsets(r1, second, F3)
-    out = every_way(build_two_gets, r1 + second + F3, visible=[e2, mn])
+    e1, e2, fenced = offsets(r1, second, F3)
+    out = every_way(build_two_gets, r1 + second + F3, visible=[e2, fenced])
     assert out.log == [("A", 0, [Code.OK, b"x", 0]), ("A", 1, result)]
 
 
@@ -583,9 +583,9 @@ def test_a_response_after_everything_was_answered() -> None:
         return rig
 
     r1 = va(b"x", 1)
-    e1, mn = offsets(r1, fence(2))
+    e1, fenced = offsets(r1, fence(2))
     for extra in (fence(2), fence(3), MN, b"SERVER_ERROR busy\r\n"):
-        out = every_way(build, r1 + fence(2) + extra, visible=[mn], error_at=mn + len(extra))
+        out = every_way(build, r1 + fence(2) + extra, visible=[fenced], error_at=fenced + len(extra))
         assert out.log == [("A", 0, [Code.OK, b"x", 0])]  # proven before the extra answer came
         assert out.failed_in_flight == 0 and out.released == [b"a"]
 
@@ -603,8 +603,8 @@ def test_garbage_in_place_of_a_response(garbage: bytes) -> None:
 
 def test_trailing_garbage_after_the_fence() -> None:
     r1, r2 = va(b"x", 1), va(b"y", 2)
-    e1, e2, mn = offsets(r1, r2, F3)
-    out = every_way(build_two_gets, r1 + r2 + F3 + b"junk\r\n", visible=[e2, mn], error_at=mn + 6)
+    e1, e2, fenced = offsets(r1, r2, F3)
+    out = every_way(build_two_gets, r1 + r2 + F3 + b"junk\r\n", visible=[e2, fenced], error_at=fenced + 6)
     assert out.log == [("A", 0, [Code.OK, b"x", 0]), ("A", 1, [Code.OK, b"y", 0])]
     assert out.error is not None and out.failed_in_flight == 0
 
@@ -804,8 +804,8 @@ def test_a_value_without_crlf_then_a_line_without_an_opaque_goes_on(value: bytes
     text = op[0] in (Op.VERSION, Op.STATS, Op.FLUSH_ALL)
     r1 = va(value, 1)
     f = fence(2 if text else 3)
-    e1, e2, mn = offsets(r1, line, f)
-    out = every_way(build_get_then(op), r1 + line + f, visible=[e2, mn] if text else [mn, mn])
+    e1, e2, fenced = offsets(r1, line, f)
+    out = every_way(build_get_then(op), r1 + line + f, visible=[e2, fenced] if text else [fenced, fenced])
     a = ("A", 0, [Code.OK, value, 0])
     b = ("B", 0, result)
     assert out.log == ([b, a] if text else [a, b])
@@ -838,8 +838,8 @@ def test_a_value_without_crlf_then_server_error_for_the_next_request_delivers_bo
         return rig
 
     r1, r2 = va(b"one two", 1), b"SERVER_ERROR temporary failure\r\n"
-    e1, e2, mn = offsets(r1, r2, F3)
-    out = every_way(build, r1 + r2 + F3, visible=[mn, mn])
+    e1, e2, fenced = offsets(r1, r2, F3)
+    out = every_way(build, r1 + r2 + F3, visible=[fenced, fenced])
     assert out.log == [("A", 0, [Code.OK, b"one two", 0]), ("B", 0, Err(Code.SERVER_ERROR, "temporary failure"))]
     assert out.error is None and out.inflight == 0
 
@@ -871,8 +871,8 @@ def test_a_crlf_value_proven_by_an_opaque_then_an_error_line_goes_on(between: by
         return rig
 
     r1, r3 = va(b"x\r\ny", 1), b"SERVER_ERROR busy\r\n"
-    e1, e2, e3, mn = offsets(r1, between, r3, fence(4))
-    out = every_way(build, r1 + between + r3 + fence(4), visible=[e2, mn, mn])
+    e1, e2, e3, fenced = offsets(r1, between, r3, fence(4))
+    out = every_way(build, r1 + between + r3 + fence(4), visible=[e2, fenced, fenced])
     assert [e[:2] for e in out.log] == [("A", 0), ("A", 1), ("B", 0)]
     assert out.log[0][2] == [Code.OK, b"x\r\ny", 0] and out.log[2][2] == Err(Code.SERVER_ERROR, "busy")
     assert out.error is None and out.inflight == 0
@@ -889,8 +889,8 @@ def test_a_crlf_value_last_in_its_write_then_an_error_line_first_in_the_next() -
         return rig
 
     r1, r3 = va(b"x\r\n", 1), b"SERVER_ERROR busy\r\n"
-    e1, mn1, e3, mn2 = offsets(r1, fence(2), r3, fence(4))
-    out = every_way(build, r1 + fence(2) + r3 + fence(4), visible=[mn1, mn2])
+    e1, fenced1, e3, fenced2 = offsets(r1, fence(2), r3, fence(4))
+    out = every_way(build, r1 + fence(2) + r3 + fence(4), visible=[fenced1, fenced2])
     assert out.log == [("A", 0, [Code.OK, b"x\r\n", 0]), ("B", 0, Err(Code.SERVER_ERROR, "busy"))]
     assert out.error is None
 
@@ -971,9 +971,9 @@ def test_server_error_belongs_to_its_request_and_the_stream_goes_on() -> None:
     r3 = b"HD O3\r\n"
     r4 = b"SERVER_ERROR temporary failure\r\n"
     r5 = b"SERVER_ERROR busy\r\n"
-    e1, e2, e3, e4, e5, mn = offsets(r1, r2, r3, r4, r5, fence(6))
+    e1, e2, e3, e4, e5, fenced = offsets(r1, r2, r3, r4, r5, fence(6))
     # An error line carries no opaque: it proves nothing, and waits for the next proof itself.
-    out = every_way(build, r1 + r2 + r3 + r4 + r5 + fence(6), visible=[e3, e3, mn, mn, mn])
+    out = every_way(build, r1 + r2 + r3 + r4 + r5 + fence(6), visible=[e3, e3, fenced, fenced, fenced])
     assert out.log == [
         ("A", 0, [Code.OK, b"x", 0]),
         ("A", 1, Err(Code.SERVER_ERROR, "out of memory storing object")),
@@ -1007,9 +1007,9 @@ def test_an_error_reply_first_in_a_write_is_delivered_however_fed(op: list[Any],
         return rig
 
     r1, r3 = b"EN O1\r\n", va(b"z", 4)
-    e1, mn1, e2, e3, mn2 = offsets(r1, fence(2), reply, r3, fence(5))
+    e1, fenced1, e2, e3, fenced2 = offsets(r1, fence(2), reply, r3, fence(5))
     for name, chunks in feedings(r1 + fence(2) + reply + r3 + fence(5)):
-        out = play(build, chunks, visible=[mn1, e3, mn2], name=name)
+        out = play(build, chunks, visible=[fenced1, e3, fenced2], name=name)
         assert out.log == [("A", 0, [Code.MISS]), ("B", 0, expected), ("B", 1, [Code.OK, b"z", 0])], name
         assert out.inflight == 0
 
@@ -1035,8 +1035,8 @@ def test_client_error_to_a_request_without_data_belongs_to_it(op: list[Any], rep
         return rig
 
     r2, r3, r4 = va(b"vx", 2), b"HD O3\r\n", b"HD O4\r\n"
-    e1, e2, e3, e4, mn = offsets(reply, r2, r3, r4, fence(5))
-    out = every_way(build, reply + r2 + r3 + r4 + fence(5), visible=[e2, e3, e4, mn])
+    e1, e2, e3, e4, fenced = offsets(reply, r2, r3, r4, fence(5))
+    out = every_way(build, reply + r2 + r3 + r4 + fence(5), visible=[e2, e3, e4, fenced])
     message = reply[len(b"CLIENT_ERROR ") : -2].decode()
     assert out.log == [
         ("A", 0, Err(Code.CLIENT_ERROR, message)),
@@ -1160,8 +1160,8 @@ def build_mixed() -> Rig:
 
 def test_text_reply_between_meta_responses() -> None:
     r1, r3 = va(b"x", 1), va(b"y", 2)  # the text command takes no opaque
-    e1, e2, e3, mn = offsets(r1, STATS, r3, fence(3))
-    out = every_way(build_mixed, r1 + STATS + r3 + fence(3), visible=[e2, e3, mn])
+    e1, e2, e3, fenced = offsets(r1, STATS, r3, fence(3))
+    out = every_way(build_mixed, r1 + STATS + r3 + fence(3), visible=[e2, e3, fenced])
     assert out.log == [
         ("G", 0, [Code.OK, {"pid": "1", "uptime": "5"}]),
         ("A", 0, [Code.OK, b"x", 0]),
@@ -1181,8 +1181,8 @@ def test_text_reply_between_meta_responses() -> None:
 )
 def test_an_error_to_a_text_command_belongs_to_it(reply: bytes, expected: Err) -> None:
     r1, r3 = va(b"x", 1), va(b"y", 2)
-    e1, e2, e3, mn = offsets(r1, reply, r3, fence(3))
-    out = every_way(build_mixed, r1 + reply + r3 + fence(3), visible=[e2, e3, mn])
+    e1, e2, e3, fenced = offsets(r1, reply, r3, fence(3))
+    out = every_way(build_mixed, r1 + reply + r3 + fence(3), visible=[e2, e3, fenced])
     assert out.log == [("G", 0, expected), ("A", 0, [Code.OK, b"x", 0]), ("B", 0, [Code.OK, b"y", 0])]
     assert out.error is None and out.inflight == 0
 
@@ -1232,8 +1232,8 @@ def build_tombstone() -> Rig:
 
 def test_a_tombstone_gets_nothing_and_later_waiters_get_theirs() -> None:
     r1, r2, r3 = va(b"x", 1), b"HD O2\r\n", va(b"y", 3)
-    e1, e2, e3, mn = offsets(r1, r2, r3, fence(4))
-    out = every_way(build_tombstone, r1 + r2 + r3 + fence(4), visible=[mn])
+    e1, e2, e3, fenced = offsets(r1, r2, r3, fence(4))
+    out = every_way(build_tombstone, r1 + r2 + r3 + fence(4), visible=[fenced])
     assert out.log == [("B", 0, [Code.OK, b"y", 0])]
     assert out.inflight == 0
     assert sorted(out.released) == [b"a", b"b", b"c"]  # A's pins go too
@@ -1275,8 +1275,8 @@ def test_a_tombstone_text_command_gets_nothing() -> None:
         return rig
 
     r1, r3 = va(b"x", 1), va(b"y", 2)
-    e1, e2, e3, mn = offsets(r1, STATS, r3, fence(3))
-    out = every_way(build, r1 + STATS + r3 + fence(3), visible=[e3, mn])
+    e1, e2, e3, fenced = offsets(r1, STATS, r3, fence(3))
+    out = every_way(build, r1 + STATS + r3 + fence(3), visible=[e3, fenced])
     assert out.log == [("A", 0, [Code.OK, b"x", 0]), ("B", 0, [Code.OK, b"y", 0])]
 
 
