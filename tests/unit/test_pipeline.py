@@ -465,6 +465,34 @@ def test_a_wrong_opaque_followed_by_other_flags_is_a_mismatch(second: bytes) -> 
     two_gets_failed(out)
 
 
+@pytest.mark.parametrize(
+    "op, second",
+    [
+        ([Op.GET, b"b"], b"VA 1 O2\r\ny\r\n"),
+        ([Op.GETS, b"b"], b"VA 1 f5 O2\r\ny\r\n"),
+        ([Op.GETS, b"b"], b"VA 1 c9 O2\r\ny\r\n"),
+        ([Op.GAT, b"b", 10], b"VA 1 O2\r\ny\r\n"),
+    ],
+    ids=["mg-no-f", "mg-c-no-c", "mg-c-no-f", "gat-no-f"],
+)
+def test_a_hit_without_a_flag_we_asked_for_is_no_result(op: list[Any], second: bytes) -> None:
+    # protocol.txt: mg returns each flag asked for (f: client flags, c: cas) on a hit; memcached
+    # 1.6.18 answered `mg k v f c O1` for an item with flags 0 with "VA 1 f0 c1 O1". A VA
+    # without one is not memcached's answer; defaulting it to 0 would hand the worker client
+    # flags (its serializer's tag) or a cas memcached never gave. b gets a failure, never
+    # [OK, y, 0] or [OK, y, 5, 0].
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], op])
+        rig.seal()
+        return rig
+
+    r1 = va(b"x", 1)
+    for name, log in damaged_runs(build, r1 + second + F3):
+        b = [e[2] for e in log if e[0] == "A" and e[1] == 1]
+        assert len(b) == 1 and is_failure(b[0]), f"{name}: b got {b}"
+
+
 def test_opaque_mismatch_on_the_first_response() -> None:
     r = va(b"x", 2)
     out = every_way(build_two_gets, r + va(b"y", 1) + F3, visible=[], error_at=len(r))
