@@ -9,7 +9,8 @@ against memcached 1.6.18 on one connection):
     ms <key> <len> O2    ->  HD O2 | NS O2 | EX O2 | NF O2
     md <key> O3          ->  HD O3 | NF O3
     ma <key> v O4        ->  VA <size> O4\\r\\n<number>\\r\\n  |  NF O4
-    mn                   ->  MN                 (the fence `seal()` ends each write with)
+    mg _mcbroker_fence_ O5  ->  EN O5 | HD O5   (the fence `seal()` ends each write with: it
+                                                takes the opaque after the write's last request)
     stats                ->  STAT <name> <value> ... END
     version              ->  VERSION <version>
     errors               ->  ERROR | CLIENT_ERROR <message> | SERVER_ERROR <message>
@@ -19,12 +20,16 @@ and the results each waiter must get are the wire results of clientlib/wire.py.
 The guarantees checked (pipeline.py's docstring, issues 8, 9 and 13):
 - FIFO: every response goes to the request in its place, whose opaque it must carry.
 - A meta result is held until the next response arrives whole and in its place (opaque checked)
-  or the `mn` fence closing its write arrives; text replies go at once.
+  or the answer to the fence closing its write arrives (opaque checked too); text replies go at
+  once. A value holding CRLF is never proven by a line without an opaque (an error, a text reply):
+  the stream is reset instead, as a data block that ran past its end always holds a CRLF.
+- `MN` answers nothing the broker sends: anywhere it is an unexpected response.
 - Anything that casts doubt on the stream raises OutOfStep; `fail_all` then fails every request
   not yet delivered, held results included; no value is ever delivered from a doubtful stream.
 - SERVER_ERROR to any request, CLIENT_ERROR to mg/md/ma, ERROR/CLIENT_ERROR to a text command
   belong to their request and the stream goes on; CLIENT_ERROR/ERROR to ms and ERROR to a meta
-  request fail that request with its own error and raise OutOfStep(answered=True).
+  request fail that request with its own error (its one outcome) and raise
+  OutOfStep(answered=True); `fail_all` then fails the rest.
 - A waiter that gave up (done) is a tombstone: its responses are parsed, checked and dropped.
 - `release` is called once per keyed request, answered or failed; `inflight` counts back to 0.
 
@@ -109,6 +114,7 @@ class Rig:
         self.p = Pipeline(max_value_len, release=self.released.append)
         self.waiters: dict[str, Recorder] = {}
         self.keys: list[bytes] = []
+        self.fences: list[int] = []  # each fence's opaque, in order
 
     def waiter(self, name: str) -> Recorder:
         w = self.waiters.get(name)
@@ -132,8 +138,15 @@ class Rig:
         self.p.submit(Batch(self.waiter(name), [index], [int(op[0])], None, TEXT, TEXT_EXPECT[op[0]]), data)
         return data
 
-    def seal(self) -> None:
+    def seal(self) -> int | None:
+        """End the write; returns the fence's opaque (None if there was nothing to fence)."""
+        before = self.p.seq
         self.p.seal()
+        if self.p.seq == before:
+            return None
+        assert self.p.seq == before + 1, "the fence takes exactly one opaque"
+        self.fences.append(self.p.seq)
+        return self.p.seq
 
 
 @dataclass
@@ -214,8 +227,15 @@ def va(value: bytes, opaque: int, flags: int | None = 0) -> bytes:
     return b"VA %d%b O%d\r\n%b\r\n" % (len(value), f, opaque, value)
 
 
-MN = b"MN\r\n"
+def fence(opaque: int, hit: bool = False) -> bytes:
+    """memcached's answer to the fence `mg _mcbroker_fence_ O<opaque>` (no `v`): EN, or HD
+    should a key of that name exist."""
+    return b"%s O%d\r\n" % (b"HD" if hit else b"EN", opaque)
+
+
+MN = b"MN\r\n"  # the answer to `mn`, which the broker never sends
 C = Code.CONNECTION_ERROR
+STATS = b"STAT pid 1\r\nSTAT uptime 5\r\nEND\r\n"
 
 
 # --- requests --------------------------------------------------------------------------------------
@@ -226,17 +246,17 @@ def test_requests_go_out_in_order_and_each_write_ends_with_a_fence() -> None:
     rig.meta("A", [[Op.GET, b"a"], [Op.SET, b"b", b"hi", 0, 0]])
     rig.meta("B", [[Op.DELETE, b"c"]])
     assert rig.p.inflight == 3
-    rig.seal()
-    rig.seal()  # nothing new: no second fence
-    assert bytes(rig.p.out) == b"mg a v f O1\r\nms b 2 O2\r\nhi\r\nmd c O3\r\nmn\r\n"
+    assert rig.seal() == 4  # the fence takes the opaque after the write's last request
+    assert rig.seal() is None  # nothing new: no second fence
+    assert bytes(rig.p.out) == b"mg a v f O1\r\nms b 2 O2\r\nhi\r\nmd c O3\r\nmg _mcbroker_fence_ O4\r\n"
     rig.p.sent(13)
-    assert bytes(rig.p.out) == b"ms b 2 O2\r\nhi\r\nmd c O3\r\nmn\r\n"
+    assert bytes(rig.p.out) == b"ms b 2 O2\r\nhi\r\nmd c O3\r\nmg _mcbroker_fence_ O4\r\n"
     rig.p.sent(len(rig.p.out))
     assert rig.p.out == b""
-    rig.meta("C", [[Op.INCR, b"n", 5]])
+    rig.meta("C", [[Op.INCR, b"n", 5]])  # the next request's opaque follows the fence's
     rig.text("G", [Op.VERSION])
-    rig.seal()
-    assert bytes(rig.p.out) == b"ma n v D5 O4\r\nversion\r\nmn\r\n"
+    assert rig.seal() == 6
+    assert bytes(rig.p.out) == b"ma n v D5 O5\r\nversion\r\nmg _mcbroker_fence_ O6\r\n"
     assert rig.p.inflight == 5  # fences are not requests
 
 
@@ -260,11 +280,12 @@ def test_fifo_across_batches_and_waiters_however_fed() -> None:
     r4 = b"NF O4\r\n"
     r5 = va(b"v\r\n", 5)  # a value may hold CRLF
     r6 = b"VA 2 O6\r\n47\r\n"
-    e1, e2, e3, e4, e5, e6, e_mn = offsets(r1, r2, r3, r4, r5, r6, MN)
+    e1, e2, e3, e4, e5, e6, e_fence = offsets(r1, r2, r3, r4, r5, r6, fence(7))
     out = every_way(
-        build_fifo, r1 + r2 + r3 + r4 + r5 + r6 + MN,
-        # each result goes once the next response arrived whole with its opaque, the last at MN
-        visible=[e2, e3, e4, e5, e6, e_mn],
+        build_fifo, r1 + r2 + r3 + r4 + r5 + r6 + fence(7),
+        # each result goes once the next response arrived whole with its opaque, the last at the
+        # fence's answer
+        visible=[e2, e3, e4, e5, e6, e_fence],
     )
     assert out.log == [
         ("A", 0, [Code.OK, b"va", 5]),
@@ -290,12 +311,13 @@ def build_two_writes() -> Rig:
 
 
 def test_each_write_is_proven_by_its_own_fence_however_fed() -> None:
+    # opaques: a O1, b O2, fence O3 | c O4, d O5, fence O6
     r1 = va(b"x", 1)
     r2 = b"VA 1 f7 c99 O2\r\ny\r\n"
-    r3 = va(b"z", 3)
-    r4 = b"EN O4\r\n"
-    e1, e2, mn1, e3, e4, mn2 = offsets(r1, r2, MN, r3, r4, MN)
-    out = every_way(build_two_writes, r1 + r2 + MN + r3 + r4 + MN, visible=[e2, mn1, e4, mn2])
+    r3 = va(b"z", 4)
+    r4 = b"EN O5\r\n"
+    e1, e2, fenced1, e3, e4, fenced2 = offsets(r1, r2, fence(3), r3, r4, fence(6))
+    out = every_way(build_two_writes, r1 + r2 + fence(3) + r3 + r4 + fence(6), visible=[e2, fenced1, e4, fenced2])
     assert out.log == [
         ("A", 0, [Code.OK, b"x", 0]),
         ("A", 1, [Code.OK, b"y", 7, 99]),
@@ -317,15 +339,15 @@ def test_a_value_waits_while_the_next_response_is_incomplete() -> None:
     assert rig.log == []
     assert rig.p.receive(r2[-1:]) == 1  # r2 whole, opaque 2 in place: r1 is proven
     assert rig.log == [("A", 0, [Code.OK, b"one", 0])]
-    rig.p.receive(MN[:-1])
+    rig.p.receive(fence(3)[:-1])
     assert len(rig.log) == 1
-    rig.p.receive(MN[-1:])  # the fence proves r2
+    rig.p.receive(fence(3)[-1:])  # the fence's answer, opaque 3 in place, proves r2
     assert rig.log == [("A", 0, [Code.OK, b"one", 0]), ("A", 1, [Code.OK, b"two", 0])]
     assert rig.p.inflight == 0
 
 
 def test_every_op_kind_answered_in_one_write_however_fed() -> None:
-    ops = [
+    ops: list[list[Any]] = [
         [Op.GET, b"k1"], [Op.GETS, b"k2"], [Op.GAT, b"k3", 10], [Op.GATS, b"k4", 10],
         [Op.SET, b"k5", b"v", 0, 0], [Op.ADD, b"k6", b"v", 0, 0], [Op.REPLACE, b"k7", b"v", 0, 0],
         [Op.APPEND, b"k8", b"v", 0, 0], [Op.PREPEND, b"k9", b"v", 0, 0], [Op.CAS, b"k10", b"v", 0, 0, 5],
@@ -344,7 +366,7 @@ def test_every_op_kind_answered_in_one_write_however_fed() -> None:
         b"HD O5\r\n", b"NS O6\r\n", b"NS O7\r\n",
         b"HD O8\r\n", b"NS O9\r\n", b"EX O10\r\n",
         b"HD O11\r\n", b"VA 1 O12\r\n9\r\n", b"NF O13\r\n", b"HD O14\r\n",
-        b"NF O15\r\n", MN,
+        b"NF O15\r\n", fence(16),
     ]
     ends = offsets(*answer)
     out = every_way(build, b"".join(answer), visible=ends[1:])
@@ -373,7 +395,7 @@ def test_a_set_too_large_for_the_server_is_answered_as_memcached_answers_it() ->
         rig.seal()
         return rig
 
-    answer = [b"HD O1\r\n", b"NF O2\r\n", b"EN O3\r\n", MN]
+    answer = [b"HD O1\r\n", b"NF O2\r\n", b"EN O3\r\n", fence(4)]
     ends = offsets(*answer)
     out = every_way(build, b"".join(answer), visible=ends[1:])
     assert out.log == [
@@ -394,6 +416,9 @@ def build_two_gets() -> Rig:
     return rig
 
 
+F3 = fence(3)  # the fence closing build_two_gets' write
+
+
 def two_gets_failed(out: Outcome) -> None:
     assert out.error is not None and not out.error.answered
     assert out.log == [("A", 0, Failed(C)), ("A", 1, Failed(C))]
@@ -403,20 +428,74 @@ def two_gets_failed(out: Outcome) -> None:
 
 @pytest.mark.parametrize(
     "second",
-    [va(b"y", 3), va(b"y", 1), b"VA 1 f0\r\ny\r\n", va(b"y", 12), b"VA 1 f0 O02\r\ny\r\n", b"EN O3\r\n"],
-    ids=["O3-for-O2", "O1-again", "no-opaque", "O12", "O02", "EN-O3"],
+    [va(b"y", 3), va(b"y", 1), b"VA 1 f0\r\ny\r\n", va(b"y", 12), b"VA 1 f0 O02\r\ny\r\n", F3, fence(3, hit=True), b"VA 1 f0 O2 O3\r\ny\r\n"],
+    # EN O3 / HD O3: the fence's answer where b's was due (b's answer lost)
+    ids=["O3-for-O2", "O1-again", "no-opaque", "O12", "O02", "fence-EN-O3", "fence-HD-O3", "O2-then-O3"],
 )
 def test_opaque_mismatch_fails_the_held_and_the_unanswered(second: bytes) -> None:
     r1 = va(b"x", 1)
     e1, e2 = offsets(r1, second)
-    out = every_way(build_two_gets, r1 + second + MN, visible=[], error_at=e2)
+    out = every_way(build_two_gets, r1 + second + F3, visible=[], error_at=e2)
     two_gets_failed(out)
     assert out.failed_in_flight == 1  # r1 was answered (held), r2 was not
 
 
+@pytest.mark.parametrize(
+    "second, result",
+    [
+        (b"VA 1 f0 O2 t-1\r\ny\r\n", [Code.OK, b"y", 0]),
+        (b"VA 1 f7 O2 kYg== b\r\ny\r\n", [Code.OK, b"y", 7]),
+        (b"EN O2 kYg==\r\n", [Code.MISS]),
+    ],
+    ids=repr,
+)
+def test_the_opaque_token_is_checked_even_when_other_flags_follow_it(second: bytes, result: list[Any]) -> None:
+    # protocol.txt returns flags in the request's order; should any come after O, the O token is
+    # still the opaque (O2 here), not the rest of the line.
+    r1 = va(b"x", 1)
+    e1, e2, fenced = offsets(r1, second, F3)
+    out = every_way(build_two_gets, r1 + second + F3, visible=[e2, fenced])
+    assert out.log == [("A", 0, [Code.OK, b"x", 0]), ("A", 1, result)]
+
+
+@pytest.mark.parametrize("second", [b"VA 1 f0 O21 t-1\r\ny\r\n", b"VA 1 f0 O1 t2\r\ny\r\n", b"EN O3 k2\r\n", b"EN kO2\r\n"], ids=repr)
+def test_a_wrong_opaque_followed_by_other_flags_is_a_mismatch(second: bytes) -> None:
+    r1 = va(b"x", 1)
+    out = every_way(build_two_gets, r1 + second + F3, visible=[], error_at=len(r1 + second))
+    two_gets_failed(out)
+
+
+@pytest.mark.parametrize(
+    "op, second",
+    [
+        ([Op.GET, b"b"], b"VA 1 O2\r\ny\r\n"),
+        ([Op.GETS, b"b"], b"VA 1 f5 O2\r\ny\r\n"),
+        ([Op.GETS, b"b"], b"VA 1 c9 O2\r\ny\r\n"),
+        ([Op.GAT, b"b", 10], b"VA 1 O2\r\ny\r\n"),
+    ],
+    ids=["mg-no-f", "mg-c-no-c", "mg-c-no-f", "gat-no-f"],
+)
+def test_a_hit_without_a_flag_we_asked_for_is_no_result(op: list[Any], second: bytes) -> None:
+    # protocol.txt: mg returns each flag asked for (f: client flags, c: cas) on a hit; memcached
+    # 1.6.18 answered `mg k v f c O1` for an item with flags 0 with "VA 1 f0 c1 O1". A VA
+    # without one is not memcached's answer; defaulting it to 0 would hand the worker client
+    # flags (its serializer's tag) or a cas memcached never gave. b gets a failure, never
+    # [OK, y, 0] or [OK, y, 5, 0].
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], op])
+        rig.seal()
+        return rig
+
+    r1 = va(b"x", 1)
+    for name, log in damaged_runs(build, r1 + second + F3):
+        b = [e[2] for e in log if e[0] == "A" and e[1] == 1]
+        assert len(b) == 1 and is_failure(b[0]), f"{name}: b got {b}"
+
+
 def test_opaque_mismatch_on_the_first_response() -> None:
     r = va(b"x", 2)
-    out = every_way(build_two_gets, r + va(b"y", 1) + MN, visible=[], error_at=len(r))
+    out = every_way(build_two_gets, r + va(b"y", 1) + F3, visible=[], error_at=len(r))
     two_gets_failed(out)
     assert out.failed_in_flight == 2
 
@@ -430,28 +509,93 @@ def test_responses_swapped_between_waiters_deliver_nothing() -> None:
         return rig
 
     rb = va(b"for B", 2)
-    out = every_way(build, rb + va(b"for A", 1) + MN, visible=[], error_at=len(rb))
+    out = every_way(build, rb + va(b"for A", 1) + fence(3), visible=[], error_at=len(rb))
     assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))]
 
 
-def test_mn_where_a_response_was_due() -> None:
+def test_an_mn_where_a_response_was_due() -> None:
+    # The broker sends no `mn`: an MN answers nothing, and proves nothing.
     r1 = va(b"x", 1)
-    out = every_way(build_two_gets, r1 + MN + MN, visible=[], error_at=len(r1 + MN))
+    out = every_way(build_two_gets, r1 + MN + va(b"y", 2) + F3, visible=[], error_at=len(r1 + MN))
     two_gets_failed(out)
 
 
-def test_response_where_the_fence_mn_was_due() -> None:
+def build_one_get() -> Rig:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"]])
+    assert rig.seal() == 2
+    return rig
+
+
+@pytest.mark.parametrize(
+    "fence_answer",
+    [fence(2), fence(2, hit=True)],
+    ids=["EN", "HD"],
+)
+def test_the_fence_answered_en_or_hd_proves_its_write(fence_answer: bytes) -> None:
+    # The fence is `mg _mcbroker_fence_ O2` without v: EN if no such key, HD should it exist.
+    r1 = va(b"x\r\ny", 1)
+    e1, e2 = offsets(r1, fence_answer)
+    out = every_way(build_one_get, r1 + fence_answer, visible=[e2])
+    assert out.log == [("A", 0, [Code.OK, b"x\r\ny", 0])]
+    assert out.error is None and out.inflight == 0 and out.released == [b"a"]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"HD O3\r\n", fence(1), MN, b"EN\r\n", b"SERVER_ERROR out of memory\r\n",
+        b"CLIENT_ERROR bad command line format\r\n", b"ERROR\r\n", b"END\r\n", b"VERSION 1.6.18\r\n",
+    ],
+    ids=repr,
+)
+def test_an_answer_without_the_fences_opaque_where_the_fence_answer_was_due(extra: bytes) -> None:
+    # A wrong opaque, or none (an MN, an error line, a text reply), cannot prove where the data
+    # block before it ended.
+    r1 = va(b"x", 1)
+    out = every_way(build_one_get, r1 + extra + fence(2), visible=[], error_at=len(r1 + extra))
+    assert out.error is not None and not out.error.answered
+    assert out.log == [("A", 0, Failed(C))]  # held, never delivered
+    assert out.released == [b"a"] and out.inflight == 0 and out.failed_in_flight == 0
+
+
+@pytest.mark.parametrize("extra", [b"VA 1 O2\r\nz\r\n", b"NF O2\r\n", b"NS O2\r\n", b"EX O2\r\n"], ids=repr)
+def test_a_status_no_mg_without_v_gets_where_the_fence_answer_was_due(extra: bytes) -> None:
+    # The fence's opaque in place proves where the value before it ended (so that value may go),
+    # but VA, NF, NS and EX are no answer to the fence: memcached did not send this stream.
+    r1 = va(b"x", 1)
+    out = every_way(build_one_get, r1 + extra + fence(2), visible=[len(r1 + extra)], error_at=len(r1 + extra))
+    assert out.error is not None and not out.error.answered
+    assert out.log == [("A", 0, [Code.OK, b"x", 0])]
+    assert out.released == [b"a"] and out.inflight == 0 and out.failed_in_flight == 0
+
+
+@pytest.mark.parametrize(
+    "op, second",
+    [
+        ([Op.GET, b"b"], b"NS O2\r\n"), ([Op.SET, b"b", b"v", 0, 0], b"EN O2\r\n"),
+        ([Op.DELETE, b"b"], b"NS O2\r\n"), ([Op.INCR, b"b", 1], b"HD O2\r\n"),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, bytes) else Op(v[0]).name,
+)
+def test_a_status_memcached_never_gives_to_the_request_resets(op: list[Any], second: bytes) -> None:
+    # pipeline.py's docstring: "Reset: ... an unexpected opaque or status". memcached answers mg
+    # with VA / EN (HD without v), ms with HD / NS / EX / NF, md with HD / NF / EX, ma with VA / NF
+    # (protocol.txt); any other status means these are not the bytes memcached sent.
     def build() -> Rig:
         rig = Rig()
-        rig.meta("A", [[Op.GET, b"a"]])
+        rig.meta("A", [[Op.GET, b"a"], op])
         rig.seal()
         return rig
 
-    r1, extra = va(b"x", 1), b"HD O2\r\n"
-    out = every_way(build, r1 + extra + MN, visible=[], error_at=len(r1 + extra))
-    assert out.error is not None
-    assert out.log == [("A", 0, Failed(C))]  # held, never delivered
-    assert out.released == [b"a"] and out.inflight == 0
+    r1 = va(b"x", 1)
+    stream = r1 + second + F3
+    for name, chunks in feedings(stream):
+        out = play(build, chunks, error_at=len(r1 + second), name=name)
+        by = outcomes_by_request(out.log)
+        assert by[("A", 0)] in ([[Code.OK, b"x", 0]], [Failed(C)]), name  # its framing was proven
+        assert by[("A", 1)] == [Failed(C)], name
+        assert out.inflight == 0 and sorted(out.released) == [b"a", b"b"]
 
 
 def test_a_response_with_nothing_in_flight() -> None:
@@ -467,23 +611,28 @@ def test_a_response_after_everything_was_answered() -> None:
         return rig
 
     r1 = va(b"x", 1)
-    e1, mn = offsets(r1, MN)
-    out = every_way(build, r1 + MN + MN, visible=[mn], error_at=mn + 4)
-    assert out.log == [("A", 0, [Code.OK, b"x", 0])]  # proven before the extra MN came
-    assert out.failed_in_flight == 0 and out.released == [b"a"]
+    e1, fenced = offsets(r1, fence(2))
+    for extra in (fence(2), fence(3), MN, b"SERVER_ERROR busy\r\n"):
+        out = every_way(build, r1 + fence(2) + extra, visible=[fenced], error_at=fenced + len(extra))
+        assert out.log == [("A", 0, [Code.OK, b"x", 0])]  # proven before the extra answer came
+        assert out.failed_in_flight == 0 and out.released == [b"a"]
 
 
-@pytest.mark.parametrize("garbage", [b"garbage\r\n", b"VALUE a 0 1\r\nx\r\nEND\r\n", b"\r\n", b"STORED\r\n"], ids=repr)
+@pytest.mark.parametrize(
+    "garbage",
+    [b"garbage\r\n", b"VALUE a 0 1\r\nx\r\nEND\r\n", b"\r\n", b"STORED\r\n", b"VA f0 O2\r\n", b"VA O2\r\n"],
+    ids=repr,
+)
 def test_garbage_in_place_of_a_response(garbage: bytes) -> None:
     r1 = va(b"x", 1)
-    out = every_way(build_two_gets, r1 + garbage + va(b"y", 2) + MN, visible=[], error_at=len(r1) + garbage.index(b"\r\n") + 2)
+    out = every_way(build_two_gets, r1 + garbage + va(b"y", 2) + F3, visible=[], error_at=len(r1) + garbage.index(b"\r\n") + 2)
     two_gets_failed(out)
 
 
 def test_trailing_garbage_after_the_fence() -> None:
     r1, r2 = va(b"x", 1), va(b"y", 2)
-    e1, e2, mn = offsets(r1, r2, MN)
-    out = every_way(build_two_gets, r1 + r2 + MN + b"junk\r\n", visible=[e2, mn], error_at=mn + 6)
+    e1, e2, fenced = offsets(r1, r2, F3)
+    out = every_way(build_two_gets, r1 + r2 + F3 + b"junk\r\n", visible=[e2, fenced], error_at=fenced + 6)
     assert out.log == [("A", 0, [Code.OK, b"x", 0]), ("A", 1, [Code.OK, b"y", 0])]
     assert out.error is not None and out.failed_in_flight == 0
 
@@ -491,14 +640,14 @@ def test_trailing_garbage_after_the_fence() -> None:
 def test_va_data_not_followed_by_crlf() -> None:
     head = b"VA 1 f0 O1\r\n"
     bad = head + b"xy\r\n"  # one byte more than the header said
-    out = every_way(build_two_gets, bad + va(b"y", 2) + MN, visible=[], error_at=len(head) + 3)
+    out = every_way(build_two_gets, bad + va(b"y", 2) + F3, visible=[], error_at=len(head) + 3)
     two_gets_failed(out)
 
 
 def test_va_data_one_byte_short() -> None:
     head = b"VA 3 f0 O1\r\n"
     bad = head + b"xy\r\n"  # the data lost a byte: its terminator is not where the size says
-    out = every_way(build_two_gets, bad + va(b"y", 2) + MN, visible=[], error_at=len(head) + 5)
+    out = every_way(build_two_gets, bad + va(b"y", 2) + F3, visible=[], error_at=len(head) + 5)
     two_gets_failed(out)
 
 
@@ -511,13 +660,13 @@ def test_va_larger_than_max_value_len_is_refused_from_its_header() -> None:
 
     r1 = va(b"abcd", 1)  # exactly the limit: fine
     head2 = b"VA 5 f0 O2\r\n"
-    out = every_way(build, r1 + head2 + b"abcde\r\n" + MN, visible=[], error_at=len(r1 + head2))
+    out = every_way(build, r1 + head2 + b"abcde\r\n" + F3, visible=[], error_at=len(r1 + head2))
     two_gets_failed(out)
 
 
 def test_unusable_client_flags_reset_the_stream() -> None:
     bad = b"VA 1 fx O1\r\nx\r\n"
-    out = every_way(build_two_gets, bad + va(b"y", 2) + MN, visible=[], error_at=len(bad))
+    out = every_way(build_two_gets, bad + va(b"y", 2) + F3, visible=[], error_at=len(bad))
     two_gets_failed(out)
 
 
@@ -525,11 +674,11 @@ def test_unusable_client_flags_reset_the_stream() -> None:
 
 
 def test_va_whose_data_swallows_the_next_response_line() -> None:
-    # memcached sent "VA 2 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nMN\r\n"; the stream's first
+    # memcached sent "VA 2 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nEN O3\r\n"; the stream's first
     # header is corrupted to a size that covers the next response's line.
-    true = va(b"xx", 1) + va(b"yy", 2) + MN
-    assert true == b"VA 2 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nMN\r\n"
-    bad = b"VA 14 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nMN\r\n"  # data "xx\r\nVA 2 f0 O2", then CRLF
+    true = va(b"xx", 1) + va(b"yy", 2) + F3
+    assert true == b"VA 2 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nEN O3\r\n"
+    bad = b"VA 14 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nEN O3\r\n"  # data "xx\r\nVA 2 f0 O2", then CRLF
     out = every_way(build_two_gets, bad, visible=[], error_at=bad.index(b"yy") + 4)
     two_gets_failed(out)
 
@@ -544,10 +693,10 @@ def build_get_delete_get() -> Rig:
 
 
 def test_va_whose_data_swallows_a_whole_response_and_stays_framed() -> None:
-    # True: "VA 2 f0 O1\r\nxx\r\n" "HD O2\r\n" "VA 2 f0 O3\r\nzz\r\n" "MN\r\n". With "VA 9" the
-    # data block is "xx\r\nHD O2" and is followed by CRLF: well framed, with the right opaque.
+    # True: "VA 2 f0 O1\r\nxx\r\n" "HD O2\r\n" "VA 2 f0 O3\r\nzz\r\n" "EN O4\r\n". With "VA 9"
+    # the data block is "xx\r\nHD O2" and is followed by CRLF: well framed, with the right opaque.
     # Only the next response (O3 where O2 is due) can tell, and nobody may get a value.
-    bad = b"VA 9 f0 O1\r\nxx\r\nHD O2\r\n" + va(b"zz", 3) + MN
+    bad = b"VA 9 f0 O1\r\nxx\r\nHD O2\r\n" + va(b"zz", 3) + fence(4)
     out = every_way(build_get_delete_get, bad, visible=[], error_at=bad.index(b"zz") + 4)
     assert out.error is not None
     assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C)), ("C", 0, Failed(C))]
@@ -555,17 +704,17 @@ def test_va_whose_data_swallows_a_whole_response_and_stays_framed() -> None:
 
 
 def test_va_whose_data_swallows_the_fence() -> None:
-    # The last value of a write swallows its fence's MN: its proof never comes. The next write's
-    # first response then arrives where that MN was due.
+    # The last value of a write swallows its fence's answer: its proof never comes. The next
+    # write's first response (O3) then arrives where the fence's answer (O2) was due.
     def build() -> Rig:
         rig = Rig()
         rig.meta("A", [[Op.GET, b"a"]])
-        rig.seal()
+        assert rig.seal() == 2
         rig.meta("B", [[Op.GET, b"b"]])
-        rig.seal()
+        assert rig.seal() == 4
         return rig
 
-    bad = b"VA 6 f0 O1\r\nxx\r\nMN\r\n" + va(b"yy", 2) + MN  # true size 2
+    bad = b"VA 9 f0 O1\r\nxx\r\nEN O2\r\n" + va(b"yy", 3) + fence(4)  # true size 2
     out = every_way(build, bad, visible=[], error_at=bad.index(b"yy") + 4)
     assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))]
 
@@ -574,13 +723,14 @@ def test_va_whose_data_swallows_the_fence() -> None:
 def test_a_value_that_reads_as_an_error_line_cannot_pass_a_swallow(line: bytes) -> None:
     # Two gets. b's stored value is the 14 bytes "SERVER_ERROR x" with client flags 12345678;
     # memcached sends
-    #   VA 10 f0 O1\r\nAAAAAAAAAA\r\n  VA 14 f12345678 O2\r\nSERVER_ERROR x\r\n  MN\r\n
+    #   VA 10 f0 O1\r\nAAAAAAAAAA\r\n  VA 14 f12345678 O2\r\nSERVER_ERROR x\r\n  EN O3\r\n
     # One corrupted byte turns "VA 10" into "VA 30": a's data block then ends exactly at the end
     # of b's header line (10 + 2 + 18 bytes) and is followed by CRLF, and b's data reads as an
     # error line in b's place (SERVER_ERROR, or CLIENT_ERROR to an mg: both belong to their
-    # request), which carries no opaque to check. Then the fence arrives in place.
+    # request), which carries no opaque to check. Then the fence's answer arrives in place.
     # The stream lost a response header, so no value may leave: a gets its own value or a
-    # failure, never its value with b's header appended.
+    # failure, never its value with b's header appended. (a's swallowing data holds a CRLF and
+    # is followed by a line without an opaque: the pipeline resets there.)
     def build() -> Rig:
         rig = Rig()
         rig.meta("A", [[Op.GET, b"a"]])
@@ -588,35 +738,234 @@ def test_a_value_that_reads_as_an_error_line_cannot_pass_a_swallow(line: bytes) 
         rig.seal()
         return rig
 
-    true = va(b"A" * 10, 1) + va(line, 2, flags=12345678) + MN
+    true = va(b"A" * 10, 1) + va(line, 2, flags=12345678) + F3
     bad = true.replace(b"VA 10", b"VA 30", 1)
     assert sum(x != y for x, y in zip(true, bad)) == 1 and len(true) == len(bad)
     for name, log in damaged_runs(build, bad):
         a = [e[2] for e in log if e[0] == "A"]
         assert a in ([[Code.OK, b"A" * 10, 0]], [Failed(C)], [Failed(Code.TIMEOUT)]), f"{name}: a got {a}"
+        b = [e[2] for e in log if e[0] == "B"]
+        assert len(b) == 1 and is_failure(b[0]), f"{name}: b got {b}"
 
 
-def test_a_swallow_up_to_a_later_writes_fence_is_caught() -> None:
-    # Two writes in flight, each closed by its fence; memcached sends
-    #   VA 12 f0 O1\r\nxxxxxxxxxxxx\r\n MN\r\n VA 2 f0 O2\r\nyy\r\n MN\r\n
-    # One corrupted byte turns "VA 12" into "VA 32": a's data block then runs through its own
-    # fence and all of b's response (12 + 2 + 4 + 12 + 2 bytes) and is followed by CRLF, and the
-    # second write's MN arrives where the first write's MN is due. An MN carries no opaque, so
-    # only its count says which fence it is: no value may leave on such a proof.
+@pytest.mark.parametrize("hit", [False, True], ids=["EN", "HD"])
+def test_a_swallow_up_to_a_later_writes_fence_is_caught(hit: bool) -> None:
+    # Two writes in flight, each closed by its fence (a O1, fence O2 | b O3, fence O4); memcached
+    # sends
+    #   VA 12 f0 O1\r\nxxxxxxxxxxxx\r\n EN O2\r\n VA 9 f0 O3\r\nyyyyyyyyy\r\n EN O4\r\n
+    # One corrupted byte turns "VA 12" into "VA 42": a's data block then runs through its own
+    # fence's answer and all of b's response (12 + 2 + 7 + 12 + 9 bytes) and is followed by
+    # CRLF, and the second write's fence answer arrives where the first write's is due. Its
+    # opaque (O4 for O2) gives it away: no value may leave.
     def build() -> Rig:
         rig = Rig()
         rig.meta("A", [[Op.GET, b"a"]])
+        assert rig.seal() == 2
+        rig.meta("B", [[Op.GET, b"b"]])
+        assert rig.seal() == 4
+        return rig
+
+    true = va(b"x" * 12, 1) + fence(2, hit) + va(b"y" * 9, 3) + fence(4, hit)
+    bad = true.replace(b"VA 12", b"VA 42", 1)
+    assert sum(x != y for x, y in zip(true, bad)) == 1 and len(true) == len(bad)
+    assert bad[len(b"VA 42 f0 O1\r\n") + 42 :] == b"\r\n" + fence(4, hit)  # framed, then the later fence
+    out = every_way(build, bad, visible=[], error_at=len(bad))
+    assert out.error is not None and not out.error.answered
+    assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))]
+    for name, log in damaged_runs(build, bad):
+        a = [e[2] for e in log if e[0] == "A"]
+        assert a in ([[Code.OK, b"x" * 12, 0]], [Failed(C)], [Failed(Code.TIMEOUT)]), f"{name}: a got {a}"
+
+
+# --- a value holding CRLF is never proven by a line without an opaque ------------------------------
+
+
+def build_get_then(op: list[Any]) -> Callable[[], Rig]:
+    """a: mg O1; then `op` for B (O2 if it is a meta request; a text command takes none)."""
+
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        if op[0] in (Op.VERSION, Op.STATS, Op.FLUSH_ALL):
+            rig.text("B", op)
+        else:
+            rig.meta("B", [op])
         rig.seal()
+        return rig
+
+    return build
+
+
+LINES_WITHOUT_OPAQUE = [
+    ([Op.GET, b"b"], b"SERVER_ERROR out of memory\r\n", Err(Code.SERVER_ERROR, "out of memory")),
+    ([Op.SET, b"b", b"v", 0, 0], b"SERVER_ERROR out of memory storing object\r\n", Err(Code.SERVER_ERROR, "out of memory storing object")),
+    ([Op.INCR, b"b", 1], b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n", Err(Code.CLIENT_ERROR, "non-numeric")),
+    ([Op.DELETE, b"b"], b"CLIENT_ERROR bad command line format\r\n", Err(Code.CLIENT_ERROR, "bad command line format")),
+    ([Op.VERSION], b"VERSION 1.6.18\r\n", [Code.OK, "1.6.18"]),
+    ([Op.STATS, []], STATS, [Code.OK, {"pid": "1", "uptime": "5"}]),
+    ([Op.FLUSH_ALL, 0], b"OK\r\n", [Code.OK, True]),
+    ([Op.VERSION], b"ERROR\r\n", Err(Code.UNKNOWN_COMMAND, "ERROR")),
+]
+LINE_IDS = ["mg-SERVER_ERROR", "ms-SERVER_ERROR", "ma-CLIENT_ERROR", "md-CLIENT_ERROR", "version", "stats", "flush_all", "version-ERROR"]
+
+
+@pytest.mark.parametrize("value", [b"x\r\ny", b"\r\n", b"xy\r\n", b"\r\nVA 2 f0 O2"], ids=repr)
+@pytest.mark.parametrize("op, line, result", LINES_WITHOUT_OPAQUE, ids=LINE_IDS)
+def test_a_value_holding_crlf_then_a_line_without_an_opaque_resets(value: bytes, op: list[Any], line: bytes, result: Any) -> None:
+    # A data block that ran past its end holds the CRLF that ended it: a line after it that
+    # carries no opaque (an error, a text reply) cannot prove it, so the stream is reset and
+    # neither request gets anything but a failure.
+    r1 = va(value, 1)
+    out = every_way(build_get_then(op), r1 + line + fence(3 if op[0] not in (Op.VERSION, Op.STATS, Op.FLUSH_ALL) else 2),
+                    visible=[], error_at=len(r1 + line))
+    assert out.error is not None and not out.error.answered
+    assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))]
+    assert out.inflight == 0 and out.failed_in_flight == 1  # a was answered (held), b not
+    assert sorted(out.released) == [b"a"] + [k for k in op[1:2] if isinstance(k, bytes)]
+
+
+@pytest.mark.parametrize("value", [b"xy", b"", b"x\ry", b"x\ny", b"x\n\ry", b"x\r"], ids=repr)
+@pytest.mark.parametrize("op, line, result", LINES_WITHOUT_OPAQUE, ids=LINE_IDS)
+def test_a_value_without_crlf_then_a_line_without_an_opaque_goes_on(value: bytes, op: list[Any], line: bytes, result: Any) -> None:
+    # No CRLF in the data: it cannot have run past its end. Both are delivered: the value once
+    # the fence's answer proves it; an error for a meta request with it; a text reply at once.
+    text = op[0] in (Op.VERSION, Op.STATS, Op.FLUSH_ALL)
+    r1 = va(value, 1)
+    f = fence(2 if text else 3)
+    e1, e2, fenced = offsets(r1, line, f)
+    out = every_way(build_get_then(op), r1 + line + f, visible=[e2, fenced] if text else [fenced, fenced])
+    a = ("A", 0, [Code.OK, value, 0])
+    b = ("B", 0, result)
+    assert out.log == ([b, a] if text else [a, b])
+    assert out.error is None and out.inflight == 0
+
+
+def test_a_crlf_value_then_server_error_for_the_next_request_delivers_nothing() -> None:
+    # The case in pipeline.py's docstring, spelled out: a's data holds CRLF; the next line is a
+    # SERVER_ERROR for b. Fed every way: OutOfStep at that line, and both fail with the reset.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
         rig.meta("B", [[Op.GET, b"b"]])
         rig.seal()
         return rig
 
-    true = va(b"x" * 12, 1) + MN + va(b"yy", 2) + MN
-    bad = true.replace(b"VA 12", b"VA 32", 1)
+    r1, r2 = va(b"one\r\ntwo", 1), b"SERVER_ERROR temporary failure\r\n"
+    out = every_way(build, r1 + r2 + F3, visible=[], error_at=len(r1 + r2))
+    assert out.error is not None and not out.error.answered
+    assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))]
+    assert sorted(out.released) == [b"a", b"b"] and out.inflight == 0
+
+
+def test_a_value_without_crlf_then_server_error_for_the_next_request_delivers_both() -> None:
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.meta("B", [[Op.GET, b"b"]])
+        rig.seal()
+        return rig
+
+    r1, r2 = va(b"one two", 1), b"SERVER_ERROR temporary failure\r\n"
+    e1, e2, fenced = offsets(r1, r2, F3)
+    out = every_way(build, r1 + r2 + F3, visible=[fenced, fenced])
+    assert out.log == [("A", 0, [Code.OK, b"one two", 0]), ("B", 0, Err(Code.SERVER_ERROR, "temporary failure"))]
+    assert out.error is None and out.inflight == 0
+
+
+def test_an_error_to_ms_after_a_crlf_value_is_not_trusted_as_its_answer() -> None:
+    # CLIENT_ERROR to ms would be the ms's own answer (then a reset); after a value holding CRLF
+    # it may be a swallow's leftover: the stream is reset before it is given to anyone.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], [Op.SET, b"b", b"v", 0, 0]])
+        rig.seal()
+        return rig
+
+    r1, r2 = va(b"x\r\n", 1), b"CLIENT_ERROR bad data chunk\r\n"
+    out = every_way(build, r1 + r2 + F3, visible=[], error_at=len(r1 + r2))
+    assert out.error is not None and not out.error.answered
+    assert out.log == [("A", 0, Failed(C)), ("A", 1, Failed(C))]
+
+
+@pytest.mark.parametrize("between", [b"HD O2\r\n", va(b"y", 2), b"EN O2\r\n"], ids=repr)
+def test_a_crlf_value_proven_by_an_opaque_then_an_error_line_goes_on(between: bytes) -> None:
+    # Once an answer with its opaque in place proves the CRLF-holding value, a later error line
+    # follows a response that ended where its size said: it belongs to its request.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], [Op.SET, b"b", b"v", 0, 0] if between.startswith(b"HD") else [Op.GET, b"b"]])
+        rig.meta("B", [[Op.GET, b"c"]])
+        rig.seal()
+        return rig
+
+    r1, r3 = va(b"x\r\ny", 1), b"SERVER_ERROR busy\r\n"
+    e1, e2, e3, fenced = offsets(r1, between, r3, fence(4))
+    out = every_way(build, r1 + between + r3 + fence(4), visible=[e2, fenced, fenced])
+    assert [e[:2] for e in out.log] == [("A", 0), ("A", 1), ("B", 0)]
+    assert out.log[0][2] == [Code.OK, b"x\r\ny", 0] and out.log[2][2] == Err(Code.SERVER_ERROR, "busy")
+    assert out.error is None and out.inflight == 0
+
+
+def test_a_crlf_value_last_in_its_write_then_an_error_line_first_in_the_next() -> None:
+    # The fence's answer proves the value; the next write's first answer may be an error line.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        assert rig.seal() == 2
+        rig.meta("B", [[Op.GET, b"b"]])
+        assert rig.seal() == 4
+        return rig
+
+    r1, r3 = va(b"x\r\n", 1), b"SERVER_ERROR busy\r\n"
+    e1, fenced1, e3, fenced2 = offsets(r1, fence(2), r3, fence(4))
+    out = every_way(build, r1 + fence(2) + r3 + fence(4), visible=[fenced1, fenced2])
+    assert out.log == [("A", 0, [Code.OK, b"x\r\n", 0]), ("B", 0, Err(Code.SERVER_ERROR, "busy"))]
+    assert out.error is None
+
+
+def test_a_tombstones_crlf_value_then_an_error_line_still_resets() -> None:
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.meta("B", [[Op.GET, b"b"]])
+        rig.seal()
+        rig.waiters["A"].done = True
+        return rig
+
+    r1, r2 = va(b"x\r\ny", 1), b"SERVER_ERROR busy\r\n"
+    out = every_way(build, r1 + r2 + F3, visible=[], error_at=len(r1 + r2))
+    assert out.error is not None and out.log == [("B", 0, Failed(C))]
+
+
+@pytest.mark.parametrize("then", ["set", "fence"])
+def test_a_value_cut_short_whose_rest_reads_as_the_next_answer_cannot_pass(then: str) -> None:
+    # The mirror of the swallow: a's size lowered, so its data block stops at a CRLF inside its
+    # value, and the rest of the value is read as the next answer. a's value is 9 bytes,
+    # "ab\r\nHD O2" (or "ab\r\nEN O2"), which anyone may store; memcached sends
+    #   VA 9 f0 O1\r\nab\r\nHD O2\r\n  HD O2\r\n  EN O3\r\n     (then: b's set O2, fence O3)
+    #   VA 9 f0 O1\r\nab\r\nEN O2\r\n  EN O2\r\n                (then: the fence O2)
+    # One corrupted byte turns "VA 9" into "VA 2": the data block "ab" is followed by CRLF, holds
+    # no CRLF, and the next line carries the opaque due next. a must get its own value or a
+    # failure, never "ab".
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        if then == "set":
+            rig.meta("B", [[Op.SET, b"b", b"v", 0, 0]])
+        rig.seal()
+        return rig
+
+    if then == "set":
+        value = b"ab\r\nHD O2"
+        true = va(value, 1) + b"HD O2\r\n" + fence(3)
+    else:
+        value = b"ab\r\nEN O2"
+        true = va(value, 1) + fence(2)
+    bad = true.replace(b"VA 9", b"VA 2", 1)
     assert sum(x != y for x, y in zip(true, bad)) == 1 and len(true) == len(bad)
     for name, log in damaged_runs(build, bad):
         a = [e[2] for e in log if e[0] == "A"]
-        assert a in ([[Code.OK, b"x" * 12, 0]], [Failed(C)], [Failed(Code.TIMEOUT)]), f"{name}: a got {a}"
+        assert a in ([[Code.OK, value, 0]], [Failed(C)], [Failed(Code.TIMEOUT)]), f"{name}: a got {a}"
 
 
 def damaged_runs(build: Callable[[], Rig], bad: bytes) -> Iterator[tuple[str, list[Event]]]:
@@ -650,9 +999,9 @@ def test_server_error_belongs_to_its_request_and_the_stream_goes_on() -> None:
     r3 = b"HD O3\r\n"
     r4 = b"SERVER_ERROR temporary failure\r\n"
     r5 = b"SERVER_ERROR busy\r\n"
-    e1, e2, e3, e4, e5, mn = offsets(r1, r2, r3, r4, r5, MN)
+    e1, e2, e3, e4, e5, fenced = offsets(r1, r2, r3, r4, r5, fence(6))
     # An error line carries no opaque: it proves nothing, and waits for the next proof itself.
-    out = every_way(build, r1 + r2 + r3 + r4 + r5 + MN, visible=[e3, e3, mn, mn, mn])
+    out = every_way(build, r1 + r2 + r3 + r4 + r5 + fence(6), visible=[e3, e3, fenced, fenced, fenced])
     assert out.log == [
         ("A", 0, [Code.OK, b"x", 0]),
         ("A", 1, Err(Code.SERVER_ERROR, "out of memory storing object")),
@@ -674,8 +1023,9 @@ def test_server_error_belongs_to_its_request_and_the_stream_goes_on() -> None:
     ids=["ms-SERVER_ERROR", "mg-SERVER_ERROR", "ma-CLIENT_ERROR"],
 )
 def test_an_error_reply_first_in_a_write_is_delivered_however_fed(op: list[Any], reply: bytes, expected: Err) -> None:
-    # Two writes: the second write's first answer is an error line. Read in one recv (whole) it
-    # comes right after the first write's MN; it belongs to its request all the same.
+    # Two writes (a O1, fence O2 | op O3, c O4, fence O5): the second write's first answer is an
+    # error line. Read in one recv (whole) it comes right after the first write's fence answer;
+    # it belongs to its request all the same.
     def build() -> Rig:
         rig = Rig()
         rig.meta("A", [[Op.GET, b"a"]])
@@ -684,10 +1034,10 @@ def test_an_error_reply_first_in_a_write_is_delivered_however_fed(op: list[Any],
         rig.seal()
         return rig
 
-    r1, r3 = b"EN O1\r\n", va(b"z", 3)
-    e1, mn1, e2, e3, mn2 = offsets(r1, MN, reply, r3, MN)
-    for name, chunks in feedings(r1 + MN + reply + r3 + MN):
-        out = play(build, chunks, visible=[mn1, e3, mn2], name=name)
+    r1, r3 = b"EN O1\r\n", va(b"z", 4)
+    e1, fenced1, e2, e3, fenced2 = offsets(r1, fence(2), reply, r3, fence(5))
+    for name, chunks in feedings(r1 + fence(2) + reply + r3 + fence(5)):
+        out = play(build, chunks, visible=[fenced1, e3, fenced2], name=name)
         assert out.log == [("A", 0, [Code.MISS]), ("B", 0, expected), ("B", 1, [Code.OK, b"z", 0])], name
         assert out.inflight == 0
 
@@ -713,8 +1063,8 @@ def test_client_error_to_a_request_without_data_belongs_to_it(op: list[Any], rep
         return rig
 
     r2, r3, r4 = va(b"vx", 2), b"HD O3\r\n", b"HD O4\r\n"
-    e1, e2, e3, e4, mn = offsets(reply, r2, r3, r4, MN)
-    out = every_way(build, reply + r2 + r3 + r4 + MN, visible=[e2, e3, e4, mn])
+    e1, e2, e3, e4, fenced = offsets(reply, r2, r3, r4, fence(5))
+    out = every_way(build, reply + r2 + r3 + r4 + fence(5), visible=[e2, e3, e4, fenced])
     message = reply[len(b"CLIENT_ERROR ") : -2].decode()
     assert out.log == [
         ("A", 0, Err(Code.CLIENT_ERROR, message)),
@@ -745,7 +1095,7 @@ def test_client_error_or_error_to_ms_fails_it_and_resets(reply: bytes, code: Cod
     # memcached may have read our data block as commands: what follows cannot be trusted.
     r1 = va(b"x", 1)
     e1, e2 = offsets(r1, reply)
-    after = b"ERROR\r\n" + va(b"z", 3) + va(b"w", 4) + MN
+    after = b"ERROR\r\n" + va(b"z", 3) + va(b"w", 4) + fence(5)
     out = every_way(build, r1 + reply + after, visible=[e2], error_at=e2)
     assert out.error is not None and out.error.answered
     assert out.log == [
@@ -758,6 +1108,31 @@ def test_client_error_or_error_to_ms_fails_it_and_resets(reply: bytes, code: Cod
     assert out.inflight == 0 and out.failed_in_flight == 2
 
 
+@pytest.mark.parametrize(
+    "reply, code",
+    [(b"CLIENT_ERROR bad data chunk\r\n", Code.CLIENT_ERROR), (b"ERROR\r\n", Code.UNKNOWN_COMMAND)],
+    ids=["CLIENT_ERROR", "ERROR"],
+)
+def test_an_ms_error_gives_each_request_of_every_write_exactly_one_outcome(reply: bytes, code: Code) -> None:
+    # Two writes in flight (a O1, ms O2, fence O3 | c O4, fence O5) and a third request queued
+    # but not yet sealed: the ms gets its own error once, everything else one CONNECTION_ERROR.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], [Op.SET, b"b", b"v", 0, 0]])
+        assert rig.seal() == 3
+        rig.meta("B", [[Op.GET, b"c"]])
+        assert rig.seal() == 5
+        rig.meta("D", [[Op.DELETE, b"d"]])
+        return rig
+
+    r1 = va(b"x", 1)
+    out = every_way(build, r1 + reply + fence(3) + va(b"z", 4) + fence(5), visible=[len(r1 + reply)], error_at=len(r1 + reply))
+    assert out.error is not None and out.error.answered
+    assert out.log == [("A", 1, Failed(code)), ("A", 0, Failed(C)), ("B", 0, Failed(C)), ("D", 0, Failed(C))]
+    assert out.failed_in_flight == 2 and out.inflight == 0  # c and d; a was answered (held)
+    assert sorted(out.released) == [b"a", b"b", b"c", b"d"]
+
+
 @pytest.mark.parametrize("op", [[Op.GET, b"a"], [Op.DELETE, b"a"], [Op.INCR, b"a", 1], [Op.TOUCH, b"a", 1]], ids=lambda o: Op(o[0]).name)
 def test_error_to_a_meta_request_resets(op: list[Any]) -> None:
     def build() -> Rig:
@@ -768,7 +1143,7 @@ def test_error_to_a_meta_request_resets(op: list[Any]) -> None:
         return rig
 
     # memcached answers ERROR to a command it does not know: it did not read what we think.
-    out = every_way(build, b"ERROR\r\n" + va(b"y", 2) + MN, visible=[7], error_at=7)
+    out = every_way(build, b"ERROR\r\n" + va(b"y", 2) + fence(3), visible=[7], error_at=7)
     assert out.error is not None and out.error.answered
     assert out.log == [("A", 0, Failed(Code.UNKNOWN_COMMAND)), ("B", 0, Failed(C))]
     assert sorted(out.released) == [b"a", b"b"]
@@ -776,8 +1151,6 @@ def test_error_to_a_meta_request_resets(op: list[Any]) -> None:
 
 # --- text commands -----------------------------------------------------------------------------
 
-
-STATS = b"STAT pid 1\r\nSTAT uptime 5\r\nEND\r\n"
 
 
 @pytest.mark.parametrize(
@@ -799,7 +1172,7 @@ def test_text_command_answer_goes_at_once(op: list[Any], reply: bytes, result: l
         rig.seal()
         return rig
 
-    out = every_way(build, reply + MN, visible=[len(reply)])
+    out = every_way(build, reply + fence(1), visible=[len(reply)])  # the text command takes no opaque
     assert out.log == [("G", 3, result)]
     assert out.error is None and out.inflight == 0 and out.released == []
 
@@ -815,8 +1188,8 @@ def build_mixed() -> Rig:
 
 def test_text_reply_between_meta_responses() -> None:
     r1, r3 = va(b"x", 1), va(b"y", 2)  # the text command takes no opaque
-    e1, e2, e3, mn = offsets(r1, STATS, r3, MN)
-    out = every_way(build_mixed, r1 + STATS + r3 + MN, visible=[e2, e3, mn])
+    e1, e2, e3, fenced = offsets(r1, STATS, r3, fence(3))
+    out = every_way(build_mixed, r1 + STATS + r3 + fence(3), visible=[e2, e3, fenced])
     assert out.log == [
         ("G", 0, [Code.OK, {"pid": "1", "uptime": "5"}]),
         ("A", 0, [Code.OK, b"x", 0]),
@@ -836,8 +1209,8 @@ def test_text_reply_between_meta_responses() -> None:
 )
 def test_an_error_to_a_text_command_belongs_to_it(reply: bytes, expected: Err) -> None:
     r1, r3 = va(b"x", 1), va(b"y", 2)
-    e1, e2, e3, mn = offsets(r1, reply, r3, MN)
-    out = every_way(build_mixed, r1 + reply + r3 + MN, visible=[e2, e3, mn])
+    e1, e2, e3, fenced = offsets(r1, reply, r3, fence(3))
+    out = every_way(build_mixed, r1 + reply + r3 + fence(3), visible=[e2, e3, fenced])
     assert out.log == [("G", 0, expected), ("A", 0, [Code.OK, b"x", 0]), ("B", 0, [Code.OK, b"y", 0])]
     assert out.error is None and out.inflight == 0
 
@@ -862,14 +1235,14 @@ def test_a_text_command_answered_by_something_else_resets(op: list[Any], reply: 
         rig.seal()
         return rig
 
-    out = every_way(build, reply + va(b"x", 1) + MN, visible=[], error_at=len(reply))
+    out = every_way(build, reply + va(b"x", 1) + fence(2), visible=[], error_at=len(reply))
     assert out.log == [("G", 0, Failed(C)), ("A", 0, Failed(C))]
 
 
 @pytest.mark.parametrize("reply", [STATS, b"VERSION 1.6.18\r\n", b"OK\r\n", b"END\r\n"], ids=repr)
 def test_a_meta_request_answered_by_a_text_reply_resets(reply: bytes) -> None:
     r1 = va(b"x", 1)
-    out = every_way(build_two_gets, r1 + reply + MN, visible=[], error_at=len(r1 + reply))
+    out = every_way(build_two_gets, r1 + reply + F3, visible=[], error_at=len(r1 + reply))
     two_gets_failed(out)
 
 
@@ -887,8 +1260,8 @@ def build_tombstone() -> Rig:
 
 def test_a_tombstone_gets_nothing_and_later_waiters_get_theirs() -> None:
     r1, r2, r3 = va(b"x", 1), b"HD O2\r\n", va(b"y", 3)
-    e1, e2, e3, mn = offsets(r1, r2, r3, MN)
-    out = every_way(build_tombstone, r1 + r2 + r3 + MN, visible=[mn])
+    e1, e2, e3, fenced = offsets(r1, r2, r3, fence(4))
+    out = every_way(build_tombstone, r1 + r2 + r3 + fence(4), visible=[fenced])
     assert out.log == [("B", 0, [Code.OK, b"y", 0])]
     assert out.inflight == 0
     assert sorted(out.released) == [b"a", b"b", b"c"]  # A's pins go too
@@ -897,7 +1270,7 @@ def test_a_tombstone_gets_nothing_and_later_waiters_get_theirs() -> None:
 def test_a_tombstones_late_responses_are_still_checked() -> None:
     # A gave up, but its responses still prove (or disprove) the stream.
     r1, r2 = va(b"x", 1), b"HD O7\r\n"
-    out = every_way(build_tombstone, r1 + r2 + va(b"y", 3) + MN, visible=[], error_at=len(r1 + r2))
+    out = every_way(build_tombstone, r1 + r2 + va(b"y", 3) + fence(4), visible=[], error_at=len(r1 + r2))
     assert out.error is not None
     assert out.log == [("B", 0, Failed(C))]  # nothing at all for A, not even a failure
     assert sorted(out.released) == [b"a", b"b", b"c"]
@@ -906,7 +1279,7 @@ def test_a_tombstones_late_responses_are_still_checked() -> None:
 def test_a_tombstones_bad_ms_answer_resets_without_telling_it() -> None:
     r1 = va(b"x", 1)
     reply = b"CLIENT_ERROR bad data chunk\r\n"
-    out = every_way(build_tombstone, r1 + reply + va(b"y", 3) + MN, visible=[], error_at=len(r1 + reply))
+    out = every_way(build_tombstone, r1 + reply + va(b"y", 3) + fence(4), visible=[], error_at=len(r1 + reply))
     assert out.error is not None and out.error.answered
     assert out.log == [("B", 0, Failed(C))]
 
@@ -918,7 +1291,7 @@ def test_a_waiter_that_gives_up_while_its_result_is_held_gets_nothing() -> None:
     rig.seal()
     rig.p.receive(va(b"x", 1))  # held until r2 proves it
     rig.waiters["A"].done = True
-    rig.p.receive(va(b"y", 2) + MN)
+    rig.p.receive(va(b"y", 2) + fence(3))
     assert rig.log == [("B", 0, [Code.OK, b"y", 0])]
     assert rig.p.inflight == 0 and sorted(rig.released) == [b"a", b"b"]
 
@@ -930,8 +1303,8 @@ def test_a_tombstone_text_command_gets_nothing() -> None:
         return rig
 
     r1, r3 = va(b"x", 1), va(b"y", 2)
-    e1, e2, e3, mn = offsets(r1, STATS, r3, MN)
-    out = every_way(build, r1 + STATS + r3 + MN, visible=[e3, mn])
+    e1, e2, e3, fenced = offsets(r1, STATS, r3, fence(3))
+    out = every_way(build, r1 + STATS + r3 + fence(3), visible=[e3, fenced])
     assert out.log == [("A", 0, [Code.OK, b"x", 0]), ("B", 0, [Code.OK, b"y", 0])]
 
 
@@ -977,7 +1350,7 @@ def test_fail_all_on_an_idle_pipeline_fails_nobody() -> None:
     rig = Rig()
     rig.meta("A", [[Op.GET, b"a"]])
     rig.seal()
-    rig.p.receive(va(b"x", 1) + MN)
+    rig.p.receive(va(b"x", 1) + fence(2))
     assert rig.p.fail_all(Code.CONNECTION_ERROR, "closed by the server") == 0
     assert rig.log == [("A", 0, [Code.OK, b"x", 0])]
     assert rig.released == [b"a"]
@@ -990,7 +1363,7 @@ def test_reconnect_after_a_reset_starts_clean() -> None:
     rig.meta("A", [[Op.GET, b"a"], [Op.GET, b"b"]])
     rig.seal()
     with pytest.raises(OutOfStep):
-        rig.p.receive(va(b"x", 1) + va(b"y", 5) + MN)
+        rig.p.receive(va(b"x", 1) + va(b"y", 5) + F3)
     assert rig.p.fail_all(Code.CONNECTION_ERROR, "reset") == 1
     assert rig.p.inflight == 0 and rig.p.out == b""
     assert rig.log == [("A", 0, Failed(C)), ("A", 1, Failed(C))]
@@ -1002,9 +1375,9 @@ def test_reconnect_after_a_reset_starts_clean() -> None:
     fresh.submit(Batch(waiter, [0], [int(Op.GET)], [b"a"], fresh.seq + 1), encode_op(Op.GET, [Op.GET, b"a"], fresh.seq + 1))
     fresh.seq += 1
     fresh.seal()
-    assert bytes(fresh.out) == b"stats settings\r\nmg a v f O1\r\nmn\r\n"
+    assert bytes(fresh.out) == b"stats settings\r\nmg a v f O1\r\nmg _mcbroker_fence_ O2\r\n"
     fresh.sent(len(fresh.out))
-    answer = b"STAT item_size_max 1048576\r\nEND\r\n" + va(b"new", 1) + MN
+    answer = b"STAT item_size_max 1048576\r\nEND\r\n" + va(b"new", 1) + fence(2)
     for i in range(len(answer)):
         fresh.receive(answer[i : i + 1])
     assert rig.log[2:] == [("S", 0, [Code.OK, {"item_size_max": "1048576"}]), ("B", 0, [Code.OK, b"new", 0])]
@@ -1021,7 +1394,7 @@ def test_reserved_requests_are_not_counted_twice() -> None:
     rig.p.submit(Batch(rig.waiter("A"), [0, 1], [int(Op.GET)] * 2, [b"a", b"b"], first), data, reserved=True)
     assert rig.p.inflight == 2
     rig.seal()
-    rig.p.receive(va(b"x", 1) + b"EN O2\r\n" + MN)
+    rig.p.receive(va(b"x", 1) + b"EN O2\r\n" + F3)
     assert rig.p.inflight == 0
     assert rig.log == [("A", 0, [Code.OK, b"x", 0]), ("A", 1, [Code.MISS])]
 
@@ -1031,7 +1404,7 @@ def test_inflight_counts_back_to_zero_as_answers_arrive() -> None:
     rig.meta("A", [[Op.GET, b"a"], [Op.GET, b"b"]])
     rig.meta("B", [[Op.DELETE, b"c"]])
     rig.seal()
-    answer = [va(b"x", 1), va(b"y", 2), b"HD O3\r\n", MN]
+    answer = [va(b"x", 1), va(b"y", 2), b"HD O3\r\n", fence(4)]
     seen = []
     for part in answer:
         rig.p.receive(part)
@@ -1043,7 +1416,12 @@ def test_inflight_counts_back_to_zero_as_answers_arrive() -> None:
 
 KEYS = [b"k%d" % i for i in range(4)]
 
-values = st.one_of(st.binary(max_size=12), st.integers(0, 2**64 - 1).map(lambda n: b"%d" % n))
+values = st.one_of(
+    st.binary(max_size=12),
+    st.integers(0, 2**64 - 1).map(lambda n: b"%d" % n),
+    # values holding CRLF, and ones that read as a response line (a swallow would look like them)
+    st.sampled_from([b"a\r\nb", b"\r\n", b"x\r\n", b"SERVER_ERROR x", b"EN O1", b"HD O2\r\nHD O3"]),
+)
 op_strategy = st.one_of(
     st.tuples(st.just("get"), st.sampled_from(KEYS)),
     # the last field: memcached answers SERVER_ERROR out of memory (and unlinks the key)
@@ -1066,11 +1444,18 @@ class Scenario:
     owner: list[tuple[str, int] | None]  # per stream byte: the request whose content it is
     tombstones: set[str]
     vas: list[tuple[int, int]]  # each VA response: where it starts, where its data starts
-    parts: list[tuple[int, int]]  # each response (and each fence's MN): where it starts and ends
+    parts: list[tuple[int, int]]  # each response (and each fence's answer): where it starts and ends
+    fence_at: list[int]  # where each fence's answer starts
+    reset: bool  # the pipeline must reset (a value holding CRLF followed by a line without an opaque)
 
 
-def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
-    """Submit `batches`, and write the answer memcached would send (from a model of its data)."""
+def model_scenario(batches: list[Any], dead: set[int], fence_hit: bool = False) -> Scenario:
+    """Submit `batches`, and write the answer memcached would send (from a model of its data).
+    `fence_hit`: the fence's key exists, so memcached answers the fence HD rather than EN.
+
+    The expected results follow pipeline.py's rule: a value holding CRLF followed by a line
+    without an opaque (an error line) resets the stream, and then every request not yet proven
+    (that value, the error line's request, and all after) fails with CONNECTION_ERROR."""
     rig = Rig()
     store: dict[bytes, tuple[bytes, int]] = {}
     stream = bytearray()
@@ -1080,6 +1465,28 @@ def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
     pending_fence = False
     vas: list[tuple[int, int]] = []
     parts: list[tuple[int, int]] = []
+    fence_at: list[int] = []
+    # The proof model, response by response: results held for proof, and whether the last
+    # response was a value holding CRLF.
+    answered: list[tuple[str, int]] = []  # requests in stream order
+    held: list[tuple[str, int]] = []
+    reset = False
+    risky = False
+
+    def answer(who: tuple[str, int] | None, kind: str, value: bytes | None = None) -> None:
+        """`kind`: "meta" (carries an opaque), "line" (an error line), "fence"."""
+        nonlocal reset, risky
+        if reset:
+            return
+        if kind == "line" and risky:
+            reset = True
+            return
+        if kind != "line":
+            held.clear()  # proven
+            risky = value is not None and b"\r\n" in value
+        if who is not None:
+            answered.append(who)
+            held.append(who)
 
     def emit(part: bytes, who: tuple[str, int] | None, content: list[tuple[int, int]] = []) -> None:
         start = len(stream)
@@ -1091,6 +1498,13 @@ def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
                 marks[i] = who
         owner.extend(marks)
         assert len(owner) == len(stream) == start + len(part)
+
+    def end_write() -> None:
+        opaque = rig.seal()
+        assert opaque is not None and opaque == rig.p.seq
+        fence_at.append(len(stream))
+        emit(fence(opaque, fence_hit), None)
+        answer(None, "fence")
 
     for w, ops, seal in batches:
         name = f"W{w}"
@@ -1117,6 +1531,7 @@ def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
                     part = b"EN O%d\r\n" % opaque
                     emit(part, who, [(0, 2)])
                     expected[who] = [Code.MISS]
+                    answer(who, "meta")
                 else:
                     value, flags = hit
                     head = b"VA %d f%d O%d\r\n" % (len(value), flags, opaque)
@@ -1124,20 +1539,24 @@ def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
                     vas.append((len(stream), len(stream) + len(head)))
                     emit(head + value + b"\r\n", who, [(0, 2), (f_at, head.index(b" O")), (len(head), len(head) + len(value))])
                     expected[who] = [Code.OK, value, flags]
+                    answer(who, "meta", value)
             elif op[0] == "set" and op[4]:
                 store.pop(op[1], None)
                 line = b"SERVER_ERROR out of memory storing object\r\n"
                 emit(line, who, [(13, len(line) - 2)])
                 expected[who] = Err(Code.SERVER_ERROR, "out of memory storing object")
+                answer(who, "line")
             elif op[0] == "set":
                 store[op[1]] = (op[2], op[3])
                 emit(b"HD O%d\r\n" % opaque, who, [(0, 2)])
                 expected[who] = [Code.OK]
+                answer(who, "meta")
             elif op[0] == "incr":
                 hit = store.get(op[1])
                 if hit is None:
                     emit(b"NF O%d\r\n" % opaque, who, [(0, 2)])
                     expected[who] = [Code.NOT_FOUND]
+                    answer(who, "meta")
                 elif hit[0].isdigit() and len(hit[0]) <= 20 and int(hit[0]) < 2**64:
                     new = (int(hit[0]) + op[2]) % 2**64  # protocol.txt: incrementing can overflow
                     store[op[1]] = (b"%d" % new, hit[1])
@@ -1145,26 +1564,32 @@ def model_scenario(batches: list[Any], dead: set[int]) -> Scenario:
                     vas.append((len(stream), len(stream) + len(head)))
                     emit(head + b"%d\r\n" % new, who, [(0, 2), (len(head), len(head) + len(b"%d" % new))])
                     expected[who] = [Code.OK, new]
+                    answer(who, "meta", b"%d" % new)
                 else:
                     line = b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"
                     emit(line, who, [(13, len(line) - 2)])
                     expected[who] = Err(Code.CLIENT_ERROR, "non-numeric")
+                    answer(who, "line")
             else:
                 found = store.pop(op[1], None) is not None
                 emit(b"%s O%d\r\n" % (b"HD" if found else b"NF", opaque), who, [(0, 2)])
                 expected[who] = [Code.OK] if found else [Code.NOT_FOUND]
+                answer(who, "meta")
         pending_fence = True
         if seal:
-            rig.seal()
-            emit(MN, None)
+            end_write()
             pending_fence = False
     if pending_fence:
-        rig.seal()
-        emit(MN, None)
+        end_write()
+    if reset:
+        # Unproven when the stream was reset: the held results, and every request after them.
+        unproven = set(held) | (set(expected) - set(answered))
+        for who in unproven:
+            expected[who] = Failed(C)
     tombstones = {f"W{w}" for w in dead}
     for name in tombstones:
         rig.waiter(name).done = True
-    return Scenario(rig, bytes(stream), expected, owner, tombstones, vas, parts)
+    return Scenario(rig, bytes(stream), expected, owner, tombstones, vas, parts, fence_at, reset)
 
 
 def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -1184,16 +1609,24 @@ def outcomes_by_request(log: list[Event]) -> dict[tuple[str, int], list[Any]]:
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(batch_strategy, min_size=1, max_size=6), st.sets(st.integers(0, 3), max_size=2), st.data())
-def test_every_waiter_gets_exactly_its_own_results_in_order(batches: list[Any], dead: set[int], data: st.DataObject) -> None:
-    probe = model_scenario(batches, dead)
+@given(st.lists(batch_strategy, min_size=1, max_size=6), st.sets(st.integers(0, 3), max_size=2), st.booleans(), st.data())
+def test_every_waiter_gets_exactly_its_own_results_in_order(
+    batches: list[Any], dead: set[int], fence_hit: bool, data: st.DataObject,
+) -> None:
+    probe = model_scenario(batches, dead, fence_hit)
     cuts = data.draw(st.lists(st.integers(0, len(probe.stream)), max_size=8), label="cuts")
     for how in ("random cuts", "byte by byte"):
-        sc = model_scenario(batches, dead)
+        sc = model_scenario(batches, dead, fence_hit)
         stream = sc.stream
         chunks = chunked(stream, cuts) if how == "random cuts" else [stream[i : i + 1] for i in range(len(stream))]
-        for chunk in chunks:
-            sc.rig.p.receive(chunk)
+        reset = False
+        try:
+            for chunk in chunks:
+                sc.rig.p.receive(chunk)
+        except OutOfStep:
+            reset = True
+            sc.rig.p.fail_all(C, "pipeline reset")
+        assert reset == sc.reset, f"{how}: OutOfStep {reset}, the model says {sc.reset}"
         for name in {n for n, _ in sc.expected}:
             got = [(i, r) for n, i, r in sc.rig.log if n == name]
             if name in sc.tombstones:
@@ -1205,6 +1638,18 @@ def test_every_waiter_gets_exactly_its_own_results_in_order(batches: list[Any], 
         assert sorted(sc.rig.released) == sorted(sc.rig.keys)
         assert sc.rig.p.fail_all(Code.CONNECTION_ERROR, "end") == 0
         assert len(sc.rig.log) == sum(1 for n, _ in sc.expected if n not in sc.tombstones)
+
+
+def test_the_model_predicts_a_reset_for_a_crlf_value_before_an_error_line() -> None:
+    # The model itself, on the case pipeline.py's rule is about (and its control).
+    batches = [(0, [("set", b"k0", b"a\r\nb", 0, False)], True), (1, [("get", b"k0"), ("set", b"k1", b"v", 0, True)], True)]
+    sc = model_scenario(batches, set())
+    assert sc.reset
+    assert sc.expected == {("W0", 0): [Code.OK], ("W1", 0): Failed(C), ("W1", 1): Failed(C)}
+    batches[0] = (0, [("set", b"k0", b"a b", 0, False)], True)
+    sc = model_scenario(batches, set(), fence_hit=True)
+    assert not sc.reset and sc.expected[("W1", 0)] == [Code.OK, b"a b", 0]
+    assert sc.stream.endswith(b"SERVER_ERROR out of memory storing object\r\nHD O5\r\n")
 
 
 def damage(sc: Scenario, data: st.DataObject) -> tuple[str, bytes, tuple[str, int] | None]:
@@ -1238,7 +1683,7 @@ def damage(sc: Scenario, data: st.DataObject) -> tuple[str, bytes, tuple[str, in
     # swallows what follows (or stops short). No request may get such a value.
     start, data_at = sc.vas[data.draw(st.integers(0, len(sc.vas) - 1), label="va")]
     ends = [i for i in range(data_at, n - 1) if stream[i : i + 2] == b"\r\n"]
-    before_fence = [i for i in ends if stream[i + 2 : i + 6] == MN]  # the data then ends at an MN
+    before_fence = [i for i in ends if i + 2 in sc.fence_at]  # the data then ends at a fence's answer
     end = data.draw(st.sampled_from(ends) | st.sampled_from(before_fence) if before_fence else st.sampled_from(ends), label="crlf")
     line_end = data_at - 2
     head = stream[start:line_end].split(b" ")

@@ -44,7 +44,7 @@ pytestmark = pytest.mark.unit
 
 # --- encode_op: one wire op -> the bytes of its meta request ---------------------------------------
 
-ENCODED = [
+ENCODED: list[tuple[list[Any], int, bytes]] = [
     ([Op.GET, b"foo"], 7, b"mg foo v f O7\r\n"),
     ([Op.GETS, b"foo"], 7, b"mg foo v f c O7\r\n"),
     ([Op.GAT, b"foo", 30], 8, b"mg foo v f T30 O8\r\n"),
