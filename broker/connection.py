@@ -212,14 +212,20 @@ class Connection:
         if self.state == READY and not self.want_write:
             server.io.dirty(self)
 
+    def seal(self) -> None:
+        """Fence what is queued now (each write ends with one; a text command gets one before it,
+        so no value waits on a reply that carries no opaque to prove it)."""
+        pipeline = self.pipeline
+        before = len(pipeline.out)
+        pipeline.seal()
+        self.server.budget.buffered += len(pipeline.out) - before
+
     def flush(self, now: float) -> None:
         pipeline = self.pipeline
         if self.state != READY or not (pipeline.out or pipeline.unfenced):
             return
-        before = len(pipeline.out)
-        pipeline.seal()
+        self.seal()
         budget = self.server.budget
-        budget.buffered += len(pipeline.out) - before
         try:
             n = self.sock.send(pipeline.out)  # type: ignore[union-attr]
         except (BlockingIOError, InterruptedError):
@@ -285,6 +291,8 @@ class Connection:
             server.budget.inflight -= busy - pipeline.inflight
             server.inflight_n -= busy - pipeline.inflight
             if matched:
+                # Only answers to data requests count as health: a server that answers `stats
+                # settings` on every new connection and garbles every request must still go down.
                 self.attempt = 0
                 if server.health.failures and not self.probe:
                     server.health.record_success()

@@ -37,7 +37,7 @@ from clientlib.wire import Code, Op
 
 from . import meta
 from .meta import ProtocolError, Response, Status
-from .translate import DATA_OPS, error_result, meta_result, op_name, text_result
+from .translate import DATA_OPS, UNLINK_TOO_LARGE, error_result, meta_result, op_name, text_result
 
 TEXT = -1  # Batch.first of a text command: its answer carries no opaque
 # A fence closes every write: `mg` of a key the broker never stores, with an opaque of its own, so
@@ -99,12 +99,13 @@ _MISS = Status.MISS
 _HIT = Status.OK
 _GET = int(Op.GET)
 _OK = Code.OK
+_SERVER_ERROR = Code.SERVER_ERROR
 
 
 class Pipeline:
     __slots__ = (
         "parser", "queue", "head", "out", "seq", "inflight", "held", "proven", "risky", "unfenced", "unflushed",
-        "_release",
+        "answered", "_release",
     )
 
     def __init__(self, max_value_len: int, release: Callable[[bytes], None] | None = None) -> None:
@@ -117,6 +118,7 @@ class Pipeline:
         self.held: list[tuple[Waiter, int, list[Any]]] = []  # results not yet proven in step
         self.proven = 0  # how many of `held` a later response or fence has proven
         self.risky = False  # the last value held contains CRLF
+        self.answered = 0  # meta requests answered so far (health: the server does its job)
         self.unfenced = False
         self.unflushed = 0  # requests in `out` since the last sent()
         self._release = release
@@ -149,12 +151,13 @@ class Pipeline:
     # --- responses -----------------------------------------------------------------------------
 
     def receive(self, data: bytes) -> int:
-        """Parse `data`; deliver every result proven in step. Returns responses matched.
+        """Parse `data`; deliver every result proven in step. Returns how many meta requests
+        (not fences, not text commands such as the broker's own `stats settings`) were answered.
         Raises OutOfStep (after delivering what was proven and giving the request it blames its
         own error)."""
         parser = self.parser
         parser.feed(data)
-        matched = 0
+        before = self.answered
         try:
             while True:
                 try:
@@ -162,8 +165,7 @@ class Pipeline:
                 except ProtocolError as exc:
                     raise OutOfStep(f"protocol error: {exc}") from None
                 if not items:
-                    return matched
-                matched += len(items)
+                    return self.answered - before
                 self._match(items)
         finally:
             if self.proven:
@@ -200,15 +202,24 @@ class Pipeline:
                         queue.popleft()
                         continue
                     try:
-                        if op == _GET and status is _VALUE and o > 0 and flags.find(b" ", 1) == o and flags[:2] == b" f":
-                            client_flags = flags[2:o]
-                            if not client_flags.isdigit():
-                                raise ValueError(f"client flags {client_flags[:20]!r}")
-                            result: list[Any] = [_OK, value, int(client_flags)]
+                        # `mg k v f s O<n>` answers ` f<client flags> s<size> O<n>`; the size must
+                        # agree with the VA header's, so a header that lost or gained a digit is
+                        # caught here, not read as a shorter or longer value.
+                        sp = flags.find(b" s", 2)
+                        if (
+                            op == _GET and status is _VALUE and 0 < sp < o and flags[:2] == b" f"
+                            and flags.find(b" ", 2) == sp and flags[sp + 2 : o] == b"%d" % len(value)
+                            and flags[2:sp].isdigit()
+                        ):
+                            result: list[Any] = [_OK, value, int(flags[2:sp])]
                         else:
                             result = meta_result(op, status, value, meta.flag_dict(flags))
                     except ValueError as exc:
                         raise OutOfStep(f"unusable {status.name} response: {exc}") from None
+                    if result[0] == _SERVER_ERROR and op != UNLINK_TOO_LARGE:
+                        # A status memcached never gives to this request: not its answer.
+                        raise OutOfStep(f"{result[1]}")
+                    self.answered += 1
                     # A data block that ran past its end always holds a CRLF: such a value must be
                     # proven by an answer that carries an opaque, never by an error or text line.
                     self.risky = value is not None and b"\r\n" in value

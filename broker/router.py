@@ -232,6 +232,10 @@ class Router:
             code = op[0]
             if code >= _VERSION:
                 if code in BROADCAST:
+                    # What this frame queued so far goes first: the broadcast fences the
+                    # connections, and a fence takes the next opaque.
+                    self._push(job, groups, now)
+                    groups = {}
                     self._broadcast(job, i, op, now)
                 else:
                     job.deliver(i, [Code.OK, self.local(code)])
@@ -306,13 +310,17 @@ class Router:
                 g[1].append(code)
                 g[2].append(pin)
                 g[3].append(req)
+        self._push(job, groups, now)
+        # A job whose every op was answered on the spot (refused, local) has already replied.
+        if not job.done:
+            heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
+
+    @staticmethod
+    def _push(job: Job, groups: dict[Connection, tuple[list[int], list[int], list[bytes | None], list[bytes]]], now: float) -> None:
         for conn, (indices, codes, pins, reqs) in groups.items():
             first = conn.pipeline.seq - len(indices) + 1
             keys = pins if any(k is not None for k in pins) else None
             conn.push(Batch(job, indices, codes, keys, first), b"".join(reqs), now, reserved=True)
-        # A job whose every op was answered on the spot (refused, local) has already replied.
-        if not job.done:
-            heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
 
     def _place(self, job: Job, i: int, key: bytes) -> Server | None:
         """The key's server among several, or None after refusing the op (its server is down)."""
@@ -347,6 +355,7 @@ class Router:
             if conn is None:
                 gather.fail(n, Code.SERVER_DOWN, f"no connection ({server.health.state.value})")
                 continue
+            conn.seal()
             conn.push(Batch(gather, [n], [code], None, TEXT, TEXT_EXPECT[code]), data, now)
 
     # --- deadlines -----------------------------------------------------------------------------

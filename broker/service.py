@@ -64,6 +64,7 @@ class Broker:
         self._signals: list[int] = []
         self._stop = False
         self._drain_deadline: float | None = None
+        self._timers_busy = True  # connections are being opened
         self.budget = Budget(config.max_inflight_total, config.max_buffered_bytes)
         self.front = Front(self.ctx, config.listen_urls(), config.max_frame_bytes)
         for sock in self.front.sockets:
@@ -215,15 +216,13 @@ class Broker:
     def _poll_timeout(self, now: float) -> int:
         if self._dirty:
             return 0
-        t = IDLE_POLL_MS / 1000
-        if self.budget.inflight or self.retiring or self._fds and any(c.state == CONNECTING for c in self._fds.values()):
-            t = TIMER_INTERVAL * 5
-        if any(not s.health.is_up for s in self.servers.values()):
-            t = min(t, 0.05)
+        # Timers (io timeouts, connects, probes) need a turn every few tens of ms only while
+        # something is in flight or pending; _timers says which (not recomputed every turn).
+        t = TIMER_INTERVAL * 5 if self.budget.inflight or self._timers_busy else IDLE_POLL_MS / 1000
         d = self.router.next_deadline()
-        if d is not None:
-            t = min(t, max(0.0, d - now))
-        return max(0, int(t * 1000 + 0.999))
+        if d is not None and d - now < t:
+            t = max(0.0, d - now)
+        return int(t * 1000 + 0.999)
 
     def run(self, ready_message: bool = True) -> None:
         self._install_signals()
@@ -298,6 +297,11 @@ class Broker:
             self.close()
 
     def _timers(self, now: float) -> None:
+        self._timers_busy = bool(
+            self.retiring
+            or any(c.state == CONNECTING for c in self._fds.values())
+            or any(not s.health.is_up for s in self.servers.values())
+        )
         c = self.config
         connect_timeout = c.connect_timeout_ms / 1000
         io_timeout = c.io_timeout_ms / 1000

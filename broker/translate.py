@@ -77,9 +77,9 @@ def encode_op(code: int, op: list[Any], opaque: int) -> bytes:
     if code == Op.GETS:
         return meta.encode_get(key, opaque, cas=True)
     if code == Op.GAT:
-        return meta.encode(meta.Get(key, opaque, touch=op[2]))
+        return meta.encode(meta.Get(key, opaque, size=True, touch=op[2]))
     if code == Op.GATS:
-        return meta.encode(meta.Get(key, opaque, cas=True, touch=op[2]))
+        return meta.encode(meta.Get(key, opaque, cas=True, size=True, touch=op[2]))
     if code <= Op.CAS:
         return meta.encode(meta.Set(
             key, op[2], opaque, mode=_SET_MODES[code], client_flags=op[3], ttl=op[4],
@@ -121,11 +121,18 @@ def meta_result(op: int, status: Status, value: bytes | None, flags: dict[str, b
         return [Code.SERVER_ERROR, f"unexpected {status.name} reply to {op_name(op)}"]
     if op <= Op.GATS:
         if status is Status.VALUE:
+            # Every flag the broker asked for must be there: a default in place of a missing one
+            # would hand the worker client flags (its serializer's tag) or a cas never given.
             f = flags.get("f")
+            size = flags.get("s")
+            if f is None or not f.isdigit() or size is None or size != b"%d" % len(value or b""):
+                raise ValueError(f"hit without the asked-for flags or with a size that disagrees: {flags!r}")
             if op == Op.GET or op == Op.GAT:
-                return [Code.OK, value, int(f) if f else 0]
+                return [Code.OK, value, int(f)]
             c = flags.get("c")
-            return [Code.OK, value, int(f) if f else 0, int(c) if c else 0]
+            if c is None or not c.isdigit():
+                raise ValueError(f"hit without cas: {flags!r}")
+            return [Code.OK, value, int(f), int(c)]
         if status is Status.MISS:
             return MISS
     elif op <= Op.CAS:

@@ -372,6 +372,8 @@ class FakeMemcached:
             ret += b" f%d" % client_flags
         if b"c" in flags:
             ret += b" c%d" % cas
+        if b"s" in flags:
+            ret += b" s%d" % len(value)
         ret += _echo(tokens)
         if b"v" in flags:
             return b"VA %d%s\r\n%s\r\n" % (len(value), ret, value)
