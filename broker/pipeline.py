@@ -30,6 +30,7 @@ reaches only the request that asked for it" lives in this one object and is test
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from typing import Any, Callable, Protocol
 
@@ -99,6 +100,8 @@ _MISS = Status.MISS
 _HIT = Status.OK
 _GET = int(Op.GET)
 _OK = Code.OK
+# A get's hit as the broker asks for it (`mg <key> v f s O<n>`): client flags, size, opaque.
+_GET_HIT = re.compile(rb" f(\d{1,10}) s(\d{1,20}) O(\d{1,20})").fullmatch
 _SERVER_ERROR = Code.SERVER_ERROR
 
 
@@ -172,11 +175,16 @@ class Pipeline:
                 self.release_held()
 
     def _match(self, items: list[Any]) -> None:
-        # The hot loop: one pass over a read's responses, no object built per response.
+        # The hot loop: one pass over a read's responses, no object built per response, the
+        # per-response counters kept in locals and written back once.
         queue = self.queue
         held = self.held
         release = self._release
         j = self.head
+        proven = self.proven
+        risky = self.risky
+        answered = 0
+        done = 0
         try:
             for item in items:
                 if not queue:
@@ -188,44 +196,43 @@ class Pipeline:
                     first = batch.first
                     if first == TEXT:
                         raise OutOfStep(f"{status.name} to a text command")
-                    o = flags.rfind(b" O")
-                    if o < 0 or flags[o + 2 :] != b"%d" % (first + j):
-                        if meta.opaque_of(flags) != b"%d" % (first + j):
-                            raise OutOfStep(f"opaque mismatch: expected {first + j}, got {meta.opaque_of(flags)!r}")
-                        o = -1  # other flags after O: not the fast shape
-                    # This response arrived whole and in its place: what came before it is proven.
-                    self.proven = len(held)
-                    if op == _FENCE_OP:
-                        if status is not _MISS and status is not _HIT:
-                            raise OutOfStep(f"{status.name} to the fence")
-                        self.risky = False
-                        queue.popleft()
-                        continue
-                    try:
+                    hit = _GET_HIT(flags) if op == _GET and status is _VALUE else None
+                    if hit is not None:
                         # `mg k v f s O<n>` answers ` f<client flags> s<size> O<n>`; the size must
                         # agree with the VA header's, so a header that lost or gained a digit is
                         # caught here, not read as a shorter or longer value.
-                        sp = flags.find(b" s", 2)
-                        if (
-                            op == _GET and status is _VALUE and 0 < sp < o and flags[:2] == b" f"
-                            and flags.find(b" ", 2) == sp and flags[sp + 2 : o] == b"%d" % len(value)
-                            and flags[2:sp].isdigit()
-                        ):
-                            result: list[Any] = [_OK, value, int(flags[2:sp])]
-                        else:
+                        if int(hit[3]) != first + j:
+                            raise OutOfStep(f"opaque mismatch: expected {first + j}, got {hit[3]!r}")
+                        if int(hit[2]) != len(value):
+                            raise OutOfStep(f"unusable VALUE response: s{hit[2]!r} for {len(value)} bytes")
+                        result: list[Any] = [_OK, value, int(hit[1])]
+                    else:
+                        if meta.opaque_of(flags) != b"%d" % (first + j):
+                            raise OutOfStep(f"opaque mismatch: expected {first + j}, got {meta.opaque_of(flags)!r}")
+                        if op == _FENCE_OP:
+                            if status is not _MISS and status is not _HIT:
+                                raise OutOfStep(f"{status.name} to the fence")
+                            # The fence arrived in its place: everything before it is proven.
+                            proven = len(held)
+                            risky = False
+                            queue.popleft()
+                            continue
+                        try:
                             result = meta_result(op, status, value, meta.flag_dict(flags))
-                    except ValueError as exc:
-                        raise OutOfStep(f"unusable {status.name} response: {exc}") from None
-                    if result[0] == _SERVER_ERROR and op != UNLINK_TOO_LARGE:
-                        # A status memcached never gives to this request: not its answer.
-                        raise OutOfStep(f"{result[1]}")
-                    self.answered += 1
+                        except ValueError as exc:
+                            raise OutOfStep(f"unusable {status.name} response: {exc}") from None
+                        if result[0] == _SERVER_ERROR and op != UNLINK_TOO_LARGE:
+                            # A status memcached never gives to this request: not its answer.
+                            raise OutOfStep(f"{result[1]}")
+                    # This response arrived whole and in its place: what came before it is proven.
+                    proven = len(held)
+                    answered += 1
                     # A data block that ran past its end always holds a CRLF: such a value must be
                     # proven by an answer that carries an opaque, never by an error or text line.
-                    self.risky = value is not None and b"\r\n" in value
+                    risky = value is not None and b"\r\n" in value
                     held.append((batch.waiter, batch.indices[j], result))
                 else:
-                    if self.risky:
+                    if risky:
                         raise OutOfStep(f"{item.status.name} after a value holding CRLF: the stream cannot be proven in step")
                     result, reset = self._other(batch, op, item)
                     if reset is not None:
@@ -243,7 +250,7 @@ class Pipeline:
                             batch.waiter.deliver(batch.indices[j], result)
                     else:
                         held.append((batch.waiter, batch.indices[j], result))
-                self.inflight -= 1
+                done += 1
                 keys = batch.keys
                 if keys is not None and release is not None:
                     key = keys[j]
@@ -255,6 +262,10 @@ class Pipeline:
                     queue.popleft()
         finally:
             self.head = j
+            self.proven = proven
+            self.risky = risky
+            self.answered += answered
+            self.inflight -= done
 
     def _answered(self, batch: Batch, j: int, release: Callable[[bytes], None] | None) -> None:
         self.inflight -= 1
