@@ -221,10 +221,14 @@ def offsets(*parts: bytes) -> list[int]:
     return ends
 
 
-def va(value: bytes, opaque: int, flags: int | None = 0) -> bytes:
-    """memcached's hit: `VA <size> f<flags> O<opaque>` and the data block."""
+def va(value: bytes, opaque: int, flags: int | None = 0, cas: int | None = None, size: int | None = -1) -> bytes:
+    """memcached's hit to `mg <key> v f [c] s O<opaque>`: `VA <size> f<flags> [c<cas>] s<size>
+    O<opaque>` and the data block (flags in request order). `size=None` leaves out the s token;
+    another number puts it there in place of the value's size."""
     f = b"" if flags is None else b" f%d" % flags
-    return b"VA %d%b O%d\r\n%b\r\n" % (len(value), f, opaque, value)
+    c = b"" if cas is None else b" c%d" % cas
+    s = b"" if size is None else b" s%d" % (len(value) if size == -1 else size)
+    return b"VA %d%b%b%b O%d\r\n%b\r\n" % (len(value), f, c, s, opaque, value)
 
 
 def fence(opaque: int, hit: bool = False) -> bytes:
@@ -248,8 +252,8 @@ def test_requests_go_out_in_order_and_each_write_ends_with_a_fence() -> None:
     assert rig.p.inflight == 3
     assert rig.seal() == 4  # the fence takes the opaque after the write's last request
     assert rig.seal() is None  # nothing new: no second fence
-    assert bytes(rig.p.out) == b"mg a v f O1\r\nms b 2 O2\r\nhi\r\nmd c O3\r\nmg _mcbroker_fence_ O4\r\n"
-    rig.p.sent(13)
+    assert bytes(rig.p.out) == b"mg a v f s O1\r\nms b 2 O2\r\nhi\r\nmd c O3\r\nmg _mcbroker_fence_ O4\r\n"
+    rig.p.sent(15)
     assert bytes(rig.p.out) == b"ms b 2 O2\r\nhi\r\nmd c O3\r\nmg _mcbroker_fence_ O4\r\n"
     rig.p.sent(len(rig.p.out))
     assert rig.p.out == b""
@@ -313,7 +317,7 @@ def build_two_writes() -> Rig:
 def test_each_write_is_proven_by_its_own_fence_however_fed() -> None:
     # opaques: a O1, b O2, fence O3 | c O4, d O5, fence O6
     r1 = va(b"x", 1)
-    r2 = b"VA 1 f7 c99 O2\r\ny\r\n"
+    r2 = b"VA 1 f7 c99 s1 O2\r\ny\r\n"
     r3 = va(b"z", 4)
     r4 = b"EN O5\r\n"
     e1, e2, fenced1, e3, e4, fenced2 = offsets(r1, r2, fence(3), r3, r4, fence(6))
@@ -362,7 +366,7 @@ def test_every_op_kind_answered_in_one_write_however_fed() -> None:
         return rig
 
     answer = [
-        va(b"1", 1, 1), b"VA 1 f2 c22 O2\r\n2\r\n", b"EN O3\r\n", b"VA 1 f4 c44 O4\r\n4\r\n",
+        va(b"1", 1, 1), b"VA 1 f2 c22 s1 O2\r\n2\r\n", b"EN O3\r\n", b"VA 1 f4 c44 s1 O4\r\n4\r\n",
         b"HD O5\r\n", b"NS O6\r\n", b"NS O7\r\n",
         b"HD O8\r\n", b"NS O9\r\n", b"EX O10\r\n",
         b"HD O11\r\n", b"VA 1 O12\r\n9\r\n", b"NF O13\r\n", b"HD O14\r\n",
@@ -428,7 +432,7 @@ def two_gets_failed(out: Outcome) -> None:
 
 @pytest.mark.parametrize(
     "second",
-    [va(b"y", 3), va(b"y", 1), b"VA 1 f0\r\ny\r\n", va(b"y", 12), b"VA 1 f0 O02\r\ny\r\n", F3, fence(3, hit=True), b"VA 1 f0 O2 O3\r\ny\r\n"],
+    [va(b"y", 3), va(b"y", 1), b"VA 1 f0 s1\r\ny\r\n", va(b"y", 12), b"VA 1 f0 s1 O02\r\ny\r\n", F3, fence(3, hit=True), b"VA 1 f0 s1 O2 O3\r\ny\r\n"],
     # EN O3 / HD O3: the fence's answer where b's was due (b's answer lost)
     ids=["O3-for-O2", "O1-again", "no-opaque", "O12", "O02", "fence-EN-O3", "fence-HD-O3", "O2-then-O3"],
 )
@@ -443,8 +447,8 @@ def test_opaque_mismatch_fails_the_held_and_the_unanswered(second: bytes) -> Non
 @pytest.mark.parametrize(
     "second, result",
     [
-        (b"VA 1 f0 O2 t-1\r\ny\r\n", [Code.OK, b"y", 0]),
-        (b"VA 1 f7 O2 kYg== b\r\ny\r\n", [Code.OK, b"y", 7]),
+        (b"VA 1 f0 s1 O2 t-1\r\ny\r\n", [Code.OK, b"y", 0]),
+        (b"VA 1 f7 s1 O2 kYg== b\r\ny\r\n", [Code.OK, b"y", 7]),
         (b"EN O2 kYg==\r\n", [Code.MISS]),
     ],
     ids=repr,
@@ -458,7 +462,7 @@ def test_the_opaque_token_is_checked_even_when_other_flags_follow_it(second: byt
     assert out.log == [("A", 0, [Code.OK, b"x", 0]), ("A", 1, result)]
 
 
-@pytest.mark.parametrize("second", [b"VA 1 f0 O21 t-1\r\ny\r\n", b"VA 1 f0 O1 t2\r\ny\r\n", b"EN O3 k2\r\n", b"EN kO2\r\n"], ids=repr)
+@pytest.mark.parametrize("second", [b"VA 1 f0 s1 O21 t-1\r\ny\r\n", b"VA 1 f0 s1 O1 t2\r\ny\r\n", b"EN O3 k2\r\n", b"EN kO2\r\n"], ids=repr)
 def test_a_wrong_opaque_followed_by_other_flags_is_a_mismatch(second: bytes) -> None:
     r1 = va(b"x", 1)
     out = every_way(build_two_gets, r1 + second + F3, visible=[], error_at=len(r1 + second))
@@ -468,10 +472,10 @@ def test_a_wrong_opaque_followed_by_other_flags_is_a_mismatch(second: bytes) -> 
 @pytest.mark.parametrize(
     "op, second",
     [
-        ([Op.GET, b"b"], b"VA 1 O2\r\ny\r\n"),
-        ([Op.GETS, b"b"], b"VA 1 f5 O2\r\ny\r\n"),
-        ([Op.GETS, b"b"], b"VA 1 c9 O2\r\ny\r\n"),
-        ([Op.GAT, b"b", 10], b"VA 1 O2\r\ny\r\n"),
+        ([Op.GET, b"b"], b"VA 1 s1 O2\r\ny\r\n"),
+        ([Op.GETS, b"b"], b"VA 1 f5 s1 O2\r\ny\r\n"),
+        ([Op.GETS, b"b"], b"VA 1 c9 s1 O2\r\ny\r\n"),
+        ([Op.GAT, b"b", 10], b"VA 1 s1 O2\r\ny\r\n"),
     ],
     ids=["mg-no-f", "mg-c-no-c", "mg-c-no-f", "gat-no-f"],
 )
@@ -620,7 +624,7 @@ def test_a_response_after_everything_was_answered() -> None:
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"garbage\r\n", b"VALUE a 0 1\r\nx\r\nEND\r\n", b"\r\n", b"STORED\r\n", b"VA f0 O2\r\n", b"VA O2\r\n"],
+    [b"garbage\r\n", b"VALUE a 0 1\r\nx\r\nEND\r\n", b"\r\n", b"STORED\r\n", b"VA f0 s1 O2\r\n", b"VA O2\r\n"],
     ids=repr,
 )
 def test_garbage_in_place_of_a_response(garbage: bytes) -> None:
@@ -638,14 +642,14 @@ def test_trailing_garbage_after_the_fence() -> None:
 
 
 def test_va_data_not_followed_by_crlf() -> None:
-    head = b"VA 1 f0 O1\r\n"
+    head = b"VA 1 f0 s1 O1\r\n"
     bad = head + b"xy\r\n"  # one byte more than the header said
     out = every_way(build_two_gets, bad + va(b"y", 2) + F3, visible=[], error_at=len(head) + 3)
     two_gets_failed(out)
 
 
 def test_va_data_one_byte_short() -> None:
-    head = b"VA 3 f0 O1\r\n"
+    head = b"VA 3 f0 s3 O1\r\n"
     bad = head + b"xy\r\n"  # the data lost a byte: its terminator is not where the size says
     out = every_way(build_two_gets, bad + va(b"y", 2) + F3, visible=[], error_at=len(head) + 5)
     two_gets_failed(out)
@@ -659,13 +663,13 @@ def test_va_larger_than_max_value_len_is_refused_from_its_header() -> None:
         return rig
 
     r1 = va(b"abcd", 1)  # exactly the limit: fine
-    head2 = b"VA 5 f0 O2\r\n"
+    head2 = b"VA 5 f0 s5 O2\r\n"
     out = every_way(build, r1 + head2 + b"abcde\r\n" + F3, visible=[], error_at=len(r1 + head2))
     two_gets_failed(out)
 
 
 def test_unusable_client_flags_reset_the_stream() -> None:
-    bad = b"VA 1 fx O1\r\nx\r\n"
+    bad = b"VA 1 fx s1 O1\r\nx\r\n"
     out = every_way(build_two_gets, bad + va(b"y", 2) + F3, visible=[], error_at=len(bad))
     two_gets_failed(out)
 
@@ -673,13 +677,17 @@ def test_unusable_client_flags_reset_the_stream() -> None:
 # --- a data block that swallows the next response (issue 13, item 3) ------------------------------
 
 
-def test_va_whose_data_swallows_the_next_response_line() -> None:
-    # memcached sent "VA 2 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nEN O3\r\n"; the stream's first
-    # header is corrupted to a size that covers the next response's line.
+@pytest.mark.parametrize("s", [b"2", b"17"], ids=["s-true", "s-forged-too"])
+def test_va_whose_data_swallows_the_next_response_line(s: bytes) -> None:
+    # memcached sent "VA 2 f0 s2 O1\r\nxx\r\nVA 2 f0 s2 O2\r\nyy\r\nEN O3\r\n"; the stream's
+    # first header is corrupted to a size that covers the next response's line. With the true s
+    # the size disagrees with it as soon as the data block ends; with s corrupted to agree, b's
+    # data "yy" then reads as a line where O2's answer is due.
     true = va(b"xx", 1) + va(b"yy", 2) + F3
-    assert true == b"VA 2 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nEN O3\r\n"
-    bad = b"VA 14 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nEN O3\r\n"  # data "xx\r\nVA 2 f0 O2", then CRLF
-    out = every_way(build_two_gets, bad, visible=[], error_at=bad.index(b"yy") + 4)
+    assert true == b"VA 2 f0 s2 O1\r\nxx\r\nVA 2 f0 s2 O2\r\nyy\r\nEN O3\r\n"
+    bad = b"VA 17 f0 s%b O1\r\nxx\r\nVA 2 f0 s2 O2\r\nyy\r\nEN O3\r\n" % s  # data "xx\r\nVA 2 f0 s2 O2", then CRLF
+    error_at = bad.index(b"yy") if s == b"2" else bad.index(b"yy") + 4
+    out = every_way(build_two_gets, bad, visible=[], error_at=error_at)
     two_gets_failed(out)
 
 
@@ -692,12 +700,15 @@ def build_get_delete_get() -> Rig:
     return rig
 
 
-def test_va_whose_data_swallows_a_whole_response_and_stays_framed() -> None:
-    # True: "VA 2 f0 O1\r\nxx\r\n" "HD O2\r\n" "VA 2 f0 O3\r\nzz\r\n" "EN O4\r\n". With "VA 9"
-    # the data block is "xx\r\nHD O2" and is followed by CRLF: well framed, with the right opaque.
-    # Only the next response (O3 where O2 is due) can tell, and nobody may get a value.
-    bad = b"VA 9 f0 O1\r\nxx\r\nHD O2\r\n" + va(b"zz", 3) + fence(4)
-    out = every_way(build_get_delete_get, bad, visible=[], error_at=bad.index(b"zz") + 4)
+@pytest.mark.parametrize("s", [b"2", b"9"], ids=["s-true", "s-forged-too"])
+def test_va_whose_data_swallows_a_whole_response_and_stays_framed(s: bytes) -> None:
+    # True: "VA 2 f0 s2 O1\r\nxx\r\n" "HD O2\r\n" "VA 2 f0 s2 O3\r\nzz\r\n" "EN O4\r\n". With
+    # "VA 9" the data block is "xx\r\nHD O2" and is followed by CRLF: well framed, with the right
+    # opaque. Its s (2) tells at once; should s be corrupted to 9 too, the next response (O3
+    # where O2 is due) tells. Nobody may get a value.
+    head = b"VA 9 f0 s%b O1\r\nxx\r\nHD O2\r\n" % s
+    bad = head + va(b"zz", 3) + fence(4)
+    out = every_way(build_get_delete_get, bad, visible=[], error_at=len(head) if s == b"2" else bad.index(b"zz") + 4)
     assert out.error is not None
     assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C)), ("C", 0, Failed(C))]
     assert sorted(out.released) == [b"a", b"b", b"c"]
@@ -714,16 +725,18 @@ def test_va_whose_data_swallows_the_fence() -> None:
         assert rig.seal() == 4
         return rig
 
-    bad = b"VA 9 f0 O1\r\nxx\r\nEN O2\r\n" + va(b"yy", 3) + fence(4)  # true size 2
-    out = every_way(build, bad, visible=[], error_at=bad.index(b"yy") + 4)
-    assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))]
+    for s in (b"2", b"9"):  # a's true size, or s corrupted to agree with the header
+        head = b"VA 9 f0 s%b O1\r\nxx\r\nEN O2\r\n" % s  # true size 2
+        bad = head + va(b"yy", 3) + fence(4)
+        out = every_way(build, bad, visible=[], error_at=len(head) if s == b"2" else bad.index(b"yy") + 4)
+        assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))], s
 
 
 @pytest.mark.parametrize("line", [b"SERVER_ERROR x", b"CLIENT_ERROR x"])
 def test_a_value_that_reads_as_an_error_line_cannot_pass_a_swallow(line: bytes) -> None:
-    # Two gets. b's stored value is the 14 bytes "SERVER_ERROR x" with client flags 12345678;
+    # Two gets. b's stored value is the 14 bytes "SERVER_ERROR x" with client flags 1234;
     # memcached sends
-    #   VA 10 f0 O1\r\nAAAAAAAAAA\r\n  VA 14 f12345678 O2\r\nSERVER_ERROR x\r\n  EN O3\r\n
+    #   VA 10 f0 s10 O1\r\nAAAAAAAAAA\r\n  VA 14 f1234 s14 O2\r\nSERVER_ERROR x\r\n  EN O3\r\n
     # One corrupted byte turns "VA 10" into "VA 30": a's data block then ends exactly at the end
     # of b's header line (10 + 2 + 18 bytes) and is followed by CRLF, and b's data reads as an
     # error line in b's place (SERVER_ERROR, or CLIENT_ERROR to an mg: both belong to their
@@ -738,9 +751,10 @@ def test_a_value_that_reads_as_an_error_line_cannot_pass_a_swallow(line: bytes) 
         rig.seal()
         return rig
 
-    true = va(b"A" * 10, 1) + va(line, 2, flags=12345678) + F3
+    true = va(b"A" * 10, 1) + va(line, 2, flags=1234) + F3
     bad = true.replace(b"VA 10", b"VA 30", 1)
     assert sum(x != y for x, y in zip(true, bad)) == 1 and len(true) == len(bad)
+    assert bad[len(b"VA 30 f0 s10 O1\r\n") + 30 :].startswith(b"\r\n" + line + b"\r\n")  # framed
     for name, log in damaged_runs(build, bad):
         a = [e[2] for e in log if e[0] == "A"]
         assert a in ([[Code.OK, b"A" * 10, 0]], [Failed(C)], [Failed(Code.TIMEOUT)]), f"{name}: a got {a}"
@@ -752,11 +766,11 @@ def test_a_value_that_reads_as_an_error_line_cannot_pass_a_swallow(line: bytes) 
 def test_a_swallow_up_to_a_later_writes_fence_is_caught(hit: bool) -> None:
     # Two writes in flight, each closed by its fence (a O1, fence O2 | b O3, fence O4); memcached
     # sends
-    #   VA 12 f0 O1\r\nxxxxxxxxxxxx\r\n EN O2\r\n VA 9 f0 O3\r\nyyyyyyyyy\r\n EN O4\r\n
+    #   VA 12 f0 s12 O1\r\nxxxxxxxxxxxx\r\n EN O2\r\n VA 6 f0 s6 O3\r\nyyyyyy\r\n EN O4\r\n
     # One corrupted byte turns "VA 12" into "VA 42": a's data block then runs through its own
-    # fence's answer and all of b's response (12 + 2 + 7 + 12 + 9 bytes) and is followed by
-    # CRLF, and the second write's fence answer arrives where the first write's is due. Its
-    # opaque (O4 for O2) gives it away: no value may leave.
+    # fence's answer and all of b's response (12 + 2 + 7 + 15 + 6 bytes) and is followed by
+    # CRLF, and the second write's fence answer arrives where the first write's is due. a's s
+    # (12 against VA 42) gives it away as soon as the data block ends: no value may leave.
     def build() -> Rig:
         rig = Rig()
         rig.meta("A", [[Op.GET, b"a"]])
@@ -765,11 +779,11 @@ def test_a_swallow_up_to_a_later_writes_fence_is_caught(hit: bool) -> None:
         assert rig.seal() == 4
         return rig
 
-    true = va(b"x" * 12, 1) + fence(2, hit) + va(b"y" * 9, 3) + fence(4, hit)
+    true = va(b"x" * 12, 1) + fence(2, hit) + va(b"y" * 6, 3) + fence(4, hit)
     bad = true.replace(b"VA 12", b"VA 42", 1)
     assert sum(x != y for x, y in zip(true, bad)) == 1 and len(true) == len(bad)
-    assert bad[len(b"VA 42 f0 O1\r\n") + 42 :] == b"\r\n" + fence(4, hit)  # framed, then the later fence
-    out = every_way(build, bad, visible=[], error_at=len(bad))
+    assert bad[len(b"VA 42 f0 s12 O1\r\n") + 42 :] == b"\r\n" + fence(4, hit)  # framed, then the later fence
+    out = every_way(build, bad, visible=[], error_at=len(bad) - len(fence(4, hit)))
     assert out.error is not None and not out.error.answered
     assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))]
     for name, log in damaged_runs(build, bad):
@@ -1375,7 +1389,7 @@ def test_reconnect_after_a_reset_starts_clean() -> None:
     fresh.submit(Batch(waiter, [0], [int(Op.GET)], [b"a"], fresh.seq + 1), encode_op(Op.GET, [Op.GET, b"a"], fresh.seq + 1))
     fresh.seq += 1
     fresh.seal()
-    assert bytes(fresh.out) == b"stats settings\r\nmg a v f O1\r\nmg _mcbroker_fence_ O2\r\n"
+    assert bytes(fresh.out) == b"stats settings\r\nmg a v f s O1\r\nmg _mcbroker_fence_ O2\r\n"
     fresh.sent(len(fresh.out))
     answer = b"STAT item_size_max 1048576\r\nEND\r\n" + va(b"new", 1) + fence(2)
     for i in range(len(answer)):
@@ -1534,10 +1548,12 @@ def model_scenario(batches: list[Any], dead: set[int], fence_hit: bool = False) 
                     answer(who, "meta")
                 else:
                     value, flags = hit
-                    head = b"VA %d f%d O%d\r\n" % (len(value), flags, opaque)
+                    head = b"VA %d f%d s%d O%d\r\n" % (len(value), flags, len(value), opaque)
                     f_at = head.index(b" f") + 1
                     vas.append((len(stream), len(stream) + len(head)))
-                    emit(head + value + b"\r\n", who, [(0, 2), (f_at, head.index(b" O")), (len(head), len(head) + len(value))])
+                    # The client flags are the request's own content; the s token is not: it
+                    # must agree with the header's size, so damage to it is always caught.
+                    emit(head + value + b"\r\n", who, [(0, 2), (f_at, head.index(b" s")), (len(head), len(head) + len(value))])
                     expected[who] = [Code.OK, value, flags]
                     answer(who, "meta", value)
             elif op[0] == "set" and op[4]:
