@@ -497,6 +497,89 @@ def test_a_hit_without_a_flag_we_asked_for_is_no_result(op: list[Any], second: b
         assert len(b) == 1 and is_failure(b[0]), f"{name}: b got {b}"
 
 
+GET_OPS: list[list[Any]] = [[Op.GET, b"b"], [Op.GETS, b"b"], [Op.GAT, b"b", 10], [Op.GATS, b"b", 10]]
+GET_IDS = ["get", "gets", "gat", "gats"]
+
+
+def build_get_then_get_op(op: list[Any]) -> Callable[[], Rig]:
+    """a: mg O1 (GET); b: `op` O2; the fence O3."""
+
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], op])
+        rig.seal()
+        return rig
+
+    return build
+
+
+def hit_for(op: list[Any], value: bytes, opaque: int, size: int | None) -> bytes:
+    """memcached's hit to `op` (the flags it asks for: f, c for gets/gats, s) with s = `size`."""
+    return va(value, opaque, flags=3, cas=9 if op[0] in (Op.GETS, Op.GATS) else None, size=size)
+
+
+@pytest.mark.parametrize("size", [3, 1, 20, None], ids=["s-bigger", "s-smaller", "s-digit-gained", "no-s"])
+@pytest.mark.parametrize("op", GET_OPS, ids=GET_IDS)
+def test_a_hit_whose_s_disagrees_with_its_size_or_is_missing_resets(op: list[Any], size: int | None) -> None:
+    # The broker's gets ask for s, the value's size again: a VA header whose size was damaged
+    # (bigger or smaller) no longer agrees with it, and a hit without it is not memcached's answer
+    # to the request. OutOfStep once that hit is whole; b's value is never delivered.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [op])
+        rig.seal()
+        return rig
+
+    bad = hit_for(op, b"hi", 1, size)
+    assert bad.startswith(b"VA 2 f3 ")
+    out = every_way(build, bad + fence(2), visible=[], error_at=len(bad))
+    assert out.error is not None and not out.error.answered
+    assert out.log == [("A", 0, Failed(C))]
+    assert out.inflight == 0 and out.released == [b"b"]
+    assert out.failed_in_flight == 1  # the refused answer answered nothing: b was still in flight
+
+
+@pytest.mark.parametrize("size", [3, 1, None], ids=["s-bigger", "s-smaller", "no-s"])
+@pytest.mark.parametrize("op", GET_OPS, ids=GET_IDS)
+def test_a_bad_s_after_a_held_value_delivers_no_wrong_result(op: list[Any], size: int | None) -> None:
+    # a's value is held when b's hit arrives; b's header in place (opaque O2) proves where a's
+    # data ended, so a may get its value or a failure; b gets a failure only.
+    r1, bad = va(b"x", 1), hit_for(op, b"hi", 2, size)
+    out = every_way(build_get_then_get_op(op), r1 + bad + F3, visible=None, error_at=len(r1 + bad))
+    by = outcomes_by_request(out.log)
+    assert by[("A", 0)] in ([[Code.OK, b"x", 0]], [Failed(C)])
+    assert by[("A", 1)] == [Failed(C)]
+    assert out.inflight == 0 and sorted(out.released) == [b"a", b"b"]
+
+
+@pytest.mark.parametrize("op", GET_OPS, ids=GET_IDS)
+def test_a_hit_with_the_asked_for_flags_and_a_true_s_is_delivered(op: list[Any]) -> None:
+    # The control for the two tests above: the same hit with s = its size.
+    r1, r2 = va(b"x", 1), hit_for(op, b"hi", 2, -1)
+    e1, e2, fenced = offsets(r1, r2, F3)
+    out = every_way(build_get_then_get_op(op), r1 + r2 + F3, visible=[e2, fenced])
+    cas = [9] if op[0] in (Op.GETS, Op.GATS) else []
+    assert out.log == [("A", 0, [Code.OK, b"x", 0]), ("A", 1, [Code.OK, b"hi", 3] + cas)]
+    assert out.error is None and out.inflight == 0
+
+
+@pytest.mark.parametrize("op", [[Op.GETS, b"a"], [Op.GATS, b"a", 10]], ids=["gets", "gats"])
+def test_a_gets_hit_without_cas_resets(op: list[Any]) -> None:
+    # `mg a v f c s O1` asks for c; "VA 2 f3 s2 O1" lacks it. A cas of 0 in its place would be a
+    # cas memcached never gave: OutOfStep, nothing delivered.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [op])
+        rig.seal()
+        return rig
+
+    bad = b"VA 2 f3 s2 O1\r\nhi\r\n"
+    assert bad == va(b"hi", 1, flags=3)
+    out = every_way(build, bad + fence(2), visible=[], error_at=len(bad))
+    assert out.error is not None and out.log == [("A", 0, Failed(C))]
+    assert out.inflight == 0 and out.released == [b"a"]
+
+
 def test_opaque_mismatch_on_the_first_response() -> None:
     r = va(b"x", 2)
     out = every_way(build_two_gets, r + va(b"y", 1) + F3, visible=[], error_at=len(r))
