@@ -662,6 +662,14 @@ def test_a_status_no_mg_without_v_gets_where_the_fence_answer_was_due(extra: byt
     [
         ([Op.GET, b"b"], b"NS O2\r\n"), ([Op.SET, b"b", b"v", 0, 0], b"EN O2\r\n"),
         ([Op.DELETE, b"b"], b"NS O2\r\n"), ([Op.INCR, b"b", 1], b"HD O2\r\n"),
+        # mg with v: a hit is VA, never HD; NF / EX are no mg answers
+        ([Op.GET, b"b"], b"HD O2\r\n"), ([Op.GETS, b"b"], b"NF O2\r\n"), ([Op.GAT, b"b", 10], b"EX O2\r\n"),
+        ([Op.GATS, b"b", 10], b"HD O2\r\n"),
+        ([Op.ADD, b"b", b"v", 0, 0], b"VA 1 O2\r\ny\r\n"), ([Op.CAS, b"b", b"v", 0, 0, 5], b"EN O2\r\n"),
+        ([Op.DELETE, b"b"], b"EN O2\r\n"), ([Op.DELETE, b"b"], b"VA 1 O2\r\ny\r\n"),
+        ([Op.DECR, b"b", 1], b"EN O2\r\n"), ([Op.INCR, b"b", 1], b"NS O2\r\n"),
+        ([Op.INCR, b"b", 1], b"VA 1 O2\r\nx\r\n"),  # ma's VA holds the new number
+        ([Op.TOUCH, b"b", 10], b"VA 1 O2\r\ny\r\n"), ([Op.TOUCH, b"b", 10], b"NF O2\r\n"),
     ],
     ids=lambda v: repr(v) if isinstance(v, bytes) else Op(v[0]).name,
 )
@@ -683,6 +691,29 @@ def test_a_status_memcached_never_gives_to_the_request_resets(op: list[Any], sec
         assert by[("A", 0)] in ([[Code.OK, b"x", 0]], [Failed(C)]), name  # its framing was proven
         assert by[("A", 1)] == [Failed(C)], name
         assert out.inflight == 0 and sorted(out.released) == [b"a", b"b"]
+
+
+@pytest.mark.parametrize("second", [b"EN O2\r\n", b"NS O2\r\n", b"EX O2\r\n", b"VA 1 O2\r\ny\r\n"], ids=repr)
+def test_a_status_md_never_gives_to_a_set_too_large_resets(second: bytes) -> None:
+    # A set too large for the server goes out as `md` (test_a_set_too_large_... above); md
+    # answers HD or NF (EX only with C, which the broker never sends), so anything else resets
+    # like any other status memcached never gives to the request, never a delivered
+    # SERVER_ERROR "unexpected ...".
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.p.seq += 1
+        rig.p.submit(Batch(rig.waiter("B"), [0], [UNLINK_TOO_LARGE], [b"big"], 2), meta.encode(meta.Delete(b"big", 2)))
+        rig.seal()
+        return rig
+
+    r1 = va(b"x", 1)
+    for name, chunks in feedings(r1 + second + F3):
+        out = play(build, chunks, error_at=len(r1 + second), name=name)
+        by = outcomes_by_request(out.log)
+        assert by[("A", 0)] in ([[Code.OK, b"x", 0]], [Failed(C)]), name
+        assert by[("B", 0)] == [Failed(C)], f"{name}: {by[('B', 0)]}"
+        assert out.inflight == 0 and sorted(out.released) == [b"a", b"big"]
 
 
 def test_a_response_with_nothing_in_flight() -> None:
