@@ -1512,6 +1512,105 @@ def test_reconnect_after_a_reset_starts_clean() -> None:
     assert fresh.inflight == 0
 
 
+# --- what receive() returns: meta requests answered ------------------------------------------------
+
+
+def returns_every_way(build: Callable[[], Rig], data: bytes, ends: list[int]) -> None:
+    """Feed `data` every way; each receive() must return how many of the meta answers ending at
+    `ends` (stream offsets) it completed."""
+    for name, chunks in feedings(data):
+        rig = build()
+        fed = 0
+        for chunk in chunks:
+            got = rig.p.receive(chunk)
+            want = sum(fed < e <= fed + len(chunk) for e in ends)
+            assert got == want, f"{name}: receive of bytes {fed}..{fed + len(chunk)} returned {got}, {want} meta answers ended there"
+            fed += len(chunk)
+
+
+def test_receive_counts_meta_answers_not_fences_or_text_replies() -> None:
+    # The broker's own `stats settings` goes first on a new connection; it, `version` and the
+    # fences are not meta requests: a server that answers only those is not doing its job.
+    def build() -> Rig:
+        rig = Rig()
+        rig.text("S", [Op.STATS, [b"settings"]])
+        rig.meta("A", [[Op.GET, b"a"], [Op.SET, b"b", b"v", 0, 0], [Op.DELETE, b"c"], [Op.INCR, b"n", 1], [Op.GETS, b"g"]])
+        rig.text("V", [Op.VERSION])
+        assert rig.seal() == 6
+        rig.meta("B", [[Op.TOUCH, b"t", 10]])
+        assert rig.seal() == 8
+        return rig
+
+    stats = b"STAT item_size_max 1048576\r\nEND\r\n"
+    answers = [
+        stats, va(b"x", 1), b"HD O2\r\n", b"NF O3\r\n", b"VA 1 O4\r\n2\r\n", b"EN O5\r\n",
+        b"VERSION 1.6.18\r\n", fence(6), b"HD O7\r\n", fence(8),
+    ]
+    ends = offsets(*answers)
+    meta_ends = [ends[i] for i in (1, 2, 3, 4, 5, 8)]
+    data = b"".join(answers)
+    rig = build()
+    assert rig.p.receive(data) == 6
+    assert rig.p.inflight == 0 and len(rig.log) == 8
+    returns_every_way(build, data, meta_ends)
+    # Only text replies and a fence's answer: nothing counts.
+    def build_text() -> Rig:
+        rig = Rig()
+        rig.text("S", [Op.STATS, [b"settings"]])
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.seal()
+        return rig
+
+    returns_every_way(build_text, stats + b"EN O1\r\n" + fence(2), [len(stats) + 7])
+    rig = build_text()
+    assert rig.p.receive(stats) == 0 and rig.log == [("S", 0, [Code.OK, {"item_size_max": "1048576"}])]
+
+
+def test_receive_counts_a_tombstones_answer_and_a_set_too_large() -> None:
+    # A waiter that gave up does not change what memcached answered; the md standing in for a set
+    # too large is a meta request like any other.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.waiters["A"].done = True
+        rig.p.seq += 1
+        rig.p.submit(Batch(rig.waiter("B"), [0], [UNLINK_TOO_LARGE], [b"big"], 2), meta.encode(meta.Delete(b"big", 2)))
+        rig.seal()
+        return rig
+
+    answers = [va(b"x", 1), b"NF O2\r\n", fence(3)]
+    ends = offsets(*answers)
+    returns_every_way(build, b"".join(answers), ends[:2])
+
+
+@pytest.mark.parametrize(
+    "op, line",
+    [
+        ([Op.GET, b"b"], b"SERVER_ERROR out of memory\r\n"),
+        ([Op.SET, b"b", b"v", 0, 0], b"SERVER_ERROR out of memory storing object\r\n"),
+        ([Op.DELETE, b"b"], b"CLIENT_ERROR bad command line format\r\n"),
+        ([Op.INCR, b"b", 1], b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"),
+    ],
+    ids=["mg-SERVER_ERROR", "ms-SERVER_ERROR", "md-CLIENT_ERROR", "ma-CLIENT_ERROR"],
+)
+def test_receive_counts_an_error_line_that_answers_a_meta_request(op: list[Any], line: bytes) -> None:
+    # receive()'s docstring: it returns how many meta requests (not fences, not text commands)
+    # were answered. These error lines belong to their meta request (its result is the error and
+    # the stream goes on), so that request was answered, as a VA or HD would have answered it.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], op])
+        rig.seal()
+        return rig
+
+    answers = [va(b"x", 1), line, F3]
+    ends = offsets(*answers)
+    rig = build()
+    assert rig.p.receive(b"".join(answers)) == 2, "a's VA and b's error line both answered their request"
+    assert rig.log[1][:2] == ("A", 1) and rig.log[1][2][0] >= Code.SERVER_ERROR
+    returns_every_way(build, b"".join(answers), ends[:2])
+
+
 def test_reserved_requests_are_not_counted_twice() -> None:
     # The router counts each admitted request (Connection.reserve) before the batch is pushed.
     rig = Rig()
