@@ -5,7 +5,8 @@ per connection; a Batch's `first` is the opaque of its first request; text comma
 and the answers are written out here as memcached 1.6 sends them (doc/protocol.txt; checked
 against memcached 1.6.18 on one connection):
 
-    mg <key> v f O1      ->  VA <size> f<flags> O1\\r\\n<data>\\r\\n  |  EN O1
+    mg <key> v f s O1    ->  VA <size> f<flags> s<size> O1\\r\\n<data>\\r\\n  |  EN O1
+    mg <key> v f c s O1  ->  VA <size> f<flags> c<cas> s<size> O1\\r\\n<data>\\r\\n  |  EN O1
     ms <key> <len> O2    ->  HD O2 | NS O2 | EX O2 | NF O2
     md <key> O3          ->  HD O3 | NF O3
     ma <key> v O4        ->  VA <size> O4\\r\\n<number>\\r\\n  |  NF O4
@@ -24,6 +25,9 @@ The guarantees checked (pipeline.py's docstring, issues 8, 9 and 13):
   once. A value holding CRLF is never proven by a line without an opaque (an error, a text reply):
   the stream is reset instead, as a data block that ran past its end always holds a CRLF.
 - `MN` answers nothing the broker sends: anywhere it is an unexpected response.
+- A hit must carry every flag its request asked for (f; c for gets/gats; s), and s must be the
+  data block's size: else OutOfStep. A status memcached never gives to the request: OutOfStep.
+- `receive` returns how many meta requests its data answered (text replies and fences not).
 - Anything that casts doubt on the stream raises OutOfStep; `fail_all` then fails every request
   not yet delivered, held results included; no value is ever delivered from a doubtful stream.
 - SERVER_ERROR to any request, CLIENT_ERROR to mg/md/ma, ERROR/CLIENT_ERROR to a text command
@@ -481,7 +485,7 @@ def test_a_wrong_opaque_followed_by_other_flags_is_a_mismatch(second: bytes) -> 
 )
 def test_a_hit_without_a_flag_we_asked_for_is_no_result(op: list[Any], second: bytes) -> None:
     # protocol.txt: mg returns each flag asked for (f: client flags, c: cas) on a hit; memcached
-    # 1.6.18 answered `mg k v f c O1` for an item with flags 0 with "VA 1 f0 c1 O1". A VA
+    # 1.6.18 answered `mg k v f c s O1` for an item with flags 0 with "VA 1 f0 c1 s1 O1". A VA
     # without one is not memcached's answer; defaulting it to 0 would hand the worker client
     # flags (its serializer's tag) or a cas memcached never gave. b gets a failure, never
     # [OK, y, 0] or [OK, y, 5, 0].
