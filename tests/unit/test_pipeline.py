@@ -697,6 +697,38 @@ def test_a_status_memcached_never_gives_to_the_request_resets(op: list[Any], sec
         assert out.inflight == 0 and sorted(out.released) == [b"a", b"b"]
 
 
+@pytest.mark.parametrize(
+    "op, second",
+    [
+        ([Op.DELETE, b"b"], b"EX O2\r\n"),
+        ([Op.SET, b"b", b"v", 0, 0], b"EX O2\r\n"), ([Op.SET, b"b", b"v", 0, 0], b"NF O2\r\n"),
+        ([Op.ADD, b"b", b"v", 0, 0], b"NF O2\r\n"), ([Op.REPLACE, b"b", b"v", 0, 0], b"NF O2\r\n"),
+        ([Op.APPEND, b"b", b"v", 0, 0], b"EX O2\r\n"),
+    ],
+    ids=["md-EX", "ms-EX", "ms-NF", "ms-ME-NF", "ms-MR-NF", "ms-MA-EX"],
+)
+def test_ex_or_nf_to_a_request_without_cas_resets(op: list[Any], second: bytes) -> None:
+    # protocol.txt: ms answers EX / NF only to a compare-and-swap (C), md answers EX only with C.
+    # memcached 1.6.18 on one connection: `ms nokey 1 MR` / `MA` / `MP` -> NS, `ms k 1 ME` on k
+    # -> NS, `md k` -> HD then NF, `ms k 1 C5` on a missing k -> NF, `ms k 1 C999` / `md k C999`
+    # -> EX. So EX or NF to a request without C is a status memcached never gives to it (and
+    # wire.py allows DELETE only [OK] | [NOT_FOUND]): reset, as for any such status.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], op])
+        rig.seal()
+        return rig
+
+    assert b" C" not in encode_op(op[0], op, 2)
+    r1 = va(b"x", 1)
+    for name, chunks in feedings(r1 + second + F3):
+        out = play(build, chunks, error_at=len(r1 + second), name=name)
+        by = outcomes_by_request(out.log)
+        assert by[("A", 0)] in ([[Code.OK, b"x", 0]], [Failed(C)]), name
+        assert by[("A", 1)] == [Failed(C)], name
+        assert out.inflight == 0 and sorted(out.released) == [b"a", b"b"]
+
+
 @pytest.mark.parametrize("second", [b"EN O2\r\n", b"NS O2\r\n", b"EX O2\r\n", b"VA 1 O2\r\ny\r\n"], ids=repr)
 def test_a_status_md_never_gives_to_a_set_too_large_resets(second: bytes) -> None:
     # A set too large for the server goes out as `md` (test_a_set_too_large_... above); md
