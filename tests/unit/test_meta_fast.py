@@ -22,14 +22,23 @@ def _same(fast, slow):
 
 
 def test_fast_get_bytes():
-    assert encode_get(b"foo", 7) == b"mg foo v f O7\r\n"
-    assert encode_get(b"foo", 7, cas=True) == b"mg foo v f c O7\r\n"
+    # The broker's gets ask for s, the value's size, to check it against the VA header.
+    assert encode_get(b"foo", 7) == b"mg foo v f s O7\r\n"
+    assert encode_get(b"foo", 7, cas=True) == b"mg foo v f c s O7\r\n"
+    assert encode_get(b"foo bar", 7) == b"mg Zm9vIGJhcg== b v f s O7\r\n"  # the general encoder's way
     assert encode_set(b"foo", b"bar", 9, 0, 0) == b"ms foo 3 O9\r\nbar\r\n"
 
 
 @given(keys, opaques, st.booleans())
 def test_fast_get_equals_encode(key, opaque, cas):
-    _same(lambda: encode_get(key, opaque, cas), lambda: encode(Get(key, opaque, cas=cas)))
+    _same(lambda: encode_get(key, opaque, cas), lambda: encode(Get(key, opaque, cas=cas, size=True)))
+
+
+def test_get_asks_for_size_only_when_told():
+    # Get's size flag defaults off; its place in the request is after c (v f c s t k ...).
+    assert encode(Get(b"foo", opaque=7)) == b"mg foo v f O7\r\n"
+    assert encode(Get(b"foo", opaque=7, size=True)) == b"mg foo v f s O7\r\n"
+    assert encode(Get(b"foo", opaque=7, cas=True, size=True, ttl=True)) == b"mg foo v f c s t O7\r\n"
 
 
 @given(keys, st.binary(max_size=64), opaques, st.integers(-5, 2**33), st.integers(-(2**32), 2**33))

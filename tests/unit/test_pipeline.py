@@ -5,7 +5,8 @@ per connection; a Batch's `first` is the opaque of its first request; text comma
 and the answers are written out here as memcached 1.6 sends them (doc/protocol.txt; checked
 against memcached 1.6.18 on one connection):
 
-    mg <key> v f O1      ->  VA <size> f<flags> O1\\r\\n<data>\\r\\n  |  EN O1
+    mg <key> v f s O1    ->  VA <size> f<flags> s<size> O1\\r\\n<data>\\r\\n  |  EN O1
+    mg <key> v f c s O1  ->  VA <size> f<flags> c<cas> s<size> O1\\r\\n<data>\\r\\n  |  EN O1
     ms <key> <len> O2    ->  HD O2 | NS O2 | EX O2 | NF O2
     md <key> O3          ->  HD O3 | NF O3
     ma <key> v O4        ->  VA <size> O4\\r\\n<number>\\r\\n  |  NF O4
@@ -24,6 +25,9 @@ The guarantees checked (pipeline.py's docstring, issues 8, 9 and 13):
   once. A value holding CRLF is never proven by a line without an opaque (an error, a text reply):
   the stream is reset instead, as a data block that ran past its end always holds a CRLF.
 - `MN` answers nothing the broker sends: anywhere it is an unexpected response.
+- A hit must carry every flag its request asked for (f; c for gets/gats; s), and s must be the
+  data block's size: else OutOfStep. A status memcached never gives to the request: OutOfStep.
+- `receive` returns how many meta requests its data answered (text replies and fences not).
 - Anything that casts doubt on the stream raises OutOfStep; `fail_all` then fails every request
   not yet delivered, held results included; no value is ever delivered from a doubtful stream.
 - SERVER_ERROR to any request, CLIENT_ERROR to mg/md/ma, ERROR/CLIENT_ERROR to a text command
@@ -221,10 +225,14 @@ def offsets(*parts: bytes) -> list[int]:
     return ends
 
 
-def va(value: bytes, opaque: int, flags: int | None = 0) -> bytes:
-    """memcached's hit: `VA <size> f<flags> O<opaque>` and the data block."""
+def va(value: bytes, opaque: int, flags: int | None = 0, cas: int | None = None, size: int | None = -1) -> bytes:
+    """memcached's hit to `mg <key> v f [c] s O<opaque>`: `VA <size> f<flags> [c<cas>] s<size>
+    O<opaque>` and the data block (flags in request order). `size=None` leaves out the s token;
+    another number puts it there in place of the value's size."""
     f = b"" if flags is None else b" f%d" % flags
-    return b"VA %d%b O%d\r\n%b\r\n" % (len(value), f, opaque, value)
+    c = b"" if cas is None else b" c%d" % cas
+    s = b"" if size is None else b" s%d" % (len(value) if size == -1 else size)
+    return b"VA %d%b%b%b O%d\r\n%b\r\n" % (len(value), f, c, s, opaque, value)
 
 
 def fence(opaque: int, hit: bool = False) -> bytes:
@@ -248,8 +256,8 @@ def test_requests_go_out_in_order_and_each_write_ends_with_a_fence() -> None:
     assert rig.p.inflight == 3
     assert rig.seal() == 4  # the fence takes the opaque after the write's last request
     assert rig.seal() is None  # nothing new: no second fence
-    assert bytes(rig.p.out) == b"mg a v f O1\r\nms b 2 O2\r\nhi\r\nmd c O3\r\nmg _mcbroker_fence_ O4\r\n"
-    rig.p.sent(13)
+    assert bytes(rig.p.out) == b"mg a v f s O1\r\nms b 2 O2\r\nhi\r\nmd c O3\r\nmg _mcbroker_fence_ O4\r\n"
+    rig.p.sent(15)
     assert bytes(rig.p.out) == b"ms b 2 O2\r\nhi\r\nmd c O3\r\nmg _mcbroker_fence_ O4\r\n"
     rig.p.sent(len(rig.p.out))
     assert rig.p.out == b""
@@ -313,7 +321,7 @@ def build_two_writes() -> Rig:
 def test_each_write_is_proven_by_its_own_fence_however_fed() -> None:
     # opaques: a O1, b O2, fence O3 | c O4, d O5, fence O6
     r1 = va(b"x", 1)
-    r2 = b"VA 1 f7 c99 O2\r\ny\r\n"
+    r2 = b"VA 1 f7 c99 s1 O2\r\ny\r\n"
     r3 = va(b"z", 4)
     r4 = b"EN O5\r\n"
     e1, e2, fenced1, e3, e4, fenced2 = offsets(r1, r2, fence(3), r3, r4, fence(6))
@@ -362,7 +370,7 @@ def test_every_op_kind_answered_in_one_write_however_fed() -> None:
         return rig
 
     answer = [
-        va(b"1", 1, 1), b"VA 1 f2 c22 O2\r\n2\r\n", b"EN O3\r\n", b"VA 1 f4 c44 O4\r\n4\r\n",
+        va(b"1", 1, 1), b"VA 1 f2 c22 s1 O2\r\n2\r\n", b"EN O3\r\n", b"VA 1 f4 c44 s1 O4\r\n4\r\n",
         b"HD O5\r\n", b"NS O6\r\n", b"NS O7\r\n",
         b"HD O8\r\n", b"NS O9\r\n", b"EX O10\r\n",
         b"HD O11\r\n", b"VA 1 O12\r\n9\r\n", b"NF O13\r\n", b"HD O14\r\n",
@@ -428,7 +436,7 @@ def two_gets_failed(out: Outcome) -> None:
 
 @pytest.mark.parametrize(
     "second",
-    [va(b"y", 3), va(b"y", 1), b"VA 1 f0\r\ny\r\n", va(b"y", 12), b"VA 1 f0 O02\r\ny\r\n", F3, fence(3, hit=True), b"VA 1 f0 O2 O3\r\ny\r\n"],
+    [va(b"y", 3), va(b"y", 1), b"VA 1 f0 s1\r\ny\r\n", va(b"y", 12), b"VA 1 f0 s1 O02\r\ny\r\n", F3, fence(3, hit=True), b"VA 1 f0 s1 O2 O3\r\ny\r\n"],
     # EN O3 / HD O3: the fence's answer where b's was due (b's answer lost)
     ids=["O3-for-O2", "O1-again", "no-opaque", "O12", "O02", "fence-EN-O3", "fence-HD-O3", "O2-then-O3"],
 )
@@ -443,8 +451,8 @@ def test_opaque_mismatch_fails_the_held_and_the_unanswered(second: bytes) -> Non
 @pytest.mark.parametrize(
     "second, result",
     [
-        (b"VA 1 f0 O2 t-1\r\ny\r\n", [Code.OK, b"y", 0]),
-        (b"VA 1 f7 O2 kYg== b\r\ny\r\n", [Code.OK, b"y", 7]),
+        (b"VA 1 f0 s1 O2 t-1\r\ny\r\n", [Code.OK, b"y", 0]),
+        (b"VA 1 f7 s1 O2 kYg== b\r\ny\r\n", [Code.OK, b"y", 7]),
         (b"EN O2 kYg==\r\n", [Code.MISS]),
     ],
     ids=repr,
@@ -458,7 +466,7 @@ def test_the_opaque_token_is_checked_even_when_other_flags_follow_it(second: byt
     assert out.log == [("A", 0, [Code.OK, b"x", 0]), ("A", 1, result)]
 
 
-@pytest.mark.parametrize("second", [b"VA 1 f0 O21 t-1\r\ny\r\n", b"VA 1 f0 O1 t2\r\ny\r\n", b"EN O3 k2\r\n", b"EN kO2\r\n"], ids=repr)
+@pytest.mark.parametrize("second", [b"VA 1 f0 s1 O21 t-1\r\ny\r\n", b"VA 1 f0 s1 O1 t2\r\ny\r\n", b"EN O3 k2\r\n", b"EN kO2\r\n"], ids=repr)
 def test_a_wrong_opaque_followed_by_other_flags_is_a_mismatch(second: bytes) -> None:
     r1 = va(b"x", 1)
     out = every_way(build_two_gets, r1 + second + F3, visible=[], error_at=len(r1 + second))
@@ -468,16 +476,16 @@ def test_a_wrong_opaque_followed_by_other_flags_is_a_mismatch(second: bytes) -> 
 @pytest.mark.parametrize(
     "op, second",
     [
-        ([Op.GET, b"b"], b"VA 1 O2\r\ny\r\n"),
-        ([Op.GETS, b"b"], b"VA 1 f5 O2\r\ny\r\n"),
-        ([Op.GETS, b"b"], b"VA 1 c9 O2\r\ny\r\n"),
-        ([Op.GAT, b"b", 10], b"VA 1 O2\r\ny\r\n"),
+        ([Op.GET, b"b"], b"VA 1 s1 O2\r\ny\r\n"),
+        ([Op.GETS, b"b"], b"VA 1 f5 s1 O2\r\ny\r\n"),
+        ([Op.GETS, b"b"], b"VA 1 c9 s1 O2\r\ny\r\n"),
+        ([Op.GAT, b"b", 10], b"VA 1 s1 O2\r\ny\r\n"),
     ],
     ids=["mg-no-f", "mg-c-no-c", "mg-c-no-f", "gat-no-f"],
 )
 def test_a_hit_without_a_flag_we_asked_for_is_no_result(op: list[Any], second: bytes) -> None:
     # protocol.txt: mg returns each flag asked for (f: client flags, c: cas) on a hit; memcached
-    # 1.6.18 answered `mg k v f c O1` for an item with flags 0 with "VA 1 f0 c1 O1". A VA
+    # 1.6.18 answered `mg k v f c s O1` for an item with flags 0 with "VA 1 f0 c1 s1 O1". A VA
     # without one is not memcached's answer; defaulting it to 0 would hand the worker client
     # flags (its serializer's tag) or a cas memcached never gave. b gets a failure, never
     # [OK, y, 0] or [OK, y, 5, 0].
@@ -491,6 +499,89 @@ def test_a_hit_without_a_flag_we_asked_for_is_no_result(op: list[Any], second: b
     for name, log in damaged_runs(build, r1 + second + F3):
         b = [e[2] for e in log if e[0] == "A" and e[1] == 1]
         assert len(b) == 1 and is_failure(b[0]), f"{name}: b got {b}"
+
+
+GET_OPS: list[list[Any]] = [[Op.GET, b"b"], [Op.GETS, b"b"], [Op.GAT, b"b", 10], [Op.GATS, b"b", 10]]
+GET_IDS = ["get", "gets", "gat", "gats"]
+
+
+def build_get_then_get_op(op: list[Any]) -> Callable[[], Rig]:
+    """a: mg O1 (GET); b: `op` O2; the fence O3."""
+
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], op])
+        rig.seal()
+        return rig
+
+    return build
+
+
+def hit_for(op: list[Any], value: bytes, opaque: int, size: int | None) -> bytes:
+    """memcached's hit to `op` (the flags it asks for: f, c for gets/gats, s) with s = `size`."""
+    return va(value, opaque, flags=3, cas=9 if op[0] in (Op.GETS, Op.GATS) else None, size=size)
+
+
+@pytest.mark.parametrize("size", [3, 1, 20, None], ids=["s-bigger", "s-smaller", "s-digit-gained", "no-s"])
+@pytest.mark.parametrize("op", GET_OPS, ids=GET_IDS)
+def test_a_hit_whose_s_disagrees_with_its_size_or_is_missing_resets(op: list[Any], size: int | None) -> None:
+    # The broker's gets ask for s, the value's size again: a VA header whose size was damaged
+    # (bigger or smaller) no longer agrees with it, and a hit without it is not memcached's answer
+    # to the request. OutOfStep once that hit is whole; b's value is never delivered.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [op])
+        rig.seal()
+        return rig
+
+    bad = hit_for(op, b"hi", 1, size)
+    assert bad.startswith(b"VA 2 f3 ")
+    out = every_way(build, bad + fence(2), visible=[], error_at=len(bad))
+    assert out.error is not None and not out.error.answered
+    assert out.log == [("A", 0, Failed(C))]
+    assert out.inflight == 0 and out.released == [b"b"]
+    assert out.failed_in_flight == 1  # the refused answer answered nothing: b was still in flight
+
+
+@pytest.mark.parametrize("size", [3, 1, None], ids=["s-bigger", "s-smaller", "no-s"])
+@pytest.mark.parametrize("op", GET_OPS, ids=GET_IDS)
+def test_a_bad_s_after_a_held_value_delivers_no_wrong_result(op: list[Any], size: int | None) -> None:
+    # a's value is held when b's hit arrives; b's header in place (opaque O2) proves where a's
+    # data ended, so a may get its value or a failure; b gets a failure only.
+    r1, bad = va(b"x", 1), hit_for(op, b"hi", 2, size)
+    out = every_way(build_get_then_get_op(op), r1 + bad + F3, visible=None, error_at=len(r1 + bad))
+    by = outcomes_by_request(out.log)
+    assert by[("A", 0)] in ([[Code.OK, b"x", 0]], [Failed(C)])
+    assert by[("A", 1)] == [Failed(C)]
+    assert out.inflight == 0 and sorted(out.released) == [b"a", b"b"]
+
+
+@pytest.mark.parametrize("op", GET_OPS, ids=GET_IDS)
+def test_a_hit_with_the_asked_for_flags_and_a_true_s_is_delivered(op: list[Any]) -> None:
+    # The control for the two tests above: the same hit with s = its size.
+    r1, r2 = va(b"x", 1), hit_for(op, b"hi", 2, -1)
+    e1, e2, fenced = offsets(r1, r2, F3)
+    out = every_way(build_get_then_get_op(op), r1 + r2 + F3, visible=[e2, fenced])
+    cas = [9] if op[0] in (Op.GETS, Op.GATS) else []
+    assert out.log == [("A", 0, [Code.OK, b"x", 0]), ("A", 1, [Code.OK, b"hi", 3] + cas)]
+    assert out.error is None and out.inflight == 0
+
+
+@pytest.mark.parametrize("op", [[Op.GETS, b"a"], [Op.GATS, b"a", 10]], ids=["gets", "gats"])
+def test_a_gets_hit_without_cas_resets(op: list[Any]) -> None:
+    # `mg a v f c s O1` asks for c; "VA 2 f3 s2 O1" lacks it. A cas of 0 in its place would be a
+    # cas memcached never gave: OutOfStep, nothing delivered.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [op])
+        rig.seal()
+        return rig
+
+    bad = b"VA 2 f3 s2 O1\r\nhi\r\n"
+    assert bad == va(b"hi", 1, flags=3)
+    out = every_way(build, bad + fence(2), visible=[], error_at=len(bad))
+    assert out.error is not None and out.log == [("A", 0, Failed(C))]
+    assert out.inflight == 0 and out.released == [b"a"]
 
 
 def test_opaque_mismatch_on_the_first_response() -> None:
@@ -575,6 +666,14 @@ def test_a_status_no_mg_without_v_gets_where_the_fence_answer_was_due(extra: byt
     [
         ([Op.GET, b"b"], b"NS O2\r\n"), ([Op.SET, b"b", b"v", 0, 0], b"EN O2\r\n"),
         ([Op.DELETE, b"b"], b"NS O2\r\n"), ([Op.INCR, b"b", 1], b"HD O2\r\n"),
+        # mg with v: a hit is VA, never HD; NF / EX are no mg answers
+        ([Op.GET, b"b"], b"HD O2\r\n"), ([Op.GETS, b"b"], b"NF O2\r\n"), ([Op.GAT, b"b", 10], b"EX O2\r\n"),
+        ([Op.GATS, b"b", 10], b"HD O2\r\n"),
+        ([Op.ADD, b"b", b"v", 0, 0], b"VA 1 O2\r\ny\r\n"), ([Op.CAS, b"b", b"v", 0, 0, 5], b"EN O2\r\n"),
+        ([Op.DELETE, b"b"], b"EN O2\r\n"), ([Op.DELETE, b"b"], b"VA 1 O2\r\ny\r\n"),
+        ([Op.DECR, b"b", 1], b"EN O2\r\n"), ([Op.INCR, b"b", 1], b"NS O2\r\n"),
+        ([Op.INCR, b"b", 1], b"VA 1 O2\r\nx\r\n"),  # ma's VA holds the new number
+        ([Op.TOUCH, b"b", 10], b"VA 1 O2\r\ny\r\n"), ([Op.TOUCH, b"b", 10], b"NF O2\r\n"),
     ],
     ids=lambda v: repr(v) if isinstance(v, bytes) else Op(v[0]).name,
 )
@@ -596,6 +695,61 @@ def test_a_status_memcached_never_gives_to_the_request_resets(op: list[Any], sec
         assert by[("A", 0)] in ([[Code.OK, b"x", 0]], [Failed(C)]), name  # its framing was proven
         assert by[("A", 1)] == [Failed(C)], name
         assert out.inflight == 0 and sorted(out.released) == [b"a", b"b"]
+
+
+@pytest.mark.parametrize(
+    "op, second",
+    [
+        ([Op.DELETE, b"b"], b"EX O2\r\n"),
+        ([Op.SET, b"b", b"v", 0, 0], b"EX O2\r\n"), ([Op.SET, b"b", b"v", 0, 0], b"NF O2\r\n"),
+        ([Op.ADD, b"b", b"v", 0, 0], b"NF O2\r\n"), ([Op.REPLACE, b"b", b"v", 0, 0], b"NF O2\r\n"),
+        ([Op.APPEND, b"b", b"v", 0, 0], b"EX O2\r\n"),
+    ],
+    ids=["md-EX", "ms-EX", "ms-NF", "ms-ME-NF", "ms-MR-NF", "ms-MA-EX"],
+)
+def test_ex_or_nf_to_a_request_without_cas_resets(op: list[Any], second: bytes) -> None:
+    # protocol.txt: ms answers EX / NF only to a compare-and-swap (C), md answers EX only with C.
+    # memcached 1.6.18 on one connection: `ms nokey 1 MR` / `MA` / `MP` -> NS, `ms k 1 ME` on k
+    # -> NS, `md k` -> HD then NF, `ms k 1 C5` on a missing k -> NF, `ms k 1 C999` / `md k C999`
+    # -> EX. So EX or NF to a request without C is a status memcached never gives to it (and
+    # wire.py allows DELETE only [OK] | [NOT_FOUND]): reset, as for any such status.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], op])
+        rig.seal()
+        return rig
+
+    assert b" C" not in encode_op(op[0], op, 2)
+    r1 = va(b"x", 1)
+    for name, chunks in feedings(r1 + second + F3):
+        out = play(build, chunks, error_at=len(r1 + second), name=name)
+        by = outcomes_by_request(out.log)
+        assert by[("A", 0)] in ([[Code.OK, b"x", 0]], [Failed(C)]), name
+        assert by[("A", 1)] == [Failed(C)], name
+        assert out.inflight == 0 and sorted(out.released) == [b"a", b"b"]
+
+
+@pytest.mark.parametrize("second", [b"EN O2\r\n", b"NS O2\r\n", b"EX O2\r\n", b"VA 1 O2\r\ny\r\n"], ids=repr)
+def test_a_status_md_never_gives_to_a_set_too_large_resets(second: bytes) -> None:
+    # A set too large for the server goes out as `md` (test_a_set_too_large_... above); md
+    # answers HD or NF (EX only with C, which the broker never sends), so anything else resets
+    # like any other status memcached never gives to the request, never a delivered
+    # SERVER_ERROR "unexpected ...".
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.p.seq += 1
+        rig.p.submit(Batch(rig.waiter("B"), [0], [UNLINK_TOO_LARGE], [b"big"], 2), meta.encode(meta.Delete(b"big", 2)))
+        rig.seal()
+        return rig
+
+    r1 = va(b"x", 1)
+    for name, chunks in feedings(r1 + second + F3):
+        out = play(build, chunks, error_at=len(r1 + second), name=name)
+        by = outcomes_by_request(out.log)
+        assert by[("A", 0)] in ([[Code.OK, b"x", 0]], [Failed(C)]), name
+        assert by[("B", 0)] == [Failed(C)], f"{name}: {by[('B', 0)]}"
+        assert out.inflight == 0 and sorted(out.released) == [b"a", b"big"]
 
 
 def test_a_response_with_nothing_in_flight() -> None:
@@ -620,7 +774,7 @@ def test_a_response_after_everything_was_answered() -> None:
 
 @pytest.mark.parametrize(
     "garbage",
-    [b"garbage\r\n", b"VALUE a 0 1\r\nx\r\nEND\r\n", b"\r\n", b"STORED\r\n", b"VA f0 O2\r\n", b"VA O2\r\n"],
+    [b"garbage\r\n", b"VALUE a 0 1\r\nx\r\nEND\r\n", b"\r\n", b"STORED\r\n", b"VA f0 s1 O2\r\n", b"VA O2\r\n"],
     ids=repr,
 )
 def test_garbage_in_place_of_a_response(garbage: bytes) -> None:
@@ -638,14 +792,14 @@ def test_trailing_garbage_after_the_fence() -> None:
 
 
 def test_va_data_not_followed_by_crlf() -> None:
-    head = b"VA 1 f0 O1\r\n"
+    head = b"VA 1 f0 s1 O1\r\n"
     bad = head + b"xy\r\n"  # one byte more than the header said
     out = every_way(build_two_gets, bad + va(b"y", 2) + F3, visible=[], error_at=len(head) + 3)
     two_gets_failed(out)
 
 
 def test_va_data_one_byte_short() -> None:
-    head = b"VA 3 f0 O1\r\n"
+    head = b"VA 3 f0 s3 O1\r\n"
     bad = head + b"xy\r\n"  # the data lost a byte: its terminator is not where the size says
     out = every_way(build_two_gets, bad + va(b"y", 2) + F3, visible=[], error_at=len(head) + 5)
     two_gets_failed(out)
@@ -659,13 +813,13 @@ def test_va_larger_than_max_value_len_is_refused_from_its_header() -> None:
         return rig
 
     r1 = va(b"abcd", 1)  # exactly the limit: fine
-    head2 = b"VA 5 f0 O2\r\n"
+    head2 = b"VA 5 f0 s5 O2\r\n"
     out = every_way(build, r1 + head2 + b"abcde\r\n" + F3, visible=[], error_at=len(r1 + head2))
     two_gets_failed(out)
 
 
 def test_unusable_client_flags_reset_the_stream() -> None:
-    bad = b"VA 1 fx O1\r\nx\r\n"
+    bad = b"VA 1 fx s1 O1\r\nx\r\n"
     out = every_way(build_two_gets, bad + va(b"y", 2) + F3, visible=[], error_at=len(bad))
     two_gets_failed(out)
 
@@ -673,13 +827,17 @@ def test_unusable_client_flags_reset_the_stream() -> None:
 # --- a data block that swallows the next response (issue 13, item 3) ------------------------------
 
 
-def test_va_whose_data_swallows_the_next_response_line() -> None:
-    # memcached sent "VA 2 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nEN O3\r\n"; the stream's first
-    # header is corrupted to a size that covers the next response's line.
+@pytest.mark.parametrize("s", [b"2", b"17"], ids=["s-true", "s-forged-too"])
+def test_va_whose_data_swallows_the_next_response_line(s: bytes) -> None:
+    # memcached sent "VA 2 f0 s2 O1\r\nxx\r\nVA 2 f0 s2 O2\r\nyy\r\nEN O3\r\n"; the stream's
+    # first header is corrupted to a size that covers the next response's line. With the true s
+    # the size disagrees with it as soon as the data block ends; with s corrupted to agree, b's
+    # data "yy" then reads as a line where O2's answer is due.
     true = va(b"xx", 1) + va(b"yy", 2) + F3
-    assert true == b"VA 2 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nEN O3\r\n"
-    bad = b"VA 14 f0 O1\r\nxx\r\nVA 2 f0 O2\r\nyy\r\nEN O3\r\n"  # data "xx\r\nVA 2 f0 O2", then CRLF
-    out = every_way(build_two_gets, bad, visible=[], error_at=bad.index(b"yy") + 4)
+    assert true == b"VA 2 f0 s2 O1\r\nxx\r\nVA 2 f0 s2 O2\r\nyy\r\nEN O3\r\n"
+    bad = b"VA 17 f0 s%b O1\r\nxx\r\nVA 2 f0 s2 O2\r\nyy\r\nEN O3\r\n" % s  # data "xx\r\nVA 2 f0 s2 O2", then CRLF
+    error_at = bad.index(b"yy") if s == b"2" else bad.index(b"yy") + 4
+    out = every_way(build_two_gets, bad, visible=[], error_at=error_at)
     two_gets_failed(out)
 
 
@@ -692,12 +850,15 @@ def build_get_delete_get() -> Rig:
     return rig
 
 
-def test_va_whose_data_swallows_a_whole_response_and_stays_framed() -> None:
-    # True: "VA 2 f0 O1\r\nxx\r\n" "HD O2\r\n" "VA 2 f0 O3\r\nzz\r\n" "EN O4\r\n". With "VA 9"
-    # the data block is "xx\r\nHD O2" and is followed by CRLF: well framed, with the right opaque.
-    # Only the next response (O3 where O2 is due) can tell, and nobody may get a value.
-    bad = b"VA 9 f0 O1\r\nxx\r\nHD O2\r\n" + va(b"zz", 3) + fence(4)
-    out = every_way(build_get_delete_get, bad, visible=[], error_at=bad.index(b"zz") + 4)
+@pytest.mark.parametrize("s", [b"2", b"9"], ids=["s-true", "s-forged-too"])
+def test_va_whose_data_swallows_a_whole_response_and_stays_framed(s: bytes) -> None:
+    # True: "VA 2 f0 s2 O1\r\nxx\r\n" "HD O2\r\n" "VA 2 f0 s2 O3\r\nzz\r\n" "EN O4\r\n". With
+    # "VA 9" the data block is "xx\r\nHD O2" and is followed by CRLF: well framed, with the right
+    # opaque. Its s (2) tells at once; should s be corrupted to 9 too, the next response (O3
+    # where O2 is due) tells. Nobody may get a value.
+    head = b"VA 9 f0 s%b O1\r\nxx\r\nHD O2\r\n" % s
+    bad = head + va(b"zz", 3) + fence(4)
+    out = every_way(build_get_delete_get, bad, visible=[], error_at=len(head) if s == b"2" else bad.index(b"zz") + 4)
     assert out.error is not None
     assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C)), ("C", 0, Failed(C))]
     assert sorted(out.released) == [b"a", b"b", b"c"]
@@ -714,16 +875,18 @@ def test_va_whose_data_swallows_the_fence() -> None:
         assert rig.seal() == 4
         return rig
 
-    bad = b"VA 9 f0 O1\r\nxx\r\nEN O2\r\n" + va(b"yy", 3) + fence(4)  # true size 2
-    out = every_way(build, bad, visible=[], error_at=bad.index(b"yy") + 4)
-    assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))]
+    for s in (b"2", b"9"):  # a's true size, or s corrupted to agree with the header
+        head = b"VA 9 f0 s%b O1\r\nxx\r\nEN O2\r\n" % s  # true size 2
+        bad = head + va(b"yy", 3) + fence(4)
+        out = every_way(build, bad, visible=[], error_at=len(head) if s == b"2" else bad.index(b"yy") + 4)
+        assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))], s
 
 
 @pytest.mark.parametrize("line", [b"SERVER_ERROR x", b"CLIENT_ERROR x"])
 def test_a_value_that_reads_as_an_error_line_cannot_pass_a_swallow(line: bytes) -> None:
-    # Two gets. b's stored value is the 14 bytes "SERVER_ERROR x" with client flags 12345678;
+    # Two gets. b's stored value is the 14 bytes "SERVER_ERROR x" with client flags 1234;
     # memcached sends
-    #   VA 10 f0 O1\r\nAAAAAAAAAA\r\n  VA 14 f12345678 O2\r\nSERVER_ERROR x\r\n  EN O3\r\n
+    #   VA 10 f0 s10 O1\r\nAAAAAAAAAA\r\n  VA 14 f1234 s14 O2\r\nSERVER_ERROR x\r\n  EN O3\r\n
     # One corrupted byte turns "VA 10" into "VA 30": a's data block then ends exactly at the end
     # of b's header line (10 + 2 + 18 bytes) and is followed by CRLF, and b's data reads as an
     # error line in b's place (SERVER_ERROR, or CLIENT_ERROR to an mg: both belong to their
@@ -738,9 +901,10 @@ def test_a_value_that_reads_as_an_error_line_cannot_pass_a_swallow(line: bytes) 
         rig.seal()
         return rig
 
-    true = va(b"A" * 10, 1) + va(line, 2, flags=12345678) + F3
+    true = va(b"A" * 10, 1) + va(line, 2, flags=1234) + F3
     bad = true.replace(b"VA 10", b"VA 30", 1)
     assert sum(x != y for x, y in zip(true, bad)) == 1 and len(true) == len(bad)
+    assert bad[len(b"VA 30 f0 s10 O1\r\n") + 30 :].startswith(b"\r\n" + line + b"\r\n")  # framed
     for name, log in damaged_runs(build, bad):
         a = [e[2] for e in log if e[0] == "A"]
         assert a in ([[Code.OK, b"A" * 10, 0]], [Failed(C)], [Failed(Code.TIMEOUT)]), f"{name}: a got {a}"
@@ -752,11 +916,11 @@ def test_a_value_that_reads_as_an_error_line_cannot_pass_a_swallow(line: bytes) 
 def test_a_swallow_up_to_a_later_writes_fence_is_caught(hit: bool) -> None:
     # Two writes in flight, each closed by its fence (a O1, fence O2 | b O3, fence O4); memcached
     # sends
-    #   VA 12 f0 O1\r\nxxxxxxxxxxxx\r\n EN O2\r\n VA 9 f0 O3\r\nyyyyyyyyy\r\n EN O4\r\n
+    #   VA 12 f0 s12 O1\r\nxxxxxxxxxxxx\r\n EN O2\r\n VA 6 f0 s6 O3\r\nyyyyyy\r\n EN O4\r\n
     # One corrupted byte turns "VA 12" into "VA 42": a's data block then runs through its own
-    # fence's answer and all of b's response (12 + 2 + 7 + 12 + 9 bytes) and is followed by
-    # CRLF, and the second write's fence answer arrives where the first write's is due. Its
-    # opaque (O4 for O2) gives it away: no value may leave.
+    # fence's answer and all of b's response (12 + 2 + 7 + 15 + 6 bytes) and is followed by
+    # CRLF, and the second write's fence answer arrives where the first write's is due. a's s
+    # (12 against VA 42) gives it away as soon as the data block ends: no value may leave.
     def build() -> Rig:
         rig = Rig()
         rig.meta("A", [[Op.GET, b"a"]])
@@ -765,11 +929,11 @@ def test_a_swallow_up_to_a_later_writes_fence_is_caught(hit: bool) -> None:
         assert rig.seal() == 4
         return rig
 
-    true = va(b"x" * 12, 1) + fence(2, hit) + va(b"y" * 9, 3) + fence(4, hit)
+    true = va(b"x" * 12, 1) + fence(2, hit) + va(b"y" * 6, 3) + fence(4, hit)
     bad = true.replace(b"VA 12", b"VA 42", 1)
     assert sum(x != y for x, y in zip(true, bad)) == 1 and len(true) == len(bad)
-    assert bad[len(b"VA 42 f0 O1\r\n") + 42 :] == b"\r\n" + fence(4, hit)  # framed, then the later fence
-    out = every_way(build, bad, visible=[], error_at=len(bad))
+    assert bad[len(b"VA 42 f0 s12 O1\r\n") + 42 :] == b"\r\n" + fence(4, hit)  # framed, then the later fence
+    out = every_way(build, bad, visible=[], error_at=len(bad) - len(fence(4, hit)))
     assert out.error is not None and not out.error.answered
     assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))]
     for name, log in damaged_runs(build, bad):
@@ -1375,13 +1539,112 @@ def test_reconnect_after_a_reset_starts_clean() -> None:
     fresh.submit(Batch(waiter, [0], [int(Op.GET)], [b"a"], fresh.seq + 1), encode_op(Op.GET, [Op.GET, b"a"], fresh.seq + 1))
     fresh.seq += 1
     fresh.seal()
-    assert bytes(fresh.out) == b"stats settings\r\nmg a v f O1\r\nmg _mcbroker_fence_ O2\r\n"
+    assert bytes(fresh.out) == b"stats settings\r\nmg a v f s O1\r\nmg _mcbroker_fence_ O2\r\n"
     fresh.sent(len(fresh.out))
     answer = b"STAT item_size_max 1048576\r\nEND\r\n" + va(b"new", 1) + fence(2)
     for i in range(len(answer)):
         fresh.receive(answer[i : i + 1])
     assert rig.log[2:] == [("S", 0, [Code.OK, {"item_size_max": "1048576"}]), ("B", 0, [Code.OK, b"new", 0])]
     assert fresh.inflight == 0
+
+
+# --- what receive() returns: meta requests answered ------------------------------------------------
+
+
+def returns_every_way(build: Callable[[], Rig], data: bytes, ends: list[int]) -> None:
+    """Feed `data` every way; each receive() must return how many of the meta answers ending at
+    `ends` (stream offsets) it completed."""
+    for name, chunks in feedings(data):
+        rig = build()
+        fed = 0
+        for chunk in chunks:
+            got = rig.p.receive(chunk)
+            want = sum(fed < e <= fed + len(chunk) for e in ends)
+            assert got == want, f"{name}: receive of bytes {fed}..{fed + len(chunk)} returned {got}, {want} meta answers ended there"
+            fed += len(chunk)
+
+
+def test_receive_counts_meta_answers_not_fences_or_text_replies() -> None:
+    # The broker's own `stats settings` goes first on a new connection; it, `version` and the
+    # fences are not meta requests: a server that answers only those is not doing its job.
+    def build() -> Rig:
+        rig = Rig()
+        rig.text("S", [Op.STATS, [b"settings"]])
+        rig.meta("A", [[Op.GET, b"a"], [Op.SET, b"b", b"v", 0, 0], [Op.DELETE, b"c"], [Op.INCR, b"n", 1], [Op.GETS, b"g"]])
+        rig.text("V", [Op.VERSION])
+        assert rig.seal() == 6
+        rig.meta("B", [[Op.TOUCH, b"t", 10]])
+        assert rig.seal() == 8
+        return rig
+
+    stats = b"STAT item_size_max 1048576\r\nEND\r\n"
+    answers = [
+        stats, va(b"x", 1), b"HD O2\r\n", b"NF O3\r\n", b"VA 1 O4\r\n2\r\n", b"EN O5\r\n",
+        b"VERSION 1.6.18\r\n", fence(6), b"HD O7\r\n", fence(8),
+    ]
+    ends = offsets(*answers)
+    meta_ends = [ends[i] for i in (1, 2, 3, 4, 5, 8)]
+    data = b"".join(answers)
+    rig = build()
+    assert rig.p.receive(data) == 6
+    assert rig.p.inflight == 0 and len(rig.log) == 8
+    returns_every_way(build, data, meta_ends)
+    # Only text replies and a fence's answer: nothing counts.
+    def build_text() -> Rig:
+        rig = Rig()
+        rig.text("S", [Op.STATS, [b"settings"]])
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.seal()
+        return rig
+
+    returns_every_way(build_text, stats + b"EN O1\r\n" + fence(2), [len(stats) + 7])
+    rig = build_text()
+    assert rig.p.receive(stats) == 0 and rig.log == [("S", 0, [Code.OK, {"item_size_max": "1048576"}])]
+
+
+def test_receive_counts_a_tombstones_answer_and_a_set_too_large() -> None:
+    # A waiter that gave up does not change what memcached answered; the md standing in for a set
+    # too large is a meta request like any other.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.waiters["A"].done = True
+        rig.p.seq += 1
+        rig.p.submit(Batch(rig.waiter("B"), [0], [UNLINK_TOO_LARGE], [b"big"], 2), meta.encode(meta.Delete(b"big", 2)))
+        rig.seal()
+        return rig
+
+    answers = [va(b"x", 1), b"NF O2\r\n", fence(3)]
+    ends = offsets(*answers)
+    returns_every_way(build, b"".join(answers), ends[:2])
+
+
+@pytest.mark.parametrize(
+    "op, line",
+    [
+        ([Op.GET, b"b"], b"SERVER_ERROR out of memory\r\n"),
+        ([Op.SET, b"b", b"v", 0, 0], b"SERVER_ERROR out of memory storing object\r\n"),
+        ([Op.DELETE, b"b"], b"CLIENT_ERROR bad command line format\r\n"),
+        ([Op.INCR, b"b", 1], b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n"),
+    ],
+    ids=["mg-SERVER_ERROR", "ms-SERVER_ERROR", "md-CLIENT_ERROR", "ma-CLIENT_ERROR"],
+)
+def test_receive_counts_an_error_line_that_answers_a_meta_request(op: list[Any], line: bytes) -> None:
+    # receive()'s docstring: it returns how many meta requests (not fences, not text commands)
+    # were answered. These error lines belong to their meta request (its result is the error and
+    # the stream goes on), so that request was answered, as a VA or HD would have answered it.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], op])
+        rig.seal()
+        return rig
+
+    answers = [va(b"x", 1), line, F3]
+    ends = offsets(*answers)
+    rig = build()
+    assert rig.p.receive(b"".join(answers)) == 2, "a's VA and b's error line both answered their request"
+    assert rig.log[1][:2] == ("A", 1) and rig.log[1][2][0] >= Code.SERVER_ERROR
+    returns_every_way(build, b"".join(answers), ends[:2])
 
 
 def test_reserved_requests_are_not_counted_twice() -> None:
@@ -1534,10 +1797,12 @@ def model_scenario(batches: list[Any], dead: set[int], fence_hit: bool = False) 
                     answer(who, "meta")
                 else:
                     value, flags = hit
-                    head = b"VA %d f%d O%d\r\n" % (len(value), flags, opaque)
+                    head = b"VA %d f%d s%d O%d\r\n" % (len(value), flags, len(value), opaque)
                     f_at = head.index(b" f") + 1
                     vas.append((len(stream), len(stream) + len(head)))
-                    emit(head + value + b"\r\n", who, [(0, 2), (f_at, head.index(b" O")), (len(head), len(head) + len(value))])
+                    # The client flags are the request's own content; the s token is not: it
+                    # must agree with the header's size, so damage to it is always caught.
+                    emit(head + value + b"\r\n", who, [(0, 2), (f_at, head.index(b" s")), (len(head), len(head) + len(value))])
                     expected[who] = [Code.OK, value, flags]
                     answer(who, "meta", value)
             elif op[0] == "set" and op[4]:

@@ -1,8 +1,10 @@
 """broker/translate.py: wire ops to meta requests, meta responses to wire results.
 
 Expected bytes are memcached's meta protocol as doc/protocol.txt (memcached 1.6) writes it:
-  mg <key> <flags>*            v: value, f: client flags, c: cas, T(token): update TTL,
-                               O(token): opaque, copied back on the response
+  mg <key> <flags>*            v: value, f: client flags, c: cas, s: the value's size,
+                               T(token): update TTL, O(token): opaque, copied back on the
+                               response (a hit returns the flags asked for, in request order:
+                               `mg k v f c s O1` -> `VA <size> f<flags> c<cas> s<size> O1`)
   ms <key> <datalen> <flags>*  F(token): client flags, T(token): TTL, C(token): compare cas,
                                M(token): mode E add, A append, P prepend, R replace, S set
   md <key> <flags>*
@@ -17,7 +19,8 @@ Which status answers which command is protocol.txt's list for each command:
   ms: HD stored, NS not stored, EX cas mismatch, NF cas on a missing item
   md: HD deleted, NF not found, EX cas mismatch
   ma: VA (with v) the new number, NF not found (NS, EX only with N / C, which we never send)
-Anything else is no answer memcached gives to that request: SERVER_ERROR "unexpected ...".
+Anything else is no answer memcached gives to that request: SERVER_ERROR "unexpected ..." (the
+pipeline does not deliver it: it resets the connection, tests/unit/test_pipeline.py).
 """
 
 from __future__ import annotations
@@ -45,11 +48,11 @@ pytestmark = pytest.mark.unit
 # --- encode_op: one wire op -> the bytes of its meta request ---------------------------------------
 
 ENCODED: list[tuple[list[Any], int, bytes]] = [
-    ([Op.GET, b"foo"], 7, b"mg foo v f O7\r\n"),
-    ([Op.GETS, b"foo"], 7, b"mg foo v f c O7\r\n"),
-    ([Op.GAT, b"foo", 30], 8, b"mg foo v f T30 O8\r\n"),
-    ([Op.GAT, b"foo", 0], 8, b"mg foo v f T0 O8\r\n"),
-    ([Op.GATS, b"foo", 30], 9, b"mg foo v f c T30 O9\r\n"),
+    ([Op.GET, b"foo"], 7, b"mg foo v f s O7\r\n"),
+    ([Op.GETS, b"foo"], 7, b"mg foo v f c s O7\r\n"),
+    ([Op.GAT, b"foo", 30], 8, b"mg foo v f s T30 O8\r\n"),
+    ([Op.GAT, b"foo", 0], 8, b"mg foo v f s T0 O8\r\n"),
+    ([Op.GATS, b"foo", 30], 9, b"mg foo v f c s T30 O9\r\n"),
     ([Op.TOUCH, b"foo", 60], 10, b"mg foo T60 O10\r\n"),
     ([Op.TOUCH, b"foo", -1], 10, b"mg foo T-1 O10\r\n"),
     ([Op.SET, b"foo", b"bar", 0, 0], 11, b"ms foo 3 O11\r\nbar\r\n"),
@@ -70,7 +73,8 @@ ENCODED: list[tuple[list[Any], int, bytes]] = [
     ([Op.DECR, b"n", 5], 19, b"ma n v MD D5 O19\r\n"),
     # A key memcached cannot take verbatim (a space) goes base64 with the b flag; ms puts its
     # b after the length, where memcached reads the length.
-    ([Op.GET, b"foo bar"], 1, b"mg Zm9vIGJhcg== b v f O1\r\n"),
+    ([Op.GET, b"foo bar"], 1, b"mg Zm9vIGJhcg== b v f s O1\r\n"),
+    ([Op.GETS, b"foo bar"], 1, b"mg Zm9vIGJhcg== b v f c s O1\r\n"),
     ([Op.SET, b"foo bar", b"x", 0, 0], 2, b"ms Zm9vIGJhcg== 1 b O2\r\nx\r\n"),
     ([Op.DELETE, b"foo bar"], 3, b"md Zm9vIGJhcg== b O3\r\n"),
 ]
@@ -128,15 +132,15 @@ ARITH = [Op.INCR, Op.DECR]
 
 @pytest.mark.parametrize("op", GET_LIKE)
 def test_get_hit_is_value_and_client_flags(op: Op) -> None:
-    assert meta_result(op, Status.VALUE, b"hi", {"f": b"5", "O": b"1"}) == [Code.OK, b"hi", 5]
-    assert meta_result(op, Status.VALUE, b"", {"f": b"0", "O": b"1"}) == [Code.OK, b"", 0]
-    assert meta_result(op, Status.VALUE, b"a\r\nb", {"f": b"4294967295"}) == [Code.OK, b"a\r\nb", 4294967295]
+    assert meta_result(op, Status.VALUE, b"hi", {"f": b"5", "s": b"2", "O": b"1"}) == [Code.OK, b"hi", 5]
+    assert meta_result(op, Status.VALUE, b"", {"f": b"0", "s": b"0", "O": b"1"}) == [Code.OK, b"", 0]
+    assert meta_result(op, Status.VALUE, b"a\r\nb", {"f": b"4294967295", "s": b"4"}) == [Code.OK, b"a\r\nb", 4294967295]
 
 
 @pytest.mark.parametrize("op", GETS_LIKE)
 def test_gets_hit_is_value_client_flags_and_cas(op: Op) -> None:
-    assert meta_result(op, Status.VALUE, b"hi", {"f": b"5", "c": b"77", "O": b"1"}) == [Code.OK, b"hi", 5, 77]
-    assert meta_result(op, Status.VALUE, b"hi", {"f": b"0", "c": b"18446744073709551615"}) == [
+    assert meta_result(op, Status.VALUE, b"hi", {"f": b"5", "c": b"77", "s": b"2", "O": b"1"}) == [Code.OK, b"hi", 5, 77]
+    assert meta_result(op, Status.VALUE, b"hi", {"f": b"0", "c": b"18446744073709551615", "s": b"2"}) == [
         Code.OK, b"hi", 0, 18446744073709551615,
     ]
 
@@ -212,13 +216,43 @@ def test_touch_answered_by_no_touch_answer_is_unexpected(status: Status) -> None
 @pytest.mark.parametrize("op", GET_LIKE + GETS_LIKE)
 def test_unusable_client_flags_raise_value_error(op: Op, flags: dict[str, bytes]) -> None:
     with pytest.raises(ValueError):
-        meta_result(op, Status.VALUE, b"v", dict(flags, c=b"1"))
+        meta_result(op, Status.VALUE, b"v", dict(flags, c=b"1", s=b"1"))
 
 
 @pytest.mark.parametrize("op", GETS_LIKE)
 def test_unusable_cas_raises_value_error(op: Op) -> None:
     with pytest.raises(ValueError):
-        meta_result(op, Status.VALUE, b"v", {"f": b"0", "c": b"zz"})
+        meta_result(op, Status.VALUE, b"v", {"f": b"0", "c": b"zz", "s": b"1"})
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        {"f": b"0"},  # no s
+        {"f": b"0", "s": b"3"},  # s bigger than the value
+        {"f": b"0", "s": b"1"},  # s smaller than the value
+        {"f": b"0", "s": b"12"},  # the value's size with a digit gained
+        {"f": b"0", "s": b"02"},  # the right number, not memcached's spelling of it
+        {"f": b"0", "s": b""},
+        {"f": b"0", "s": b"x"},
+        {"s": b"2"},  # no f
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("op", GET_LIKE + GETS_LIKE)
+def test_a_hit_without_s_or_whose_s_disagrees_with_its_size_raises_value_error(op: Op, flags: dict[str, bytes]) -> None:
+    # GET/GETS/GAT/GATS ask for f and s (and c for gets/gats): a hit must carry each, and s must
+    # be the data block's size, so a VA header that lost or gained a digit is caught.
+    with pytest.raises(ValueError):
+        meta_result(op, Status.VALUE, b"hi", dict(flags, c=b"1", O=b"1"))
+
+
+@pytest.mark.parametrize("op", GETS_LIKE)
+@pytest.mark.parametrize("flags", [{"f": b"0", "s": b"2"}, {"f": b"0", "s": b"2", "c": b""}], ids=["no-c", "empty-c"])
+def test_a_gets_hit_without_cas_raises_value_error(op: Op, flags: dict[str, bytes]) -> None:
+    # A cas of 0 in place of the missing one would be a cas memcached never gave.
+    with pytest.raises(ValueError):
+        meta_result(op, Status.VALUE, b"hi", flags)
 
 
 # --- a set too large for the server: sent as md, answered as memcached answers the set -------------
