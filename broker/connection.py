@@ -29,6 +29,8 @@ from .pipeline import TEXT, Batch, OutOfStep, Pipeline
 log = logging.getLogger("mcbroker.pipeline")
 
 READ_SIZE = 256 * 1024
+_READ_BUFFER = bytearray(READ_SIZE)  # one loop thread reads every connection, one at a time
+_READ_VIEW = memoryview(_READ_BUFFER)
 MAX_READS_PER_EVENT = 8
 # memcached's largest item (-I 1024m): the bound on a VA before the server said its own limit.
 MAX_ITEM_SIZE = 1 << 30
@@ -262,15 +264,19 @@ class Connection:
     def on_readable(self, now: float) -> None:
         sock = self.sock
         server = self.server
+        view = _READ_VIEW
         for _ in range(MAX_READS_PER_EVENT):
             try:
-                data = sock.recv(READ_SIZE)  # type: ignore[union-attr]
+                # Into one preallocated buffer: recv(256 KiB) allocates (and trims) 256 KiB per
+                # call, which costs more than the rest of a small read's handling.
+                got = sock.recv_into(_READ_BUFFER)  # type: ignore[union-attr]
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 verb = "connect to" if self.state == CONNECTING else "read from"
                 self.failed(now, f"{verb} {server.address.name}: {exc.strerror or exc}", Code.CONNECTION_ERROR)
                 return
+            data = bytes(view[:got])
             if not data:
                 # An idle connection closed by memcached (a restart, an idle timeout) says nothing
                 # about the server's health: reconnect at once without counting a failure.

@@ -421,6 +421,14 @@ def opaque_of(flags: bytes) -> bytes | None:
     return flags[i + 2 :] if end < 0 else flags[i + 2 : end]
 
 
+def _check_size(flags: bytes, size: bytes) -> None:
+    """An `s` (item size) token states the VA's size again: it must agree, checked as soon as the
+    header is in, so a header that lost or gained a digit is caught before waiting for its data."""
+    for m in _FLAG_TOKEN.finditer(flags):
+        if m[1] == b"s" and m[2].isdigit() and m[2] != size:
+            raise ProtocolError(f"VA of {size.decode()} bytes says s{m[2][:20].decode('ascii', 'replace')}")
+
+
 # `stats cachedump` answers ITEM lines where the others answer STAT lines (pymemcache reads both).
 _STAT_HEADS = (b"STAT", b"ITEM")
 
@@ -515,6 +523,8 @@ class ResponseParser:
                 length = int(size)
                 if length > self._max_value:
                     raise ProtocolError(f"VA of {length} bytes exceeds the {self._max_value} limit")
+                if b" s" in flags:
+                    _check_size(flags, size)
                 stop = end + length
                 if n < stop + 2:
                     self._need = stop + 2 - n
@@ -556,6 +566,8 @@ class ResponseParser:
                 length = int(size)
                 if length > self._max_value:
                     raise ProtocolError(f"VA of {length} bytes exceeds the {self._max_value} limit")
+                if b" s" in flags:
+                    _check_size(flags, size)
                 stop = end + length
                 if len(buf) < stop + 2:
                     self._need = stop + 2 - len(buf)
@@ -599,6 +611,8 @@ class ResponseParser:
                 # The digit cap keeps int() away from its 4300-digit ValueError.
                 if len(tokens) < 2 or not tokens[1].isdigit() or len(tokens[1]) > 20:
                     raise ProtocolError(f"bad VA line: {line[:60]!r}")
+                if any(t[:1] == b"s" for t in tokens[2:]):
+                    _check_size(b" " + b" ".join(tokens[2:]), tokens[1])
                 size = int(tokens[1])
                 if size > self._max_value:
                     raise ProtocolError(f"VA of {size} bytes exceeds the {self._max_value} limit")

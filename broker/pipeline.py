@@ -201,7 +201,7 @@ class Pipeline:
                         # `mg k v f s O<n>` answers ` f<client flags> s<size> O<n>`; the size must
                         # agree with the VA header's, so a header that lost or gained a digit is
                         # caught here, not read as a shorter or longer value.
-                        if int(hit[3]) != first + j:
+                        if hit[3] != b"%d" % (first + j):
                             raise OutOfStep(f"opaque mismatch: expected {first + j}, got {hit[3]!r}")
                         if int(hit[2]) != len(value):
                             raise OutOfStep(f"unusable VALUE response: s{hit[2]!r} for {len(value)} bytes")
@@ -210,10 +210,11 @@ class Pipeline:
                         if meta.opaque_of(flags) != b"%d" % (first + j):
                             raise OutOfStep(f"opaque mismatch: expected {first + j}, got {meta.opaque_of(flags)!r}")
                         if op == _FENCE_OP:
+                            # The fence's opaque arrived in its place: everything before it is
+                            # proven, whatever its status says about the fence itself.
+                            proven = len(held)
                             if status is not _MISS and status is not _HIT:
                                 raise OutOfStep(f"{status.name} to the fence")
-                            # The fence arrived in its place: everything before it is proven.
-                            proven = len(held)
                             risky = False
                             queue.popleft()
                             continue
@@ -249,6 +250,7 @@ class Pipeline:
                         if not batch.waiter.done:
                             batch.waiter.deliver(batch.indices[j], result)
                     else:
+                        answered += 1  # its own error line: the server answered it, in step
                         held.append((batch.waiter, batch.indices[j], result))
                 done += 1
                 keys = batch.keys

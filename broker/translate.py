@@ -31,8 +31,15 @@ MISS = [Code.MISS]
 _NOT_STORED = [Code.NOT_STORED]
 _EXISTS = [Code.EXISTS]
 NOT_FOUND = [Code.NOT_FOUND]
-# protocol.txt: ms answers HD / NS / EX / NF; md answers HD / NF / EX.
+# protocol.txt: ms answers HD / NS / EX / NF and md HD / NF / EX, but EX and NF only come with a
+# cas (`C`) compare: without one (every store but cas, every delete the broker sends) memcached
+# 1.6.18 answers a store HD or NS (add of a present key, replace/append/prepend of a missing one)
+# and a delete HD or NF. Anything else is not that request's answer.
 _STORE_RESULTS = {
+    Status.OK: OK,
+    Status.NOT_STORED: _NOT_STORED,
+}
+_CAS_RESULTS = {
     Status.OK: OK,
     Status.NOT_STORED: _NOT_STORED,
     Status.EXISTS: _EXISTS,
@@ -40,7 +47,6 @@ _STORE_RESULTS = {
 }
 _DELETE_RESULTS = {
     Status.OK: OK,
-    Status.EXISTS: _EXISTS,
     Status.NOT_FOUND: NOT_FOUND,
 }
 
@@ -118,7 +124,7 @@ def meta_result(op: int, status: Status, value: bytes | None, flags: dict[str, b
     if op == UNLINK_TOO_LARGE:
         if status is Status.OK or status is Status.NOT_FOUND:
             return [Code.SERVER_ERROR, f"SERVER_ERROR {TOO_LARGE}"]
-        return [Code.SERVER_ERROR, f"unexpected {status.name} reply to {op_name(op)}"]
+        raise ValueError(f"unexpected {status.name} reply to {op_name(op)}")
     if op <= Op.GATS:
         if status is Status.VALUE:
             # Every flag the broker asked for must be there: a default in place of a missing one
@@ -136,7 +142,7 @@ def meta_result(op: int, status: Status, value: bytes | None, flags: dict[str, b
         if status is Status.MISS:
             return MISS
     elif op <= Op.CAS:
-        r = _STORE_RESULTS.get(status)
+        r = (_CAS_RESULTS if op == Op.CAS else _STORE_RESULTS).get(status)
         if r is not None:
             return r
     elif op == Op.DELETE:

@@ -92,7 +92,6 @@ META = [
     (b"VA 3 f5 s3 O7\r\nbar\r\n", (Status.VALUE, b"bar", b" f5 s3 O7")),
     (b"VA 0 f0 s0 O1\r\n\r\n", (Status.VALUE, b"", b" f0 s0 O1")),
     (b"VA 2 f5 c77 s2 O4\r\nhi\r\n", (Status.VALUE, b"hi", b" f5 c77 s2 O4")),
-    (b"VA 2 f5 s9 O4\r\nhi\r\n", (Status.VALUE, b"hi", b" f5 s9 O4")),
     (b"HD O2\r\n", (Status.OK, None, b" O2")),
     (b"HD\r\n", (Status.OK, None, b"")),
     (b"EN O1\r\n", (Status.MISS, None, b" O1")),
