@@ -745,6 +745,9 @@ def test_generated_meta_responses_parse_back(flags: dict[str, bytes], value: byt
     line = head
     if head == b"VA":
         line += b" %d" % len(value)
+        if flags.get("s", b"").isdigit():
+            # protocol.txt: `s` is the item's size; a VA whose s says otherwise is refused.
+            flags = {**flags, "s": b"%d" % len(value)}
     line += b"".join(b" " + k.encode() + v for k, v in flags.items())
     data = line + b"\r\n" + (value + b"\r\n" if head == b"VA" else b"")
     status = {b"VA": Status.VALUE, b"HD": Status.OK, b"EN": Status.MISS, b"NS": Status.NOT_STORED,
