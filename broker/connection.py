@@ -169,7 +169,9 @@ class Connection:
         server = self.server
         if self.sock is not None:
             server.stats.resets += 1
-            log.warning("%s: closing connection: %s (%d in flight)", server.address.name, reason, self.pipeline.inflight)
+            # An idle connection that memcached closed (idle_timeout, a restart) is routine.
+            level = logging.WARNING if count or self.pipeline.inflight else logging.INFO
+            log.log(level, "%s: closing connection: %s (%d in flight)", server.address.name, reason, self.pipeline.inflight)
         self.close()
         self.fail_inflight(code, reason)
         if count:

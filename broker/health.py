@@ -78,9 +78,16 @@ class Health:
                 self.probe_attempt = 0
             self.ejections += 1
             self.down_since = now
-            self.probe_at = now + backoff(self.probe_attempt, self._base, self._cap)
+            self.probe_at = now + self._probe_delay(now)
             return True
         return False
+
+    def _probe_delay(self, now: float) -> float:
+        # The first fast_window of an outage probes at the base interval whatever the history:
+        # a restart loop (memcached restarted again and again) must not push each recovery later.
+        # Past it, the backoff grows, carried over from the last outage when the server flaps.
+        attempt = 0 if now - self.down_since < self.fast_window else self.probe_attempt
+        return backoff(attempt, self._base, self._cap)
 
     def probe_due(self, now: float) -> bool:
         return self.state is State.DOWN and now >= self.probe_at
@@ -98,4 +105,4 @@ class Health:
         if now - self.down_since >= self.fast_window:
             self.probe_attempt += 1
         self.state = State.DOWN
-        self.probe_at = now + backoff(self.probe_attempt, self._base, self._cap)
+        self.probe_at = now + self._probe_delay(now)

@@ -118,7 +118,9 @@ class Client(Commands):
             return cmd.finish(self, cmd, results)
         except MemcacheIllegalInputError:
             raise
-        except MemcacheError:
+        except Exception:
+            # pymemcache's ignore_exc: a read that fails for any reason (the broker, memcached,
+            # a serde that cannot decode) returns its miss value.
             if cmd.read and self.ignore_exc:
                 return cmd.miss
             raise
@@ -136,7 +138,7 @@ class Client(Commands):
             if r[0] == _OK:
                 return self.serde.deserialize(key, r[1], r[2])
             raise_failure(r)
-        except MemcacheError:
+        except Exception:
             if self.ignore_exc:
                 return default
             raise
@@ -340,7 +342,9 @@ class AsyncClient(Commands):
             return cmd.finish(self, cmd, results)
         except MemcacheIllegalInputError:
             raise
-        except MemcacheError:
+        except Exception:
+            # pymemcache's ignore_exc: a read that fails for any reason (the broker, memcached,
+            # a serde that cannot decode) returns its miss value.
             if cmd.read and self.ignore_exc:
                 return cmd.miss
             raise

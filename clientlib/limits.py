@@ -4,8 +4,8 @@ memcached refuses a value whose whole item does not fit `item_size_max` (`-I`, d
 reported by `stats settings`). The item is a 48-byte header (64-bit builds), the key and its NUL,
 4 bytes of client flags when they are not 0, the value with its CRLF, and 8 bytes of CAS unless
 memcached runs with `-C` (`cas_enabled no`). Measured against memcached 1.6.18 at the boundary for
-`-I 1m`, `-I 2m`, `-C`, short and 200-byte keys, flags 0 and 5 (tests/integration/test_item_size.py
-checks it against a live server).
+`-I 1m`, `-I 2m`, `-C`, short and 200-byte keys, flags 0 and 5 (tests/integration/
+test_outside_reports.py and test_item_size_mock_parity.py check it against a live server).
 
 Shared by the broker (which refuses add/replace/append/prepend/cas values that cannot fit, because
 memcached's meta `ms` unlinks the stored item on a too-large value in every mode, while the text

@@ -106,6 +106,8 @@ class _Memory:
         return limits.item_fits(len(key), value_len, flags, item_size_max=self.item_size_max, cas_enabled=self.cas_enabled)
 
     def _next_cas(self) -> int:
+        if not self.cas_enabled:
+            return 0
         self.cas_counter += 1
         return self.cas_counter
 
@@ -183,7 +185,9 @@ class _Memory:
             if item is None:
                 self.counters["cas_misses"] += 1
                 return _NOT_FOUND
-            if item.cas != op[5]:
+            # memcached -C (cas_enabled no) keeps no cas uniques: every item's is 0, and a cas
+            # compare never matches.
+            if item.cas != op[5] or not self.cas_enabled:
                 self.counters["cas_badval"] += 1
                 return _EXISTS
             self.counters["cas_hits"] += 1

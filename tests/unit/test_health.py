@@ -263,3 +263,23 @@ def test_probes_stay_at_the_base_interval_during_a_short_outage() -> None:
     for attempt, d in enumerate(delays, start=1):
         step = min(CAP, BASE * 2**attempt)
         assert step / 2 <= d <= step
+
+
+def test_a_restart_loop_is_probed_at_the_base_interval_each_time() -> None:
+    # memcached restarted every few seconds: each outage is short, so each is probed every BASE
+    # (with jitter) however often it happened before; the flapping backoff applies only to an
+    # outage that outlasts the fast window.
+    h = _health(fast_window=10.0)
+    now = 0.0
+    for _ in range(6):
+        _down(h, now)
+        assert BASE / 2 <= h.probe_at - now <= BASE
+        now = h.probe_at
+        h.start_probe()
+        h.probe_failed(now, "refused")
+        assert BASE / 2 <= h.probe_at - now <= BASE
+        now = h.probe_at
+        h.start_probe()
+        h.probe_succeeded(now)
+        now += 3.0  # up for 3 s, then restarted again
+    assert h.ejections == 6
