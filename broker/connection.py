@@ -462,10 +462,10 @@ class Server:
             conn.probe = True
             conn.open(now)  # its `stats settings` is the probe
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: str, code: Code = Code.CONNECTION_ERROR) -> None:
         for conn in self.conns:
             conn.close()
-            conn.fail_inflight(Code.CONNECTION_ERROR, reason)
+            conn.fail_inflight(code, reason)
 
     def snapshot(self) -> dict[str, Any]:
         s = self.stats

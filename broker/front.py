@@ -128,9 +128,11 @@ class Front:
                 log.warning("reply dropped: %s", exc)
             return False
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """Close the sockets (replies still queued get `linger_ms` to go out) and remove the ipc
+        paths this broker created."""
         for url, sock in zip(self.urls, self.sockets):
-            sock.close(linger=0)
+            sock.close(linger=linger_ms)
             if url.startswith("ipc://"):
                 try:
                     os.unlink(url[len("ipc://"):])

@@ -34,6 +34,7 @@ _POLLIN_ERR = int(zmq.POLLIN | zmq.POLLERR)
 IDLE_POLL_MS = 250
 DRAIN_SECONDS = 10.0
 TURN_BYTES = 4 << 20
+CLOSE_LINGER_MS = 500
 
 
 def sd_notify(state: str) -> None:
@@ -316,11 +317,19 @@ class Broker:
                     log.info("%s closed", server.name)
 
     def close(self) -> None:
+        # Every request in flight gets its answer now ("broker is shutting down" for what memcached
+        # did not answer), and so does every frame already received: none is left unread.
+        self.router.draining = True
         for server in list(self.servers.values()) + self.retiring:
-            server.close("broker shutting down")
-        self.front.close()
-        self.ctx.destroy(linger=0)
+            server.close("broker is shutting down", Code.SHUTTING_DOWN)
+        now = time.monotonic()
+        for sock in self.front.sockets:
+            for ident, data in self.front.recv_batch(sock, 1 << 20, 1 << 40):
+                self.router.handle(sock, ident, data, now)
+        # Replies queued in ZeroMQ get a moment to reach their workers (linger 0 discarded them).
+        self.front.close(linger_ms=CLOSE_LINGER_MS)
+        self.ctx.term()
         signal.set_wakeup_fd(-1)
         self._wake_r.close()
         self._wake_w.close()
-        log.info("mcbroker stopped")
+        log.info("mcbroker stopped: %d replies sent, %d dropped", self.router.stats.replies, self.router.stats.replies_dropped)
