@@ -46,7 +46,7 @@ def one_mib(memcached_factory, broker_factory):
     return mc, broker
 
 
-@pytest.mark.parametrize("size", [MIB + 1, 2 * MIB])
+@pytest.mark.parametrize("size", [MIB + 1, 2 * MIB, 5 * MIB])  # 5 MiB: past the 4 MiB frame too
 def test_a_set_too_large_for_the_server_raises_and_unlinks_the_old_value(one_mib, size):
     mc, broker = one_mib
     ours, theirs = Client(broker.url, timeout=5.0), direct(mc)
