@@ -424,9 +424,12 @@ def opaque_of(flags: bytes) -> bytes | None:
 def _check_size(flags: bytes, size: bytes) -> None:
     """An `s` (item size) token states the VA's size again: it must agree, checked as soon as the
     header is in, so a header that lost or gained a digit is caught before waiting for its data."""
-    for m in _FLAG_TOKEN.finditer(flags):
-        if m[1] == b"s" and m[2].isdigit() and m[2] != size:
-            raise ProtocolError(f"VA of {size.decode()} bytes says s{m[2][:20].decode('ascii', 'replace')}")
+    i = flags.find(b" s")
+    if i >= 0:
+        end = flags.find(b" ", i + 2)
+        token = flags[i + 2 :] if end < 0 else flags[i + 2 : end]
+        if token != size and token.isdigit():
+            raise ProtocolError(f"VA of {size.decode()} bytes says s{token[:20].decode()}")
 
 
 # `stats cachedump` answers ITEM lines where the others answer STAT lines (pymemcache reads both).
@@ -523,8 +526,7 @@ class ResponseParser:
                 length = int(size)
                 if length > self._max_value:
                     raise ProtocolError(f"VA of {length} bytes exceeds the {self._max_value} limit")
-                if b" s" in flags:
-                    _check_size(flags, size)
+                _check_size(flags, size)
                 stop = end + length
                 if n < stop + 2:
                     self._need = stop + 2 - n
@@ -566,8 +568,7 @@ class ResponseParser:
                 length = int(size)
                 if length > self._max_value:
                     raise ProtocolError(f"VA of {length} bytes exceeds the {self._max_value} limit")
-                if b" s" in flags:
-                    _check_size(flags, size)
+                _check_size(flags, size)
                 stop = end + length
                 if len(buf) < stop + 2:
                     self._need = stop + 2 - len(buf)

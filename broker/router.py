@@ -254,8 +254,13 @@ class Router:
             # is never overtaken by its own later read; only writes pin a key.
             pin: bytes | None = None
             if code <= _GETS:
-                entry = server.pinned.get(key)
-                conn = entry[0] if entry is not None else server.pick(None, now)
+                entry = server.pinned.get(key) if server.pinned else None
+                if entry is not None:
+                    conn = entry[0]
+                else:
+                    conn = server.batch_conn  # this turn's connection, once picked
+                    if conn is None or conn.sock is None:
+                        conn = server.pick(None, now)
             else:
                 if code == _SET:
                     if len(op[2]) > self._value_limit(server):
