@@ -25,7 +25,7 @@ from . import address
 from .commands import DEFAULT_MAX_FRAME, DEFAULT_TIMEOUT, Command, Commands, Key, raise_failure
 from .commands import _OK
 from .commands import _ADD, _APPEND, _CAS, _DECR, _GET, _GETS, _INCR, _PREPEND, _REPLACE, _SET
-from .errors import MemcacheError, MemcacheIllegalInputError, error_for
+from .errors import MemcacheIllegalInputError, error_for
 from .transport import AsyncTransport, Transport
 
 __all__ = ["Client", "AsyncClient", "DEFAULT_TIMEOUT", "DEFAULT_MAX_FRAME", "error_for"]
