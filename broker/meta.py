@@ -369,6 +369,21 @@ def encode_get(key: bytes, opaque: int, cas: bool = False) -> bytes:
     return encode(Get(key, opaque, cas=cas, size=True))
 
 
+def needs_encoding(keys: list[bytes]) -> bool:
+    """True unless every key goes on the wire as it is (1..250 bytes, none <= 0x20 or 0x7F): one
+    scan for the lot. "A" joins them: it is a byte every key may hold."""
+    for key in keys:
+        if not 0 < len(key) <= MAX_KEY_LEN:
+            return True
+    return _BAD_KEY_BYTE.search(b"A".join(keys)) is not None
+
+
+def encode_gets(keys: list[bytes], first_opaque: int) -> bytes:
+    """`encode_get` of each key in turn, with opaques first_opaque, first_opaque + 1, ...; keys
+    checked by `needs_encoding` first."""
+    return b"".join([b"mg %b v f s O%d\r\n" % (key, opaque) for opaque, key in enumerate(keys, first_opaque)])
+
+
 def encode_set(key: bytes, value: bytes, opaque: int, client_flags: int, ttl: int) -> bytes:
     """The broker's hot path for a plain `ms` (mode set, no cas): the bytes of
     `encode(Set(key, value, opaque, client_flags=client_flags, ttl=ttl))`."""

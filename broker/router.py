@@ -224,6 +224,9 @@ class Router:
         job = Job(self, peer, ident, frame, now + timeout)
         ops = frame.ops
         stats.ops += len(ops)
+        if len(ops) > 1 and self._all_gets(job, ops, now):
+            heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
+            return
         # The frame's requests bound for one connection go as one batch: one join, one FIFO entry.
         groups: dict[Connection, tuple[list[int], list[int], list[bytes | None], list[bytes]]] = {}
         budget = self.budget
@@ -319,6 +322,46 @@ class Router:
         # A job whose every op was answered on the spot (refused, local) has already replied.
         if not job.done:
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
+
+    def _all_gets(self, job: Job, ops: list[list[Any]], now: float) -> bool:
+        """A get_many to a single server, admitted, encoded and queued as a whole: the common
+        multi-key frame without the per-op path. False (nothing done) when any op is not a plain
+        get, a key needs base64 or is pinned by a write in flight, or a bound would refuse part
+        of it: the per-op path then decides each op."""
+        server = self.single
+        if server is None or self.down or server.pinned:
+            return False
+        keys = []
+        for op in ops:
+            if op[0] != _GET:
+                return False
+            keys.append(op[1])
+        n = len(keys)
+        budget = self.budget
+        conn = server.batch_conn
+        if conn is None or conn.sock is None:
+            conn = server.pick(None, now)
+        if (
+            conn is None
+            or budget.inflight + n > budget.max_inflight or budget.buffered >= budget.max_buffered
+            or server.inflight_n + n > server.max_inflight_server
+            or conn.pipeline.inflight + n > server.max_inflight_conn
+            or meta.needs_encoding(keys)
+        ):
+            return False
+        pipeline = conn.pipeline
+        first = pipeline.seq + 1
+        pipeline.seq += n
+        if not pipeline.inflight:
+            conn.since = conn.sample_t = now
+        pipeline.inflight += n
+        server.inflight_n += n
+        budget.inflight += n
+        job.where = [server] * n
+        conn.push(
+            Batch(job, list(range(n)), [_GET] * n, None, first), meta.encode_gets(keys, first), now, reserved=True
+        )
+        return True
 
     @staticmethod
     def _push(job: Job, groups: dict[Connection, tuple[list[int], list[int], list[bytes | None], list[bytes]]], now: float) -> None:

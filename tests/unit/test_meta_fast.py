@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from broker.meta import Get, RequestError, Set, encode, encode_get, encode_set
+from broker.meta import Get, RequestError, Set, encode, encode_get, encode_gets, encode_set, needs_encoding
 
 pytestmark = pytest.mark.unit
 
@@ -55,3 +55,24 @@ def test_unknown_stats_group_is_refused_before_it_can_reset_a_connection():
     assert encode(Stats((b"slabs",))) == b"stats slabs\r\n"
     with pytest.raises(RequestError, match="unknown stats group"):
         encode(Stats((b"slabz",)))
+
+
+def test_encode_gets_is_encode_get_of_each_key_in_turn() -> None:
+    keys = [b"a", b"key:1", b"k" * 250]
+    assert encode_gets(keys, 41) == b"".join(encode_get(k, o) for o, k in zip(range(41, 44), keys))
+    assert encode_gets(keys, 41) == b"mg a v f s O41\r\nmg key:1 v f s O42\r\nmg " + b"k" * 250 + b" v f s O43\r\n"
+
+
+@pytest.mark.parametrize(
+    "keys, needs",
+    [
+        ([b"a", b"b"], False),
+        ([b"a", b"b c"], True),  # a space: base64
+        ([b"a", b"b\x7f"], True),
+        ([b"a", b""], True),
+        ([b"a", b"k" * 251], True),
+        ([b"\xff\xfe", b"A"], False),  # high bytes go as they are
+    ],
+)
+def test_needs_encoding_finds_any_key_that_cannot_go_as_it_is(keys: list[bytes], needs: bool) -> None:
+    assert needs_encoding(keys) is needs

@@ -319,6 +319,10 @@ flag_tokens = st.lists(
 
 
 def meta_line(head: bytes, tokens: list[tuple[str, bytes]], value: bytes | None) -> bytes:
+    if value is not None:
+        # protocol.txt: `s` is the item's size; a VA whose s says otherwise is refused (tested
+        # on its own), so a generated one states its true size.
+        tokens = [(c, b"%d" % len(value) if c == "s" and t.isdigit() else t) for c, t in tokens]
     flags = b"".join(b" " + c.encode() + t for c, t in tokens)
     if value is None:
         return head + flags + b"\r\n"
