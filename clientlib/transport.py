@@ -458,7 +458,9 @@ class Transport:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BrokerUnavailable(f"no broker accepted a connection at {self.url} before the deadline")
+                # Something listens there (the probe found it): a broker that is stopped or too
+                # busy to finish the handshake is slow, not absent.
+                raise BrokerTimeout(f"the broker at {self.url} listens but took no request before the call's deadline")
             # Slices of PROBE_TTL: a broker that goes away meanwhile is noticed within one.
             if sock.poll(max(1, math.ceil(min(remaining, PROBE_TTL) * 1000)), _POLLOUT):
                 try:
@@ -614,7 +616,9 @@ class AsyncTransport:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BrokerUnavailable(f"no broker accepted a connection at {self.url} before the deadline")
+                # Something listens there (the probe found it): a broker that is stopped or too
+                # busy to finish the handshake is slow, not absent.
+                raise BrokerTimeout(f"the broker at {self.url} listens but took no request before the call's deadline")
             # A short sleep, not sock.poll: a burst of calls on a socket still connecting would
             # each build a poller (measured: 300 concurrent sets took 20x longer to be answered).
             await asyncio.sleep(min(remaining, ASYNC_RETRY))

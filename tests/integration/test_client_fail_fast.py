@@ -165,7 +165,8 @@ def test_broker_there_but_slow_gets_the_whole_deadline(broker: Any) -> None:
         fresh = Client(broker.url, timeout=timeout)
         for c in (connected, fresh):
             elapsed, exc = failure(lambda: c.get("a"))
-            assert isinstance(exc, (BrokerTimeout, BrokerUnavailable)), repr(exc)
+            # Slow, not absent: a timeout, for a Client with a connection and for a new one.
+            assert isinstance(exc, BrokerTimeout), repr(exc)
             assert elapsed >= timeout, elapsed  # not cut short by the probe
     finally:
         broker.resume()
