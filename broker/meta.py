@@ -508,6 +508,11 @@ class ResponseParser:
     def set_max_value_len(self, limit: int) -> None:
         self._max_value = limit
 
+    @property
+    def failed(self) -> bool:
+        """next_items found bad bytes after the responses it returned; the next call raises."""
+        return self._error is not None
+
     def next_items(self) -> list[MetaItem | Response]:
         """Every complete response buffered now, in order (empty when more bytes are needed).
         A ProtocolError after good responses is raised by the next call, so those come first."""

@@ -162,14 +162,17 @@ class Pipeline:
         parser.feed(data)
         before = self.answered
         try:
-            while True:
-                try:
-                    items = parser.next_items()
-                except ProtocolError as exc:
-                    raise OutOfStep(f"protocol error: {exc}") from None
-                if not items:
-                    return self.answered - before
-                self._match(items)
+            try:
+                items = parser.next_items()
+                if items:
+                    self._match(items)
+                    # One call returns every complete response; a second is needed only to raise
+                    # the error it found after them.
+                    if parser.failed:
+                        parser.next_items()
+            except ProtocolError as exc:
+                raise OutOfStep(f"protocol error: {exc}") from None
+            return self.answered - before
         finally:
             if self.proven:
                 self.release_held()
