@@ -58,7 +58,14 @@ class Config:
     max_inflight_total: int
     max_buffered_bytes: int
     max_batch_per_turn: int
+    curve_secret_key_file: str
+    curve_allowed_clients: str
     log_level: str
+
+    @property
+    def curve(self) -> bool:
+        """CURVE configured: TCP listeners authenticate and encrypt, and may be non-loopback."""
+        return bool(self.curve_secret_key_file)
 
     def listen_urls(self) -> tuple[str, ...]:
         """The addresses to bind: the configured ones, or the default socket."""
@@ -99,6 +106,8 @@ DEFAULTS: Mapping[str, object] = MappingProxyType(
         "max_inflight_total": 262144,
         "max_buffered_bytes": 268435456,
         "max_batch_per_turn": 4096,
+        "curve_secret_key_file": "",
+        "curve_allowed_clients": "",
         "log_level": "info",
     }
 )
@@ -175,14 +184,22 @@ def _list(key: str, value: object) -> list[object]:
     return list(value)
 
 
-def _listen(value: object) -> tuple[str, ...]:
+def _path(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string (a file path, or empty), got {_type_name(value)}")
+    if value and not value.startswith("/"):
+        raise ConfigError(key, f"must be an absolute path, got {value!r}")
+    return value
+
+
+def _listen(value: object, curve: bool) -> tuple[str, ...]:
     urls: list[str] = []
     for i, item in enumerate(_list("listen", value)):
         key = f"listen[{i}]"
         if not isinstance(item, str):
             raise ConfigError(key, f"must be a string, got {_type_name(item)}")
         try:
-            check_listen_url(item)
+            check_listen_url(item, remote=curve)
         except ValueError as e:
             raise ConfigError(key, str(e)) from None
         if item in urls:
@@ -289,8 +306,15 @@ def from_mapping(d: Mapping[str, object]) -> Config:
             raise ConfigError(key, f"unknown key{hint}")
     merged = {**DEFAULTS, **d}
     hash_name = _choice("hash", merged["hash"])
+    secret_file = _path("curve_secret_key_file", merged["curve_secret_key_file"])
+    allowed_dir = _path("curve_allowed_clients", merged["curve_allowed_clients"])
+    if bool(secret_file) != bool(allowed_dir):
+        missing = "curve_allowed_clients" if secret_file else "curve_secret_key_file"
+        raise ConfigError(missing, "is required with CURVE: set both curve_secret_key_file and curve_allowed_clients, or neither")
     config = Config(
-        listen=_listen(merged["listen"]),
+        listen=_listen(merged["listen"], bool(secret_file)),
+        curve_secret_key_file=secret_file,
+        curve_allowed_clients=allowed_dir,
         servers=_servers(merged["servers"], hash_name),
         hash=hash_name,
         on_server_down=_choice("on_server_down", merged["on_server_down"]),

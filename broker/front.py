@@ -16,6 +16,8 @@ from typing import Any
 
 import zmq
 
+from .access import Access
+
 log = logging.getLogger("mcbroker.front")
 
 # pyzmq's flag constants are enum members; combining them on every call costs more than the
@@ -27,12 +29,34 @@ _DONTWAIT = int(zmq.DONTWAIT)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
-# ZeroMQ's queues are bounded in messages, not bytes, so these bound the broker's memory per
-# worker: at most RCVHWM frames of max_frame_bytes waiting to be read, and SNDHWM replies waiting
-# for a worker that does not read (past that its replies are dropped and counted). A synchronous
-# client has one frame outstanding; an AsyncClient a few hundred.
+# ZeroMQ's queues are bounded in messages, not bytes, and per worker socket, outside the broker's
+# budget (max_buffered_bytes). So they are kept short:
+# - receive: RCVHWM frames of at most MAXMSGSIZE bytes per worker socket wait to be read, plus the
+#   one ZeroMQ's I/O thread holds once that queue is full (receive_slack). A flood of 500 KB frames
+#   from 64 sockets that never read cost 3.9 GB with 100 here; a worker with many calls in flight
+#   (AsyncClient) just waits in its own send queue instead (measured: no loss of throughput).
+# - send: SNDHWM replies waiting for a worker that does not read; past that its replies are
+#   dropped and counted. A worker gets at most one reply per request it sent, so a stopped worker
+#   holds at most its own calls' answers (a synchronous Client: one; an AsyncClient: its calls in
+#   flight). Lower would drop the replies of an AsyncClient burst before the I/O thread sends them.
+# Both are per worker socket: what the broker may hold beyond its budget grows with the number of
+# worker sockets connected (one per Client thread), by receive_slack each and SNDHWM replies.
 SNDHWM = 1_000
-RCVHWM = 100
+RCVHWM = 2
+
+
+def max_message_size(max_frame: int) -> int:
+    """ZeroMQ's MAXMSGSIZE for the worker sockets: a frame a little above max_frame still gets the
+    decoder's clear "exceeds" answer; a larger one costs its sender the connection."""
+    return max_frame + min(max_frame, 65536)
+
+
+def receive_slack(workers: int, frame_bytes: int) -> int:
+    """The most the worker sockets' receive queues hold outside the broker's budget, in bytes, when
+    `workers` sockets send frames of `frame_bytes` (at most max_message_size(max_frame_bytes)):
+    per socket RCVHWM queued frames, the one its I/O thread holds once the queue is full, and one
+    being read (measured: 2.5 frames per socket with RCVHWM 1, 5.5 with 4)."""
+    return workers * (RCVHWM + 2) * frame_bytes
 
 
 class AddressInUse(RuntimeError):
@@ -68,10 +92,13 @@ def _claim_ipc_path(path: str) -> None:
 
 
 class Front:
-    def __init__(self, ctx: "zmq.Context[Any]", urls: tuple[str, ...], max_frame: int) -> None:
+    def __init__(
+        self, ctx: "zmq.Context[Any]", urls: tuple[str, ...], max_frame: int, access: Access | None = None
+    ) -> None:
         self.sockets: list["zmq.Socket[Any]"] = []
         self.urls = urls
         self.bad_envelopes = 0
+        self.access = access
         for url in urls:
             if url.startswith("ipc://"):
                 _claim_ipc_path(url[len("ipc://"):])
@@ -82,8 +109,17 @@ class Front:
             sock.setsockopt(zmq.LINGER, 0)
             # ZeroMQ disconnects a peer that sends more than this; the decoder rejects frames
             # above max_frame with an error reply, so leave room for that clear answer.
-            sock.setsockopt(zmq.MAXMSGSIZE, max_frame * 2)
-            sock.bind(url)
+            sock.setsockopt(zmq.MAXMSGSIZE, max_message_size(max_frame))
+            if access is not None and url.startswith("tcp://"):
+                # CURVE: authenticated and encrypted; ipc stays guarded by the file system.
+                access.secure(sock)
+            try:
+                sock.bind(url)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                if exc.errno == errno.EADDRINUSE:
+                    raise AddressInUse(f"another process is already listening on {url}") from None
+                raise
             self.sockets.append(sock)
 
     def recv_batch(self, sock: "zmq.Socket[Any]", limit: int, max_bytes: int) -> list[tuple[bytes, bytes]]:

@@ -20,6 +20,7 @@ from clientlib.wire import Code, Op
 from . import config as config_mod
 from . import shard
 from .config import Config
+from .access import Access, AccessError, load_curve
 from .front import Front
 from .health import Health
 from .connection import CONNECTING, Budget, Connection, Server
@@ -67,9 +68,22 @@ class Broker:
         self._drain_deadline: float | None = None
         self._timers_busy = True  # connections are being opened
         self.budget = Budget(config.max_inflight_total, config.max_buffered_bytes)
-        self.front = Front(self.ctx, config.listen_urls(), config.max_frame_bytes)
+        self.access: Access | None = None
+        try:
+            if config.curve:
+                self.access = Access(self.ctx, load_curve(config.curve_secret_key_file, config.curve_allowed_clients))
+            self.front = Front(self.ctx, config.listen_urls(), config.max_frame_bytes, self.access)
+        except BaseException:
+            if self.access is not None:
+                self.access.close()
+            self.ctx.term()
+            raise
         for sock in self.front.sockets:
             self.poller.register(sock, zmq.POLLIN)
+        # The CURVE handler's socket: handshakes are rare, so the loop tells it from the worker
+        # sockets with one comparison per readable socket.
+        if self.access is not None:
+            self.poller.register(self.access.zap, zmq.POLLIN)
         self.router = Router(
             budget=self.budget,
             send=Front.send,
@@ -159,6 +173,11 @@ class Broker:
         r.remap = c.on_server_down == "remap"
         self.budget.max_inflight = c.max_inflight_total
         self.budget.max_buffered = c.max_buffered_bytes
+        if self.access is not None and c.curve:
+            try:
+                self.access.set_allowed(load_curve(c.curve_secret_key_file, c.curve_allowed_clients))
+            except AccessError as exc:
+                log.error("CURVE keys not reloaded, keeping the allowed clients: %s", exc)
         self.config = c
         self._apply_servers(c, now)
         log.info("config reloaded: servers %s, hash %s", ", ".join(self.servers), c.hash)
@@ -185,6 +204,8 @@ class Broker:
             "requests_written": written,
             "requests_per_write": round(written / writes, 2) if writes else 0.0,
             "bad_envelopes": self.front.bad_envelopes,
+            "curve_accepted": self.access.accepted if self.access else 0,
+            "curve_refused": self.access.refused if self.access else 0,
             "draining": self.router.draining,
             **self.router.stats.snapshot(),
             "servers": servers,
@@ -237,6 +258,7 @@ class Broker:
         router = self.router
         fds = self._fds
         wake_fd = self._wake_r.fileno()
+        zap = self.access.zap if self.access is not None else None
         limit = self.config.max_batch_per_turn
         # Bytes of frames read per turn: enough for a full turn of small frames, while a flood of
         # large ones cannot keep the loop from flushing memcached and reading its answers.
@@ -251,7 +273,10 @@ class Broker:
                 readable = []
                 for obj, ev in events:
                     if type(obj) is not int:
-                        readable.append(obj)
+                        if obj is zap:
+                            self.access.on_zap()  # type: ignore[union-attr]
+                        else:
+                            readable.append(obj)
                         continue
                     if obj == wake_fd:
                         try:
@@ -328,6 +353,8 @@ class Broker:
                 self.router.handle(sock, ident, data, now)
         # Replies queued in ZeroMQ get a moment to reach their workers (linger 0 discarded them).
         self.front.close(linger_ms=CLOSE_LINGER_MS)
+        if self.access is not None:
+            self.access.close()
         self.ctx.term()
         signal.set_wakeup_fd(-1)
         self._wake_r.close()

@@ -138,11 +138,11 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def check_listen_url(url: str) -> str:
+def check_listen_url(url: str, remote: bool = False) -> str:
     """Validate a ZeroMQ address the broker may bind; return it unchanged.
 
-    Only ipc sockets and loopback TCP: the broker has no authentication, so it
-    must never be reachable from another host.
+    ipc sockets and loopback TCP; any TCP host only with `remote` (the broker has CURVE
+    configured): without authentication the broker must never be reachable from another host.
     """
     if not isinstance(url, str):
         raise ValueError(f"listen address must be a string, got {type(url).__name__}")
@@ -162,13 +162,14 @@ def check_listen_url(url: str) -> str:
             if not sep or not host:
                 raise ValueError(f"{what}: expected tcp://<host>:<port>")
         _parse_port(port_text, what)
-        if not _is_loopback(host):
+        if not remote and not _is_loopback(host):
             raise ValueError(
-                f"{what}: tcp listen addresses must be loopback (127.0.0.0/8, [::1] "
-                f"or localhost); the broker has no authentication and serves this host only"
+                f"{what}: a tcp listen address that is not loopback (127.0.0.0/8, [::1] or "
+                f"localhost) needs CURVE: set curve_secret_key_file and curve_allowed_clients "
+                f"(keys from `mcbroker curve-keygen`); without them the broker serves this host only"
             )
         return url
-    raise ValueError(f"{what}: expected ipc://<absolute path> or tcp://<loopback host>:<port>")
+    raise ValueError(f"{what}: expected ipc://<absolute path> or tcp://<host>:<port>")
 
 
 CONNECT_FORMS = "ipc:///path/to/mcbroker.sock or tcp://127.0.0.1:PORT"

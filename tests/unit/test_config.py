@@ -551,8 +551,14 @@ def _plausible(key: str) -> st.SearchStrategy[object]:
     if key == "log_level":
         return _mostly(st.sampled_from(["debug", "INFO", "Warning", "critical", "trace"]))
     if key == "listen":
-        urls = st.sampled_from(["ipc:///tmp/a.sock", "ipc:///tmp/b.sock", "tcp://127.0.0.1:5555", "tcp://[::1]:1"])
+        urls = st.sampled_from(
+            ["ipc:///tmp/a.sock", "ipc:///tmp/b.sock", "tcp://127.0.0.1:5555", "tcp://[::1]:1", "tcp://0.0.0.0:5556"]
+        )
         return _mostly(st.lists(_mostly(urls), max_size=3))
+    if key == "curve_secret_key_file":
+        return _mostly(st.sampled_from(["", "/etc/mcbroker/curve/server.key_secret", "server.key_secret"]))
+    if key == "curve_allowed_clients":
+        return _mostly(st.sampled_from(["", "/etc/mcbroker/curve/clients", "clients"]))
     assert key == "servers"
     addrs = st.sampled_from(["a:1", "b", "[::1]:2", "unix:/tmp/m.sock", "/tmp/n.sock", "c:11211", "c"])
     tables = st.fixed_dictionaries({"address": addrs}, optional={"weight": _mostly(_near_range(1, config.MAX_WEIGHT))})
