@@ -1,4 +1,4 @@
-"""`mcbroker` command line: serve, check-config, ping, stats."""
+"""`mcbroker` command line: serve, check-config, ping, stats, curve-keygen."""
 
 from __future__ import annotations
 
@@ -101,6 +101,33 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curve_keygen(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+
+    import zmq.auth
+
+    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    public_file = os.path.join(args.dir, f"{args.name}.key")
+    secret_file = public_file + "_secret"
+    for path in (public_file, secret_file):
+        if os.path.exists(path):
+            print(f"mcbroker: {path} exists; not overwriting a key", file=sys.stderr)
+            return 1
+    public_file, secret_file = zmq.auth.create_certificates(args.dir, args.name)
+    os.chmod(secret_file, 0o600)
+    public, secret = zmq.auth.load_certificate(secret_file)
+    assert secret is not None
+    print(f"public key file: {public_file}\nsecret key file: {secret_file} (mode 0600)")
+    print(f"public key: {public.decode()}")
+    print("broker: curve_secret_key_file = the secret key file; a client: copy the .key file into the")
+    print("broker's curve_allowed_clients directory, and give the client (environment or Client arguments):")
+    print(f"  MCBROKER_CURVE_PUBLICKEY={shlex.quote(public.decode())}")
+    print(f"  MCBROKER_CURVE_SECRETKEY={shlex.quote(secret.decode())}")
+    print("  MCBROKER_CURVE_SERVERKEY=<the broker's public key>")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mcbroker", description="memcached connection broker for prefork Python servers")
     sub = p.add_subparsers(dest="command", required=True)
@@ -117,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config and print its effective addresses")
     config_args(check)
     check.set_defaults(func=cmd_check_config)
+    keygen = sub.add_parser(
+        "curve-keygen", help="write a CURVE key pair (DIR/NAME.key public, DIR/NAME.key_secret) for the broker or a client"
+    )
+    keygen.add_argument("dir", metavar="DIR")
+    keygen.add_argument("name", metavar="NAME")
+    keygen.set_defaults(func=cmd_curve_keygen)
     for name, func, text in (("ping", cmd_ping, "ask a running broker for PONG"), ("stats", cmd_stats, "print a running broker's stats as JSON")):
         sp = sub.add_parser(name, help=text)
         sp.add_argument(

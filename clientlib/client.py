@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Protocol
 
 from . import address
+from .curve import CurveKeys, curve_keys
 from .commands import DEFAULT_MAX_FRAME, DEFAULT_TIMEOUT, Command, Commands, Key, raise_failure
 from .commands import _OK
 from .commands import _ADD, _APPEND, _CAS, _DECR, _GET, _GETS, _INCR, _PREPEND, _REPLACE, _SET
@@ -44,14 +45,15 @@ class BlockingTransport(Protocol):
     def close(self) -> None: ...
 
 
-def _broker_url(broker: str | None) -> str:
+def _broker_url(broker: str | None, curve: CurveKeys | None = None) -> str:
     if broker is not None and not isinstance(broker, str):
         raise TypeError(
             "clientlib.Client takes the broker's URL (ipc:///path or tcp://127.0.0.1:PORT), "
             f"not a memcached address: got {broker!r}"
         )
     # Checked here, once: a bad address must not surface later as a raw ZeroMQ error.
-    return address.check_connect_url(broker) if broker else address.default_connect_url()
+    remote = curve is not None
+    return address.check_connect_url(broker, remote=remote) if broker else address.default_connect_url(remote)
 
 
 class Client(Commands):
@@ -65,6 +67,12 @@ class Client(Commands):
     larger values are refused the way memcached refuses them). pymemcache's socket options
     (connect_timeout, no_delay, socket_module, socket_keepalive, tls_context) are accepted and
     have no effect: the broker owns the memcached connections.
+
+    For a broker on TCP with CURVE: `curve_secretkey`, `curve_publickey` (this client's key pair)
+    and `curve_serverkey` (the broker's public key), Z85 text of 40 characters each, all three or
+    none; default $MCBROKER_CURVE_SECRETKEY, $MCBROKER_CURVE_PUBLICKEY, $MCBROKER_CURVE_SERVERKEY
+    (clientlib/curve.py). With them the broker's host may be any host. A key the broker does not
+    list is refused by it: calls then raise BrokerTimeout at their deadline.
 
     Thread-safe (one ZeroMQ socket per thread) and fork-safe (a child process opens its own).
     See the module docstring for the errors every method may raise.
@@ -89,6 +97,9 @@ class Client(Commands):
         socket_module: Any = None,
         socket_keepalive: Any = None,
         tls_context: Any = None,
+        curve_secretkey: str | bytes | None = None,
+        curve_publickey: str | bytes | None = None,
+        curve_serverkey: str | bytes | None = None,
     ) -> None:
         super().__init__(
             timeout=timeout, serde=serde, serializer=serializer, deserializer=deserializer,
@@ -97,8 +108,9 @@ class Client(Commands):
             connect_timeout=connect_timeout, no_delay=no_delay, socket_module=socket_module,
             socket_keepalive=socket_keepalive, tls_context=tls_context,
         )
-        self.broker_url = _broker_url(broker)
-        self._transport: BlockingTransport = Transport(self.broker_url)
+        curve = curve_keys(curve_secretkey, curve_publickey, curve_serverkey)
+        self.broker_url = _broker_url(broker, curve)
+        self._transport: BlockingTransport = Transport(self.broker_url, curve)
 
     def _run(self, cmd: Command) -> Any:
         ops = cmd.ops
@@ -316,6 +328,9 @@ class AsyncClient(Commands):
         socket_module: Any = None,
         socket_keepalive: Any = None,
         tls_context: Any = None,
+        curve_secretkey: str | bytes | None = None,
+        curve_publickey: str | bytes | None = None,
+        curve_serverkey: str | bytes | None = None,
     ) -> None:
         super().__init__(
             timeout=timeout, serde=serde, serializer=serializer, deserializer=deserializer,
@@ -324,8 +339,9 @@ class AsyncClient(Commands):
             connect_timeout=connect_timeout, no_delay=no_delay, socket_module=socket_module,
             socket_keepalive=socket_keepalive, tls_context=tls_context,
         )
-        self.broker_url = _broker_url(broker)
-        self._transport = AsyncTransport(self.broker_url)
+        curve = curve_keys(curve_secretkey, curve_publickey, curve_serverkey)
+        self.broker_url = _broker_url(broker, curve)
+        self._transport = AsyncTransport(self.broker_url, curve)
 
     async def _run(self, cmd: Command) -> Any:
         ops = cmd.ops
