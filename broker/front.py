@@ -36,13 +36,21 @@ _POLLIN = int(zmq.POLLIN)
 #   from 64 sockets that never read cost 3.9 GB with 100 here; a worker with many calls in flight
 #   (AsyncClient) just waits in its own send queue instead (measured: no loss of throughput).
 # - send: SNDHWM replies waiting for a worker that does not read; past that its replies are
-#   dropped and counted. A worker gets at most one reply per request it sent, so a stopped worker
-#   holds at most its own calls' answers (a synchronous Client: one; an AsyncClient: its calls in
-#   flight). Lower would drop the replies of an AsyncClient burst before the I/O thread sends them.
-# Both are per worker socket: what the broker may hold beyond its budget grows with the number of
-# worker sockets connected (one per Client thread), by receive_slack each and SNDHWM replies.
+#   dropped and counted. Lower would drop the replies of an AsyncClient burst before the I/O
+#   thread sends them. Replies of LARGE_REPLY bytes or more are also counted in bytes until
+#   ZeroMQ has written them (Front._send_large): at most peer_reply_limit per worker socket and
+#   reply_limit (max_buffered_bytes) in all wait for workers, the rest is dropped and counted. So
+#   a worker that stopped reading holds at most SNDHWM small replies (< 64 KiB each) plus
+#   peer_reply_limit bytes of large ones.
+# Per worker socket, then, what the broker may hold beyond its budget is receive_slack plus
+# SNDHWM small replies; the large replies are bounded in all.
 SNDHWM = 1_000
 RCVHWM = 2
+# Replies this large go without a copy, tracked until sent (copying costs more than tracking here).
+LARGE_REPLY = 65536
+# What the large replies waiting for one worker may hold, at least: a worker reading slowly gets
+# this much ahead before its replies are dropped (4 x max_frame_bytes when that is more).
+PEER_REPLY_BYTES = 64 << 20
 
 
 def max_message_size(max_frame: int) -> int:
@@ -93,12 +101,19 @@ def _claim_ipc_path(path: str) -> None:
 
 class Front:
     def __init__(
-        self, ctx: "zmq.Context[Any]", urls: tuple[str, ...], max_frame: int, access: Access | None = None
+        self, ctx: "zmq.Context[Any]", urls: tuple[str, ...], max_frame: int, access: Access | None = None,
+        reply_limit: int = 1 << 28,
     ) -> None:
         self.sockets: list["zmq.Socket[Any]"] = []
         self.urls = urls
         self.bad_envelopes = 0
         self.access = access
+        # Large replies ZeroMQ still holds (see _send_large): (tracker, worker, bytes).
+        self._large: list[tuple[Any, bytes, int]] = []
+        self._peer_bytes: dict[bytes, int] = {}
+        self.reply_bytes = 0
+        self.replies_over_limit = 0
+        self.set_reply_limit(reply_limit, max_frame)
         for url in urls:
             if url.startswith("ipc://"):
                 _claim_ipc_path(url[len("ipc://"):])
@@ -152,17 +167,66 @@ class Front:
             taken += len(data)
         return out
 
-    @staticmethod
-    def send(sock: "zmq.Socket[Any]", ident: bytes, data: bytes) -> bool:
+    def set_reply_limit(self, reply_limit: int, max_frame: int) -> None:
+        """Bytes of large replies that may wait for the workers in all (max_buffered_bytes), and
+        for one worker socket."""
+        self.reply_limit = reply_limit
+        self.peer_reply_limit = min(reply_limit, max(PEER_REPLY_BYTES, 4 * max_frame))
+
+    def send(self, sock: "zmq.Socket[Any]", ident: bytes, data: bytes) -> bool:
+        if len(data) >= LARGE_REPLY:
+            return self._send_large(sock, ident, data)
         try:
             sock.send(ident, _SNDMORE_DONTWAIT)
-            sock.send(data, _DONTWAIT, copy=len(data) < 65536)
+            sock.send(data, _DONTWAIT)
             return True
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the worker is gone. EAGAIN: it is not reading. Either way, drop.
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 log.warning("reply dropped: %s", exc)
             return False
+
+    def _send_large(self, sock: "zmq.Socket[Any]", ident: bytes, data: bytes) -> bool:
+        """A reply of LARGE_REPLY bytes or more: sent without a copy and tracked until ZeroMQ has
+        written it to the worker's socket, so the bytes waiting for workers that do not read are
+        bounded per worker (peer_reply_limit) and in all (reply_limit); past either, dropped."""
+        n = len(data)
+        self.reap()
+        held = self._peer_bytes.get(ident, 0)
+        if held + n > self.peer_reply_limit or self.reply_bytes + n > self.reply_limit:
+            self.replies_over_limit += 1
+            return False
+        try:
+            sock.send(ident, _SNDMORE_DONTWAIT)
+            tracker = sock.send(data, _DONTWAIT, copy=False, track=True)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                log.warning("reply dropped: %s", exc)
+            return False
+        if tracker is not None and not tracker.done:
+            self._large.append((tracker, ident, n))
+            self._peer_bytes[ident] = held + n
+            self.reply_bytes += n
+        return True
+
+    def reap(self) -> None:
+        """Forget the large replies ZeroMQ has sent (called per large reply and by the timers)."""
+        if not self._large:
+            return
+        keep = []
+        peer = self._peer_bytes
+        for entry in self._large:
+            tracker, ident, n = entry
+            if tracker.done:
+                self.reply_bytes -= n
+                left = peer[ident] - n
+                if left:
+                    peer[ident] = left
+                else:
+                    del peer[ident]
+            else:
+                keep.append(entry)
+        self._large = keep
 
     def close(self, linger_ms: int = 0) -> None:
         """Close the sockets (replies still queued get `linger_ms` to go out) and remove the ipc

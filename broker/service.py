@@ -72,7 +72,9 @@ class Broker:
         try:
             if config.curve:
                 self.access = Access(self.ctx, load_curve(config.curve_secret_key_file, config.curve_allowed_clients))
-            self.front = Front(self.ctx, config.listen_urls(), config.max_frame_bytes, self.access)
+            self.front = Front(
+                self.ctx, config.listen_urls(), config.max_frame_bytes, self.access, reply_limit=config.max_buffered_bytes
+            )
         except BaseException:
             if self.access is not None:
                 self.access.close()
@@ -86,7 +88,7 @@ class Broker:
             self.poller.register(self.access.zap, zmq.POLLIN)
         self.router = Router(
             budget=self.budget,
-            send=Front.send,
+            send=self.front.send,
             default_timeout=config.timeout_ms / 1000,
             max_frame=config.max_frame_bytes,
             max_value=config.max_value_bytes,
@@ -173,6 +175,7 @@ class Broker:
         r.remap = c.on_server_down == "remap"
         self.budget.max_inflight = c.max_inflight_total
         self.budget.max_buffered = c.max_buffered_bytes
+        self.front.set_reply_limit(c.max_buffered_bytes, c.max_frame_bytes)
         if self.access is not None and c.curve:
             try:
                 self.access.set_allowed(load_curve(c.curve_secret_key_file, c.curve_allowed_clients))
@@ -204,6 +207,8 @@ class Broker:
             "requests_written": written,
             "requests_per_write": round(written / writes, 2) if writes else 0.0,
             "bad_envelopes": self.front.bad_envelopes,
+            "reply_bytes_pending": self.front.reply_bytes,
+            "replies_over_limit": self.front.replies_over_limit,
             "curve_accepted": self.access.accepted if self.access else 0,
             "curve_refused": self.access.refused if self.access else 0,
             "draining": self.router.draining,
@@ -323,6 +328,7 @@ class Broker:
             self.close()
 
     def _timers(self, now: float) -> None:
+        self.front.reap()
         self._timers_busy = bool(
             self.retiring
             or any(c.state == CONNECTING for c in self._fds.values())
