@@ -198,3 +198,23 @@ def test_second_broker_cannot_take_over_a_live_tcp_endpoint(memcached, broker_fa
             c.disconnect_all()
     finally:
         first.cleanup()
+
+
+def test_async_client_with_a_known_key_is_served(curve_broker, keys):
+    import asyncio
+
+    from clientlib import AsyncClient
+
+    _, tcp = curve_broker
+    server_public, _ = _keys(keys["server"])
+    public, secret = _keys(keys["known"])
+
+    async def run() -> list[object]:
+        c = AsyncClient(tcp, timeout=2.0, curve_secretkey=secret, curve_publickey=public, curve_serverkey=server_public)
+        try:
+            assert await c.set("async-curve", b"v") is True
+            return list(await asyncio.gather(*[c.get("async-curve") for _ in range(50)]))
+        finally:
+            await c.disconnect_all()
+
+    assert asyncio.run(run()) == [b"v"] * 50
