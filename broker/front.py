@@ -132,6 +132,7 @@ class Front:
                 sock.bind(url)
             except zmq.ZMQError as exc:
                 sock.close(linger=0)
+                self.close()  # the addresses bound before this one, and their ipc paths
                 if exc.errno == errno.EADDRINUSE:
                     raise AddressInUse(f"another process is already listening on {url}") from None
                 raise

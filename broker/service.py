@@ -76,9 +76,8 @@ class Broker:
                 self.ctx, config.listen_urls(), config.max_frame_bytes, self.access, reply_limit=config.max_buffered_bytes
             )
         except BaseException:
-            if self.access is not None:
-                self.access.close()
-            self.ctx.term()
+            # Whatever was bound already (several listen addresses) closes with the context.
+            self.ctx.destroy(linger=0)
             raise
         for sock in self.front.sockets:
             self.poller.register(sock, zmq.POLLIN)

@@ -191,6 +191,12 @@ def test_second_broker_cannot_take_over_a_live_tcp_endpoint(memcached, broker_fa
         first.start()
         r = _mcbroker("serve", "--listen", tcp, "--server", memcached.address)
         assert r.returncode == 1 and "already listening" in r.stderr and tcp in r.stderr
+        # With an ipc address bound before the taken port: refused too, promptly, and the ipc
+        # path it had bound is removed again.
+        other_ipc = first.dir / "second.sock"
+        r = _mcbroker("serve", "--listen", f"ipc://{other_ipc}", "--listen", tcp, "--server", memcached.address)
+        assert r.returncode == 1 and "already listening" in r.stderr and tcp in r.stderr
+        assert not other_ipc.exists()
         c = Client(tcp, timeout=2.0)
         try:
             assert c.broker_ping() == "PONG" and c.broker_stats()["pid"] == first.pid
