@@ -18,6 +18,7 @@ from clientlib.wire import Code, Op, RequestFrame, WireError, decode_request, en
 from . import meta
 from .connection import Budget, Connection, Server
 from .pipeline import TEXT, Batch
+from .stats import CODE_NAMES, OP_NAMES
 from .meta import encode_get
 from .translate import BROADCAST, TEXT_EXPECT, UNLINK_TOO_LARGE, encode_op, encode_text, too_large
 
@@ -37,16 +38,23 @@ _VERSION = int(Op.VERSION)
 class RouterStats:
     __slots__ = (
         "frames", "ops", "ok", "miss", "errors", "timeouts", "overloaded", "bad_frames",
-        "dropped_frames", "replies", "replies_dropped", "noreply", "internal_errors",
+        "dropped_frames", "replies", "replies_dropped", "noreply", "internal_errors", "by_op", "by_code",
     )
 
     def __init__(self) -> None:
         self.frames = self.ops = self.ok = self.miss = self.errors = self.timeouts = 0
         self.overloaded = self.bad_frames = self.dropped_frames = self.replies = 0
         self.replies_dropped = self.noreply = self.internal_errors = 0
+        # Requests by the opcode of their frame's first op (one add per frame, never per key) and
+        # failed results by code (failures only), indexed by the wire's numbers.
+        self.by_op = [0] * 64
+        self.by_code = [0] * 32
 
-    def snapshot(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+    def snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name) for name in self.__slots__[:-2]}
+        out["requests_by_op"] = {OP_NAMES.get(i, str(i)): n for i, n in enumerate(self.by_op) if n}
+        out["errors_by_kind"] = {CODE_NAMES.get(i, str(i)): n for i, n in enumerate(self.by_code) if n}
+        return out
 
 
 class Job:
@@ -117,6 +125,7 @@ class Job:
                 if c == Code.OVERLOADED:
                     stats.overloaded += 1
                 stats.errors += 1
+                stats.by_code[c] += 1
         if self.noreply:
             stats.noreply += 1
             return
@@ -224,6 +233,7 @@ class Router:
         job = Job(self, peer, ident, frame, now + timeout)
         ops = frame.ops
         stats.ops += len(ops)
+        stats.by_op[ops[0][0]] += len(ops)
         if len(ops) > 1 and self._all_gets(job, ops, now):
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
             return
