@@ -72,9 +72,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"mcbroker: {len(problems)} error{'s' if len(problems) != 1 else ''} in {path or 'the defaults'}", file=sys.stderr)
         return 1
     cfg = config_mod.load(path, _overrides(args))
+    group = cfg.socket_group or "(the broker user's group)"
     print(
         f"ok: listen {', '.join(cfg.listen_urls())}; servers {', '.join(s.address.name for s in cfg.servers)}; "
-        f"hash {cfg.hash}; socket_mode {cfg.socket_mode:04o}; socket_group {cfg.socket_group or '(the broker user\'s group)'}"
+        f"hash {cfg.hash}; socket_mode {cfg.socket_mode:04o}; socket_group {group}"
     )
     return 0
 

@@ -41,6 +41,7 @@ _POLLIN_ERR = int(zmq.POLLIN | zmq.POLLERR)
 IDLE_POLL_MS = 250
 TURN_BYTES = 4 << 20
 CLOSE_LINGER_MS = 500
+CLOSE_QUIET_MS = 100
 
 
 def sd_notify(state: str) -> bool:
@@ -208,7 +209,7 @@ class Broker:
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 3),
             "rss_bytes": rss_bytes(),
-            "connected_workers": self.front.workers,
+            "connected_workers": self.front.poll_workers(),
             "hash": self.config.hash,
             "inflight": self.budget.inflight,
             "buffered_bytes": self.budget.buffered,
@@ -375,10 +376,25 @@ class Broker:
         self.router.draining = True
         for server in list(self.servers.values()) + self.retiring:
             server.close("broker is shutting down", Code.SHUTTING_DOWN)
-        now = time.monotonic()
+        # A worker may send until its connection drops, and a frame that arrives after the last
+        # read is lost with the socket: its call would wait out its whole deadline. So frames keep
+        # getting "broker is shutting down" until none came for CLOSE_QUIET_MS (at most
+        # CLOSE_LINGER_MS); the replies leave meanwhile.
+        poller = zmq.Poller()
         for sock in self.front.sockets:
-            for ident, data in self.front.recv_batch(sock, 1 << 20, 1 << 40):
-                self.router.handle(sock, ident, data, now)
+            poller.register(sock, zmq.POLLIN)
+        start = now = time.monotonic()
+        quiet_until = now + CLOSE_QUIET_MS / 1000
+        while True:
+            for sock in self.front.sockets:
+                for ident, data in self.front.recv_batch(sock, 1 << 20, 1 << 40):
+                    self.router.handle(sock, ident, data, now)
+                    quiet_until = now + CLOSE_QUIET_MS / 1000
+            wait = min(quiet_until, start + CLOSE_LINGER_MS / 1000) - now
+            if wait <= 0:
+                break
+            poller.poll(int(wait * 1000) + 1)
+            now = time.monotonic()
         # Replies queued in ZeroMQ get a moment to reach their workers (linger 0 discarded them).
         self.front.close(linger_ms=CLOSE_LINGER_MS)
         self.ctx.term()

@@ -78,7 +78,10 @@ def table(stats: dict[str, Any]) -> str:
     header = [h for h, _ in SERVER_COLUMNS]
     rows = server_rows(stats)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     lines.append(fmt(header))
     lines += [fmt(r) for r in rows]
     lines.append("(latency: per memcached write, written -> last answer parsed, over the last 10-20 s)")
