@@ -38,6 +38,8 @@ RCVHWM = 100
 
 # The ipc socket's directory: its group may enter (to reach the socket), nobody else.
 DIR_MODE = 0o750
+# In a socket directory the broker created: it removes that directory on exit.
+DIR_MARKER = ".created-by-mcbroker"
 
 
 class AddressInUse(RuntimeError):
@@ -62,7 +64,11 @@ def resolve_group(name: str) -> int | None:
 
 def _make_dir(directory: str, gid: int | None) -> list[str]:
     """Create the socket's directory (and missing parents) 0750, group `gid`; return the ones
-    created, innermost first, so close() removes exactly those."""
+    this broker owns, innermost first, so close() removes exactly those.
+
+    The socket's directory gets a marker file, so a broker restarted after a SIGKILL (which left
+    the directory behind) still knows the directory is a broker's to remove, and never removes
+    one an operator made."""
     created: list[str] = []
     d = os.path.abspath(directory)
     while not os.path.isdir(d):
@@ -76,6 +82,12 @@ def _make_dir(directory: str, gid: int | None) -> list[str]:
         os.chmod(path, DIR_MODE)  # mkdir's mode passes through the umask
         if gid is not None:
             os.chown(path, -1, gid)
+    marker = os.path.join(os.path.abspath(directory), DIR_MARKER)
+    if created:
+        with open(marker, "wb"):
+            pass
+    elif os.path.exists(marker):
+        created.append(os.path.abspath(directory))
     return created
 
 
@@ -242,6 +254,10 @@ class Front:
                 except OSError:
                     pass
         for d in self.created_dirs:
+            try:
+                os.unlink(os.path.join(d, DIR_MARKER))
+            except OSError:
+                pass
             try:
                 os.rmdir(d)  # only if empty: never another program's files
             except OSError:

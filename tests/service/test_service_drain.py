@@ -206,3 +206,15 @@ def test_sigterm_under_load_from_16_workers(request, memcached_factory):
         assert kind == "BrokerUnavailable", (r, f"signalled at {signalled:.3f}", b.log()[-1000:])
         assert "shutting down" in message or "does not exist" in message or "nothing listens" in message, r
     assert any("shutting down" in r["error"][1] for r in results), "no request arrived while draining"
+
+
+def test_a_directory_the_operator_made_is_left_in_place(request, mc):
+    b = BrokerProcess([mc.address])
+    request.addfinalizer(b.cleanup)
+    mine = b.dir / "operator"
+    mine.mkdir(mode=0o750)
+    b.url = f"ipc://{mine}/mcbroker.sock"
+    b.write_config(listen=[b.url])
+    b.start()
+    assert b.stop() == 0
+    assert mine.is_dir() and not (mine / "mcbroker.sock").exists()
