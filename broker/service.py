@@ -115,6 +115,12 @@ class Broker:
         self._wake_w.setblocking(False)
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self._apply_servers(config, time.monotonic())
+        self.metrics: Any = None
+        self._next_publish = 0.0
+        if config.metrics_listen:
+            from .metrics import MetricsServer
+
+            self.metrics = MetricsServer(config.metrics_listen)
 
     # --- the IO protocol the pipeline uses -----------------------------------------------------
 
@@ -178,6 +184,8 @@ class Broker:
             log.error("reload rejected, keeping the running config: %s", exc)
             return
         sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        if c.metrics_listen != self.config.metrics_listen:
+            log.warning("metrics_listen changes only on restart; keeping %s", self.config.metrics_listen or "none")
         if c.listen_urls() != self.config.listen_urls():
             log.warning("listen addresses change only on restart; keeping %s", ", ".join(self.config.listen_urls()))
         now = time.monotonic()
@@ -347,6 +355,9 @@ class Broker:
 
     def _timers(self, now: float) -> None:
         self.front.poll_workers()
+        if self.metrics is not None and now >= self._next_publish:
+            self._next_publish = now + 1.0
+            self.metrics.publish(self.snapshot)
         if not self._ready:
             self._check_ready()
         if self._watchdog is not None and now >= self._next_watchdog:
@@ -398,6 +409,8 @@ class Broker:
         # Replies queued in ZeroMQ get a moment to reach their workers (linger 0 discarded them).
         self.front.close(linger_ms=CLOSE_LINGER_MS)
         self.ctx.term()
+        if self.metrics is not None:
+            self.metrics.close()
         signal.set_wakeup_fd(-1)
         self._wake_r.close()
         self._wake_w.close()

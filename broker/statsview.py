@@ -40,6 +40,10 @@ SERVER_COLUMNS = (
 )
 
 
+# What fits an 80-column terminal in `top`; `stats` shows them all.
+TOP_COLUMNS = ("server", "state", "depth", "errors", "timeouts", "req/write", "p50 us", "p99 us")
+
+
 def server_rows(stats: dict[str, Any]) -> list[list[str]]:
     rows = []
     for name, s in sorted(stats.get("servers", {}).items()):
@@ -109,21 +113,27 @@ def _view(stats: dict[str, Any], before: dict[str, Any] | None, dt: float) -> An
         f"ops/s [b]{_num(ops)}[/b]",
         f"hit ratio [b]{'-' if ratio is None else f'{ratio:.1%}'}[/b]",
         f"errors/s [b]{_num(err)}[/b]",
+    )
+    head.add_row(
         f"workers [b]{_num(stats.get('connected_workers'))}[/b]",
         f"in flight {_num(stats.get('inflight'))}",
+        f"overloaded {_num(stats.get('overloaded'))}",
         f"rss {_mib(int(stats.get('rss_bytes', 0)))}",
     )
     servers = Table(expand=False)
-    for h, _ in SERVER_COLUMNS:
-        servers.add_column(h, justify="left" if h == "server" else "right")
+    picked = [i for i, (h, _) in enumerate(SERVER_COLUMNS) if h in TOP_COLUMNS]
+    for i in picked:
+        h = SERVER_COLUMNS[i][0]
+        servers.add_column(h, justify="left" if h == "server" else "right", no_wrap=True)
     for row in server_rows(stats):
-        servers.add_row(*row)
+        servers.add_row(*[row[i] for i in picked])
     return Group(head, servers, f"[dim]refresh {dt:.1f} s · Ctrl-C to quit[/dim]" if before else "[dim]Ctrl-C to quit[/dim]")
 
 
 def top(client: Any, *, interval: float = 1.0, count: int = 0) -> int:
     """Redraw the broker's numbers every `interval` seconds until Ctrl-C (or `count` refreshes)."""
     try:
+        from rich.console import Console
         from rich.live import Live
     except ImportError:
         raise MissingExtra("mcbroker top needs the rich package: pip install 'mcbroker[top]'") from None
@@ -133,7 +143,7 @@ def top(client: Any, *, interval: float = 1.0, count: int = 0) -> int:
     t_before = 0.0
     shown = 0
     try:
-        with Live(refresh_per_second=4, screen=False, auto_refresh=False) as live:
+        with Live(console=Console(highlight=False), refresh_per_second=4, screen=False, auto_refresh=False) as live:
             while True:
                 t = time.monotonic()
                 try:
