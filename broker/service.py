@@ -60,8 +60,14 @@ def sd_notify(state: str) -> bool:
             s.sendall(state.encode())
         return True
     except Exception as exc:
-        log.warning("event=sd_notify_failed state=%s error=%r", state.split("=", 1)[0], str(exc))
+        global _notify_warned
+        if not _notify_warned:  # a watchdog ping fails every few seconds: say it once
+            _notify_warned = True
+            log.warning("sd_notify to %s failed: %s (further failures are not logged)", os.environ.get("NOTIFY_SOCKET"), exc)
         return False
+
+
+_notify_warned = False
 
 
 def watchdog_interval() -> float | None:
