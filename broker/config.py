@@ -58,6 +58,7 @@ class Config:
     max_inflight_total: int
     max_buffered_bytes: int
     max_batch_per_turn: int
+    coalesce_reads: bool
     log_level: str
     socket_mode: int
     socket_group: str
@@ -104,6 +105,7 @@ DEFAULTS: Mapping[str, object] = MappingProxyType(
         "max_inflight_total": 262144,
         "max_buffered_bytes": 268435456,
         "max_batch_per_turn": 4096,
+        "coalesce_reads": True,
         "log_level": "info",
         "socket_mode": "0660",
         "socket_group": "",
@@ -164,6 +166,13 @@ def _int(key: str, value: object) -> int:
     low, high = INT_RANGES[key]
     if not low <= value <= high:
         raise ConfigError(key, f"{value} is out of range {low}..{high}")
+    return value
+
+
+def _bool(key: str, value: object) -> bool:
+    # TOML has real booleans; "yes" or 1 is a mistake worth naming, not a truthy value.
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {_type_name(value)} {value!r}")
     return value
 
 
@@ -352,6 +361,7 @@ def from_mapping(d: Mapping[str, object]) -> Config:
         hash=hash_name,
         on_server_down=_choice("on_server_down", merged["on_server_down"]),
         log_level=_choice("log_level", merged["log_level"]),
+        coalesce_reads=_bool("coalesce_reads", merged["coalesce_reads"]),
         socket_mode=_socket_mode(merged["socket_mode"]),
         socket_group=_socket_group(merged["socket_group"]),
         metrics_listen=_metrics_listen(merged["metrics_listen"]),
@@ -370,6 +380,8 @@ def _check_key(key: str, value: object, hash_name: str) -> None:
         _listen(value)
     elif key == "servers":
         _servers(value, hash_name)
+    elif key == "coalesce_reads":
+        _bool(key, value)
     elif key == "socket_mode":
         _socket_mode(value)
     elif key == "socket_group":
