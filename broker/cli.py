@@ -2,8 +2,9 @@
 
 Admin commands (stats, top, ping) talk to a running broker over its own socket (`--connect URL`,
 else $MCBROKER_URL, else the default ipc socket). Every failure is one line on stderr and an exit
-status, never a traceback: 1 for a failure (bad config, no broker), 2 for a usage error (a
-mistyped address).
+status, never a traceback: `check-config` exits 1 when it found errors; `serve` exits 2 for an
+invalid config and 1 when it cannot start (socket in use, unknown socket_group, ...); admin
+commands exit 1 when the broker is not there and 2 for a mistyped address.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg = config_mod.load(path, _overrides(args))
     except config_mod.ConfigError as exc:
         print(f"mcbroker: bad config: {exc}", file=sys.stderr)
-        return 1
+        return 2  # as before issue 11: the bench (bench/procs.py) tells a refused config by it
     logfmt.setup(args.log_level or cfg.log_level)
     try:
         broker = Broker(cfg, config_path=path, overrides=_overrides(args))

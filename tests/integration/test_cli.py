@@ -96,11 +96,11 @@ def test_version():
     assert r.returncode == 0 and r.stdout.startswith("mcbroker ") and r.stdout.split()[1][0].isdigit()
 
 
-def test_serve_with_a_bad_config_names_key_and_exits_1(tmp_path):
+def test_serve_with_a_bad_config_names_key_and_exits_2(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('socket_group = "no such group"\n')
     r = _mcbroker("serve", "--config", str(bad))
-    assert r.returncode == 1 and "socket_group" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "socket_group" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_serve_with_an_unknown_socket_group_is_a_clear_start_error(tmp_path, mc):
