@@ -18,6 +18,7 @@ from clientlib.wire import Code, Op, RequestFrame, WireError, decode_request, en
 from . import meta
 from .connection import Budget, Connection, Server
 from .pipeline import TAG_BITS, TEXT, Batch
+from .stats import CODE_NAMES, OP_NAMES
 from .meta import encode_get
 from .translate import BROADCAST, TEXT_EXPECT, UNLINK_TOO_LARGE, encode_op, encode_text, too_large
 
@@ -43,7 +44,7 @@ class RouterStats:
     __slots__ = (
         "frames", "ops", "ok", "miss", "errors", "timeouts", "overloaded", "bad_frames",
         "dropped_frames", "replies", "replies_dropped", "noreply", "internal_errors", "gets_upstream",
-        "gets_coalesced",
+        "gets_coalesced", "by_op", "by_code",
     )
 
     def __init__(self) -> None:
@@ -52,9 +53,16 @@ class RouterStats:
         self.replies_dropped = self.noreply = self.internal_errors = 0
         # Plain gets sent to memcached, and plain gets answered by joining one already in flight.
         self.gets_upstream = self.gets_coalesced = 0
+        # Requests by the opcode of their frame's first op (one add per frame, never per key) and
+        # failed results by code (failures only), indexed by the wire's numbers.
+        self.by_op = [0] * (max(Op) + 1)
+        self.by_code = [0] * (max(Code) + 1)
 
-    def snapshot(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+    def snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name) for name in self.__slots__[:-2]}
+        out["requests_by_op"] = {OP_NAMES.get(i, str(i)): n for i, n in enumerate(self.by_op) if n}
+        out["errors_by_kind"] = {CODE_NAMES.get(i, str(i)): n for i, n in enumerate(self.by_code) if n}
+        return out
 
 
 class Job:
@@ -125,6 +133,7 @@ class Job:
                 if c == Code.OVERLOADED:
                     stats.overloaded += 1
                 stats.errors += 1
+                stats.by_code[c] += 1
         if self.noreply:
             stats.noreply += 1
             return
@@ -234,6 +243,7 @@ class Router:
         job = Job(self, peer, ident, frame, now + timeout)
         ops = frame.ops
         stats.ops += len(ops)
+        stats.by_op[ops[0][0]] += len(ops)
         if len(ops) > 1 and self._all_gets(job, ops, now):
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
             return
