@@ -55,13 +55,12 @@ class Tally:
     dup_replies: int = 0  # a request id answered twice
     unknown_replies: int = 0  # a request id this worker never sent
     unanswered: int = 0  # request ids never answered (filled in at the end)
-    # The same, counted only from `mark` on (a shared monotonic time a test sets, say when a
-    # killed broker is gone: everything received after it came from its successor).
-    frames_after: int = 0
-    replies_after: int = 0
-    codes_after: Counter[str] = field(default_factory=Counter)
     codes: Counter[str] = field(default_factory=Counter)  # ok / miss / errors / timeouts, from replies
     frame_codes: Counter[int] = field(default_factory=Counter)  # replies refusing a whole frame
+    # The same per broker generation: `gen` is a shared counter a test (or the soak) bumps right
+    # after it killed the broker, so every reply received after the bump came from its successor.
+    # by_gen[g] counts frames, replies, ok, miss, errors, timeouts.
+    by_gen: dict[int, Counter[str]] = field(default_factory=dict)
     outcomes: Counter[str] = field(default_factory=Counter)  # what the calls returned or raised
     misdelivered: list[str] = field(default_factory=list)
     lost: list[tuple[str, float, float, str]] = field(default_factory=list)  # key, since, at, what
@@ -73,7 +72,15 @@ class Tally:
         out = Tally()
         for name in self.__dataclass_fields__:
             a, b = getattr(self, name), getattr(other, name)
-            setattr(out, name, max(a, b) if name == "max_took" else a + b)
+            if name == "max_took":
+                setattr(out, name, max(a, b))
+            elif name == "by_gen":
+                merged: dict[int, Counter[str]] = {}
+                for g in set(a) | set(b):
+                    merged[g] = a.get(g, Counter()) + b.get(g, Counter())
+                setattr(out, name, merged)
+            else:
+                setattr(out, name, a + b)
         return out
 
 
@@ -91,9 +98,9 @@ def classify(code: int) -> str:
 class _Wire:
     """Observes every frame packed and every reply unpacked in this process (thread-safe)."""
 
-    def __init__(self, tally: Tally, mark: Any = None) -> None:
+    def __init__(self, tally: Tally, gen: Any = None) -> None:
         self.tally = tally
-        self.mark = mark
+        self.gen = gen
         self.lock = threading.Lock()
         self.sent: set[int] = set()
         self.answered: set[int] = set()
@@ -110,21 +117,23 @@ class _Wire:
             self.sent.add(req_id)
             self.tally.frames += 1
             self.tally.ops += len(ops)
-            if self._after():
-                self.tally.frames_after += 1
+            self._gen()["frames"] += 1
         return data
 
-    def _after(self) -> bool:
-        return self.mark is not None and 0 < self.mark.value <= time.monotonic()
+    def _gen(self) -> Counter[str]:
+        g = 0 if self.gen is None else int(self.gen.value)
+        c = self.tally.by_gen.get(g)
+        if c is None:
+            c = self.tally.by_gen[g] = Counter()
+        return c
 
     def unpack(self, data: bytes) -> tuple[int, int, Any]:
         rid, code, payload = self._unpack(data)
         t = self.tally
         with self.lock:
             t.replies += 1
-            after = self._after()
-            if after:
-                t.replies_after += 1
+            per_gen = self._gen()
+            per_gen["replies"] += 1
             if rid not in self.sent:
                 t.unknown_replies += 1
             elif rid in self.answered:
@@ -134,8 +143,7 @@ class _Wire:
                 if code == Code.OK:
                     for r in payload:
                         t.codes[classify(r[0])] += 1
-                        if after:
-                            t.codes_after[classify(r[0])] += 1
+                        per_gen[classify(r[0])] += 1
                 else:
                     t.frame_codes[code] += 1
         return rid, code, payload
@@ -242,12 +250,12 @@ class _Thread:
 
 def run_worker(url: str, wid: int, threads: int, seconds: float, max_calls: int, timeout: float,
                tolerance: float, prefix: str, keys_per_thread: int, out: Any, seed: int = 0,
-               stop: Any = None, mark: Any = None) -> None:
+               stop: Any = None, gen: Any = None) -> None:
     """A worker process's body (fork it): `threads` threads of self-verifying calls for `seconds`
     (at most `max_calls` calls each, or until `stop` is set), then the sweep ping; puts its Tally
     on `out`."""
     tally = Tally()
-    wire = _Wire(tally, mark)
+    wire = _Wire(tally, gen)
     wire.install()
     client = Client(url, timeout=timeout)
     workers = [

@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 
-from brokerproc import BrokerProcess
 from clientlib import Client
 from verify import COUNTERS, Tally, delta, reconcile, run_worker, summary
 
@@ -39,16 +38,16 @@ TOLERANCE = 1.0  # stated tolerance over each call's deadline (shared, loaded ma
 
 
 class Load:
-    """PROCS forked worker processes running verify.run_worker; `mark` is shared with them."""
+    """PROCS forked worker processes running verify.run_worker; `gen` is shared with them."""
 
     def __init__(self, url: str, prefix: str) -> None:
         ctx = multiprocessing.get_context("fork")
         self.out = ctx.Queue()
-        self.mark = ctx.Value("d", 0.0)
+        self.gen = ctx.Value("i", 0)
         self.procs = [
             ctx.Process(target=run_worker,
                         args=(url, w, THREADS, SECONDS, 100_000, TIMEOUT, TOLERANCE, prefix, 8, self.out, w),
-                        kwargs={"mark": self.mark})
+                        kwargs={"gen": self.gen})
             for w in range(PROCS)
         ]
         for p in self.procs:
@@ -136,55 +135,31 @@ def test_memcached_sigstop_then_sigcont(memcached, broker_factory):
     assert total.codes["timeouts"] > 0 or total.outcomes["error:ServerUnavailable"] > 0, total.codes
 
 
-def _ready_lines(b: BrokerProcess) -> int:
-    try:
-        return (b.dir / "broker.log").read_text(errors="replace").count("mcbroker ready")
-    except OSError:
-        return 0
-
-
-def _start_without_ping(b: BrokerProcess, timeout: float = 15.0) -> None:
-    """Start the broker and wait for its ready line in the log, not for a ping: the new broker's
-    counters then hold nothing but the workers' frames."""
-    seen = _ready_lines(b)
-    real_wait = b.wait_ready
-    b.wait_ready = lambda timeout=10.0: None  # type: ignore[method-assign]
-    try:
-        b.start()
-    finally:
-        b.wait_ready = real_wait  # type: ignore[method-assign]
-    deadline = time.monotonic() + timeout
-    while _ready_lines(b) <= seen:
-        assert b.running, b.log()
-        assert time.monotonic() < deadline, b.log()
-        time.sleep(0.01)
-
-
 def test_broker_kill_9_and_restart_with_live_clients(memcached, broker_factory):
     broker = broker_factory([memcached.address], timeout_ms=1000)
     load = Load(broker.url, f"brkill-{uuid.uuid4().hex[:8]}")
     time.sleep(1.0)
     broker.kill()  # SIGKILL, reaped: the old broker can send nothing more
     # Every reply a worker receives from now on comes from the new broker.
-    load.mark.value = time.monotonic()
+    load.gen.value = 1
     time.sleep(0.3)
-    _start_without_ping(broker)
+    broker.start(ping=False)
     tallies = load.collect()
     total = total_of(tallies)
     after = broker.stats()
-    print(f"\nbroker kill -9: {summary(total)}; after the kill: frames {total.frames_after}, "
-          f"replies {total.replies_after}, codes {dict(total.codes_after)}")
+    new = total.by_gen[1]
+    print(f"\nbroker kill -9: {summary(total)}; after the kill: {dict(new)}")
     common_checks(total)
     # The new broker's counters against what the workers saw after the kill. The final stats
     # call is one frame and one op in, its reply and its ok not yet counted.
     assert after["frames"] - 1 == after["replies"] + after["replies_dropped"] + after["noreply"] + after["dropped_frames"]
-    assert after["replies"] == total.replies_after  # every reply it sent was received
+    assert after["replies"] == new["replies"]  # every reply it sent was received
     assert after["ops"] - 1 == after["ok"] + after["miss"] + after["errors"] + after["timeouts"]
     for cls in ("ok", "miss", "errors", "timeouts"):
-        assert after[cls] == total.codes_after[cls], (cls, after[cls], dict(total.codes_after))
+        assert after[cls] == new[cls], (cls, after[cls], dict(new))
     # Frames packed after the kill that never reached the new broker failed at the send, as
     # BrokerUnavailable (nothing listening) or BrokerTimeout (listening, not yet accepting).
-    unsent = total.frames_after - (after["frames"] - 1)
+    unsent = new["frames"] - (after["frames"] - 1)
     assert unsent >= 0
     assert unsent <= total.outcomes["timeout"] + total.outcomes["error:BrokerUnavailable"], (unsent, total.outcomes)
     for name in ("replies_dropped", "bad_frames", "internal_errors"):
@@ -192,7 +167,7 @@ def test_broker_kill_9_and_restart_with_live_clients(memcached, broker_factory):
     assert total.unanswered <= total.outcomes["timeout"] + total.outcomes["error:BrokerUnavailable"]
     # The same Client, in each worker process, recovered on its own.
     for t in tallies:
-        assert t.codes_after["ok"] > 0, summary(t)
+        assert t.by_gen[1]["ok"] > 0, summary(t)
 
 
 def _stalled_get(url: str, key: str) -> None:
