@@ -38,10 +38,11 @@ from typing import Any
 
 from clientlib import Client
 from clientlib import transport as _transport
-from clientlib.errors import BrokerTimeout, MemcacheError
+from clientlib.errors import BrokerOverloaded, BrokerTimeout, MemcacheError, ServerUnavailable
 from clientlib.wire import Code
 
 ABSENT = -1  # the state "no value" in a key's possible states
+NOT_SENT = (ServerUnavailable, BrokerOverloaded)  # failures where nothing was sent to memcached
 
 
 @dataclass
@@ -209,6 +210,8 @@ class _Thread:
     def one(self) -> None:
         rng = self.rng
         roll = rng.random()
+        state: int | None = None  # the state a write would leave
+        unsent_undo = False
         t0 = time.monotonic()
         c = self.client
         try:
@@ -237,6 +240,8 @@ class _Thread:
             else:
                 key = rng.choice(self.keys)
                 what = f"delete {key}"
+                state = ABSENT
+                unsent_undo = ABSENT not in self.possible[key]
                 self.possible[key].add(ABSENT)
                 c.delete(key)  # True (deleted) or False (was absent): absent either way
                 self.acked(key, ABSENT)
@@ -245,6 +250,10 @@ class _Thread:
             outcome = "timeout"
         except MemcacheError as exc:
             outcome = "error:" + type(exc).__name__
+            if isinstance(exc, NOT_SENT) and state is not None and (state != ABSENT or unsent_undo):
+                # Nothing reached memcached (clientlib.errors says so for these): the write is
+                # known not to have happened, so its state is not a possibility.
+                self.possible[key].discard(state)
         self.note(outcome, what, time.monotonic() - t0)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from clientlib import Client
+from clientlib.errors import MemcacheError
 from verify import COUNTERS, Tally, delta, reconcile, run_worker, summary
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(180)]
@@ -215,3 +216,52 @@ def test_worker_killed_in_the_middle_of_a_call(memcached, broker_factory):
     assert reconcile(delta(mid, after), total) == []
     assert total.outcomes["error:BrokerTimeout"] == 0 and total.outcomes["timeout"] == 0, total.outcomes
     assert set(COUNTERS) <= set(after)
+
+
+def test_a_write_in_flight_when_its_server_is_marked_down_is_indeterminate(memcached, broker_factory):
+    """Found by the SIGSTOP test's checker: at mark-down, requests already written to memcached
+    failed as ServerUnavailable, which promises that nothing was sent, yet memcached applied them
+    once it ran again. They are MemcacheUnexpectedCloseError now ("may or may not have been
+    applied"); ServerUnavailable stays for requests refused before sending."""
+    import threading
+
+    from clientlib.errors import MemcacheUnexpectedCloseError, ServerUnavailable
+
+    broker = broker_factory([memcached.address], failure_limit=1, io_timeout_ms=30000, probe_interval_ms=100)
+    c = Client(broker.url, timeout=5.0)
+    c.set("w", b"v1")
+    memcached.pause()
+    got: list[BaseException | None] = []
+    try:
+        writer = threading.Thread(target=lambda: got.append(_raises(lambda: Client(broker.url, timeout=5.0).set("w", b"v2"))))
+        writer.start()
+        deadline = time.monotonic() + 5
+        while broker.stats()["inflight"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(0.2)  # written to memcached's socket
+        # Another call's missed deadline on the silent server marks it down (failure_limit 1).
+        assert isinstance(_raises(lambda: Client(broker.url, timeout=0.3).get("other")), MemcacheError)
+        writer.join(10)
+    finally:
+        memcached.resume()
+    assert len(got) == 1 and isinstance(got[0], MemcacheUnexpectedCloseError), got
+    assert not isinstance(got[0], ServerUnavailable)
+    # Refused before sending while down: ServerUnavailable, and indeed nothing was sent.
+    # Once memcached runs again it applies the write that was in flight.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert c.get("w") == b"v2"
+            break
+        except ServerUnavailable:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def _raises(fn: Any) -> BaseException | None:
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - returned to the test
+        return exc
+    return None
