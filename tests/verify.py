@@ -38,7 +38,7 @@ from typing import Any
 
 from clientlib import Client
 from clientlib import transport as _transport
-from clientlib.errors import BrokerOverloaded, BrokerTimeout, MemcacheError, ServerUnavailable
+from clientlib.errors import BrokerOverloaded, BrokerTimeout, BrokerUnavailable, MemcacheError, ServerUnavailable
 from clientlib.wire import Code
 
 ABSENT = -1  # the state "no value" in a key's possible states
@@ -50,12 +50,13 @@ class Tally:
     """What one worker process saw; picklable, summed with `+`."""
 
     calls: int = 0
-    frames: int = 0  # request frames packed and handed to the socket
+    frames: int = 0  # request frames sent (packed, and not failed at the send)
     ops: int = 0
     replies: int = 0  # reply frames received, late ones included
     dup_replies: int = 0  # a request id answered twice
     unknown_replies: int = 0  # a request id this worker never sent
-    unanswered: int = 0  # request ids never answered (filled in at the end)
+    unanswered: int = 0  # request ids never answered (filled in at the end), unsent ones excluded
+    unsent: int = 0  # frames packed whose call raised BrokerUnavailable unanswered: never left
     codes: Counter[str] = field(default_factory=Counter)  # ok / miss / errors / timeouts, from replies
     frame_codes: Counter[int] = field(default_factory=Counter)  # replies refusing a whole frame
     # The same per broker generation: `gen` is a shared counter a test (or the soak) bumps right
@@ -105,6 +106,8 @@ class _Wire:
         self.lock = threading.Lock()
         self.sent: set[int] = set()
         self.answered: set[int] = set()
+        self.unsent_ids: set[int] = set()
+        self.local = threading.local()  # this thread's last request id
         self._pack = _transport.pack_request
         self._unpack = _transport.unpack_reply
 
@@ -114,12 +117,25 @@ class _Wire:
 
     def pack(self, req_id: int, ops: list[list[Any]], timeout_ms: int = 0, flags: int = 0) -> bytes:
         data = self._pack(req_id, ops, timeout_ms, flags)
+        self.local.rid = req_id
         with self.lock:
             self.sent.add(req_id)
             self.tally.frames += 1
             self.tally.ops += len(ops)
             self._gen()["frames"] += 1
         return data
+
+    def call_unavailable(self) -> None:
+        """The calling thread's call raised BrokerUnavailable: if its frame got no reply, the
+        frame never left this process (nothing listened); it is not counted as sent."""
+        rid = getattr(self.local, "rid", None)
+        with self.lock:
+            if rid is not None and rid in self.sent and rid not in self.answered and rid not in self.unsent_ids:
+                self.unsent_ids.add(rid)
+                self.tally.frames -= 1
+                self.tally.unsent += 1
+                self._gen()["frames"] -= 1
+                self._gen()["unsent"] += 1
 
     def _gen(self) -> Counter[str]:
         g = 0 if self.gen is None else int(self.gen.value)
@@ -151,7 +167,7 @@ class _Wire:
 
     def finish(self) -> None:
         with self.lock:
-            self.tally.unanswered = len(self.sent - self.answered)
+            self.tally.unanswered = len(self.sent - self.answered - self.unsent_ids)
 
 
 def value_for(key: str, writer: str, seq: int, rng: random.Random) -> bytes:
@@ -250,6 +266,8 @@ class _Thread:
             outcome = "timeout"
         except MemcacheError as exc:
             outcome = "error:" + type(exc).__name__
+            if isinstance(exc, BrokerUnavailable):
+                self.wire.call_unavailable()
             if isinstance(exc, NOT_SENT) and state is not None and (state != ABSENT or unsent_undo):
                 # Nothing reached memcached (clientlib.errors says so for these): the write is
                 # known not to have happened, so its state is not a possibility.

@@ -158,14 +158,14 @@ def test_broker_kill_9_and_restart_with_live_clients(memcached, broker_factory):
     assert after["ops"] - 1 == after["ok"] + after["miss"] + after["errors"] + after["timeouts"]
     for cls in ("ok", "miss", "errors", "timeouts"):
         assert after[cls] == new[cls], (cls, after[cls], dict(new))
-    # Frames packed after the kill that never reached the new broker failed at the send, as
-    # BrokerUnavailable (nothing listening) or BrokerTimeout (listening, not yet accepting).
-    unsent = new["frames"] - (after["frames"] - 1)
-    assert unsent >= 0
-    assert unsent <= total.outcomes["timeout"] + total.outcomes["error:BrokerUnavailable"], (unsent, total.outcomes)
+    # Frames sent after the kill that never reached the new broker: sent to the dying one, or
+    # waiting for a connection until their deadline (BrokerTimeout). Those that found nothing
+    # listening failed at once (BrokerUnavailable) and are not counted as sent.
+    lost_in_transit = new["frames"] - (after["frames"] - 1)
+    assert 0 <= lost_in_transit <= total.outcomes["timeout"], (lost_in_transit, total.outcomes)
     for name in ("replies_dropped", "bad_frames", "internal_errors"):
         assert after[name] == 0, (name, after[name])
-    assert total.unanswered <= total.outcomes["timeout"] + total.outcomes["error:BrokerUnavailable"]
+    assert total.unanswered <= total.outcomes["timeout"]
     # The same Client, in each worker process, recovered on its own.
     for t in tallies:
         assert t.by_gen[1]["ok"] > 0, summary(t)
