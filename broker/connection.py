@@ -464,7 +464,9 @@ class Server:
         for conn in self.conns:
             if conn.sock is not None:
                 conn.close()
-            conn.fail_inflight(Code.SERVER_DOWN, f"{self.name} is down: {reason}")
+            # Written requests may have been applied: CONNECTION_ERROR (indeterminate), never
+            # SERVER_DOWN, which promises that nothing was sent (a client may retry on it).
+            conn.fail_inflight(Code.CONNECTION_ERROR, f"{self.name} is down: {reason}")
         self.pinned.clear()
         if self._on_down is not None:
             self._on_down(self)

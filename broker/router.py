@@ -238,6 +238,8 @@ class Router:
         if self.draining:
             if not frame.noreply:
                 self.reply(peer, ident, encode_error(frame.req_id, Code.SHUTTING_DOWN, "broker is shutting down"))
+            else:
+                stats.noreply += 1  # frames in = replies + replies_dropped + noreply + dropped_frames
             return
         timeout = frame.timeout_ms / 1000.0 if frame.timeout_ms else self.default_timeout
         job = Job(self, peer, ident, frame, now + timeout)
