@@ -372,15 +372,10 @@ def from_mapping(d: Mapping[str, object]) -> Config:
             raise ConfigError(key, f"unknown key{hint}")
     merged = {**DEFAULTS, **d}
     hash_name = _choice("hash", merged["hash"])
-    secret_file = _path("curve_secret_key_file", merged["curve_secret_key_file"])
-    allowed_dir = _path("curve_allowed_clients", merged["curve_allowed_clients"])
-    if bool(secret_file) != bool(allowed_dir):
-        missing = "curve_allowed_clients" if secret_file else "curve_secret_key_file"
-        raise ConfigError(missing, "is required with CURVE: set both curve_secret_key_file and curve_allowed_clients, or neither")
     config = Config(
-        listen=_listen(merged["listen"], bool(secret_file)),
-        curve_secret_key_file=secret_file,
-        curve_allowed_clients=allowed_dir,
+        listen=_listen(merged["listen"], True),  # syntax; the loopback rule is a relation, below
+        curve_secret_key_file=_path("curve_secret_key_file", merged["curve_secret_key_file"]),
+        curve_allowed_clients=_path("curve_allowed_clients", merged["curve_allowed_clients"]),
         servers=_servers(merged["servers"], hash_name),
         hash=hash_name,
         on_server_down=_choice("on_server_down", merged["on_server_down"]),
@@ -391,6 +386,11 @@ def from_mapping(d: Mapping[str, object]) -> Config:
         metrics_listen=_metrics_listen(merged["metrics_listen"]),
         **{key: _int(key, merged[key]) for key in INT_RANGES},
     )
+    if bool(config.curve_secret_key_file) != bool(config.curve_allowed_clients):
+        missing = "curve_allowed_clients" if config.curve_secret_key_file else "curve_secret_key_file"
+        raise ConfigError(missing, "is required with CURVE: set both curve_secret_key_file and curve_allowed_clients, or neither")
+    if not config.curve:
+        _listen(merged["listen"], False)  # a non-loopback tcp address needs CURVE
     _check_relations(config)
     return config
 
@@ -401,7 +401,11 @@ def _check_key(key: str, value: object, hash_name: str) -> None:
     elif key in _CHOICES:
         _choice(key, value)
     elif key == "listen":
-        _listen(value)
+        # Syntax only: whether a non-loopback address is allowed depends on the CURVE keys, a
+        # relation that from_mapping checks once every key is valid on its own.
+        _listen(value, True)
+    elif key in ("curve_secret_key_file", "curve_allowed_clients"):
+        _path(key, value)
     elif key == "servers":
         _servers(value, hash_name)
     elif key == "coalesce_reads":
