@@ -155,6 +155,13 @@ def test_non_loopback_tcp_without_curve_refuses_to_start_before_binding(memcache
         s.bind(("0.0.0.0", port))
 
 
+def test_check_config_names_the_non_loopback_rule(tmp_path):
+    cfg = tmp_path / "remote.toml"
+    cfg.write_text(f'listen = ["tcp://0.0.0.0:{free_port()}"]\n')
+    r = _mcbroker("check-config", "--config", str(cfg))
+    assert r.returncode == 1 and "listen[0]" in r.stderr and "needs CURVE" in r.stderr
+
+
 def test_non_loopback_tcp_with_curve_passes_the_config_check(tmp_path, keys):
     cfg = tmp_path / "remote.toml"
     cfg.write_text(
@@ -169,7 +176,9 @@ def test_curve_needs_both_keys(tmp_path, keys):
     cfg = tmp_path / "half.toml"
     cfg.write_text(f'curve_secret_key_file = "{keys["server"]}"\n')
     r = _mcbroker("check-config", "--config", str(cfg))
-    assert r.returncode == 2 and "curve_allowed_clients" in r.stderr
+    assert r.returncode == 1 and "curve_allowed_clients" in r.stderr  # check-config: 1 for errors
+    r = _mcbroker("serve", "--config", str(cfg))
+    assert r.returncode == 2 and "curve_allowed_clients" in r.stderr  # serve: 2 for a bad config
 
 
 def test_a_public_key_file_is_not_a_secret_key(tmp_path, memcached, keys):
