@@ -17,6 +17,11 @@ PyMemcacheCache does, the backend defaults to ``allow_unicode_keys=True``,
 ``default_noreply=False`` and pickling serde (`clientlib.serde.pickle_serde`: bytes, str and int
 as themselves, anything else pickled), so values written by PyMemcacheCache read back and the
 reverse. TIMEOUT, KEY_PREFIX, VERSION and KEY_FUNCTION mean what they mean for every Django cache.
+The options of pymemcache's HashClient that PyMemcacheCache settings may carry (use_pooling,
+max_pool_size, pool_idle_timeout, lock_generator, retry_attempts, retry_timeout, dead_timeout,
+hasher) are accepted and have no effect, so a switch from PyMemcacheCache is two lines: the broker
+owns the memcached connections, their failover and placement. Any other unknown option is an
+InvalidCacheBackendError naming the accepted ones.
 
 Semantics are those of Django's memcached backends (django/core/cache/backends/memcached.py):
 
@@ -69,6 +74,12 @@ _CLIENT_OPTIONS = frozenset(
     name for name, p in inspect.signature(Client.__init__).parameters.items()
     if p.kind is inspect.Parameter.KEYWORD_ONLY
 )
+
+# pymemcache HashClient options that PyMemcacheCache passes on; the broker does their job.
+_HASHCLIENT_OPTIONS = frozenset({
+    "use_pooling", "max_pool_size", "pool_idle_timeout", "lock_generator", "retry_attempts",
+    "retry_timeout", "dead_timeout", "hasher",
+})
 
 _shared: dict[tuple[Any, ...], Any] = {}
 _shared_lock = threading.Lock()
@@ -126,7 +137,7 @@ class BrokerCache(BaseCache):  # type: ignore[misc]
     def __init__(self, server: Any, params: dict[str, Any]) -> None:
         super().__init__(params)
         self._url = _location(server)
-        options = dict(params.get("OPTIONS") or {})
+        options = {k: v for k, v in (params.get("OPTIONS") or {}).items() if k not in _HASHCLIENT_OPTIONS}
         unknown = sorted(set(options) - _CLIENT_OPTIONS)
         if unknown:
             raise InvalidCacheBackendError(

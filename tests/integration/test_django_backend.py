@@ -657,6 +657,11 @@ def test_options_go_to_the_client(make: Callable[..., BrokerCache]) -> None:
     assert isinstance(cache._cache, Client)
     assert cache._cache.timeout == 2.5
     assert cache._cache.allow_unicode_keys is False
+    # PyMemcacheCache's OPTIONS (HashClient pooling/failover, socket options) keep working.
+    migrated = make(OPTIONS={"use_pooling": True, "max_pool_size": 4, "retry_attempts": 2, "dead_timeout": 30,
+                             "no_delay": True, "connect_timeout": 1.0})
+    migrated.set("k", "v")
+    assert migrated.get("k") == "v"
 
 
 @pytest.mark.parametrize(
