@@ -9,9 +9,9 @@ with --preload, before the fork). memcached's connection counters show only the 
 connections, never one per worker: curr_connections stays at its value from before Gunicorn
 started, and total_connections grows only by this test's own stats probes.
 
-Request counts: 2,000 for Django sync --preload and for Flask gthread without preload (the two
-ends of the matrix), 1,000 for each of the other six, so the module stays under a minute on a
-loaded 2-vCPU machine (about 35 s measured while other agents shared it).
+Request counts: 2,000 for Django sync --preload, 700 for each of the other seven, so that the
+module stays near a minute on a 2-vCPU machine under heavy load (measured: 44 s at a load average
+of about 4, 60-70 s at 13; most of it is starting and stopping 8 workers per configuration).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ APPS = {
 WORKERS = 8
 THREADS = 16  # load client threads
 FULL = 2000
-REDUCED = 1000
-FULL_CONFIGS = {("django", "sync", True), ("flask", "gthread", False)}
+REDUCED = 700
+FULL_CONFIGS = {("django", "sync", True)}
 LOAD_DEADLINE_S = 90.0  # the load loop's bound in time (a hung server fails, never stalls)
 
 
@@ -93,7 +93,9 @@ class Gunicorn:
         if proc is None:
             return
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # graceful: the master stops its workers
+            # Quick shutdown (every response was already checked): SIGTERM's graceful stop costs
+            # seconds per run in the workers' sleep loops.
+            proc.send_signal(signal.SIGQUIT)
             try:
                 proc.wait(15)
             except subprocess.TimeoutExpired:
@@ -133,8 +135,8 @@ def test_gunicorn_serves_every_request_right(server: Gunicorn, broker: BrokerPro
     warm = Client(broker.url, timeout=5.0)
     warm.set("warm", b"1")
     warm.disconnect_all()
-    base = mc.stats()
-    probes = 0
+    watch = harness.StatsConnection(mc.address)
+    base = watch.stats()
 
     server.start()
     assert server.proc is not None
@@ -163,10 +165,8 @@ def test_gunicorn_serves_every_request_right(server: Gunicorn, broker: BrokerPro
     stop_sampling = threading.Event()
 
     def sample() -> None:
-        nonlocal probes
         while not stop_sampling.wait(0.25):
-            samples.append(int(mc.stats()["curr_connections"]))
-            probes += 1
+            samples.append(int(watch.stats()["curr_connections"]))
 
     sampler = threading.Thread(target=sample)
     sampler.start()
@@ -206,8 +206,8 @@ def test_gunicorn_serves_every_request_right(server: Gunicorn, broker: BrokerPro
     finally:
         stop_sampling.set()
         sampler.join(10)
-    end = mc.stats()
-    probes += 1
+    end = watch.stats()
+    watch.close()
     broker_servers = broker.stats()["servers"]
 
     assert not wrong, f"{len(wrong)} wrong of {total}: {wrong[:10]}\n{server.log.read_text()[-3000:]}"
@@ -219,12 +219,12 @@ def test_gunicorn_serves_every_request_right(server: Gunicorn, broker: BrokerPro
         assert boot == f"loaded by pid {master}"  # written in the master, before the fork
     else:
         assert boot.startswith("loaded by pid ") and boot != f"loaded by pid {master}"
-    # Only the broker's connections: the same count as before Gunicorn started, and no new
-    # memcached connection except this test's own stats probes.
+    # Only the broker's connections: the same count as before Gunicorn started, and memcached
+    # accepted no connection at all while Gunicorn started, served and answered.
     assert samples, "no connection sample was taken"
     assert set(samples) == {int(base["curr_connections"])}, samples
     assert int(end["curr_connections"]) == int(base["curr_connections"])
-    assert int(end["total_connections"]) - int(base["total_connections"]) == probes
+    assert int(end["total_connections"]) == int(base["total_connections"])
     assert [s["connections"] for s in broker_servers.values()] == [2]
     print(f"{server.app} {server.worker_class} preload={server.preload}: {total} requests in {elapsed:.2f}s "
           f"({total / elapsed:.0f}/s), {len(pids)} workers answered, memcached curr_connections "
