@@ -43,7 +43,7 @@ from django.core.cache.backends.base import (  # noqa: E402
 )
 from django.core.cache.backends.memcached import PyMemcacheCache  # noqa: E402
 from django.http import HttpResponse  # noqa: E402
-from django.test import Client as DjangoTestClient, override_settings  # noqa: E402
+from django.test import AsyncClient as DjangoAsyncTestClient, Client as DjangoTestClient, override_settings  # noqa: E402
 from django.urls import path  # noqa: E402
 
 import harness  # noqa: E402
@@ -66,7 +66,12 @@ def counter_view(request: Any) -> HttpResponse:
     return HttpResponse(str(caches["default"].incr("hits")))
 
 
-urlpatterns = [path("count", counter_view)]
+async def async_counter_view(request: Any) -> HttpResponse:
+    # The same through Django's async request path and the backend's native coroutines.
+    return HttpResponse(str(await caches["default"].aincr("ahits")))
+
+
+urlpatterns = [path("count", counter_view), path("acount", async_counter_view)]
 
 
 @pytest.fixture
@@ -629,6 +634,26 @@ def test_close_between_requests_opens_no_connection(broker: BrokerProcess, mc: M
     assert int(after["total_connections"]) == int(before["total_connections"])
     assert int(after["curr_connections"]) == int(before["curr_connections"])
     assert [s["connections"] for s in after_broker.values()] == [s["connections"] for s in before_broker.values()]
+
+
+def test_async_views_share_one_client(broker: BrokerProcess, mc: Memcached) -> None:
+    caches_setting = {"default": {"BACKEND": "clientlib.django.BrokerCache", "LOCATION": broker.url}}
+
+    async def requests() -> list[bytes]:
+        web = DjangoAsyncTestClient()
+        replies = await asyncio.gather(*(web.get("/acount") for _ in range(30)))
+        return [r.content for r in replies]
+
+    with override_settings(CACHES=caches_setting):
+        caches["default"].set("ahits", 0)
+        with harness.StatsConnection(mc.address) as watch:
+            before = watch.stats()
+            bodies = asyncio.run(requests())
+            after = watch.stats()
+    # Concurrent requests, each in its own async context (so each with its own backend
+    # instance), all counted once, and memcached saw no new connection.
+    assert sorted(int(b) for b in bodies) == list(range(1, 31))
+    assert int(after["total_connections"]) == int(before["total_connections"])
 
 
 def test_djangos_own_backend_reconnects_after_close(mc: Memcached) -> None:
