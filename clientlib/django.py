@@ -60,6 +60,7 @@ from django.core.cache.backends.base import (  # type: ignore[import-untyped]
     memcache_key_warnings,
 )
 
+from . import address
 from .client import AsyncClient, Client
 from .errors import MemcacheIllegalInputError
 from .keys import MAX_KEY_LENGTH
@@ -81,7 +82,7 @@ _HASHCLIENT_OPTIONS = frozenset({
     "retry_timeout", "dead_timeout", "hasher",
 })
 
-_shared: dict[tuple[Any, ...], Any] = {}
+_shared: dict[tuple[Any, ...], tuple[Any, dict[str, Any]]] = {}
 _shared_lock = threading.Lock()
 
 
@@ -94,15 +95,17 @@ def _identity(value: Any) -> Any:
 
 
 def _shared_client(cls: type[Any], url: str | None, options: Mapping[str, Any]) -> Any:
-    """One client per (class, address, options) in this process."""
+    """One client per (class, address, options) in this process. An empty address is resolved
+    first ($MCBROKER_URL or the default socket), so a changed environment gets its own client."""
+    url = url or address.default_connect_url()
     key = (cls, url, tuple(sorted((name, _identity(v)) for name, v in options.items())))
     with _shared_lock:
-        client = _shared.get(key)
-        if client is None:
-            client = _shared[key] = cls(url, **options)
-            # Keeps unhashable option values (keyed by id above) alive as long as the entry.
-            client._django_options = dict(options)
-        return client
+        entry = _shared.get(key)
+        if entry is None:
+            # The options are kept with the client: unhashable values are keyed by id above,
+            # and must stay alive as long as the entry.
+            entry = _shared[key] = (cls(url, **options), dict(options))
+        return entry[0]
 
 
 def _location(server: Any) -> str | None:

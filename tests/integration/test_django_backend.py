@@ -716,6 +716,12 @@ def test_empty_location_uses_clientlib_default(broker: BrokerProcess, monkeypatc
         assert cache._cache.broker_url == broker.url
     single = BrokerCache([broker.url], {})
     assert single.get("k") is True
+    # The default is read when the backend is made, not once per process.
+    monkeypatch.setenv("MCBROKER_URL", "tcp://127.0.0.1:1")
+    assert BrokerCache("", {})._cache.broker_url == "tcp://127.0.0.1:1"
+    monkeypatch.setenv("MCBROKER_URL", "memcached:11211")
+    with pytest.raises(InvalidCacheBackendError, match="MCBROKER_URL"):
+        BrokerCache("", {})
 
 
 def test_caches_setting_end_to_end(broker: BrokerProcess) -> None:
