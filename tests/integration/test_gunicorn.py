@@ -6,8 +6,9 @@ The responses depend on cached values: a write read back (/put), a value compute
 by every worker (/square), an atomic counter shared by every worker (/hit: the answers must be
 exactly 1..N), and the value the app wrote while loading (/boot: written by the master process
 with --preload, before the fork). memcached's connection counters show only the broker's
-connections, never one per worker: curr_connections stays at its value from before Gunicorn
-started, and total_connections grows only by this test's own stats probes.
+connections, never one per worker: watched through one stats connection kept open,
+curr_connections stays at its value from before Gunicorn started (the broker's 2 plus the
+watcher) and total_connections does not move at all.
 
 Request counts: 2,000 for Django sync --preload, 700 for each of the other seven, so that the
 module stays near a minute on a 2-vCPU machine under heavy load (measured: 44 s at a load average
