@@ -33,7 +33,15 @@ Semantics are those of Django's memcached backends (django/core/cache/backends/m
   longer than memcached's 250 bytes.
 - set: a store that fails removes the key's old value (memcached's rule for a too-large set).
   set_many returns the keys that were not stored. incr/decr raise ValueError for a missing key
-  and are atomic (memcached's incr/decr). get_or_set is Django's get, add, get.
+  and are atomic (memcached's incr/decr).
+- get_or_set is herd-safe: `Client.get_or_set` (memcached's leases, clientlib/lease.py), so a
+  missing value is computed by one caller among all workers; the others wait for it (at most
+  3 s, then compute it themselves without storing). Django's rules hold: `default` is called
+  only if callable and only on a miss, `version` and `timeout` as for set (timeout 0: the value
+  is returned and not kept). While the value is being computed, the key holds memcached's empty
+  lease placeholder; this backend reads it as a miss (get, get_many, has_key), and never writes
+  an empty item itself (b"" is stored pickled), so the two cannot be confused. add() of the key
+  during that computation returns False, as for a key being written.
 - close() does nothing and costs nothing: the broker channel is shared and reconnects by itself
   (Django calls close() after every request; PyMemcacheCache then reconnects to every server).
 - the a* methods (aget, aset, ...) are native coroutines on `clientlib.AsyncClient`, not
@@ -47,6 +55,7 @@ Errors are clientlib's (`clientlib.errors`); nothing is swallowed, as in Django'
 from __future__ import annotations
 
 import inspect
+import pickle
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -64,7 +73,7 @@ from . import address
 from .client import AsyncClient, Client
 from .errors import MemcacheIllegalInputError
 from .keys import MAX_KEY_LENGTH
-from .serde import pickle_serde
+from .serde import FLAG_PICKLE, Serde, pickle_serde
 
 __all__ = ["BrokerCache"]
 
@@ -94,6 +103,37 @@ def _identity(value: Any) -> Any:
     return value
 
 
+class _Placeholder:
+    """What an empty item with client flags 0 decodes to: get_or_set's lease placeholder."""
+
+    __slots__ = ()
+
+
+_PLACEHOLDER = _Placeholder()
+
+
+class LeaseAwareSerde:
+    """The backend's serde around the configured one (default: pickle_serde): an empty item with
+    flags 0 is memcached's lease placeholder for a value get_or_set is computing (meta `mg N`),
+    so it decodes to a marker the backend reads as a miss; and b"" itself is stored pickled, so
+    no value of ours ever looks like a placeholder."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Serde) -> None:
+        self.inner = inner
+
+    def serialize(self, key: Any, value: Any) -> tuple[bytes, int]:
+        if type(value) is bytes and not value:
+            return pickle.dumps(value, pickle.HIGHEST_PROTOCOL), FLAG_PICKLE
+        return self.inner.serialize(key, value)
+
+    def deserialize(self, key: Any, value: bytes, flags: int) -> Any:
+        if flags == 0 and not value:
+            return _PLACEHOLDER
+        return self.inner.deserialize(key, value, flags)
+
+
 def _shared_client(cls: type[Any], url: str | None, options: Mapping[str, Any]) -> Any:
     """One client per (class, address, options) in this process. An empty address is resolved
     first ($MCBROKER_URL or the default socket), so a changed environment gets its own client."""
@@ -102,9 +142,10 @@ def _shared_client(cls: type[Any], url: str | None, options: Mapping[str, Any]) 
     with _shared_lock:
         entry = _shared.get(key)
         if entry is None:
+            made = {**options, "serde": LeaseAwareSerde(options["serde"])}
             # The options are kept with the client: unhashable values are keyed by id above,
             # and must stay alive as long as the entry.
-            entry = _shared[key] = (cls(url, **options), dict(options))
+            entry = _shared[key] = (cls(url, **made), dict(options))
         return entry[0]
 
 
@@ -120,6 +161,11 @@ def _location(server: Any) -> str | None:
     if ";" in server or "," in server:
         raise InvalidCacheBackendError(_ONE_ADDRESS % (server,))
     return server.strip() or None
+
+
+def _as_callable(default: Any) -> Any:
+    # Django calls `default` only if it is callable; anything else is the value itself.
+    return default if callable(default) else (lambda: default)
 
 
 _ONE_ADDRESS = (
@@ -198,7 +244,8 @@ class BrokerCache(BaseCache):  # type: ignore[misc]
         return bool(self._cache.add(self._key(key, version), value, self.get_backend_timeout(timeout)))
 
     def get(self, key: Any, default: Any = None, version: Any = None) -> Any:
-        return self._cache.get(self._key(key, version), default)
+        value = self._cache.get(self._key(key, version), default)
+        return default if value is _PLACEHOLDER else value
 
     def set(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> None:
         k = self._key(key, version)
@@ -216,7 +263,7 @@ class BrokerCache(BaseCache):  # type: ignore[misc]
     def get_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
         made = {self._key(k, version): k for k in keys}
         found = self._cache.get_multi(made.keys())
-        return {made[k]: v for k, v in found.items()}
+        return {made[k]: v for k, v in found.items() if v is not _PLACEHOLDER}
 
     def set_many(self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> list[Any]:
         """Store every item; the caller's keys that were not stored."""
@@ -242,17 +289,11 @@ class BrokerCache(BaseCache):  # type: ignore[misc]
         return int(value)
 
     def get_or_set(self, key: Any, default: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> Any:
-        """Django's get_or_set: the cached value; on a miss, `default` (called if callable) is
-        added and the value then in the cache returned (another writer's, if it won the add)."""
-        k = self._key(key, version)
-        value = self._cache.get(k, self._missing_key)
-        if value is self._missing_key:
-            if callable(default):
-                default = default()
-            self._cache.add(k, default, self.get_backend_timeout(timeout))
-            # Read back: a concurrent add may have won.
-            value = self._cache.get(k, default)
-        return value
+        """Django's get_or_set, herd-safe: the cached value; on a miss `default` (called if
+        callable) is stored for `timeout` and returned, computed by one caller among all workers
+        while the others wait for it (`Client.get_or_set`)."""
+        return self._cache.get_or_set(self._key(key, version), _as_callable(default),
+                                      self.get_backend_timeout(timeout))
 
     def clear(self) -> None:
         """flush_all on every memcached server behind the broker (as Django's memcached backends:
@@ -269,7 +310,8 @@ class BrokerCache(BaseCache):  # type: ignore[misc]
         return bool(await self._acache.add(self._key(key, version), value, self.get_backend_timeout(timeout)))
 
     async def aget(self, key: Any, default: Any = None, version: Any = None) -> Any:
-        return await self._acache.get(self._key(key, version), default)
+        value = await self._acache.get(self._key(key, version), default)
+        return default if value is _PLACEHOLDER else value
 
     async def aset(self, key: Any, value: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> None:
         k = self._key(key, version)
@@ -285,7 +327,7 @@ class BrokerCache(BaseCache):  # type: ignore[misc]
     async def aget_many(self, keys: Iterable[Any], version: Any = None) -> dict[Any, Any]:
         made = {self._key(k, version): k for k in keys}
         found = await self._acache.get_multi(made.keys())
-        return {made[k]: v for k, v in found.items()}
+        return {made[k]: v for k, v in found.items() if v is not _PLACEHOLDER}
 
     async def aset_many(self, data: Mapping[Any, Any], timeout: Any = DEFAULT_TIMEOUT,
                         version: Any = None) -> list[Any]:
@@ -315,14 +357,8 @@ class BrokerCache(BaseCache):  # type: ignore[misc]
         return await self.aincr(key, -delta, version=version)
 
     async def aget_or_set(self, key: Any, default: Any, timeout: Any = DEFAULT_TIMEOUT, version: Any = None) -> Any:
-        k = self._key(key, version)
-        value = await self._acache.get(k, self._missing_key)
-        if value is self._missing_key:
-            if callable(default):
-                default = default()
-            await self._acache.add(k, default, self.get_backend_timeout(timeout))
-            value = await self._acache.get(k, default)
-        return value
+        return await self._acache.get_or_set(self._key(key, version), _as_callable(default),
+                                             self.get_backend_timeout(timeout))
 
     async def aclear(self) -> None:
         await self._acache.flush_all()

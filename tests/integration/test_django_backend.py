@@ -531,17 +531,67 @@ def test_get_or_set(cache: BrokerCache, mc: Memcached) -> None:
     assert cache.get("gone") is None
 
 
-def test_get_or_set_returns_the_winners_value(cache: BrokerCache, make: Callable[..., BrokerCache]) -> None:
-    # Another writer adds between our miss and our add: the stored value wins (Django's
-    # test_get_or_set_racing, without mocks: the callable itself is the other writer).
+def test_get_or_set_while_computing_the_key_reads_as_a_miss(cache: BrokerCache, make: Callable[..., BrokerCache]) -> None:
+    # While one caller computes, memcached holds an empty lease placeholder under the key: the
+    # backend's reads see a miss, as Django's would; an add() finds the key taken.
     other = make()
+    seen: dict[str, Any] = {}
 
-    def slow_default() -> str:
-        other.add("race", "theirs")
+    def compute() -> str:
+        seen["get"] = other.get("race", "absent")
+        seen["has_key"] = other.has_key("race")
+        seen["get_many"] = other.get_many(["race"])
+        seen["aget"] = asyncio.run(other.aget("race", "absent"))
+        seen["add"] = other.add("race", "theirs")
         return "ours"
 
-    assert cache.get_or_set("race", slow_default) == "theirs"
-    assert cache.get("race") == "theirs"
+    assert cache.get_or_set("race", compute) == "ours"
+    assert seen == {"get": "absent", "has_key": False, "get_many": {}, "aget": "absent", "add": False}
+    assert cache.get("race") == "ours"
+
+
+def test_get_or_set_is_herd_safe(make: Callable[..., BrokerCache]) -> None:
+    import threading
+
+    calls: list[int] = []
+    results: list[Any] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def expensive() -> str:
+        with lock:
+            calls.append(1)
+        time.sleep(0.3)
+        return "computed"
+
+    def worker() -> None:
+        try:
+            value = make().get_or_set("hot", expensive, timeout=60)
+            with lock:
+                results.append(value)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert results == ["computed"] * 8
+    assert len(calls) == 1  # one caller computed; seven waited for its value
+
+
+def test_empty_bytes_are_a_value_not_a_placeholder(cache: BrokerCache, mc: Memcached) -> None:
+    cache.set("empty", b"")
+    assert cache.get("empty", "dflt") == b""
+    assert cache.get_many(["empty"]) == {"empty": b""}
+    assert cache.get_or_set("empty", lambda: pytest.fail("computed")) == b""
+    theirs = PyMemcacheCache(mc.address, {})
+    try:
+        assert theirs.get("empty", "dflt") == b""
+    finally:
+        theirs._cache.disconnect_all()
 
 
 # --- async --------------------------------------------------------------------------------------
