@@ -24,7 +24,7 @@ from clientlib.wire import Code, Op
 from . import meta
 from .health import Health, State, backoff
 from .meta import Status
-from .pipeline import TEXT, Batch, OutOfStep, Pipeline, Read
+from .pipeline import TEXT, Batch, OutOfStep, Pipeline
 
 log = logging.getLogger("mcbroker.pipeline")
 
@@ -106,14 +106,15 @@ class _Settings:
 class Connection:
     __slots__ = (
         "server", "sock", "state", "pipeline", "since", "connect_started", "reconnect_at", "attempt",
-        "want_write", "probe", "sample_t",
+        "want_write", "probe", "sample_t", "no",
     )
 
-    def __init__(self, server: "Server") -> None:
+    def __init__(self, server: "Server", no: int = 0) -> None:
         self.server = server
+        self.no = no  # its index among the server's connections: part of its reads' tags
         self.sock: socket.socket | None = None
         self.state = DISCONNECTED
-        self.pipeline = Pipeline(MAX_ITEM_SIZE, server.unpin, server.reads)
+        self.pipeline = Pipeline(MAX_ITEM_SIZE, server.unpin, server.reads, server.joiners, no)
         self.since = 0.0  # last progress: a read, or the first request after idle
         self.connect_started = 0.0
         self.reconnect_at = 0.0
@@ -149,7 +150,9 @@ class Connection:
         self.connect_started = now
         self.want_write = True
         # The settings answer comes first and sets the exact bound; until then, the last one known.
-        self.pipeline = Pipeline(self.server.item_size_max or MAX_ITEM_SIZE, self.server.unpin, self.server.reads)
+        self.pipeline = Pipeline(
+            self.server.item_size_max or MAX_ITEM_SIZE, self.server.unpin, self.server.reads, self.server.joiners, self.no
+        )
         self.push(Batch(_Settings(self), [0], [int(Op.STATS)], None, TEXT, _STATS_EXPECT), _SETTINGS, now, internal=True)
         rc = sock.connect_ex(target)
         self.server.io.watch(self)
@@ -347,9 +350,11 @@ class Server:
         self.item_size_max: int | None = None
         self.cas_enabled = True
         self.now = 0.0
-        # key -> the plain get of it in flight that later plain gets may join (read coalescing).
-        self.reads: dict[bytes, Read] = {}
-        self.conns = [Connection(self) for _ in range(connections)]
+        # Read coalescing (pipeline.py, `tag_of`): key -> tag of the plain get of it in flight that
+        # later plain gets may join; tag -> the waiters that joined it.
+        self.reads: dict[bytes, int] = {}
+        self.joiners: dict[int, list[Any]] = {}
+        self.conns = [Connection(self, no) for no in range(connections)]
         # key -> [connection, requests in flight]: later requests for a key follow earlier ones, so
         # a worker's own writes are never overtaken by its own later reads on another connection.
         self.pinned: dict[bytes, list[Any]] = {}

@@ -17,7 +17,7 @@ from clientlib.wire import Code, Op, RequestFrame, WireError, decode_request, en
 
 from . import meta
 from .connection import Budget, Connection, Server
-from .pipeline import TEXT, Batch, Read
+from .pipeline import TAG_BITS, TEXT, Batch
 from .meta import encode_get
 from .translate import BROADCAST, TEXT_EXPECT, UNLINK_TOO_LARGE, encode_op, encode_text, too_large
 
@@ -26,7 +26,7 @@ log = logging.getLogger("mcbroker.router")
 Send = Callable[[Any, bytes, bytes], bool]
 # One frame's requests bound for one connection: op indices, op codes, pinned keys, encoded
 # requests, joinable reads.
-_Group = tuple[list[int], list[int], list[bytes | None], list[bytes], list["Read | None"]]
+_Group = tuple[list[int], list[int], list[bytes | None], list[bytes], list[bytes | None]]
 
 # A deadline missed while the server had answered nothing for this long is a failure of the server.
 SILENT_FAILURE = 0.1
@@ -36,6 +36,7 @@ _SET = int(Op.SET)
 _CAS = int(Op.CAS)
 _VERSION = int(Op.VERSION)
 _FLUSH_ALL = int(Op.FLUSH_ALL)
+_CONN_MASK = (1 << TAG_BITS) - 1
 
 
 class RouterStats:
@@ -267,15 +268,19 @@ class Router:
             # Reads follow a key's writes in flight onto their connection, so a worker's own write
             # is never overtaken by its own later read; only writes pin a key.
             pin: bytes | None = None
-            read: Read | None = None
+            joinable: bytes | None = None
             if code <= _GETS:
                 if code == _GET and coalesce:
-                    read = server.reads.get(key)
-                    if read is not None:
+                    tag = server.reads.get(key)
+                    if tag is not None:
                         # A get of this key is in flight and no write of it came since: its
                         # response answers this one too, and nothing more goes to memcached.
-                        read += (job, i)
-                        read[0].inflight += 1
+                        joined = server.joiners.get(tag)
+                        if joined is None:
+                            server.joiners[tag] = [job, i]
+                        else:
+                            joined += (job, i)
+                        server.conns[tag & _CONN_MASK].pipeline.inflight += 1
                         server.inflight_n += 1
                         budget.inflight += 1
                         job.where[i] = server
@@ -341,16 +346,17 @@ class Router:
             if code == _GET:
                 upstream += 1
                 if coalesce:
-                    read = server.reads[key] = [pipeline, key]
+                    server.reads[key] = (opaque << TAG_BITS) | conn.no
+                    joinable = key
             g = groups.get(conn)
             if g is None:
-                groups[conn] = ([i], [code], [pin], [req], [read])
+                groups[conn] = ([i], [code], [pin], [req], [joinable])
             else:
                 g[0].append(i)
                 g[1].append(code)
                 g[2].append(pin)
                 g[3].append(req)
-                g[4].append(read)
+                g[4].append(joinable)
         self.stats.gets_upstream += upstream
         self._push(job, groups, now)
         # A job whose every op was answered on the spot (refused, local) has already replied.
@@ -395,24 +401,24 @@ class Router:
         server.inflight_n += n
         budget.inflight += n
         job.where = [server] * n
-        read_list: list[Read | None] | None = None
+        joinable: list[bytes | None] | None = None
         if self.coalesce:
-            joinable: list[Read] = [[pipeline, k] for k in keys]
-            reads.update(zip(keys, joinable))
-            read_list = cast("list[Read | None]", joinable)
+            no = conn.no
+            reads.update(zip(keys, range((first << TAG_BITS) | no, ((first + n) << TAG_BITS) | no, 1 << TAG_BITS)))
+            joinable = cast("list[bytes | None]", keys)
         self.stats.gets_upstream += n
         conn.push(
-            Batch(job, list(range(n)), [_GET] * n, None, first, None, read_list),
+            Batch(job, list(range(n)), [_GET] * n, None, first, None, joinable),
             meta.encode_gets(keys, first), now, reserved=True,
         )
         return True
 
     @staticmethod
     def _push(job: Job, groups: dict[Connection, _Group], now: float) -> None:
-        for conn, (indices, codes, pins, reqs, read_list) in groups.items():
+        for conn, (indices, codes, pins, reqs, gets) in groups.items():
             first = conn.pipeline.seq - len(indices) + 1
             keys = pins if any(k is not None for k in pins) else None
-            joinable = read_list if any(r is not None for r in read_list) else None
+            joinable = gets if any(k is not None for k in gets) else None
             conn.push(Batch(job, indices, codes, keys, first, None, joinable), b"".join(reqs), now, reserved=True)
 
     def _place(self, job: Job, i: int, key: bytes) -> Server | None:
