@@ -27,7 +27,7 @@ from broker import service
 from broker.service import DRAIN_SECONDS, IDLE_POLL_MS, Broker
 from clientlib.wire import Code, Op, decode_reply, encode_request
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # in-process, but with real ZeroMQ and TCP sockets
 
 
 def closed_port() -> int:
