@@ -58,6 +58,7 @@ class Config:
     max_inflight_total: int
     max_buffered_bytes: int
     max_batch_per_turn: int
+    coalesce_reads: bool
     log_level: str
 
     def listen_urls(self) -> tuple[str, ...]:
@@ -99,6 +100,7 @@ DEFAULTS: Mapping[str, object] = MappingProxyType(
         "max_inflight_total": 262144,
         "max_buffered_bytes": 268435456,
         "max_batch_per_turn": 4096,
+        "coalesce_reads": True,
         "log_level": "info",
     }
 )
@@ -154,6 +156,13 @@ def _int(key: str, value: object) -> int:
     low, high = INT_RANGES[key]
     if not low <= value <= high:
         raise ConfigError(key, f"{value} is out of range {low}..{high}")
+    return value
+
+
+def _bool(key: str, value: object) -> bool:
+    # TOML has real booleans; "yes" or 1 is a mistake worth naming, not a truthy value.
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {_type_name(value)} {value!r}")
     return value
 
 
@@ -295,6 +304,7 @@ def from_mapping(d: Mapping[str, object]) -> Config:
         hash=hash_name,
         on_server_down=_choice("on_server_down", merged["on_server_down"]),
         log_level=_choice("log_level", merged["log_level"]),
+        coalesce_reads=_bool("coalesce_reads", merged["coalesce_reads"]),
         **{key: _int(key, merged[key]) for key in INT_RANGES},
     )
     _check_relations(config)

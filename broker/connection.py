@@ -24,7 +24,7 @@ from clientlib.wire import Code, Op
 from . import meta
 from .health import Health, State, backoff
 from .meta import Status
-from .pipeline import TEXT, Batch, OutOfStep, Pipeline
+from .pipeline import TEXT, Batch, OutOfStep, Pipeline, Read
 
 log = logging.getLogger("mcbroker.pipeline")
 
@@ -113,7 +113,7 @@ class Connection:
         self.server = server
         self.sock: socket.socket | None = None
         self.state = DISCONNECTED
-        self.pipeline = Pipeline(MAX_ITEM_SIZE, server.unpin)
+        self.pipeline = Pipeline(MAX_ITEM_SIZE, server.unpin, server.reads)
         self.since = 0.0  # last progress: a read, or the first request after idle
         self.connect_started = 0.0
         self.reconnect_at = 0.0
@@ -149,7 +149,7 @@ class Connection:
         self.connect_started = now
         self.want_write = True
         # The settings answer comes first and sets the exact bound; until then, the last one known.
-        self.pipeline = Pipeline(self.server.item_size_max or MAX_ITEM_SIZE, self.server.unpin)
+        self.pipeline = Pipeline(self.server.item_size_max or MAX_ITEM_SIZE, self.server.unpin, self.server.reads)
         self.push(Batch(_Settings(self), [0], [int(Op.STATS)], None, TEXT, _STATS_EXPECT), _SETTINGS, now, internal=True)
         rc = sock.connect_ex(target)
         self.server.io.watch(self)
@@ -347,6 +347,8 @@ class Server:
         self.item_size_max: int | None = None
         self.cas_enabled = True
         self.now = 0.0
+        # key -> the plain get of it in flight that later plain gets may join (read coalescing).
+        self.reads: dict[bytes, Read] = {}
         self.conns = [Connection(self) for _ in range(connections)]
         # key -> [connection, requests in flight]: later requests for a key follow earlier ones, so
         # a worker's own writes are never overtaken by its own later reads on another connection.

@@ -145,9 +145,14 @@ class Set:
 
 @dataclass(frozen=True, slots=True)
 class Delete:
+    """`md`; with `invalidate` (I) the item is marked stale instead of removed, its TTL set to `ttl`
+    (T): the next `mg` with N or R wins the right to recompute and gets the stale value (X W)."""
+
     key: bytes
     opaque: Opaque = None
     cas: int | None = None
+    invalidate: bool = False
+    ttl: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +318,10 @@ def encode(req: Request) -> bytes:
         out = _key_part(b"md ", req.key)
         if req.cas is not None:
             out += b" C%d" % _uint(req.cas, "cas", _U64)
+        if req.invalidate:
+            out += b" I"
+        if req.ttl is not None:
+            out += b" T%d" % _ttl(req.ttl, "ttl")
         return out + _opaque(req.opaque) + b"\r\n"
     if type(req) is Arith:
         out = _key_part(b"ma ", req.key)

@@ -68,15 +68,23 @@ class OutOfStep(Exception):
         self.answered = answered
 
 
+# A plain get in flight that later gets of the same key may join (read coalescing):
+# [pipeline, key, waiter, index, waiter, index, ...]. A flat list, not an object: one is made for
+# every coalescable get, and joiners are the rare case.
+Read = list[Any]
+
+
 class Batch:
     """Consecutive requests on one connection for one waiter: a frame's ops bound here, or one
-    text command. Request j carries opaque `first + j` (TEXT: none) and answers `indices[j]`."""
+    text command. Request j carries opaque `first + j` (TEXT: none) and answers `indices[j]`.
+    `reads[j]`, when given, is the `Read` that other waiters may join while request j (a plain
+    get) is in flight; its answer goes to them too."""
 
-    __slots__ = ("waiter", "indices", "ops", "keys", "first", "expect")
+    __slots__ = ("waiter", "indices", "ops", "keys", "first", "expect", "reads")
 
     def __init__(
         self, waiter: Waiter, indices: list[int], ops: list[int], keys: list[bytes | None] | None,
-        first: int, expect: frozenset[Status] | None = None,
+        first: int, expect: frozenset[Status] | None = None, reads: list[Read | None] | None = None,
     ) -> None:
         self.waiter = waiter
         self.indices = indices
@@ -84,6 +92,7 @@ class Batch:
         self.keys = keys  # per request, the pinned key to release when it is answered (or None)
         self.first = first
         self.expect = expect
+        self.reads = reads
 
 
 class _NoWaiter:
@@ -108,10 +117,13 @@ _SERVER_ERROR = Code.SERVER_ERROR
 class Pipeline:
     __slots__ = (
         "parser", "queue", "head", "out", "seq", "inflight", "held", "proven", "risky", "unfenced", "unflushed",
-        "answered", "_release",
+        "answered", "_release", "reads",
     )
 
-    def __init__(self, max_value_len: int, release: Callable[[bytes], None] | None = None) -> None:
+    def __init__(
+        self, max_value_len: int, release: Callable[[bytes], None] | None = None,
+        reads: dict[bytes, Read] | None = None,
+    ) -> None:
         self.parser = meta.ResponseParser(max_value_len)
         self.queue: deque[Batch] = deque()
         self.head = 0  # responses already matched in queue[0]
@@ -125,6 +137,9 @@ class Pipeline:
         self.unfenced = False
         self.unflushed = 0  # requests in `out` since the last sent()
         self._release = release
+        # The server's table of joinable reads (shared by its connections): an answered get leaves
+        # it, so nothing joins a read whose response has already gone by.
+        self.reads: dict[bytes, Read] = reads if reads is not None else {}
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -183,6 +198,7 @@ class Pipeline:
         queue = self.queue
         held = self.held
         release = self._release
+        reads = self.reads
         j = self.head
         proven = self.proven
         risky = self.risky
@@ -235,6 +251,14 @@ class Pipeline:
                     # proven by an answer that carries an opaque, never by an error or text line.
                     risky = value is not None and b"\r\n" in value
                     held.append((batch.waiter, batch.indices[j], result))
+                    if batch.reads is not None:
+                        read = batch.reads[j]
+                        if read is not None:
+                            # Answered: nothing may join it any more; its joiners share the answer.
+                            if reads.get(read[1]) is read:
+                                del reads[read[1]]
+                            if len(read) > 2:
+                                done += _joiners(read, result, held)
                 else:
                     if risky:
                         raise OutOfStep(f"{item.status.name} after a value holding CRLF: the stream cannot be proven in step")
@@ -243,10 +267,15 @@ class Pipeline:
                         # memcached may have read our data as commands: this reply is the request's
                         # own; nothing after it can be trusted.
                         index = batch.indices[j]
+                        joined: list[tuple[Waiter, int, list[Any]]] = [(batch.waiter, index, result)]
+                        read = batch.reads[j] if batch.reads is not None else None
+                        if read is not None:
+                            self.inflight -= self._forget(read, result, joined)
                         self._answered(batch, j, release)
                         j = self.head
-                        if not batch.waiter.done:
-                            batch.waiter.fail(index, result[0], result[1])
+                        for waiter, index, result in joined:
+                            if not waiter.done:
+                                waiter.fail(index, result[0], result[1])
                         raise OutOfStep(reset, answered=True)
                     if batch.first == TEXT:
                         # Not a cache value (stats, version, flush_all): it needs no proof.
@@ -255,6 +284,9 @@ class Pipeline:
                     else:
                         answered += 1  # its own error line: the server answered it, in step
                         held.append((batch.waiter, batch.indices[j], result))
+                        read = batch.reads[j] if batch.reads is not None else None
+                        if read is not None:
+                            done += self._forget(read, result, held)
                 done += 1
                 keys = batch.keys
                 if keys is not None and release is not None:
@@ -302,6 +334,14 @@ class Pipeline:
             return text_result(op, resp), None
         raise OutOfStep(f"unexpected {status.name} for {op_name(op)}")
 
+    def _forget(self, read: Read, result: list[Any] | None, out: list[tuple[Waiter, int, list[Any]]]) -> int:
+        """`read` was answered (or failed): take it out of the table, and put its joiners with
+        `result` on `out`. Returns how many joined."""
+        reads = self.reads
+        if reads.get(read[1]) is read:
+            del reads[read[1]]
+        return _joiners(read, result, out)
+
     def release_held(self) -> None:
         """Deliver the held results that a later response or fence proved."""
         n = self.proven
@@ -327,6 +367,7 @@ class Pipeline:
         queue, self.queue = self.queue, deque()
         head, self.head = self.head, 0
         release = self._release
+        joined: list[tuple[Waiter, int, list[Any]]] = []
         for batch in queue:
             if batch.waiter is _NO_WAITER:
                 continue
@@ -335,7 +376,11 @@ class Pipeline:
                 if key is not None and release is not None:
                     release(key)
                 failed.append((batch.waiter, batch.indices[j]))
+                read = batch.reads[j] if batch.reads is not None else None
+                if read is not None:
+                    self._forget(read, None, joined)
             head = 0
+        failed.extend((w, i) for w, i, _ in joined)
         n = self.inflight
         self.inflight = 0
         self.out.clear()
@@ -345,6 +390,13 @@ class Pipeline:
             if not waiter.done:
                 waiter.fail(index, code, reason)
         return n
+
+
+def _joiners(read: Read, result: Any, out: list[tuple[Waiter, int, Any]]) -> int:
+    """Put each waiter that joined `read` on `out` with `result`; returns how many."""
+    for k in range(2, len(read), 2):
+        out.append((read[k], read[k + 1], result))
+    return (len(read) - 2) // 2
 
 
 def _describe(item: Any) -> str:

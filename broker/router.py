@@ -10,20 +10,23 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from clientlib.limits import item_fits
 from clientlib.wire import Code, Op, RequestFrame, WireError, decode_request, encode_error, encode_reply
 
 from . import meta
 from .connection import Budget, Connection, Server
-from .pipeline import TEXT, Batch
+from .pipeline import TEXT, Batch, Read
 from .meta import encode_get
 from .translate import BROADCAST, TEXT_EXPECT, UNLINK_TOO_LARGE, encode_op, encode_text, too_large
 
 log = logging.getLogger("mcbroker.router")
 
 Send = Callable[[Any, bytes, bytes], bool]
+# One frame's requests bound for one connection: op indices, op codes, pinned keys, encoded
+# requests, joinable reads.
+_Group = tuple[list[int], list[int], list[bytes | None], list[bytes], list["Read | None"]]
 
 # A deadline missed while the server had answered nothing for this long is a failure of the server.
 SILENT_FAILURE = 0.1
@@ -32,18 +35,22 @@ _GETS = int(Op.GETS)
 _SET = int(Op.SET)
 _CAS = int(Op.CAS)
 _VERSION = int(Op.VERSION)
+_FLUSH_ALL = int(Op.FLUSH_ALL)
 
 
 class RouterStats:
     __slots__ = (
         "frames", "ops", "ok", "miss", "errors", "timeouts", "overloaded", "bad_frames",
-        "dropped_frames", "replies", "replies_dropped", "noreply", "internal_errors",
+        "dropped_frames", "replies", "replies_dropped", "noreply", "internal_errors", "gets_upstream",
+        "gets_coalesced",
     )
 
     def __init__(self) -> None:
         self.frames = self.ops = self.ok = self.miss = self.errors = self.timeouts = 0
         self.overloaded = self.bad_frames = self.dropped_frames = self.replies = 0
         self.replies_dropped = self.noreply = self.internal_errors = 0
+        # Plain gets sent to memcached, and plain gets answered by joining one already in flight.
+        self.gets_upstream = self.gets_coalesced = 0
 
     def snapshot(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -170,6 +177,7 @@ class Router:
         max_value: int,
         remap: bool,
         local: Callable[[int], Any],
+        coalesce: bool = True,
     ) -> None:
         self.budget = budget
         self._send = send
@@ -177,6 +185,7 @@ class Router:
         self.max_frame = max_frame
         self.max_value = max_value
         self.remap = remap
+        self.coalesce = coalesce
         self.local = local  # answers PING and BROKER_STATS
         self.stats = RouterStats()
         self.servers: list[Server] = []
@@ -228,9 +237,11 @@ class Router:
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
             return
         # The frame's requests bound for one connection go as one batch: one join, one FIFO entry.
-        groups: dict[Connection, tuple[list[int], list[int], list[bytes | None], list[bytes]]] = {}
+        groups: dict[Connection, _Group] = {}
         budget = self.budget
         single = self.single if not self.down else None
+        coalesce = self.coalesce
+        upstream = 0
         for i, op in enumerate(ops):
             code = op[0]
             if code >= _VERSION:
@@ -256,7 +267,20 @@ class Router:
             # Reads follow a key's writes in flight onto their connection, so a worker's own write
             # is never overtaken by its own later read; only writes pin a key.
             pin: bytes | None = None
+            read: Read | None = None
             if code <= _GETS:
+                if code == _GET and coalesce:
+                    read = server.reads.get(key)
+                    if read is not None:
+                        # A get of this key is in flight and no write of it came since: its
+                        # response answers this one too, and nothing more goes to memcached.
+                        read += (job, i)
+                        read[0].inflight += 1
+                        server.inflight_n += 1
+                        budget.inflight += 1
+                        job.where[i] = server
+                        self.stats.gets_coalesced += 1
+                        continue
                 entry = server.pinned.get(key) if server.pinned else None
                 if entry is not None:
                     conn = entry[0]
@@ -280,6 +304,10 @@ class Router:
                         continue
                 conn = server.pick(key, now)
                 pin = key
+                if server.reads:
+                    # A get that arrives after this write must not be answered by a response
+                    # requested before it: close the key's read to joiners.
+                    server.reads.pop(key, None)
             if conn is None:
                 job.fail(i, Code.CONNECTION_ERROR, f"no connection to {server.name}: {server.health.last_error or 'connecting'}")
                 continue
@@ -310,14 +338,20 @@ class Router:
             server.inflight_n += 1
             budget.inflight += 1
             job.where[i] = server
+            if code == _GET:
+                upstream += 1
+                if coalesce:
+                    read = server.reads[key] = [pipeline, key]
             g = groups.get(conn)
             if g is None:
-                groups[conn] = ([i], [code], [pin], [req])
+                groups[conn] = ([i], [code], [pin], [req], [read])
             else:
                 g[0].append(i)
                 g[1].append(code)
                 g[2].append(pin)
                 g[3].append(req)
+                g[4].append(read)
+        self.stats.gets_upstream += upstream
         self._push(job, groups, now)
         # A job whose every op was answered on the spot (refused, local) has already replied.
         if not job.done:
@@ -336,6 +370,9 @@ class Router:
             if op[0] != _GET:
                 return False
             keys.append(op[1])
+        reads = server.reads
+        if reads and not reads.keys().isdisjoint(keys):
+            return False  # some may join reads in flight: the per-op path does that
         n = len(keys)
         budget = self.budget
         conn = server.batch_conn
@@ -358,17 +395,25 @@ class Router:
         server.inflight_n += n
         budget.inflight += n
         job.where = [server] * n
+        read_list: list[Read | None] | None = None
+        if self.coalesce:
+            joinable: list[Read] = [[pipeline, k] for k in keys]
+            reads.update(zip(keys, joinable))
+            read_list = cast("list[Read | None]", joinable)
+        self.stats.gets_upstream += n
         conn.push(
-            Batch(job, list(range(n)), [_GET] * n, None, first), meta.encode_gets(keys, first), now, reserved=True
+            Batch(job, list(range(n)), [_GET] * n, None, first, None, read_list),
+            meta.encode_gets(keys, first), now, reserved=True,
         )
         return True
 
     @staticmethod
-    def _push(job: Job, groups: dict[Connection, tuple[list[int], list[int], list[bytes | None], list[bytes]]], now: float) -> None:
-        for conn, (indices, codes, pins, reqs) in groups.items():
+    def _push(job: Job, groups: dict[Connection, _Group], now: float) -> None:
+        for conn, (indices, codes, pins, reqs, read_list) in groups.items():
             first = conn.pipeline.seq - len(indices) + 1
             keys = pins if any(k is not None for k in pins) else None
-            conn.push(Batch(job, indices, codes, keys, first), b"".join(reqs), now, reserved=True)
+            joinable = read_list if any(r is not None for r in read_list) else None
+            conn.push(Batch(job, indices, codes, keys, first, None, joinable), b"".join(reqs), now, reserved=True)
 
     def _place(self, job: Job, i: int, key: bytes) -> Server | None:
         """The key's server among several, or None after refusing the op (its server is down)."""
@@ -399,6 +444,8 @@ class Router:
         servers = self.servers
         gather = Gather(job, i, [s.name for s in servers])
         for n, server in enumerate(servers):
+            if code == _FLUSH_ALL:
+                server.reads.clear()  # a get after flush_all must not share a read from before it
             conn = server.pick(None, now) if server.health.is_up else None
             if conn is None:
                 gather.fail(n, Code.SERVER_DOWN, f"no connection ({server.health.state.value})")

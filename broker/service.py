@@ -78,6 +78,7 @@ class Broker:
             max_value=config.max_value_bytes,
             remap=config.on_server_down == "remap",
             local=self._local,
+            coalesce=config.coalesce_reads,
         )
         self.servers: dict[str, Server] = {}
         self.retiring: list[Server] = []
@@ -157,6 +158,7 @@ class Broker:
         r.max_frame = c.max_frame_bytes
         r.max_value = c.max_value_bytes
         r.remap = c.on_server_down == "remap"
+        r.coalesce = c.coalesce_reads
         self.budget.max_inflight = c.max_inflight_total
         self.budget.max_buffered = c.max_buffered_bytes
         self.config = c

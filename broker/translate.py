@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from clientlib.limits import TOO_LARGE
-from clientlib.wire import Code, Op
+from clientlib.wire import LEASE_STALE, LEASE_TAKEN, LEASE_WON, Code, Op
 
 from . import meta
 from .meta import ArithMode, Response, SetMode, Status
@@ -86,6 +86,10 @@ def encode_op(code: int, op: list[Any], opaque: int) -> bytes:
         return meta.encode(meta.Get(key, opaque, size=True, touch=op[2]))
     if code == Op.GATS:
         return meta.encode(meta.Get(key, opaque, cas=True, size=True, touch=op[2]))
+    if code == Op.LEASE_GET:
+        # N: a miss creates an empty item and wins its caller the right to fill it (W); R: a hit
+        # due to expire within recache_ttl seconds wins one caller the right to refresh it.
+        return meta.encode(meta.Get(key, opaque, cas=True, size=True, vivify=op[2], recache=op[3] or None))
     if code <= Op.CAS:
         return meta.encode(meta.Set(
             key, op[2], opaque, mode=_SET_MODES[code], client_flags=op[3], ttl=op[4],
@@ -99,6 +103,8 @@ def encode_op(code: int, op: list[Any], opaque: int) -> bytes:
         return meta.encode(meta.Arith(key, opaque, mode=ArithMode.DECR, delta=op[2]))
     if code == Op.TOUCH:
         return meta.encode(meta.Get(key, opaque, value=False, client_flags=False, touch=op[2]))
+    if code == Op.INVALIDATE:
+        return meta.encode(meta.Delete(key, opaque, invalidate=True, ttl=op[2]))
     raise meta.RequestError(f"op {code} has no meta request")
 
 
@@ -141,6 +147,22 @@ def meta_result(op: int, status: Status, value: bytes | None, flags: dict[str, b
             return [Code.OK, value, int(f), int(c)]
         if status is Status.MISS:
             return MISS
+    elif op == Op.LEASE_GET:
+        if status is Status.VALUE:
+            f = flags.get("f")
+            size = flags.get("s")
+            c = flags.get("c")
+            if (
+                f is None or not f.isdigit() or size is None or size != b"%d" % len(value or b"")
+                or c is None or not c.isdigit()
+            ):
+                raise ValueError(f"hit without the asked-for flags or with a size that disagrees: {flags!r}")
+            lease = (LEASE_WON if "W" in flags else 0) | (LEASE_STALE if "X" in flags else 0) | (
+                LEASE_TAKEN if "Z" in flags else 0
+            )
+            return [Code.OK, value, int(f), int(c), lease]
+        if status is Status.MISS:
+            return MISS
     elif op <= Op.CAS:
         r = (_CAS_RESULTS if op == Op.CAS else _STORE_RESULTS).get(status)
         if r is not None:
@@ -159,6 +181,10 @@ def meta_result(op: int, status: Status, value: bytes | None, flags: dict[str, b
             return OK
         if status is Status.MISS:
             return NOT_FOUND
+    elif op == Op.INVALIDATE:
+        r = _DELETE_RESULTS.get(status)
+        if r is not None:
+            return r
     return [Code.SERVER_ERROR, f"unexpected {status.name} reply to {op_name(op)}"]
 
 

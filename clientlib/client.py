@@ -19,13 +19,16 @@ instead of raising, as in pymemcache.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Protocol
+import asyncio
+import time
+from typing import Any, Callable, Iterable, Protocol
 
-from . import address
+from . import address, lease
 from .commands import DEFAULT_MAX_FRAME, DEFAULT_TIMEOUT, Command, Commands, Key, raise_failure
 from .commands import _OK
 from .commands import _ADD, _APPEND, _CAS, _DECR, _GET, _GETS, _INCR, _PREPEND, _REPLACE, _SET
 from .errors import MemcacheIllegalInputError, error_for
+from .lease import DEFAULT_LEASE_TTL, DEFAULT_WAIT
 from .transport import AsyncTransport, Transport
 
 __all__ = ["Client", "AsyncClient", "DEFAULT_TIMEOUT", "DEFAULT_MAX_FRAME", "error_for"]
@@ -42,6 +45,12 @@ class BlockingTransport(Protocol):
     ) -> list[list[Any]] | None: ...
 
     def close(self) -> None: ...
+
+
+def _check_wait(wait: Any) -> float:
+    if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait <= 3600:
+        raise MemcacheIllegalInputError(f"wait must be a number of seconds in 0..3600, got {wait!r}")
+    return float(wait)
 
 
 def _broker_url(broker: str | None) -> str:
@@ -234,6 +243,41 @@ class Client(Commands):
     def touch(self, key: Key, expire: int = 0, noreply: bool | None = None) -> bool:
         """Reset the expiry of `key` to `expire` seconds: True, or False if absent."""
         return self._run(self._touch(key, expire, noreply))
+
+    # --- herd-safe recompute (clientlib/lease.py) ------------------------------------------------
+
+    def get_or_set(self, key: Key, fn: Callable[[], Any], expire: int = 0, *, lease_ttl: int = DEFAULT_LEASE_TTL,
+                   recache_ttl: int = 0, wait: float = DEFAULT_WAIT) -> Any:
+        """The value of `key`; when it is missing, stale (`invalidate`) or due to expire within
+        `recache_ttl` seconds, `fn()` computes it, stored for `expire` seconds, by exactly one
+        caller among all workers of all hosts (memcached's lease: `mg` N/R, the W/X/Z flags).
+        The others get the stale value, or wait for the fresh one, polling, at most `wait`
+        seconds, after which they call `fn()` themselves and store nothing. `lease_ttl` (seconds):
+        how long a winner has to fill a missing key before another caller may win. An exception
+        from `fn` propagates. Errors as for `get` (reads) and `cas` (the fill); with ignore_exc a
+        failed read runs `fn()` and stores nothing. An empty value (b"" with flags 0) reads as a
+        lease in progress: see clientlib/lease.py for the rules and bounds."""
+        read = self._lease_get(key, lease_ttl, recache_ttl)
+        run = lease.steps(fn, wait=_check_wait(wait), poll=lease.DEFAULT_POLL, clock=time.monotonic)
+        try:
+            step = next(run)
+            while True:
+                outcome = None
+                if type(step) is lease.LeaseGet:
+                    outcome = self._run(read)
+                elif type(step) is lease.Fill:
+                    self._run(self._fill(key, step, expire))
+                else:
+                    time.sleep(step.seconds)  # type: ignore[union-attr]
+                step = run.send(outcome)
+        except StopIteration as stop:
+            return stop.value
+
+    def invalidate(self, key: Key, stale_ttl: int = 30, noreply: bool | None = None) -> bool:
+        """Mark `key` stale instead of deleting it (meta `md <key> I T<stale_ttl>`): it lives on
+        `stale_ttl` more seconds, `get` still reads it, and the next `get_or_set` wins one caller
+        the recompute while the rest get the stale value. True, or False if `key` is absent."""
+        return self._run(self._invalidate(key, stale_ttl, noreply))
 
     # --- server-wide ---------------------------------------------------------------------------
 
@@ -434,6 +478,29 @@ class AsyncClient(Commands):
     async def touch(self, key: Key, expire: int = 0, noreply: bool | None = None) -> bool:
         """Coroutine form of Client.touch: True, or False if `key` is absent."""
         return await self._run(self._touch(key, expire, noreply))
+
+    async def get_or_set(self, key: Key, fn: Callable[[], Any], expire: int = 0, *,
+                         lease_ttl: int = DEFAULT_LEASE_TTL, recache_ttl: int = 0, wait: float = DEFAULT_WAIT) -> Any:
+        """Coroutine form of Client.get_or_set (`fn` is a plain callable; waits with asyncio.sleep)."""
+        read = self._lease_get(key, lease_ttl, recache_ttl)
+        run = lease.steps(fn, wait=_check_wait(wait), poll=lease.DEFAULT_POLL, clock=time.monotonic)
+        try:
+            step = next(run)
+            while True:
+                outcome = None
+                if type(step) is lease.LeaseGet:
+                    outcome = await self._run(read)
+                elif type(step) is lease.Fill:
+                    await self._run(self._fill(key, step, expire))
+                else:
+                    await asyncio.sleep(step.seconds)  # type: ignore[union-attr]
+                step = run.send(outcome)
+        except StopIteration as stop:
+            return stop.value
+
+    async def invalidate(self, key: Key, stale_ttl: int = 30, noreply: bool | None = None) -> bool:
+        """Coroutine form of Client.invalidate: True, or False if `key` is absent."""
+        return await self._run(self._invalidate(key, stale_ttl, noreply))
 
     async def stats(self, *args: Any) -> dict[bytes, Any]:
         """Coroutine form of Client.stats."""

@@ -27,6 +27,7 @@ FRAME_SLACK = 64
 # The smallest frame that holds any single non-store op (a 250-byte key and the header).
 MIN_FRAME_BYTES = 512
 _U32 = (1 << 32) - 1
+_I32 = (1 << 31) - 1
 _U64 = (1 << 64) - 1
 _OK = int(Code.OK)
 _MISS = int(Code.MISS)
@@ -40,6 +41,7 @@ _SET, _ADD, _REPLACE, _APPEND, _PREPEND, _CAS = (
     int(Op.SET), int(Op.ADD), int(Op.REPLACE), int(Op.APPEND), int(Op.PREPEND), int(Op.CAS),
 )
 _DELETE, _INCR, _DECR, _TOUCH = int(Op.DELETE), int(Op.INCR), int(Op.DECR), int(Op.TOUCH)
+_LEASE_GET, _INVALIDATE = int(Op.LEASE_GET), int(Op.INVALIDATE)
 
 
 # --- stats, as pymemcache reads them ----------------------------------------------------------
@@ -244,6 +246,18 @@ def _finish_single(c: "Commands", cmd: Command, results: list[Result]) -> Any:
     return cmd.extra(r[1])
 
 
+def _finish_lease(c: "Commands", cmd: Command, results: list[Result]) -> tuple[Any, int, int, int] | None:
+    """(value, client flags, cas, lease bits) of a LEASE_GET; an empty item with flags 0 (the
+    placeholder memcached vivified) stays b"" rather than go through the serde."""
+    r = results[0]
+    if r[0] == _OK:
+        raw, flags = r[1], r[2]
+        value = raw if raw == b"" and flags == 0 else c.serde.deserialize(cmd.key, raw, flags)
+        return value, flags, r[3], r[4]
+    raise_failure(r)
+    return None  # a miss: only possible when the key was stored and evicted between N and now
+
+
 def _finish_nothing(c: "Commands", cmd: Command, results: list[Result]) -> bool:
     return True
 
@@ -351,6 +365,12 @@ class Commands:
         ops = [[op, check(k)] for k in keys]
         return Command(ops, _finish_many, keys, extra=with_cas, read=True, miss={})
 
+    def _lease_get(self, key: Any, lease_ttl: Any, recache_ttl: Any) -> Command:
+        k = self.check_key(key)
+        lease = check_int(lease_ttl, "lease_ttl", minimum=1, maximum=_I32)
+        recache = check_int(recache_ttl, "recache_ttl", minimum=0, maximum=_I32)
+        return Command([[_LEASE_GET, k, lease, recache]], _finish_lease, key, read=True, miss=None)
+
     # --- writes --------------------------------------------------------------------------------
 
     def _store(self, op: int, key: Any, value: Any, expire: Any, noreply: bool | None, flags: int | None, cas: Any = None) -> Command:
@@ -401,6 +421,18 @@ class Commands:
         k = self.check_key(key)
         delta = check_int(value, "value", minimum=0, maximum=_U64)
         return Command([[op, k, delta]], _finish_arith, noreply=bool(noreply), noreply_value=None)
+
+    def _fill(self, key: Any, step: Any, expire: Any) -> Command:
+        """A lease winner's store (lease.Fill): cas against the lease's token; a plain set when
+        the server keeps no cas tokens (memcached -C answers every cas 0)."""
+        if step.cas:
+            return self._store(_CAS, key, step.value, expire, False, None, step.cas)
+        return self._store(_SET, key, step.value, expire, False, None)
+
+    def _invalidate(self, key: Any, stale_ttl: Any, noreply: bool | None) -> Command:
+        k = self.check_key(key)
+        ttl = check_int(stale_ttl, "stale_ttl", minimum=1, maximum=_I32)
+        return Command([[_INVALIDATE, k, ttl]], _finish_found, noreply=self._noreply(noreply))
 
     def _touch(self, key: Any, expire: Any, noreply: bool | None) -> Command:
         k = self.check_key(key)

@@ -59,6 +59,8 @@ class _Item:
     exptime: float  # absolute (clock) time, 0 = never
     cas: int
     stored_at: float
+    won: bool = False  # a lease (W) was handed out for it and no store has come since
+    stale: bool = False  # marked stale by INVALIDATE (meta `md I`)
 
 
 class _Memory:
@@ -127,6 +129,16 @@ class _Memory:
         code = op[0]
         if code <= Op.GATS:
             return self._get(code, op, now)
+        if code == Op.LEASE_GET:
+            return self._lease_get(op[1], op[2], op[3], now)
+        if code == Op.INVALIDATE:
+            item = self._live(op[1], now)
+            self.counters["delete_hits" if item else "delete_misses"] += 1
+            if item is None:
+                return _NOT_FOUND
+            item.stale, item.won = True, False
+            item.exptime = self._exptime(op[2], now)
+            return _OK
         if code <= Op.CAS:
             return self._store(code, op, now)
         if code == Op.DELETE:
@@ -163,6 +175,27 @@ class _Memory:
         if code == Op.GETS or code == Op.GATS:
             return [Code.OK, item.value, item.flags, item.cas]
         return [Code.OK, item.value, item.flags]
+
+    def _lease_get(self, key: bytes, lease_ttl: int, recache_ttl: int, now: float) -> list[Any]:
+        """memcached's `mg <key> v f c s N<lease_ttl> R<recache_ttl>` (checked against 1.6.18):
+        a miss creates an empty item living lease_ttl seconds and wins its caller (W); a stale
+        item, or one expiring within recache_ttl seconds, wins its first caller (W) and answers
+        the rest Z, as does an item whose lease is out."""
+        self.counters["cmd_get"] += 1
+        item = self._live(key, now)
+        if item is None:
+            self.counters["get_misses"] += 1
+            item = self.items[key] = _Item(b"", 0, self._exptime(lease_ttl, now), self._next_cas(), now, won=True)
+            return [Code.OK, b"", 0, item.cas, wire.LEASE_WON]
+        self.counters["get_hits"] += 1
+        bits = wire.LEASE_STALE if item.stale else 0
+        due = recache_ttl and item.exptime > 0 and item.exptime - now < recache_ttl
+        if item.won:
+            bits |= wire.LEASE_TAKEN
+        elif item.stale or due:
+            item.won = True
+            bits |= wire.LEASE_WON
+        return [Code.OK, item.value, item.flags, item.cas, bits]
 
     def _store(self, code: int, op: list[Any], now: float) -> list[Any]:
         self.counters["cmd_set"] += 1

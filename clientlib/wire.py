@@ -16,9 +16,10 @@ Request (worker -> broker)::
 Operations (keys and values are msgpack bin; the worker applies prefixes and checks keys)::
 
     [GET, key]  [GETS, key]  [GAT, key, ttl]  [GATS, key, ttl]
+    [LEASE_GET, key, lease_ttl, recache_ttl]   (herd-safe read: `mg` with N and R, never coalesced)
     [SET|ADD|REPLACE|APPEND|PREPEND, key, value, client_flags, ttl]
     [CAS, key, value, client_flags, ttl, cas]
-    [DELETE, key]  [INCR|DECR, key, delta]  [TOUCH, key, ttl]
+    [DELETE, key]  [INCR|DECR, key, delta]  [TOUCH, key, ttl]  [INVALIDATE, key, stale_ttl]
     [VERSION]  [STATS, [arg, ...]]  [FLUSH_ALL, delay]  [CACHE_MEMLIMIT, megabytes]
     [PING]  [BROKER_STATS]
 
@@ -31,9 +32,10 @@ Results (``[code, *payload]``)::
 
     GET/GAT hit        [OK, value, client_flags]
     GETS/GATS hit      [OK, value, client_flags, cas]
+    LEASE_GET hit      [OK, value, client_flags, cas, lease]  lease: LEASE_WON | LEASE_STALE | LEASE_TAKEN bits
     miss               [MISS]
     store ops          [OK] | [NOT_STORED] | [EXISTS] | [NOT_FOUND]
-    DELETE, TOUCH      [OK] | [NOT_FOUND]
+    DELETE, TOUCH, INVALIDATE  [OK] | [NOT_FOUND]
     INCR/DECR          [OK, new_value] | [NOT_FOUND]
     VERSION            [OK, {server: version}]
     STATS              [OK, {server: {name: value}}]
@@ -69,6 +71,7 @@ class Op(enum.IntEnum):
     GETS = 2
     GAT = 3
     GATS = 4
+    LEASE_GET = 5
     SET = 10
     ADD = 11
     REPLACE = 12
@@ -79,6 +82,7 @@ class Op(enum.IntEnum):
     INCR = 21
     DECR = 22
     TOUCH = 23
+    INVALIDATE = 24
     VERSION = 30
     STATS = 31
     FLUSH_ALL = 32
@@ -108,6 +112,13 @@ class Code(enum.IntEnum):
 
 FIRST_ERROR = Code.SERVER_ERROR
 
+# A LEASE_GET hit's lease bits: memcached's meta flags W (this caller won the right to compute the
+# value: it was missing, stale or due for recache), X (the value is stale), Z (another caller won
+# already and is computing). protocol.txt, "Meta Get": N, R, W, X, Z.
+LEASE_WON = 1
+LEASE_STALE = 2
+LEASE_TAKEN = 4
+
 # Argument types after the opcode, per op. bool is not int here: msgpack never yields bools for
 # ints, and a worker sending True for a TTL is a bug worth reporting.
 _ARGS: dict[int, tuple[type, ...]] = {
@@ -125,6 +136,8 @@ _ARGS: dict[int, tuple[type, ...]] = {
     Op.INCR: (bytes, int),
     Op.DECR: (bytes, int),
     Op.TOUCH: (bytes, int),
+    Op.LEASE_GET: (bytes, int, int),
+    Op.INVALIDATE: (bytes, int),
     Op.VERSION: (),
     Op.STATS: (list,),
     Op.FLUSH_ALL: (int,),

@@ -550,6 +550,8 @@ def _plausible(key: str) -> st.SearchStrategy[object]:
         return _mostly(st.sampled_from(["fail", "remap"]))
     if key == "log_level":
         return _mostly(st.sampled_from(["debug", "INFO", "Warning", "critical", "trace"]))
+    if key == "coalesce_reads":
+        return _mostly(st.sampled_from([True, False, 1, "yes"]))
     if key == "listen":
         urls = st.sampled_from(["ipc:///tmp/a.sock", "ipc:///tmp/b.sock", "tcp://127.0.0.1:5555", "tcp://[::1]:1"])
         return _mostly(st.lists(_mostly(urls), max_size=3))
@@ -584,4 +586,13 @@ def _check_outcome(d: dict[str, object]) -> None:
         for name, (low, high) in config.INT_RANGES.items():
             value = getattr(c, name)
             assert type(value) is int and low <= value <= high
+        assert type(c.coalesce_reads) is bool
         assert from_mapping(c.as_mapping()) == c
+
+
+def test_coalesce_reads_is_on_by_default_and_takes_only_booleans() -> None:
+    assert from_mapping({}).coalesce_reads is True
+    assert from_mapping({"coalesce_reads": False}).coalesce_reads is False
+    for wrong in (1, 0, "yes", "false"):
+        with pytest.raises(ConfigError, match="coalesce_reads: must be true or false"):
+            from_mapping({"coalesce_reads": wrong})

@@ -1997,3 +1997,141 @@ def test_a_damaged_stream_never_delivers_a_wrong_result(batches: list[Any], data
         assert got[0] == right or got[0] == true or is_failure(got[0]), f"{how}: {who} got {got[0]}, right is {right}"
     assert p.inflight == 0
     assert sorted(sc.rig.released) == sorted(sc.rig.keys)
+
+
+# --- read coalescing: waiters that joined a plain get in flight (issue 10) -------------------------
+#
+# The router registers each plain get it sends in the server's read table ([pipeline, key]); a
+# later plain get of the key joins it (appends its waiter and index, counted in flight on the
+# read's pipeline). Checked here: joiners get the leader's own answer, held and proven exactly
+# like it; an answered read leaves the table at once (nothing joins a response gone by) but never
+# removes a newer read of the key; failures reach every joiner; a tombstone leader still answers
+# its joiners; inflight counts back to 0.
+
+
+class CoalescingRig(Rig):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: dict[bytes, list[Any]] = {}
+        self.p = Pipeline(MAX_VALUE, release=self.released.append, reads=self.reads)
+
+    def gets(self, name: str, keys: list[bytes]) -> list[list[Any]]:
+        """Queue plain gets as the router does with coalescing on; returns their reads."""
+        p = self.p
+        first = p.seq + 1
+        data = b"".join(encode_op(Op.GET, [Op.GET, k], first + j) for j, k in enumerate(keys))
+        p.seq += len(keys)
+        reads: list[list[Any]] = [[p, k] for k in keys]
+        self.reads.update(zip(keys, reads))
+        p.submit(Batch(self.waiter(name), list(range(len(keys))), [int(Op.GET)] * len(keys), None, first, None, list(reads)), data)
+        return reads
+
+    def join(self, key: bytes, name: str, index: int) -> None:
+        read = self.reads[key]
+        read += (self.waiter(name), index)
+        read[0].inflight += 1
+
+
+def build_joined() -> CoalescingRig:
+    rig = CoalescingRig()
+    rig.gets("A", [b"hot", b"other"])
+    rig.join(b"hot", "B", 0)
+    rig.join(b"hot", "C", 3)
+    rig.join(b"other", "B", 1)
+    rig.seal()
+    return rig
+
+
+def test_joiners_get_the_leaders_answer_once_it_is_proven_however_fed() -> None:
+    r1 = va(b"v1", 1, flags=3)
+    r2 = b"EN O2\r\n"
+    e1, e2, e_fence = offsets(r1, r2, fence(3))
+    out = every_way(build_joined, r1 + r2 + fence(3), visible=[e2, e2, e2, e_fence, e_fence])
+    assert out.log == [
+        ("A", 0, [Code.OK, b"v1", 3]),
+        ("B", 0, [Code.OK, b"v1", 3]),
+        ("C", 3, [Code.OK, b"v1", 3]),
+        ("A", 1, [Code.MISS]),
+        ("B", 1, [Code.MISS]),
+    ]
+    assert out.error is None
+    assert out.inflight == 0
+
+
+def test_an_answered_read_leaves_the_table_at_once_and_nothing_joins_it() -> None:
+    rig = build_joined()
+    rig.p.receive(va(b"v1", 1))  # answered, not yet proven
+    assert b"hot" not in rig.reads and b"other" in rig.reads
+    rig.p.receive(b"EN O2\r\n")
+    assert rig.reads == {}
+
+
+def test_an_answered_read_never_removes_a_newer_read_of_its_key() -> None:
+    # A write of "hot" closed the first read (the router takes it out of the table); a later get
+    # of "hot" was sent and registered: the old read's answer must leave the new one in place,
+    # and the new one's joiner must get the new answer, not the old.
+    rig = CoalescingRig()
+    (old,) = rig.gets("A", [b"hot"])
+    del rig.reads[b"hot"]
+    rig.meta("W", [[Op.SET, b"hot", b"new", 0, 0]])
+    (new,) = rig.gets("B", [b"hot"])
+    rig.join(b"hot", "C", 0)
+    rig.seal()
+    rig.p.receive(va(b"old", 1) + b"HD O2\r\n")
+    assert rig.reads == {b"hot": new}
+    rig.p.receive(va(b"new", 3) + fence(4))
+    assert rig.log == [
+        ("A", 0, [Code.OK, b"old", 0]),
+        ("W", 0, [Code.OK]),
+        ("B", 0, [Code.OK, b"new", 0]),
+        ("C", 0, [Code.OK, b"new", 0]),
+    ]
+    assert rig.reads == {} and rig.p.inflight == 0
+
+
+def test_a_tombstone_leader_still_answers_its_joiners() -> None:
+    rig = build_joined()
+    rig.waiters["A"].done = True  # A's deadline passed
+    rig.p.receive(va(b"v1", 1) + b"EN O2\r\n" + fence(3))
+    assert rig.log == [("B", 0, [Code.OK, b"v1", 0]), ("C", 3, [Code.OK, b"v1", 0]), ("B", 1, [Code.MISS])]
+    assert rig.p.inflight == 0
+
+
+def test_a_reset_fails_every_joiner_and_empties_the_table_however_fed() -> None:
+    # The leader's answer arrived but its proof did not: an opaque out of place follows.
+    r1 = va(b"v1", 1)
+    bad = b"EN O9\r\n"
+    out = every_way(build_joined, r1 + bad, error_at=len(r1 + bad), visible=[])
+    assert sorted(out.log) == sorted([
+        ("A", 0, Failed(C)), ("B", 0, Failed(C)), ("C", 3, Failed(C)), ("A", 1, Failed(C)), ("B", 1, Failed(C)),
+    ])
+    # "other" and its joiner were still in flight; "hot" and its joiners were answered (held,
+    # unproven), so they are failed without counting as in flight
+    assert out.failed_in_flight == 2
+    rig = build_joined()
+    with pytest.raises(OutOfStep):
+        rig.p.receive(r1 + bad)
+    rig.p.fail_all(C, "pipeline reset")
+    assert rig.reads == {} and rig.p.inflight == 0
+
+
+def test_an_error_that_resets_the_stream_is_the_joiners_answer_too() -> None:
+    # ERROR to a meta request: its own answer (one outcome), then the stream is reset.
+    rig = build_joined()
+    with pytest.raises(OutOfStep) as info:
+        rig.p.receive(b"ERROR\r\n")
+    assert info.value.answered
+    assert rig.log == [
+        ("A", 0, Failed(Code.UNKNOWN_COMMAND)), ("B", 0, Failed(Code.UNKNOWN_COMMAND)), ("C", 3, Failed(Code.UNKNOWN_COMMAND)),
+    ]
+    assert rig.p.fail_all(C, "pipeline reset") == 2  # "other" and its joiner
+    assert rig.log[3:] == [("A", 1, Failed(C)), ("B", 1, Failed(C))]
+    assert rig.reads == {} and rig.p.inflight == 0
+
+
+def test_a_server_error_to_a_shared_get_is_every_joiners_answer() -> None:
+    r1 = b"SERVER_ERROR out of memory\r\n"
+    out = every_way(build_joined, r1 + b"EN O2\r\n" + fence(3))
+    e = Err(Code.SERVER_ERROR, "out of memory")
+    assert out.log == [("A", 0, e), ("B", 0, e), ("C", 3, e), ("A", 1, [Code.MISS]), ("B", 1, [Code.MISS])]
+    assert out.inflight == 0

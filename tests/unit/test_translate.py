@@ -55,6 +55,12 @@ ENCODED: list[tuple[list[Any], int, bytes]] = [
     ([Op.GATS, b"foo", 30], 9, b"mg foo v f c s T30 O9\r\n"),
     ([Op.TOUCH, b"foo", 60], 10, b"mg foo T60 O10\r\n"),
     ([Op.TOUCH, b"foo", -1], 10, b"mg foo T-1 O10\r\n"),
+    # protocol.txt: N(token) vivify on miss with this TTL, R(token) win a recache when the TTL
+    # left is under the token; R0 would mean nothing, so it is left out
+    ([Op.LEASE_GET, b"foo", 30, 0], 12, b"mg foo v f c s N30 O12\r\n"),
+    ([Op.LEASE_GET, b"foo", 30, 10], 12, b"mg foo v f c s N30 R10 O12\r\n"),
+    # md I: mark stale instead of removing, T: the stale item's TTL
+    ([Op.INVALIDATE, b"foo", 30], 13, b"md foo I T30 O13\r\n"),
     ([Op.SET, b"foo", b"bar", 0, 0], 11, b"ms foo 3 O11\r\nbar\r\n"),
     ([Op.SET, b"foo", b"bar", 5, 60], 11, b"ms foo 3 F5 T60 O11\r\nbar\r\n"),
     ([Op.SET, b"foo", b"", 0, 0], 11, b"ms foo 0 O11\r\n\r\n"),
@@ -330,3 +336,45 @@ def test_error_result_keeps_memcacheds_message(resp: Response, code: Code, text:
     assert result[0] == code
     assert text in result[1]
     assert code >= Code.SERVER_ERROR  # wire.py: every failure is a code >= SERVER_ERROR
+
+
+# --- leases (issue 10): LEASE_GET and INVALIDATE ------------------------------------------------
+# memcached 1.6.18 answers `mg k v f c s N30 O1` with the flags asked for, then W / X / Z
+# (won, stale, another caller won): `VA 0 f0 c4 s0 O1 W` on a miss it vivified,
+# `VA 3 f4 c4 s3 O2 Z X` on a stale item whose lease is out.
+
+from clientlib.wire import LEASE_STALE, LEASE_TAKEN, LEASE_WON  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "extra, bits",
+    [
+        ({}, 0),
+        ({"W": b""}, LEASE_WON),
+        ({"Z": b""}, LEASE_TAKEN),
+        ({"X": b"", "W": b""}, LEASE_STALE | LEASE_WON),
+        ({"Z": b"", "X": b""}, LEASE_STALE | LEASE_TAKEN),
+    ],
+)
+def test_lease_get_hit_is_value_flags_cas_and_lease_bits(extra: dict[str, bytes], bits: int) -> None:
+    flags = {"f": b"4", "c": b"9", "s": b"3", "O": b"2", **extra}
+    assert meta_result(Op.LEASE_GET, Status.VALUE, b"abc", flags) == [Code.OK, b"abc", 4, 9, bits]
+
+
+def test_lease_get_of_the_vivified_placeholder_is_an_empty_value_won() -> None:
+    flags = meta.flag_dict(b" f0 c4 s0 O1 W")
+    assert meta_result(Op.LEASE_GET, Status.VALUE, b"", flags) == [Code.OK, b"", 0, 4, LEASE_WON]
+
+
+@pytest.mark.parametrize("missing", ["f", "c", "s"])
+def test_a_lease_get_hit_without_an_asked_for_flag_raises_value_error(missing: str) -> None:
+    flags = {"f": b"0", "c": b"1", "s": b"1"}
+    del flags[missing]
+    with pytest.raises(ValueError):
+        meta_result(Op.LEASE_GET, Status.VALUE, b"x", flags)
+
+
+def test_invalidate_results_are_md_s() -> None:
+    assert meta_result(Op.INVALIDATE, Status.OK, None, {}) == [Code.OK]
+    assert meta_result(Op.INVALIDATE, Status.NOT_FOUND, None, {}) == [Code.NOT_FOUND]
+    assert meta_result(Op.INVALIDATE, Status.NOT_STORED, None, {})[0] == Code.SERVER_ERROR

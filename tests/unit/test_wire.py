@@ -64,6 +64,9 @@ OPS: list[list[Any]] = [
     [Op.INCR, b"k", 1],
     [Op.DECR, b"k", U64_MAX],
     [Op.TOUCH, b"k", -1],
+    [Op.LEASE_GET, b"k", 30, 0],
+    [Op.LEASE_GET, b"k", 1, 2**31 - 1],
+    [Op.INVALIDATE, b"k", 30],
     [Op.VERSION],
     [Op.STATS, []],
     [Op.STATS, [b"settings"]],
@@ -132,7 +135,9 @@ def test_a_value_close_to_the_frame_limit_round_trips() -> None:
 
 def test_store_ops_are_the_value_carrying_ops() -> None:
     assert STORE_OPS == {Op.SET, Op.ADD, Op.REPLACE, Op.APPEND, Op.PREPEND, Op.CAS}
-    assert KEYED_OPS == {Op.GET, Op.GETS, Op.GAT, Op.GATS, Op.DELETE, Op.INCR, Op.DECR, Op.TOUCH} | STORE_OPS
+    assert KEYED_OPS == {
+        Op.GET, Op.GETS, Op.GAT, Op.GATS, Op.LEASE_GET, Op.DELETE, Op.INCR, Op.DECR, Op.TOUCH, Op.INVALIDATE,
+    } | STORE_OPS
 
 
 RESULTS: list[tuple[str, list[Any]]] = [
@@ -140,6 +145,8 @@ RESULTS: list[tuple[str, list[Any]]] = [
     ("get hit binary", [Code.OK, bytes(range(256)), 2**32 - 1]),
     ("get hit empty", [Code.OK, b"", 5]),
     ("gets hit", [Code.OK, b"v", 1, U64_MAX]),
+    ("lease get hit", [Code.OK, b"", 0, 4, 1]),
+    ("lease get stale, taken", [Code.OK, b"v", 3, U64_MAX, 6]),
     ("miss", [Code.MISS]),
     ("stored", [Code.OK]),
     ("not stored", [Code.NOT_STORED]),

@@ -1,0 +1,118 @@
+"""Herd-safe get_or_set (issue 10): 32 worker processes, one broker, one memcached.
+
+`fn` is slow (FN_SECONDS) and counts its calls in memcached itself (incr), so the count covers
+every process. The rules checked are clientlib/lease.py's: among all callers exactly one computes
+a missing, stale or due-for-recache value; the rest get the stale value or wait for the fresh
+one, at most `wait` seconds (then they compute it themselves: the documented bound is
+wait + the time fn takes; a tolerance for this shared machine is added).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from typing import Any
+
+import pytest
+
+from clientlib import Client
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ctx = multiprocessing.get_context("fork")
+
+WORKERS = 32
+FN_SECONDS = 0.5
+WAIT = 5.0
+TOLERANCE = 3.0  # scheduling on a loaded 2-core machine, 32 processes starting at once
+CALLS = "herd:fn-calls"
+
+
+def _caller(url: str, key: str, value: bytes, kw: dict[str, Any], start: Any, out: Any) -> None:
+    client = Client(url, timeout=5.0)
+
+    def fn() -> bytes:
+        time.sleep(FN_SECONDS)
+        client.incr(CALLS, 1)
+        return value
+
+    start.wait(30)
+    t0 = time.monotonic()
+    got = client.get_or_set(key, fn, **kw)
+    out.put((got, time.monotonic() - t0))
+
+
+def _herd(url: str, key: str, value: bytes, **kw: Any) -> list[tuple[bytes, float]]:
+    start, out = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_caller, args=(url, key, value, kw, start, out)) for _ in range(WORKERS)]
+    for p in procs:
+        p.start()
+    time.sleep(0.2)  # let them all reach the start line
+    start.set()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    return results
+
+
+def _calls(client: Client) -> int:
+    return int(client.get(CALLS))
+
+
+@pytest.fixture
+def client(memcached, broker_factory):
+    broker = broker_factory([memcached.address])
+    c = Client(broker.url, timeout=5.0)
+    c.set(CALLS, b"0")
+    return c
+
+
+def test_a_missing_key_is_computed_once_per_expiry_cycle_and_every_caller_gets_it(client):
+    for cycle in (1, 2):
+        results = _herd(client.broker_url, "herd:missing", b"v%d" % cycle, expire=2, wait=WAIT)
+        assert [v for v, _ in results] == [b"v%d" % cycle] * WORKERS
+        assert _calls(client) == cycle
+        worst = max(t for _, t in results)
+        assert worst <= WAIT + FN_SECONDS + TOLERANCE, f"a caller waited {worst:.2f}s"
+        time.sleep(2.5)  # the value expires: the next herd is a new cycle
+        assert client.get("herd:missing") is None
+
+
+def test_a_key_due_for_recache_is_refreshed_by_one_caller_while_the_rest_get_the_old_value(client):
+    client.set("herd:hot", b"old", expire=4)
+    results = _herd(client.broker_url, "herd:hot", b"new", expire=60, recache_ttl=30, wait=WAIT)
+    values = [v for v, _ in results]
+    assert _calls(client) == 1
+    assert set(values) <= {b"old", b"new"}
+    assert values.count(b"new") >= 1 and values.count(b"old") >= 1, values
+    assert client.get("herd:hot") == b"new"
+    # Nobody waited for the refresh: only its winner spent fn's time.
+    slow = [t for v, t in results if t >= FN_SECONDS]
+    assert len(slow) <= values.count(b"new"), slow
+
+
+def test_an_invalidated_key_is_recomputed_once_while_the_rest_get_the_stale_value(client):
+    client.set("herd:stale", b"old", expire=60)
+    assert client.invalidate("herd:stale", 30) is True
+    assert client.get("herd:stale") == b"old"  # a plain get still reads the stale value
+    client.set("herd:stale", b"old", expire=60)  # (that get took the recompute turn: see lease.py)
+    assert client.invalidate("herd:stale", 30) is True
+    results = _herd(client.broker_url, "herd:stale", b"new", expire=60, wait=WAIT)
+    values = [v for v, _ in results]
+    assert _calls(client) == 1
+    assert values.count(b"new") >= 1 and values.count(b"old") >= 1 and set(values) <= {b"old", b"new"}, values
+    assert client.get("herd:stale") == b"new"
+
+
+def test_waiters_give_up_at_the_bound_and_compute_themselves(client):
+    # Someone holds the lease and never fills it (a crashed winner): callers wait `wait` seconds,
+    # then compute without storing, so the placeholder stays until its lease_ttl lapses.
+    lease = client._run(client._lease_get("herd:orphan", 30, 0))
+    assert lease is not None and lease[3] == 1  # we won the lease, and walk away
+    t0 = time.monotonic()
+    got = client.get_or_set("herd:orphan", lambda: b"mine", 60, wait=0.5)
+    took = time.monotonic() - t0
+    assert got == b"mine"
+    assert 0.5 <= took <= 0.5 + TOLERANCE
+    assert client.get("herd:orphan") == b""  # nothing stored over the winner's placeholder

@@ -1,0 +1,133 @@
+"""clientlib/lease.py: herd-safe get_or_set as steps, driven here by hand.
+
+What the steps must do, from memcached's meta flags (protocol.txt, "Meta Get"; checked against
+memcached 1.6.18): W (won) -> compute, fill with the lease's cas, return the fresh value;
+a value that is fresh, stale (X) or due for recache with another caller refreshing it (Z) ->
+return it; an empty placeholder another caller holds (Z, b"", flags 0) -> poll, doubling the
+delay up to MAX_POLL, until a value arrives or `wait` seconds pass, then compute without storing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from clientlib.lease import MAX_POLL, Fill, LeaseGet, Sleep, is_pending, steps
+from clientlib.wire import LEASE_STALE, LEASE_TAKEN, LEASE_WON
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def drive(answers: list[Any], *, wait: float = 1.0, poll: float = 0.01) -> tuple[list[Any], Any, int]:
+    """Run the steps: each LeaseGet is answered from `answers` in turn; Sleep advances the clock.
+    Returns (the steps taken, the result, how many times fn ran)."""
+    clock = Clock()
+    calls = []
+
+    def fn() -> bytes:
+        calls.append(clock.t)
+        return b"computed"
+
+    run = steps(fn, wait=wait, poll=poll, clock=clock)
+    taken: list[Any] = []
+    outcome = None
+    try:
+        step = next(run)
+        while True:
+            taken.append(step)
+            outcome = None
+            if isinstance(step, LeaseGet):
+                outcome = answers.pop(0)
+            elif isinstance(step, Sleep):
+                clock.t += step.seconds
+            step = run.send(outcome)
+    except StopIteration as stop:
+        return taken, stop.value, len(calls)
+
+
+PENDING = (b"", 0, 7, LEASE_TAKEN)
+
+
+def test_the_winner_computes_fills_with_its_lease_cas_and_returns_the_value() -> None:
+    taken, value, calls = drive([(b"", 0, 41, LEASE_WON)])
+    assert taken == [LeaseGet(), Fill(b"computed", 41)]
+    assert value == b"computed" and calls == 1
+
+
+def test_a_fresh_value_is_returned_without_computing() -> None:
+    taken, value, calls = drive([(b"cached", 0, 5, 0)])
+    assert taken == [LeaseGet()] and value == b"cached" and calls == 0
+
+
+@pytest.mark.parametrize("bits", [LEASE_STALE | LEASE_TAKEN, LEASE_TAKEN], ids=["stale", "recache"])
+def test_a_value_another_caller_is_refreshing_is_returned_as_it_is(bits: int) -> None:
+    taken, value, calls = drive([(b"old", 3, 5, bits)])
+    assert taken == [LeaseGet()] and value == b"old" and calls == 0
+
+
+def test_a_stale_value_this_caller_won_is_recomputed() -> None:
+    taken, value, calls = drive([(b"old", 0, 9, LEASE_STALE | LEASE_WON)])
+    assert taken == [LeaseGet(), Fill(b"computed", 9)] and value == b"computed" and calls == 1
+
+
+def test_a_pending_lease_is_polled_with_doubling_delays_until_the_value_arrives() -> None:
+    taken, value, calls = drive([PENDING, PENDING, PENDING, (b"theirs", 0, 8, 0)], poll=0.01)
+    assert taken == [LeaseGet(), Sleep(0.01), LeaseGet(), Sleep(0.02), LeaseGet(), Sleep(0.04), LeaseGet()]
+    assert value == b"theirs" and calls == 0
+
+
+def test_polls_never_wait_longer_than_max_poll() -> None:
+    taken, _, _ = drive([PENDING] * 8 + [(b"v", 0, 1, 0)], wait=60, poll=0.05)
+    sleeps = [s.seconds for s in taken if isinstance(s, Sleep)]
+    assert sleeps == [0.05, 0.1, 0.2, 0.2, 0.2, 0.2, 0.2, 0.2] and MAX_POLL == 0.2
+
+
+def test_after_waiting_the_bound_the_caller_computes_and_stores_nothing() -> None:
+    taken, value, calls = drive([PENDING] * 100, wait=0.5, poll=0.1)
+    sleeps = [s.seconds for s in taken if isinstance(s, Sleep)]
+    # 0.1 + 0.2 + 0.2 = 0.5: the last sleep is cut to what is left of the bound
+    assert sleeps == pytest.approx([0.1, 0.2, 0.2])
+    assert sum(sleeps) == pytest.approx(0.5)
+    assert not any(isinstance(s, Fill) for s in taken)
+    assert value == b"computed" and calls == 1
+
+
+def test_wait_zero_computes_at_once_when_another_caller_holds_the_lease() -> None:
+    taken, value, calls = drive([PENDING], wait=0)
+    assert taken == [LeaseGet()] and value == b"computed" and calls == 1
+
+
+def test_a_failed_read_with_errors_ignored_computes_and_stores_nothing() -> None:
+    taken, value, calls = drive([None])
+    assert taken == [LeaseGet()] and value == b"computed" and calls == 1
+
+
+def test_an_exception_from_fn_propagates_and_nothing_is_filled() -> None:
+    run = steps(lambda: 1 / 0, wait=1, poll=0.01, clock=Clock())
+    assert next(run) == LeaseGet()
+    with pytest.raises(ZeroDivisionError):
+        run.send((b"", 0, 1, LEASE_WON))
+
+
+@pytest.mark.parametrize(
+    "lease, pending",
+    [
+        ((b"", 0, 1, LEASE_TAKEN), True),
+        ((b"", 0, 1, LEASE_TAKEN | LEASE_STALE), False),  # a stale empty value is a value
+        ((b"", 5, 1, LEASE_TAKEN), False),  # client flags: a stored value, not the placeholder
+        ((b"x", 0, 1, LEASE_TAKEN), False),
+        ((b"", 0, 1, 0), False),  # nobody holds a lease: an empty stored value
+        ((b"", 0, 1, LEASE_WON), False),
+    ],
+)
+def test_only_an_empty_flagless_item_someone_else_won_is_a_lease_in_progress(lease: Any, pending: bool) -> None:
+    assert is_pending(lease) is pending
