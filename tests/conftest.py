@@ -32,7 +32,12 @@ from harness import Memcached, MemcachedFactory  # noqa: E402
 from hypothesis import settings as _hypothesis_settings  # noqa: E402
 
 _hypothesis_settings.register_profile("ci", derandomize=True)
-if os.environ.get("CI"):
+# scripts/mutation (mutmut sets MUTANT_UNDER_TEST): fixed and fewer examples, so each of thousands
+# of mutants runs fast and the same way every time; a mutant killed only by chance is not killed.
+_hypothesis_settings.register_profile("mutation", derandomize=True, max_examples=30, deadline=None)
+if os.environ.get("MUTANT_UNDER_TEST"):
+    _hypothesis_settings.load_profile("mutation")
+elif os.environ.get("CI"):
     _hypothesis_settings.load_profile("ci")
 
 
