@@ -164,10 +164,11 @@ def test_requests_in_flight_on_a_removed_server_finish(
     try:
         for t in threads:
             t.start()
-        wait_for(lambda: broker.stats()["servers"][a.address]["depth"] >= len(on_a), 5.0, "requests in flight on A")
+        # Bounds on progress, not assertions of speed: generous for a loaded machine.
+        wait_for(lambda: broker.stats()["servers"][a.address]["depth"] >= len(on_a), 30.0, "requests in flight on A")
         broker.write_config(servers=[b.address])
         broker.reload()
-        wait_for(lambda: servers_in_stats(broker) == {b.address}, 5.0, "reload applied")
+        wait_for(lambda: servers_in_stats(broker) == {b.address}, 30.0, "reload applied")
         time.sleep(0.2)
         assert all(t.is_alive() for t in threads)  # still waiting for the stopped server
     finally:
