@@ -16,6 +16,7 @@ import zmq
 from clientlib import Client
 from clientlib.errors import MemcacheError, MemcacheServerError
 from clientlib.wire import Code, Op, decode_reply, encode_request
+from fakemc import pause_fully
 from pool import owners, value_of, wait_for
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration, pytest.mark.timeout(120)]
@@ -169,7 +170,7 @@ def test_read_follows_a_pinned_write_onto_its_connection_and_sees_it(memcached_f
     replies: dict[int, object] = {}
     try:
         sock.connect(broker.url)
-        server.pause()
+        pause_fully(server)  # SIGSTOP is asynchronous: wait until every thread has stopped
         # Turn 1: a backlog, then the write, all on one connection (A), which the write pins.
         sock.send(encode_request(1, [[Op.GET, b"backlog-%d" % i] for i in range(2000)] + [[Op.SET, b"pinned", b"new", 0, 0]], 30000))
         # A broker-local call answered means turn 1 is over: the read below comes in a later turn,
