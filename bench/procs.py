@@ -38,7 +38,21 @@ class BenchError(RuntimeError):
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of a whole process (all its threads) from /proc/<pid>/stat; 0.0 if gone."""
+    """CPU time of a whole process (all its threads), in seconds; 0.0 if gone. From each thread's
+    /proc/<pid>/task/<tid>/schedstat (nanoseconds on the CPU), so a short quick-mode window does
+    not read as 0; /proc/<pid>/stat's utime + stime (10 ms ticks) where schedstat is missing."""
+    try:
+        total = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, IndexError, ValueError):
+                continue  # a thread that ended meanwhile
+        if total:
+            return total / 1e9
+    except OSError:
+        pass
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             fields = f.read().rsplit(b")", 1)[1].split()

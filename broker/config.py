@@ -60,6 +60,10 @@ class Config:
     max_batch_per_turn: int
     coalesce_reads: bool
     log_level: str
+    socket_mode: int
+    socket_group: str
+    drain_timeout_ms: int
+    metrics_listen: str
 
     def listen_urls(self) -> tuple[str, ...]:
         """The addresses to bind: the configured ones, or the default socket."""
@@ -71,6 +75,7 @@ class Config:
         for name in DEFAULTS:
             out[name] = getattr(self, name)
         out["listen"] = list(self.listen)
+        out["socket_mode"] = f"{self.socket_mode:04o}"
         out["servers"] = [
             s.address.name if s.weight == 1 else {"address": s.address.name, "weight": s.weight}
             for s in self.servers
@@ -102,6 +107,10 @@ DEFAULTS: Mapping[str, object] = MappingProxyType(
         "max_batch_per_turn": 4096,
         "coalesce_reads": True,
         "log_level": "info",
+        "socket_mode": "0660",
+        "socket_group": "",
+        "drain_timeout_ms": 10000,
+        "metrics_listen": "",
     }
 )
 
@@ -137,6 +146,7 @@ INT_RANGES: Mapping[str, tuple[int, int]] = MappingProxyType(
         "max_inflight_total": (1, 1 << 26),
         "max_buffered_bytes": (1 << 16, 1 << 36),
         "max_batch_per_turn": (1, 1 << 20),
+        "drain_timeout_ms": (0, _HOUR_MS),
     }
 )
 
@@ -175,6 +185,53 @@ def _choice(key: str, value: object) -> str:
     if normal not in choices:
         raise ConfigError(key, f"{value!r} is not one of {', '.join(choices)}")
     return normal
+
+
+_GROUP_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10}")
+
+
+def _socket_mode(value: object) -> int:
+    # TOML has octal integers (0o660) but people write "0660" (chmod's spelling): take both.
+    key = "socket_mode"
+    if isinstance(value, str):
+        if not re.fullmatch(r"0?[0-7]{3}", value):
+            raise ConfigError(key, f"{value!r} is not an octal file mode such as \"0660\"")
+        mode = int(value, 8)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        mode = value
+    else:
+        raise ConfigError(key, f"must be an octal mode string such as \"0660\" (or 0o660), got {_type_name(value)}")
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(key, f"{mode:o} is not a file mode (0000..0777)")
+    if mode & 0o600 != 0o600:
+        raise ConfigError(key, f"{mode:04o} denies the broker's own user read and write on its socket")
+    if mode & 0o007:
+        raise ConfigError(
+            key, f"{mode:04o} lets every local user use the broker (it has no authentication); "
+            "use a group (socket_group) and at most 0660"
+        )
+    return mode
+
+
+def _socket_group(value: object) -> str:
+    key = "socket_group"
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a group name or number as a string, got {_type_name(value)}")
+    if value and not _GROUP_RE.fullmatch(value):
+        raise ConfigError(key, f"{value!r} is not a group name")
+    return value
+
+
+def _metrics_listen(value: object) -> str:
+    key = "metrics_listen"
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string \"HOST:PORT\" (or \"\" for none), got {_type_name(value)}")
+    if not value:
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+        raise ConfigError(key, f"{value!r} is not HOST:PORT (for example \"127.0.0.1:9150\")")
+    return value
 
 
 def _list(key: str, value: object) -> list[object]:
@@ -305,10 +362,80 @@ def from_mapping(d: Mapping[str, object]) -> Config:
         on_server_down=_choice("on_server_down", merged["on_server_down"]),
         log_level=_choice("log_level", merged["log_level"]),
         coalesce_reads=_bool("coalesce_reads", merged["coalesce_reads"]),
+        socket_mode=_socket_mode(merged["socket_mode"]),
+        socket_group=_socket_group(merged["socket_group"]),
+        metrics_listen=_metrics_listen(merged["metrics_listen"]),
         **{key: _int(key, merged[key]) for key in INT_RANGES},
     )
     _check_relations(config)
     return config
+
+
+def _check_key(key: str, value: object, hash_name: str) -> None:
+    if key in INT_RANGES:
+        _int(key, value)
+    elif key in _CHOICES:
+        _choice(key, value)
+    elif key == "listen":
+        _listen(value)
+    elif key == "servers":
+        _servers(value, hash_name)
+    elif key == "coalesce_reads":
+        _bool(key, value)
+    elif key == "socket_mode":
+        _socket_mode(value)
+    elif key == "socket_group":
+        _socket_group(value)
+    elif key == "metrics_listen":
+        _metrics_listen(value)
+
+
+def problems(d: Mapping[str, object]) -> list[ConfigError]:
+    """Every problem in a TOML-shaped mapping, one ConfigError per key (check-config reports them
+    all at once; from_mapping stops at the first). Relations between keys are checked only once
+    every key is valid on its own. Empty: from_mapping(d) succeeds."""
+    if not isinstance(d, Mapping):
+        return [ConfigError(None, f"config must be a table, got {_type_name(d)}")]
+    found: list[ConfigError] = []
+    for key in d:
+        if not isinstance(key, str) or key not in DEFAULTS:
+            try:
+                from_mapping({key: d[key]})
+            except ConfigError as e:
+                found.append(e)
+    merged = {**DEFAULTS, **{k: v for k, v in d.items() if k in DEFAULTS}}
+    try:
+        hash_name = _choice("hash", merged["hash"])
+    except ConfigError:
+        hash_name = "ketama"  # reported under hash; still check the servers' own syntax
+    for key in DEFAULTS:
+        if key in d:
+            try:
+                _check_key(key, d[key], hash_name)
+            except ConfigError as e:
+                found.append(e)
+    if not found:
+        try:
+            from_mapping(d)
+        except ConfigError as e:
+            found.append(e)
+    return found
+
+
+def check_file(path: str | None, overrides: Mapping[str, object] | None = None) -> list[ConfigError]:
+    """problems() for a file plus command-line overrides, each error naming its source."""
+    try:
+        data: dict[str, object] = _read_toml(path) if path is not None else {}
+    except ConfigError as e:
+        return [e]
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data.update(given)
+    out = []
+    for problem in problems(data):
+        root = _ROOT_KEY_RE.match(problem.key or "")
+        from_flag = problem.key is not None and root is not None and root.group(0) in given
+        out.append(ConfigError(problem.key, problem.problem, source="command line" if from_flag else path))
+    return out
 
 
 def _read_toml(path: str) -> dict[str, object]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import time
+from collections import deque
 from typing import Any, Callable, Protocol
 
 from clientlib.address import ServerAddress
@@ -23,10 +25,14 @@ from clientlib.wire import Code, Op
 
 from . import meta
 from .health import Health, State, backoff
+from .logfmt import RateLimit
+from .stats import LatencyWindow
 from .meta import Status
-from .pipeline import TEXT, Batch, OutOfStep, Pipeline, Read
+from .pipeline import TEXT, Batch, OutOfStep, Pipeline
 
 log = logging.getLogger("mcbroker.pipeline")
+# A server that stays down fails a connect or probe every 100 ms: one line per server per interval.
+FAILURE_LINES = RateLimit()
 
 READ_SIZE = 256 * 1024
 _READ_BUFFER = bytearray(READ_SIZE)  # one loop thread reads every connection, one at a time
@@ -52,7 +58,7 @@ class Budget:
 
 
 class ServerStats:
-    __slots__ = ("requests", "errors", "timeouts", "resets", "writes", "written", "latency_sum", "latency_n")
+    __slots__ = ("requests", "errors", "timeouts", "resets", "writes", "written")
 
     def __init__(self) -> None:
         self.requests = 0
@@ -61,8 +67,6 @@ class ServerStats:
         self.resets = 0
         self.writes = 0
         self.written = 0
-        self.latency_sum = 0.0
-        self.latency_n = 0
 
 
 # Connection states
@@ -106,21 +110,27 @@ class _Settings:
 class Connection:
     __slots__ = (
         "server", "sock", "state", "pipeline", "since", "connect_started", "reconnect_at", "attempt",
-        "want_write", "probe", "sample_t",
+        "want_write", "probe", "sample_t", "no", "marks", "sent_n", "answered_n",
     )
 
-    def __init__(self, server: "Server") -> None:
+    def __init__(self, server: "Server", no: int = 0) -> None:
         self.server = server
+        self.no = no  # its index among the server's connections: part of its reads' tags
         self.sock: socket.socket | None = None
         self.state = DISCONNECTED
-        self.pipeline = Pipeline(MAX_ITEM_SIZE, server.unpin, server.reads)
+        self.pipeline = Pipeline(MAX_ITEM_SIZE, server.unpin, server.reads, server.joiners, no)
         self.since = 0.0  # last progress: a read, or the first request after idle
         self.connect_started = 0.0
         self.reconnect_at = 0.0
         self.attempt = 0
         self.want_write = False
         self.probe = False
-        self.sample_t = 0.0  # when the pipeline last went from idle to busy (latency sampling)
+        self.sample_t = 0.0  # when the pipeline last went from idle to busy
+        # Latency per write (pipeline batch): (time written, requests written through it); a
+        # write's latency is taken when the answers count reaches its mark (FIFO order).
+        self.marks: deque[tuple[float, int]] = deque()
+        self.sent_n = 0
+        self.answered_n = 0
 
     @property
     def fd(self) -> int:
@@ -149,7 +159,9 @@ class Connection:
         self.connect_started = now
         self.want_write = True
         # The settings answer comes first and sets the exact bound; until then, the last one known.
-        self.pipeline = Pipeline(self.server.item_size_max or MAX_ITEM_SIZE, self.server.unpin, self.server.reads)
+        self.pipeline = Pipeline(
+            self.server.item_size_max or MAX_ITEM_SIZE, self.server.unpin, self.server.reads, self.server.joiners, self.no
+        )
         self.push(Batch(_Settings(self), [0], [int(Op.STATS)], None, TEXT, _STATS_EXPECT), _SETTINGS, now, internal=True)
         rc = sock.connect_ex(target)
         self.server.io.watch(self)
@@ -171,7 +183,13 @@ class Connection:
             server.stats.resets += 1
             # An idle connection that memcached closed (idle_timeout, a restart) is routine.
             level = logging.WARNING if count or self.pipeline.inflight else logging.INFO
-            log.log(level, "%s: closing connection: %s (%d in flight)", server.address.name, reason, self.pipeline.inflight)
+            if not count and level == logging.INFO:
+                log.info("%s: closing connection: %s (%d in flight)", server.address.name, reason, self.pipeline.inflight)
+            else:
+                held = FAILURE_LINES.allow(server.address.name, now)
+                if held is not None:
+                    more = f"; {held} more failures like it in the last {FAILURE_LINES.interval:g}s" if held else ""
+                    log.log(level, "%s: closing connection: %s (%d in flight)%s", server.address.name, reason, self.pipeline.inflight, more)
         self.close()
         self.fail_inflight(code, reason)
         if count:
@@ -194,6 +212,8 @@ class Connection:
         n = pipeline.fail_all(code, reason)
         budget.inflight -= n
         self.server.inflight_n -= n
+        self.marks.clear()
+        self.sent_n = self.answered_n = 0
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -240,7 +260,10 @@ class Connection:
         if n:
             stats = self.server.stats
             stats.writes += 1
-            stats.written += pipeline.unflushed
+            if pipeline.unflushed:
+                stats.written += pipeline.unflushed
+                self.sent_n += pipeline.unflushed
+                self.marks.append((now, self.sent_n))
             pipeline.sent(n)
             budget.buffered -= n
         want = bool(pipeline.out)
@@ -304,11 +327,11 @@ class Connection:
                 self.attempt = 0
                 if server.health.failures and not self.probe:
                     server.health.record_success()
-            if busy and not pipeline.inflight:
-                server.stats.latency_sum += now - self.sample_t
-                server.stats.latency_n += 1
-            elif pipeline.inflight < busy:
-                self.sample_t = now
+            if pipeline.inflight < busy:
+                self.answered_n += busy - pipeline.inflight
+                marks = self.marks
+                while marks and marks[0][1] <= self.answered_n:
+                    server.latency.record(now - marks.popleft()[0], now)
             if self.sock is not sock or len(data) < READ_SIZE:
                 return
 
@@ -317,6 +340,10 @@ class Connection:
             self.failed(now, f"connect to {self.server.address.name} timed out", Code.CONNECTION_ERROR)
         elif self.state == READY and self.pipeline.queue and now - self.since > io_timeout:
             self.failed(now, f"{self.server.address.name} silent for {now - self.since:.1f}s with requests in flight", Code.TIMEOUT)
+
+
+def _us(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1e6, 1)
 
 
 class Server:
@@ -342,14 +369,17 @@ class Server:
         self.max_inflight_conn = max_inflight_conn
         self.max_inflight_server = max_inflight_server
         self.stats = ServerStats()
+        self.latency = LatencyWindow()  # per write: written -> its last answer parsed
         self.inflight_n = 0  # requests in flight on all its connections (admitted and not answered)
         # Learned from `stats settings` on each new connection; memcached's defaults until then.
         self.item_size_max: int | None = None
         self.cas_enabled = True
         self.now = 0.0
-        # key -> the plain get of it in flight that later plain gets may join (read coalescing).
-        self.reads: dict[bytes, Read] = {}
-        self.conns = [Connection(self) for _ in range(connections)]
+        # Read coalescing (pipeline.py, `tag_of`): key -> tag of the plain get of it in flight that
+        # later plain gets may join; tag -> the waiters that joined it.
+        self.reads: dict[bytes, int] = {}
+        self.joiners: dict[int, list[Any]] = {}
+        self.conns = [Connection(self, no) for no in range(connections)]
         # key -> [connection, requests in flight]: later requests for a key follow earlier ones, so
         # a worker's own writes are never overtaken by its own later reads on another connection.
         self.pinned: dict[bytes, list[Any]] = {}
@@ -434,13 +464,16 @@ class Server:
         for conn in self.conns:
             if conn.sock is not None:
                 conn.close()
-            conn.fail_inflight(Code.SERVER_DOWN, f"{self.name} is down: {reason}")
+            # Written requests may have been applied: CONNECTION_ERROR (indeterminate), never
+            # SERVER_DOWN, which promises that nothing was sent (a client may retry on it).
+            conn.fail_inflight(Code.CONNECTION_ERROR, f"{self.name} is down: {reason}")
         self.pinned.clear()
         if self._on_down is not None:
             self._on_down(self)
 
     def probe_succeeded(self, now: float) -> None:
         log.warning("%s is back up", self.name)
+        FAILURE_LINES.reset(self.name)
         self.health.probe_succeeded(now)
         for conn in self.conns:
             conn.attempt = 0
@@ -484,5 +517,11 @@ class Server:
             "writes": s.writes,
             "requests_written": s.written,
             "requests_per_write": round(s.written / s.writes, 2) if s.writes else 0.0,
-            "latency_avg_us": round(s.latency_sum / s.latency_n * 1e6, 1) if s.latency_n else 0.0,
+            "latency_avg_us": round(self.latency.total / self.latency.count * 1e6, 1) if self.latency.count else 0.0,
+            **self.latency_snapshot(),
         }
+
+    def latency_snapshot(self, now: float | None = None) -> dict[str, Any]:
+        """p50/p99/p999 in microseconds over the last 10-20 s (None without samples)."""
+        (p50, p99, p999), n = self.latency.percentiles((0.5, 0.99, 0.999), time.monotonic() if now is None else now)
+        return {"latency_p50_us": _us(p50), "latency_p99_us": _us(p99), "latency_p999_us": _us(p999), "latency_samples": n}

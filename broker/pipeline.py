@@ -68,23 +68,29 @@ class OutOfStep(Exception):
         self.answered = answered
 
 
-# A plain get in flight that later gets of the same key may join (read coalescing):
-# [pipeline, key, waiter, index, waiter, index, ...]. A flat list, not an object: one is made for
-# every coalescable get, and joiners are the rare case.
-Read = list[Any]
+# Read coalescing: a plain get in flight is named in its server's tables by a tag, its opaque and
+# its connection's number (`opaque << 3 | conn_no`; at most 8 connections per server): an int,
+# so registering the gets of a frame allocates no container per key (the garbage collector's
+# young generation would run every few frames). `reads`: key -> tag of the get that may be
+# joined; `joiners`: tag -> [waiter, index, waiter, index, ...], made only when one joins.
+TAG_BITS = 3
+
+
+def tag_of(opaque: int, conn_no: int) -> int:
+    return (opaque << TAG_BITS) | conn_no
 
 
 class Batch:
     """Consecutive requests on one connection for one waiter: a frame's ops bound here, or one
     text command. Request j carries opaque `first + j` (TEXT: none) and answers `indices[j]`.
-    `reads[j]`, when given, is the `Read` that other waiters may join while request j (a plain
-    get) is in flight; its answer goes to them too."""
+    `reads[j]`, when given, is the key of request j, a plain get that other waiters may join
+    while it is in flight (see `tag_of`); its answer goes to them too."""
 
     __slots__ = ("waiter", "indices", "ops", "keys", "first", "expect", "reads")
 
     def __init__(
         self, waiter: Waiter, indices: list[int], ops: list[int], keys: list[bytes | None] | None,
-        first: int, expect: frozenset[Status] | None = None, reads: list[Read | None] | None = None,
+        first: int, expect: frozenset[Status] | None = None, reads: list[bytes | None] | None = None,
     ) -> None:
         self.waiter = waiter
         self.indices = indices
@@ -117,12 +123,12 @@ _SERVER_ERROR = Code.SERVER_ERROR
 class Pipeline:
     __slots__ = (
         "parser", "queue", "head", "out", "seq", "inflight", "held", "proven", "risky", "unfenced", "unflushed",
-        "answered", "_release", "reads",
+        "answered", "_release", "reads", "joiners", "conn_no",
     )
 
     def __init__(
         self, max_value_len: int, release: Callable[[bytes], None] | None = None,
-        reads: dict[bytes, Read] | None = None,
+        reads: dict[bytes, int] | None = None, joiners: dict[int, list[Any]] | None = None, conn_no: int = 0,
     ) -> None:
         self.parser = meta.ResponseParser(max_value_len)
         self.queue: deque[Batch] = deque()
@@ -137,9 +143,11 @@ class Pipeline:
         self.unfenced = False
         self.unflushed = 0  # requests in `out` since the last sent()
         self._release = release
-        # The server's table of joinable reads (shared by its connections): an answered get leaves
-        # it, so nothing joins a read whose response has already gone by.
-        self.reads: dict[bytes, Read] = reads if reads is not None else {}
+        # The server's tables of joinable reads (shared by its connections): an answered get leaves
+        # them, so nothing joins a read whose response has already gone by.
+        self.reads: dict[bytes, int] = reads if reads is not None else {}
+        self.joiners: dict[int, list[Any]] = joiners if joiners is not None else {}
+        self.conn_no = conn_no
 
     # --- requests ------------------------------------------------------------------------------
 
@@ -199,6 +207,8 @@ class Pipeline:
         held = self.held
         release = self._release
         reads = self.reads
+        joiners = self.joiners
+        conn_no = self.conn_no
         j = self.head
         proven = self.proven
         risky = self.risky
@@ -252,13 +262,16 @@ class Pipeline:
                     risky = value is not None and b"\r\n" in value
                     held.append((batch.waiter, batch.indices[j], result))
                     if batch.reads is not None:
-                        read = batch.reads[j]
-                        if read is not None:
+                        key = batch.reads[j]
+                        if key is not None:
                             # Answered: nothing may join it any more; its joiners share the answer.
-                            if reads.get(read[1]) is read:
-                                del reads[read[1]]
-                            if len(read) > 2:
-                                done += _joiners(read, result, held)
+                            tag = ((first + j) << TAG_BITS) | conn_no
+                            if reads.get(key) == tag:
+                                del reads[key]
+                            if joiners:
+                                joined = joiners.pop(tag, None)
+                                if joined is not None:
+                                    done += _joiners(joined, result, held)
                 else:
                     if risky:
                         raise OutOfStep(f"{item.status.name} after a value holding CRLF: the stream cannot be proven in step")
@@ -267,13 +280,11 @@ class Pipeline:
                         # memcached may have read our data as commands: this reply is the request's
                         # own; nothing after it can be trusted.
                         index = batch.indices[j]
-                        joined: list[tuple[Waiter, int, list[Any]]] = [(batch.waiter, index, result)]
-                        read = batch.reads[j] if batch.reads is not None else None
-                        if read is not None:
-                            self.inflight -= self._forget(read, result, joined)
+                        failed: list[tuple[Waiter, int, list[Any]]] = [(batch.waiter, index, result)]
+                        self.inflight -= self._forget(batch, j, result, failed)
                         self._answered(batch, j, release)
                         j = self.head
-                        for waiter, index, result in joined:
+                        for waiter, index, result in failed:
                             if not waiter.done:
                                 waiter.fail(index, result[0], result[1])
                         raise OutOfStep(reset, answered=True)
@@ -284,9 +295,8 @@ class Pipeline:
                     else:
                         answered += 1  # its own error line: the server answered it, in step
                         held.append((batch.waiter, batch.indices[j], result))
-                        read = batch.reads[j] if batch.reads is not None else None
-                        if read is not None:
-                            done += self._forget(read, result, held)
+                        if batch.reads is not None:
+                            done += self._forget(batch, j, result, held)
                 done += 1
                 keys = batch.keys
                 if keys is not None and release is not None:
@@ -334,13 +344,17 @@ class Pipeline:
             return text_result(op, resp), None
         raise OutOfStep(f"unexpected {status.name} for {op_name(op)}")
 
-    def _forget(self, read: Read, result: list[Any] | None, out: list[tuple[Waiter, int, list[Any]]]) -> int:
-        """`read` was answered (or failed): take it out of the table, and put its joiners with
-        `result` on `out`. Returns how many joined."""
-        reads = self.reads
-        if reads.get(read[1]) is read:
-            del reads[read[1]]
-        return _joiners(read, result, out)
+    def _forget(self, batch: Batch, j: int, result: list[Any] | None, out: list[tuple[Waiter, int, Any]]) -> int:
+        """Request j of `batch` was answered (or failed): if it was a joinable get, take it out of
+        the tables and put its joiners with `result` on `out`. Returns how many joined."""
+        key = batch.reads[j] if batch.reads is not None else None
+        if key is None:
+            return 0
+        tag = tag_of(batch.first + j, self.conn_no)
+        if self.reads.get(key) == tag:
+            del self.reads[key]
+        joined = self.joiners.pop(tag, None) if self.joiners else None
+        return _joiners(joined, result, out) if joined is not None else 0
 
     def release_held(self) -> None:
         """Deliver the held results that a later response or fence proved."""
@@ -367,7 +381,7 @@ class Pipeline:
         queue, self.queue = self.queue, deque()
         head, self.head = self.head, 0
         release = self._release
-        joined: list[tuple[Waiter, int, list[Any]]] = []
+        joined: list[tuple[Waiter, int, Any]] = []
         for batch in queue:
             if batch.waiter is _NO_WAITER:
                 continue
@@ -376,9 +390,8 @@ class Pipeline:
                 if key is not None and release is not None:
                     release(key)
                 failed.append((batch.waiter, batch.indices[j]))
-                read = batch.reads[j] if batch.reads is not None else None
-                if read is not None:
-                    self._forget(read, None, joined)
+                if batch.reads is not None:
+                    self._forget(batch, j, None, joined)
             head = 0
         failed.extend((w, i) for w, i, _ in joined)
         n = self.inflight
@@ -392,11 +405,11 @@ class Pipeline:
         return n
 
 
-def _joiners(read: Read, result: Any, out: list[tuple[Waiter, int, Any]]) -> int:
-    """Put each waiter that joined `read` on `out` with `result`; returns how many."""
-    for k in range(2, len(read), 2):
-        out.append((read[k], read[k + 1], result))
-    return (len(read) - 2) // 2
+def _joiners(joined: list[Any], result: Any, out: list[tuple[Waiter, int, Any]]) -> int:
+    """Put each waiter of `joined` ([waiter, index, ...]) on `out` with `result`; returns how many."""
+    for k in range(0, len(joined), 2):
+        out.append((joined[k], joined[k + 1], result))
+    return len(joined) // 2
 
 
 def _describe(item: Any) -> str:

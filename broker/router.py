@@ -17,7 +17,8 @@ from clientlib.wire import Code, Op, RequestFrame, WireError, decode_request, en
 
 from . import meta
 from .connection import Budget, Connection, Server
-from .pipeline import TEXT, Batch, Read
+from .pipeline import TAG_BITS, TEXT, Batch
+from .stats import CODE_NAMES, OP_NAMES
 from .meta import encode_get
 from .translate import BROADCAST, TEXT_EXPECT, UNLINK_TOO_LARGE, encode_op, encode_text, too_large
 
@@ -26,7 +27,7 @@ log = logging.getLogger("mcbroker.router")
 Send = Callable[[Any, bytes, bytes], bool]
 # One frame's requests bound for one connection: op indices, op codes, pinned keys, encoded
 # requests, joinable reads.
-_Group = tuple[list[int], list[int], list[bytes | None], list[bytes], list["Read | None"]]
+_Group = tuple[list[int], list[int], list[bytes | None], list[bytes], list[bytes | None]]
 
 # A deadline missed while the server had answered nothing for this long is a failure of the server.
 SILENT_FAILURE = 0.1
@@ -36,13 +37,14 @@ _SET = int(Op.SET)
 _CAS = int(Op.CAS)
 _VERSION = int(Op.VERSION)
 _FLUSH_ALL = int(Op.FLUSH_ALL)
+_CONN_MASK = (1 << TAG_BITS) - 1
 
 
 class RouterStats:
     __slots__ = (
         "frames", "ops", "ok", "miss", "errors", "timeouts", "overloaded", "bad_frames",
         "dropped_frames", "replies", "replies_dropped", "noreply", "internal_errors", "gets_upstream",
-        "gets_coalesced",
+        "gets_coalesced", "by_op", "by_code",
     )
 
     def __init__(self) -> None:
@@ -51,9 +53,16 @@ class RouterStats:
         self.replies_dropped = self.noreply = self.internal_errors = 0
         # Plain gets sent to memcached, and plain gets answered by joining one already in flight.
         self.gets_upstream = self.gets_coalesced = 0
+        # Requests by the opcode of their frame's first op (one add per frame, never per key) and
+        # failed results by code (failures only), indexed by the wire's numbers.
+        self.by_op = [0] * (max(Op) + 1)
+        self.by_code = [0] * (max(Code) + 1)
 
-    def snapshot(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+    def snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = {name: getattr(self, name) for name in self.__slots__[:-2]}
+        out["requests_by_op"] = {OP_NAMES.get(i, str(i)): n for i, n in enumerate(self.by_op) if n}
+        out["errors_by_kind"] = {CODE_NAMES.get(i, str(i)): n for i, n in enumerate(self.by_code) if n}
+        return out
 
 
 class Job:
@@ -124,6 +133,7 @@ class Job:
                 if c == Code.OVERLOADED:
                     stats.overloaded += 1
                 stats.errors += 1
+                stats.by_code[c] += 1
         if self.noreply:
             stats.noreply += 1
             return
@@ -228,11 +238,14 @@ class Router:
         if self.draining:
             if not frame.noreply:
                 self.reply(peer, ident, encode_error(frame.req_id, Code.SHUTTING_DOWN, "broker is shutting down"))
+            else:
+                stats.noreply += 1  # frames in = replies + replies_dropped + noreply + dropped_frames
             return
         timeout = frame.timeout_ms / 1000.0 if frame.timeout_ms else self.default_timeout
         job = Job(self, peer, ident, frame, now + timeout)
         ops = frame.ops
         stats.ops += len(ops)
+        stats.by_op[ops[0][0]] += len(ops)
         if len(ops) > 1 and self._all_gets(job, ops, now):
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
             return
@@ -267,15 +280,19 @@ class Router:
             # Reads follow a key's writes in flight onto their connection, so a worker's own write
             # is never overtaken by its own later read; only writes pin a key.
             pin: bytes | None = None
-            read: Read | None = None
+            joinable: bytes | None = None
             if code <= _GETS:
                 if code == _GET and coalesce:
-                    read = server.reads.get(key)
-                    if read is not None:
+                    tag = server.reads.get(key)
+                    if tag is not None:
                         # A get of this key is in flight and no write of it came since: its
                         # response answers this one too, and nothing more goes to memcached.
-                        read += (job, i)
-                        read[0].inflight += 1
+                        joined = server.joiners.get(tag)
+                        if joined is None:
+                            server.joiners[tag] = [job, i]
+                        else:
+                            joined += (job, i)
+                        server.conns[tag & _CONN_MASK].pipeline.inflight += 1
                         server.inflight_n += 1
                         budget.inflight += 1
                         job.where[i] = server
@@ -341,16 +358,17 @@ class Router:
             if code == _GET:
                 upstream += 1
                 if coalesce:
-                    read = server.reads[key] = [pipeline, key]
+                    server.reads[key] = (opaque << TAG_BITS) | conn.no
+                    joinable = key
             g = groups.get(conn)
             if g is None:
-                groups[conn] = ([i], [code], [pin], [req], [read])
+                groups[conn] = ([i], [code], [pin], [req], [joinable])
             else:
                 g[0].append(i)
                 g[1].append(code)
                 g[2].append(pin)
                 g[3].append(req)
-                g[4].append(read)
+                g[4].append(joinable)
         self.stats.gets_upstream += upstream
         self._push(job, groups, now)
         # A job whose every op was answered on the spot (refused, local) has already replied.
@@ -395,24 +413,24 @@ class Router:
         server.inflight_n += n
         budget.inflight += n
         job.where = [server] * n
-        read_list: list[Read | None] | None = None
+        joinable: list[bytes | None] | None = None
         if self.coalesce:
-            joinable: list[Read] = [[pipeline, k] for k in keys]
-            reads.update(zip(keys, joinable))
-            read_list = cast("list[Read | None]", joinable)
+            no = conn.no
+            reads.update(zip(keys, range((first << TAG_BITS) | no, ((first + n) << TAG_BITS) | no, 1 << TAG_BITS)))
+            joinable = cast("list[bytes | None]", keys)
         self.stats.gets_upstream += n
         conn.push(
-            Batch(job, list(range(n)), [_GET] * n, None, first, None, read_list),
+            Batch(job, list(range(n)), [_GET] * n, None, first, None, joinable),
             meta.encode_gets(keys, first), now, reserved=True,
         )
         return True
 
     @staticmethod
     def _push(job: Job, groups: dict[Connection, _Group], now: float) -> None:
-        for conn, (indices, codes, pins, reqs, read_list) in groups.items():
+        for conn, (indices, codes, pins, reqs, gets) in groups.items():
             first = conn.pipeline.seq - len(indices) + 1
             keys = pins if any(k is not None for k in pins) else None
-            joinable = read_list if any(r is not None for r in read_list) else None
+            joinable = gets if any(k is not None for k in gets) else None
             conn.push(Batch(job, indices, codes, keys, first, None, joinable), b"".join(reqs), now, reserved=True)
 
     def _place(self, job: Job, i: int, key: bytes) -> Server | None:

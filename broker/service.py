@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import time
+from importlib import metadata
 from typing import Any
 
 import zmq
@@ -22,8 +23,14 @@ from . import shard
 from .config import Config
 from .front import Front
 from .health import Health
-from .connection import CONNECTING, Budget, Connection, Server
+from .connection import CONNECTING, READY, Budget, Connection, Server
 from .router import Router
+from .stats import rss_bytes
+
+try:
+    VERSION = metadata.version("mcbroker")
+except metadata.PackageNotFoundError:
+    VERSION = "unknown"
 
 log = logging.getLogger("mcbroker")
 
@@ -32,24 +39,47 @@ _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _POLLIN_ERR = int(zmq.POLLIN | zmq.POLLERR)
 IDLE_POLL_MS = 250
-DRAIN_SECONDS = 10.0
 TURN_BYTES = 4 << 20
 CLOSE_LINGER_MS = 500
+CLOSE_QUIET_MS = 100
 
 
-def sd_notify(state: str) -> None:
-    """Tell systemd (Type=notify) about readiness; a no-op outside systemd."""
+def sd_notify(state: str) -> bool:
+    """Send `state` ("READY=1", ...) to systemd as one datagram to $NOTIFY_SOCKET (sd_notify(3)).
+
+    Does nothing outside systemd (no NOTIFY_SOCKET) and never raises: a service must not die
+    because its supervisor is not listening. Returns whether the datagram was sent."""
     path = os.environ.get("NOTIFY_SOCKET")
     if not path:
-        return
+        return False
     if path.startswith("@"):
-        path = "\0" + path[1:]
+        path = "\0" + path[1:]  # abstract namespace
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             s.connect(path)
             s.sendall(state.encode())
-    except OSError as exc:
-        log.warning("sd_notify(%s) failed: %s", state, exc)
+        return True
+    except Exception as exc:
+        global _notify_warned
+        if not _notify_warned:  # a watchdog ping fails every few seconds: say it once
+            _notify_warned = True
+            log.warning("sd_notify to %s failed: %s (further failures are not logged)", os.environ.get("NOTIFY_SOCKET"), exc)
+        return False
+
+
+_notify_warned = False
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of systemd's WatchdogSec), or None when systemd did
+    not ask for them (sd_watchdog_enabled(3): WATCHDOG_USEC, and WATCHDOG_PID if set is ours)."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    if pid and pid != str(os.getpid()):
+        return None
+    return int(usec) / 2e6
 
 
 class Broker:
@@ -66,8 +96,13 @@ class Broker:
         self._stop = False
         self._drain_deadline: float | None = None
         self._timers_busy = True  # connections are being opened
+        self._ready = False  # READY=1 sent: the front is bound and each server was tried
+        self._watchdog = watchdog_interval()
+        self._next_watchdog = 0.0
         self.budget = Budget(config.max_inflight_total, config.max_buffered_bytes)
-        self.front = Front(self.ctx, config.listen_urls(), config.max_frame_bytes)
+        self.front = Front(
+            self.ctx, config.listen_urls(), config.max_frame_bytes, config.socket_mode, config.socket_group
+        )
         for sock in self.front.sockets:
             self.poller.register(sock, zmq.POLLIN)
         self.router = Router(
@@ -87,6 +122,12 @@ class Broker:
         self._wake_w.setblocking(False)
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self._apply_servers(config, time.monotonic())
+        self.metrics: Any = None
+        self._next_publish = 0.0
+        if config.metrics_listen:
+            from .metrics import MetricsServer
+
+            self.metrics = MetricsServer(config.metrics_listen)
 
     # --- the IO protocol the pipeline uses -----------------------------------------------------
 
@@ -149,7 +190,9 @@ class Broker:
         except config_mod.ConfigError as exc:
             log.error("reload rejected, keeping the running config: %s", exc)
             return
-        sd_notify("RELOADING=1")
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        if c.metrics_listen != self.config.metrics_listen:
+            log.warning("metrics_listen changes only on restart; keeping %s", self.config.metrics_listen or "none")
         if c.listen_urls() != self.config.listen_urls():
             log.warning("listen addresses change only on restart; keeping %s", ", ".join(self.config.listen_urls()))
         now = time.monotonic()
@@ -178,8 +221,11 @@ class Broker:
         writes = sum(s.stats.writes for s in self.servers.values())
         written = sum(s.stats.written for s in self.servers.values())
         return {
+            "version": VERSION,
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 3),
+            "rss_bytes": rss_bytes(),
+            "connected_workers": self.front.poll_workers(),
             "hash": self.config.hash,
             "inflight": self.budget.inflight,
             "buffered_bytes": self.budget.buffered,
@@ -211,7 +257,7 @@ class Broker:
                 log.info("%s: draining %d requests in flight, then exiting", signal.Signals(sig).name, self.budget.inflight)
                 sd_notify("STOPPING=1")
                 self.router.draining = True
-                self._drain_deadline = now + DRAIN_SECONDS
+                self._drain_deadline = now + self.config.drain_timeout_ms / 1000
             else:
                 log.info("second %s: exiting now", signal.Signals(sig).name)
                 self._stop = True
@@ -230,10 +276,9 @@ class Broker:
     def run(self, ready_message: bool = True) -> None:
         self._install_signals()
         log.info(
-            "mcbroker ready: listening on %s; memcached %s; hash %s; pid %d",
+            "mcbroker starting: listening on %s; memcached %s; hash %s; pid %d",
             ", ".join(self.front.urls), ", ".join(self.servers), self.config.hash, os.getpid(),
         )
-        sd_notify("READY=1")
         next_timer = 0.0
         front = self.front
         router = self.router
@@ -299,7 +344,33 @@ class Broker:
         finally:
             self.close()
 
+    def _check_ready(self) -> None:
+        """READY=1 once every server was tried: connected, or its connect failed or timed out."""
+        answered, silent = [], []
+        for name, server in self.servers.items():
+            if any(c.state == READY for c in server.conns):
+                answered.append(name)
+            elif any(c.attempt for c in server.conns) or not server.health.is_up:
+                silent.append(name)
+            else:
+                return  # still connecting
+        self._ready = True
+        log.info(
+            "mcbroker ready: listening on %s; memcached answered: %s; not answering: %s; pid %d",
+            ", ".join(self.front.urls), ", ".join(answered) or "none", ", ".join(silent) or "none", os.getpid(),
+        )
+        sd_notify("READY=1")
+
     def _timers(self, now: float) -> None:
+        self.front.poll_workers()
+        if self.metrics is not None and now >= self._next_publish:
+            self._next_publish = now + 1.0
+            self.metrics.publish(self.snapshot)
+        if not self._ready:
+            self._check_ready()
+        if self._watchdog is not None and now >= self._next_watchdog:
+            self._next_watchdog = now + self._watchdog
+            sd_notify("WATCHDOG=1")
         self._timers_busy = bool(
             self.retiring
             or any(c.state == CONNECTING for c in self._fds.values())
@@ -324,13 +395,30 @@ class Broker:
         self.router.draining = True
         for server in list(self.servers.values()) + self.retiring:
             server.close("broker is shutting down", Code.SHUTTING_DOWN)
-        now = time.monotonic()
+        # A worker may send until its connection drops, and a frame that arrives after the last
+        # read is lost with the socket: its call would wait out its whole deadline. So frames keep
+        # getting "broker is shutting down" until none came for CLOSE_QUIET_MS (at most
+        # CLOSE_LINGER_MS); the replies leave meanwhile.
+        poller = zmq.Poller()
         for sock in self.front.sockets:
-            for ident, data in self.front.recv_batch(sock, 1 << 20, 1 << 40):
-                self.router.handle(sock, ident, data, now)
+            poller.register(sock, zmq.POLLIN)
+        start = now = time.monotonic()
+        quiet_until = now + CLOSE_QUIET_MS / 1000
+        while True:
+            for sock in self.front.sockets:
+                for ident, data in self.front.recv_batch(sock, 1 << 20, 1 << 40):
+                    self.router.handle(sock, ident, data, now)
+                    quiet_until = now + CLOSE_QUIET_MS / 1000
+            wait = min(quiet_until, start + CLOSE_LINGER_MS / 1000) - now
+            if wait <= 0:
+                break
+            poller.poll(int(wait * 1000) + 1)
+            now = time.monotonic()
         # Replies queued in ZeroMQ get a moment to reach their workers (linger 0 discarded them).
         self.front.close(linger_ms=CLOSE_LINGER_MS)
         self.ctx.term()
+        if self.metrics is not None:
+            self.metrics.close()
         signal.set_wakeup_fd(-1)
         self._wake_r.close()
         self._wake_w.close()

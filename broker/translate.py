@@ -139,6 +139,10 @@ def meta_result(op: int, status: Status, value: bytes | None, flags: dict[str, b
             size = flags.get("s")
             if f is None or not f.isdigit() or size is None or size != b"%d" % len(value or b""):
                 raise ValueError(f"hit without the asked-for flags or with a size that disagrees: {flags!r}")
+            if "Z" in flags and not value and f == b"0" and "X" not in flags:
+                # The empty item memcached vivified for a get_or_set lease (Z: its win is out) is a
+                # value being computed, not a value: a plain read of it is a miss.
+                return MISS
             if op == Op.GET or op == Op.GAT:
                 return [Code.OK, value, int(f)]
             c = flags.get("c")

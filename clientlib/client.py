@@ -170,13 +170,17 @@ class Client(Commands):
 
     def get_many(self, keys: Iterable[Key]) -> dict[Any, Any]:
         """{key: value} for the keys found (missing keys are left out), keyed by the caller's
-        keys. Sent as one frame (split only past the frame limits). As pymemcache's get_many."""
+        keys. Sent as one frame (split only past the frame limits). As pymemcache's get_many.
+        When some keys fail (say their server is down) the first failure is raised carrying the
+        answered keys as `exc.partial` and {key: exception} as `exc.failed`; with ignore_exc the
+        answered keys are returned."""
         return self._run(self._many(keys, _GET, False))
 
     get_multi = get_many
 
     def gets_many(self, keys: Iterable[Key]) -> dict[Any, tuple[Any, bytes]]:
-        """{key: (value, cas token)} for the keys found. As pymemcache's Client.gets_many."""
+        """{key: (value, cas token)} for the keys found. As pymemcache's Client.gets_many; a
+        partial failure raises with `exc.partial` / `exc.failed`, as get_many."""
         return self._run(self._many(keys, _GETS, True))
 
     # --- writes --------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Union
 
 from . import limits, serde as serde_mod, wire
-from .errors import MemcacheIllegalInputError, MemcacheServerError, error_for
+from .errors import MemcacheError, MemcacheIllegalInputError, MemcacheServerError, error_for
 from .keys import check_cas, check_int, check_key
 from .wire import Code, Op
 
@@ -172,14 +172,23 @@ def _finish_many(c: "Commands", cmd: Command, results: list[Result]) -> dict[Any
     out: dict[Any, Any] = {}
     deserialize = c.serde.deserialize
     with_cas = cmd.extra
-    ignore = c.ignore_exc
+    failed: dict[Any, MemcacheError] | None = None
     for key, r in zip(cmd.key, results):
         code = r[0]
         if code == _OK:
             value = deserialize(key, r[1], r[2])
             out[key] = (value, b"%d" % r[3]) if with_cas else value
-        elif code >= _FIRST_ERROR and not ignore:
-            raise_failure(r)
+        elif code >= _FIRST_ERROR:
+            if failed is None:
+                failed = {}
+            failed[key] = error_for(code, r[1] if len(r) > 1 else "")
+    if failed is not None and not c.ignore_exc:
+        # The first failure is raised; the keys the broker did answer (from healthy servers)
+        # travel with it, so one dead server need not cost the whole call.
+        exc = next(iter(failed.values()))
+        exc.partial = out
+        exc.failed = failed
+        raise exc
     return out
 
 

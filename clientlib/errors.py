@@ -8,6 +8,8 @@ blanket ``except MemcacheError`` still covers every failure this library raises.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "MemcacheError",
     "MemcacheClientError",
@@ -26,7 +28,18 @@ __all__ = [
 
 
 class MemcacheError(Exception):
-    """Base class of every exception raised by clientlib."""
+    """Base class of every exception raised by clientlib.
+
+    When `get_many` / `gets_many` fail for some keys only (one of several servers down, timed
+    out or failing), the first failure is raised and carries what the broker did answer:
+    `partial`, the {key: value} (or {key: (value, cas)}) of the keys that were answered, as the
+    call would have returned them, and `failed`, {key: exception} for the keys that failed. Both
+    are None on every other exception (a get_many whose frame got no reply at all included). With
+    ignore_exc=True such a call returns `partial` instead (failed keys read as misses).
+    """
+
+    partial: dict[Any, Any] | None = None
+    failed: "dict[Any, MemcacheError] | None" = None
 
 
 class MemcacheClientError(MemcacheError):

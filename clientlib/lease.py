@@ -22,9 +22,11 @@ Bounds: a caller that finds the key taken and empty polls (first after `poll` se
 at most `MAX_POLL`) until the value arrives or `wait` seconds have passed; then it computes the
 value itself and returns it without storing (the winner's fill stays authoritative). A winner
 whose `fn` raises leaves the lease to lapse after `lease_ttl` seconds; its error propagates.
-Ambiguity: an empty value (b"" with client flags 0, as `set(key, b"")` stores it) looks exactly
-like a lease being computed, so get_or_set treats such a key as pending; do not store b"" under
-keys read with get_or_set.
+While a value is being computed, a plain `get` of the key is a miss (the broker reads memcached's
+empty placeholder, flagged Z, as one: broker/translate.py). Ambiguity: an empty value (b"" with
+client flags 0, as `set(key, b"")` stores it) due for recache while another caller refreshes it
+looks exactly like that placeholder, so it reads as pending (get_or_set) or as a miss (get); do not
+store b"" under keys read with get_or_set.
 
 `steps()` yields what to do (`LeaseGet`, `Fill`, `Sleep`) and is sent each one's outcome; Client
 and AsyncClient drive it, each with its own I/O and sleep.

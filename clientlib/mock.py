@@ -163,6 +163,8 @@ class _Memory:
     def _get(self, code: int, op: list[Any], now: float) -> list[Any]:
         self.counters["cmd_get"] += 1
         item = self._live(op[1], now)
+        if item is not None and item.won and not item.stale and not item.value and not item.flags:
+            item = None  # a lease's placeholder reads as a miss through the broker (translate.py)
         if item is None:
             self.counters["get_misses"] += 1
             return _MISS

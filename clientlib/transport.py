@@ -157,6 +157,12 @@ def translate(exc: BaseException, url: str) -> MemcacheError:
     return MemcacheUnknownError(f"unexpected {type(exc).__name__} talking to the broker at {url}: {exc}")
 
 
+_ACCESS_FIX = (
+    "the broker's socket_group setting (etc/mcbroker.toml; socket_mode, default 0660) names the group "
+    "whose members may connect: add this user to that group, or set socket_group to one of its groups"
+)
+
+
 def _ipc_down_reason(path: str) -> str | None:
     """Why nothing can accept a connection on the unix socket `path`, or None when something may."""
     try:
@@ -164,7 +170,10 @@ def _ipc_down_reason(path: str) -> str | None:
     except FileNotFoundError:
         return f"{path} does not exist (is the broker running?)"
     except PermissionError:
-        return f"access denied to {path}: this user may not reach the broker's socket (check the directory's permissions)"
+        return (
+            f"access denied to {path}: it exists, but this user (uid {os.geteuid()}) may not enter its "
+            f"directory; {_ACCESS_FIX}"
+        )
     except OSError as exc:
         return f"cannot stat {path}: {exc.strerror}"
     if not stat.S_ISSOCK(st.st_mode):
@@ -179,10 +188,7 @@ def _ipc_down_reason(path: str) -> str | None:
     if err == errno.ECONNREFUSED:
         return f"nothing listens on {path} (connection refused: a broker that was killed leaves its socket file behind)"
     if err in (errno.EACCES, errno.EPERM):
-        return (
-            f"access denied to {path}: this user may not connect to the broker's socket "
-            "(check the socket's owner, group and mode, and this user's groups)"
-        )
+        return f"access denied to {path}: it exists, but this user (uid {os.geteuid()}) may not connect to it; {_ACCESS_FIX}"
     if err == errno.ENOENT:
         return f"{path} does not exist (is the broker running?)"
     return f"cannot connect to {path}: {os.strerror(err)}"

@@ -45,6 +45,12 @@ _mcb_ensure_memcached() {
     command -v memcached >/dev/null 2>&1 || { _mcb_say "memcached still not on PATH after install"; return 1; }
 }
 
+# Test-only: tests/service/test_service_deploy.py runs `systemd-analyze verify` on the unit file.
+_mcb_ensure_systemd_analyze() {
+    command -v systemd-analyze >/dev/null 2>&1 && return 0
+    _mcb_apt_install systemd
+}
+
 _mcb_ensure_venv() {
     [ -x "$REPO_ROOT/.venv/bin/python" ] && return 0
     local py="${PYTHON:-python3}"

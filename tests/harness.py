@@ -333,6 +333,45 @@ class Memcached:
         flush_all(self.address, timeout)
 
 
+class StatsConnection:
+    """One connection to a server kept open for repeated `stats`: watching curr_connections and
+    total_connections through it adds exactly one connection for the whole watch, and no
+    close of an earlier probe can still be in flight when the next one counts."""
+
+    def __init__(self, address: str, timeout: float = 2.0) -> None:
+        self._sock = _connect(address, timeout)
+        self._timeout = timeout
+
+    def stats(self) -> dict[str, str]:
+        self._sock.sendall(b"stats\r\n")
+        buf = bytearray()
+        deadline = time.monotonic() + self._timeout
+        while not buf.endswith(b"END\r\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout(f"no complete stats reply within {self._timeout}s")
+            self._sock.settimeout(remaining)
+            chunk = self._sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed after {len(buf)} bytes")
+            buf += chunk
+        out: dict[str, str] = {}
+        for line in buf.decode("ascii").split("\r\n"):
+            if line.startswith("STAT "):
+                _, name, value = line.split(" ", 2)
+                out[name] = value
+        return out
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> StatsConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 # What the memcached_factory fixture hands out: factory(n=1, extra_args=(), unix=False).
 MemcachedFactory = Callable[..., "list[Memcached]"]
 

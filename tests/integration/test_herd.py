@@ -115,4 +115,6 @@ def test_waiters_give_up_at_the_bound_and_compute_themselves(client):
     took = time.monotonic() - t0
     assert got == b"mine"
     assert 0.5 <= took <= 0.5 + TOLERANCE
-    assert client.get("herd:orphan") == b""  # nothing stored over the winner's placeholder
+    # Nothing was stored over the winner's placeholder, which a plain get reads as a miss.
+    assert client.get("herd:orphan") is None
+    assert client._run(client._lease_get("herd:orphan", 30, 0)) == (b"", 0, lease[2], 4)  # still out

@@ -28,6 +28,7 @@ def script(c: Client) -> list[Any]:
 
     won = lease("a")
     lease("a")
+    out.append(("get while computing", c.get("a", "miss"), c.get_many(["a"])))
     out.append(("fill", c.cas("a", b"filled", won[2], 60)))
     lease("a")
     out.append(("invalidate", c.invalidate("a", 30), c.invalidate("missing", 30)))

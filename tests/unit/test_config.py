@@ -555,6 +555,12 @@ def _plausible(key: str) -> st.SearchStrategy[object]:
     if key == "listen":
         urls = st.sampled_from(["ipc:///tmp/a.sock", "ipc:///tmp/b.sock", "tcp://127.0.0.1:5555", "tcp://[::1]:1"])
         return _mostly(st.lists(_mostly(urls), max_size=3))
+    if key == "socket_mode":
+        return _mostly(st.sampled_from(["0660", "0600", "660", "0640", "0666", "0777", "0460", "066x", 0o660, 0o600, 432, -1]))
+    if key == "socket_group":
+        return _mostly(st.sampled_from(["", "www-data", "mcbroker", "33", "bad group", "-x"]))
+    if key == "metrics_listen":
+        return _mostly(st.sampled_from(["", "127.0.0.1:9150", "[::1]:9150", "9150", "host:0", "h:99999"]))
     assert key == "servers"
     addrs = st.sampled_from(["a:1", "b", "[::1]:2", "unix:/tmp/m.sock", "/tmp/n.sock", "c:11211", "c"])
     tables = st.fixed_dictionaries({"address": addrs}, optional={"weight": _mostly(_near_range(1, config.MAX_WEIGHT))})
@@ -571,12 +577,18 @@ def test_from_mapping_plausible_values(d: dict[str, object]) -> None:
 
 
 def _check_outcome(d: dict[str, object]) -> None:
+    # check-config's list of every problem is empty exactly when the config loads, and names
+    # the key from_mapping stops at.
+    found = config.problems(d)
     try:
         c = from_mapping(d)
     except ConfigError as e:
         assert e.problem
         assert str(e).startswith(f"{e.key}: " if e.key is not None else e.problem)
+        assert found and all(p.problem for p in found)
+        assert e.key in [p.key for p in found]
     else:
+        assert found == []
         assert isinstance(c, config.Config)
         assert c.servers
         # What was accepted obeys the documented relations.
@@ -596,3 +608,54 @@ def test_coalesce_reads_is_on_by_default_and_takes_only_booleans() -> None:
     for wrong in (1, 0, "yes", "false"):
         with pytest.raises(ConfigError, match="coalesce_reads: must be true or false"):
             from_mapping({"coalesce_reads": wrong})
+
+
+# --------------------------------------------------------------------------
+# issue 11: socket access, drain, metrics keys; check-config lists every error
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, mode", [("0660", 0o660), ("660", 0o660), (0o640, 0o640), ("0600", 0o600)])
+def test_socket_mode_accepts_octal_strings_and_integers(value: object, mode: int) -> None:
+    assert from_mapping({"socket_mode": value}).socket_mode == mode
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("0666", "every local user"),  # no authentication: never world-accessible
+        ("0460", "broker's own user"),
+        ("0x660", "octal"),
+        (True, "octal mode string"),
+        (0o1660, "not a file mode"),
+    ],
+)
+def test_socket_mode_rejects(value: object, words: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        from_mapping({"socket_mode": value})
+    assert e.value.key == "socket_mode" and words in e.value.problem
+
+
+def test_default_socket_mode_is_0660_and_group_empty() -> None:
+    c = load(None)
+    assert c.socket_mode == 0o660 and c.socket_group == "" and c.drain_timeout_ms == 10000 and c.metrics_listen == ""
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1", "9150", ":9150", "h:0", "h:70000", 9150])
+def test_metrics_listen_must_be_host_port(value: object) -> None:
+    with pytest.raises(ConfigError) as e:
+        from_mapping({"metrics_listen": value})
+    assert e.value.key == "metrics_listen"
+
+
+def test_problems_reports_every_bad_key_once() -> None:
+    found = config.problems(
+        {"timeout_ms": "1s", "hash": "md5", "servers": ["a:b"], "socket_mode": "0777", "bogus": 1, "drain_timeout_ms": -1}
+    )
+    keys = sorted(str(p.key) for p in found)
+    assert keys == ["bogus", "drain_timeout_ms", "hash", "servers[0]", "socket_mode", "timeout_ms"]
+
+
+def test_problems_checks_relations_once_keys_are_valid() -> None:
+    found = config.problems({"probe_interval_ms": 5000, "probe_max_interval_ms": 100})
+    assert [p.key for p in found] == ["probe_interval_ms"]

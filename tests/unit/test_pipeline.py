@@ -51,7 +51,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from broker.pipeline import TEXT, Batch, OutOfStep, Pipeline
+from broker.pipeline import TEXT, Batch, OutOfStep, Pipeline, tag_of
 from broker import meta
 from broker.translate import TEXT_EXPECT, UNLINK_TOO_LARGE, encode_op, encode_text
 from clientlib.wire import Code, Op
@@ -2010,26 +2010,28 @@ def test_a_damaged_stream_never_delivers_a_wrong_result(batches: list[Any], data
 
 
 class CoalescingRig(Rig):
+    CONN_NO = 5  # the pipeline's connection number: part of each read's tag
+
     def __init__(self) -> None:
         super().__init__()
-        self.reads: dict[bytes, list[Any]] = {}
-        self.p = Pipeline(MAX_VALUE, release=self.released.append, reads=self.reads)
+        self.reads: dict[bytes, int] = {}
+        self.joiners: dict[int, list[Any]] = {}
+        self.p = Pipeline(MAX_VALUE, release=self.released.append, reads=self.reads, joiners=self.joiners, conn_no=self.CONN_NO)
 
-    def gets(self, name: str, keys: list[bytes]) -> list[list[Any]]:
-        """Queue plain gets as the router does with coalescing on; returns their reads."""
+    def gets(self, name: str, keys: list[bytes]) -> list[int]:
+        """Queue plain gets as the router does with coalescing on; returns their tags."""
         p = self.p
         first = p.seq + 1
         data = b"".join(encode_op(Op.GET, [Op.GET, k], first + j) for j, k in enumerate(keys))
         p.seq += len(keys)
-        reads: list[list[Any]] = [[p, k] for k in keys]
-        self.reads.update(zip(keys, reads))
-        p.submit(Batch(self.waiter(name), list(range(len(keys))), [int(Op.GET)] * len(keys), None, first, None, list(reads)), data)
-        return reads
+        tags = [tag_of(first + j, self.CONN_NO) for j in range(len(keys))]
+        self.reads.update(zip(keys, tags))
+        p.submit(Batch(self.waiter(name), list(range(len(keys))), [int(Op.GET)] * len(keys), None, first, None, list(keys)), data)
+        return tags
 
     def join(self, key: bytes, name: str, index: int) -> None:
-        read = self.reads[key]
-        read += (self.waiter(name), index)
-        read[0].inflight += 1
+        self.joiners.setdefault(self.reads[key], []).extend((self.waiter(name), index))
+        self.p.inflight += 1
 
 
 def build_joined() -> CoalescingRig:
@@ -2078,7 +2080,7 @@ def test_an_answered_read_never_removes_a_newer_read_of_its_key() -> None:
     rig.join(b"hot", "C", 0)
     rig.seal()
     rig.p.receive(va(b"old", 1) + b"HD O2\r\n")
-    assert rig.reads == {b"hot": new}
+    assert rig.reads == {b"hot": new} and list(rig.joiners) == [new]
     rig.p.receive(va(b"new", 3) + fence(4))
     assert rig.log == [
         ("A", 0, [Code.OK, b"old", 0]),
@@ -2086,7 +2088,7 @@ def test_an_answered_read_never_removes_a_newer_read_of_its_key() -> None:
         ("B", 0, [Code.OK, b"new", 0]),
         ("C", 0, [Code.OK, b"new", 0]),
     ]
-    assert rig.reads == {} and rig.p.inflight == 0
+    assert rig.reads == {} and rig.joiners == {} and rig.p.inflight == 0
 
 
 def test_a_tombstone_leader_still_answers_its_joiners() -> None:
@@ -2112,7 +2114,7 @@ def test_a_reset_fails_every_joiner_and_empties_the_table_however_fed() -> None:
     with pytest.raises(OutOfStep):
         rig.p.receive(r1 + bad)
     rig.p.fail_all(C, "pipeline reset")
-    assert rig.reads == {} and rig.p.inflight == 0
+    assert rig.reads == {} and rig.joiners == {} and rig.p.inflight == 0
 
 
 def test_an_error_that_resets_the_stream_is_the_joiners_answer_too() -> None:
@@ -2126,7 +2128,7 @@ def test_an_error_that_resets_the_stream_is_the_joiners_answer_too() -> None:
     ]
     assert rig.p.fail_all(C, "pipeline reset") == 2  # "other" and its joiner
     assert rig.log[3:] == [("A", 1, Failed(C)), ("B", 1, Failed(C))]
-    assert rig.reads == {} and rig.p.inflight == 0
+    assert rig.reads == {} and rig.joiners == {} and rig.p.inflight == 0
 
 
 def test_a_server_error_to_a_shared_get_is_every_joiners_answer() -> None:

@@ -378,3 +378,24 @@ def test_invalidate_results_are_md_s() -> None:
     assert meta_result(Op.INVALIDATE, Status.OK, None, {}) == [Code.OK]
     assert meta_result(Op.INVALIDATE, Status.NOT_FOUND, None, {}) == [Code.NOT_FOUND]
     assert meta_result(Op.INVALIDATE, Status.NOT_STORED, None, {})[0] == Code.SERVER_ERROR
+
+
+@pytest.mark.parametrize("op", [Op.GET, Op.GETS, Op.GAT, Op.GATS])
+def test_a_plain_read_of_a_lease_placeholder_is_a_miss(op: Op) -> None:
+    # memcached 1.6.18: after `mg k v f c s N30` (W), a plain `mg k v f s` answers
+    # `VA 0 f0 s0 O2 Z`: the empty item get_or_set's winner is computing, not a value.
+    flags = meta.flag_dict(b" f0 c1 s0 O2 Z")
+    assert meta_result(op, Status.VALUE, b"", flags) == [Code.MISS]
+
+
+@pytest.mark.parametrize(
+    "line, value",
+    [
+        (b" f0 c1 s0 O2", b""),  # a stored empty value: no lease out
+        (b" f5 c1 s0 O2 Z", b""),  # client flags: a stored value due for recache
+        (b" f0 c1 s0 O2 Z X", b""),  # stale: the old value is served
+        (b" f0 c1 s1 O2 Z", b"v"),
+    ],
+)
+def test_only_the_empty_flagless_item_whose_lease_is_out_reads_as_a_miss(line: bytes, value: bytes) -> None:
+    assert meta_result(Op.GETS, Status.VALUE, value, meta.flag_dict(line))[0] == Code.OK

@@ -1,0 +1,149 @@
+"""Two broker trees, same load, interleaved: what a change costs the 32-worker single get.
+
+    python -m bench.ab_broker --before DIR [--after DIR] [--rounds 8] [--seconds 1.5] [--workers 32]
+
+DIR is a checkout (or `git archive REV | tar -x -C DIR`) whose `broker` package is run as
+`python -m broker serve` with DIR as its working directory; --after defaults to this checkout. One
+memcached, one broker per tree, the same forked workers (this checkout's clientlib), and rounds in
+ABBA order (before/after, after/before, ...), so drift and noise on a shared machine fall on both.
+Each round reports gets/s and the broker's CPU per get (/proc utime+stime); the summary gives the
+median of the per-pair ratios after/before. Issue 11 asks that the stats work cost at most 3% of
+this throughput; on a loaded 2-vCPU machine single pairs scatter by +-25%, so read the median of
+many rounds, and the CPU per get (steadier) beside it.
+
+Every worker loop is bounded by time and call count; memcached and both brokers are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from .procs import ROOT, BenchError, Proc, cpu_seconds, start_memcached
+
+MAX_CALLS = 20_000_000
+KEYS = 64
+
+
+def _worker(conn: Any) -> None:
+    from clientlib import Client
+
+    clients: dict[str, Any] = {}
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        url, seconds = msg
+        client = clients.get(url) or clients.setdefault(url, Client(url, timeout=5.0))
+        n = 0
+        end = time.monotonic() + seconds
+        while n < MAX_CALLS and time.monotonic() < end:
+            if client.get("ab%d" % (n % KEYS)) is None:
+                raise BenchError("a preloaded key read as a miss")
+            n += 1
+        conn.send(n)
+
+
+def _start_broker(tmp: Path, tag: str, tree: Path, server: str) -> tuple[Proc, str]:
+    from clientlib import Client
+    from clientlib.errors import MemcacheError
+
+    url = f"ipc://{tmp}/{tag}.sock"
+    proc = Proc(f"broker-{tag}", [sys.executable, "-m", "broker", "serve", "--listen", url, "--server", server],
+                tmp / f"broker-{tag}.log", cwd=tree)
+    client = Client(url, timeout=0.5)
+    deadline = time.monotonic() + 30
+    while True:
+        if not proc.alive():
+            raise BenchError(f"broker {tag} exited:\n{proc.log_tail()}")
+        try:
+            client.broker_ping()
+            return proc, url
+        except MemcacheError:
+            if time.monotonic() > deadline:
+                proc.stop()
+                raise BenchError(f"broker {tag} did not answer within 30 s:\n{proc.log_tail()}")
+            time.sleep(0.05)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ab_broker", description=__doc__.split("\n\n")[0])
+    p.add_argument("--before", type=Path, required=True)
+    p.add_argument("--after", type=Path, default=ROOT)
+    p.add_argument("--rounds", type=int, default=8, help="ABBA pairs (default 8)")
+    p.add_argument("--seconds", type=float, default=1.5, help="seconds per path per round (default 1.5)")
+    p.add_argument("--workers", type=int, default=32)
+    args = p.parse_args(argv)
+    for tree in (args.before, args.after):
+        if not (tree / "broker" / "__main__.py").is_file():
+            p.error(f"{tree} has no broker package")
+    from clientlib import Client
+
+    ctx = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="mcb-ab-") as tmpdir, ExitStack() as stack:
+        tmp = Path(tmpdir)
+        mc, address = start_memcached(tmp, "ab")
+        stack.callback(mc.stop)
+        brokers: dict[str, tuple[Proc, str]] = {}
+        for tag, tree in (("before", args.before), ("after", args.after)):
+            brokers[tag] = _start_broker(tmp, tag, tree.resolve(), address)
+            stack.callback(brokers[tag][0].stop)
+        loader = Client(brokers["after"][1], timeout=5.0)
+        loader.set_many({"ab%d" % i: b"v" * 100 for i in range(KEYS)})
+        loader.disconnect_all()
+        pipes, procs = [], []
+        for _ in range(args.workers):
+            a, b = ctx.Pipe()
+            w = ctx.Process(target=_worker, args=(b,), daemon=True)
+            w.start()
+            pipes.append(a)
+            procs.append(w)
+
+        def stop_workers() -> None:
+            for a in pipes:
+                try:
+                    a.send(None)
+                except OSError:
+                    pass
+            for w in procs:
+                w.join(10)
+                if w.is_alive():
+                    w.kill()
+
+        stack.callback(stop_workers)
+        for tag in ("before", "after"):  # connect every worker to both, untimed
+            for a in pipes:
+                a.send((brokers[tag][1], 0.05))
+            for a in pipes:
+                a.recv()
+        rows: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+        for r in range(args.rounds):
+            for tag in (("before", "after") if r % 2 == 0 else ("after", "before")):
+                proc, url = brokers[tag]
+                c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+                for a in pipes:
+                    a.send((url, args.seconds))
+                n = sum(a.recv() for a in pipes)
+                dt, c1 = time.monotonic() - t0, cpu_seconds(proc.pid)
+                rows[tag].append((n / dt, (c1 - c0) / max(n, 1) * 1e6))
+                print(f"round {r + 1}/{args.rounds} {tag:6} {n / dt:10,.0f} gets/s  broker {rows[tag][-1][1]:6.1f} us CPU/get",
+                      file=sys.stderr, flush=True)
+        ratio = [a[0] / b[0] for a, b in zip(rows["after"], rows["before"])]
+        cpu = [a[1] / b[1] for a, b in zip(rows["after"], rows["before"]) if b[1]]
+        print(f"| tree | gets/s median | broker us CPU/get median |\n|---|---|---|")
+        for tag in ("before", "after"):
+            print(f"| {tag} | {statistics.median(x for x, _ in rows[tag]):,.0f} | {statistics.median(y for _, y in rows[tag]):.1f} |")
+        print(f"\nafter/before, median of {len(ratio)} pairs: throughput {statistics.median(ratio):.3f} "
+              f"(pairs {min(ratio):.2f}..{max(ratio):.2f}); broker CPU per get {statistics.median(cpu):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

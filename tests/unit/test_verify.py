@@ -1,0 +1,53 @@
+"""The fault tests' checker (tests/verify.py) catches what it is there to catch: a value of another
+key or writer, a read of a state no acknowledged write left, and counters that do not add up."""
+
+from __future__ import annotations
+
+import random
+
+from verify import ABSENT, Tally, _Thread, reconcile, value_for
+
+
+def thread() -> _Thread:
+    return _Thread(None, None, Tally(), "w0t0", ["k1", "k2"], 1.0, 1.0, 0)  # type: ignore[arg-type]
+
+
+def test_another_keys_value_is_misdelivered():
+    t = thread()
+    t.check("k1", value_for("k2", "w0t0", 0, random.Random(0)), 0.0)
+    t.check("k1", value_for("k1", "w9t9", 0, random.Random(0)), 0.0)
+    t.check("k1", b"garbage", 0.0)
+    assert len(t.tally.misdelivered) == 3
+
+
+def test_reads_outside_the_possible_states_are_lost_writes():
+    t = thread()
+    rng = random.Random(0)
+    t.check("k1", None, 0.0)  # never written: absent is right
+    t.acked("k1", 5)
+    t.check("k1", value_for("k1", "w0t0", 5, rng), 0.0)
+    assert t.tally.lost == []
+    t.check("k1", None, 1.0)  # an acknowledged write gone
+    t.check("k1", value_for("k1", "w0t0", 4, rng), 1.0)  # an older write come back
+    assert [x[3] for x in t.tally.lost] == ["read -1, possible [5]", "read 4, possible [5]"]
+    t.possible["k1"].add(ABSENT)  # an indeterminate delete makes absent possible
+    t.check("k1", None, 2.0)
+    assert len(t.tally.lost) == 2
+
+
+def _counts(**over):
+    d = dict(frames=11, ops=21, ok=11, miss=5, errors=3, timeouts=2, replies=11, replies_dropped=0,
+             bad_frames=0, dropped_frames=0, noreply=0, internal_errors=0, overloaded=0)
+    d.update(over)
+    return d
+
+
+def test_reconcile_accepts_matching_counts_and_names_each_mismatch():
+    t = Tally(frames=10, ops=20, replies=10)
+    t.codes.update(ok=10, miss=5, errors=3, timeouts=2)
+    assert reconcile(_counts(), t) == []
+    assert reconcile(_counts(replies=12, frames=12), t) != []
+    assert any("miss" in p for p in reconcile(_counts(miss=6, ok=10), t))
+    assert any("replies_dropped" in p for p in reconcile(_counts(replies=10, replies_dropped=1), t))
+    t.dup_replies = 1
+    assert any("dup_replies" in p for p in reconcile(_counts(), t))
