@@ -24,7 +24,7 @@ import zmq
 
 from broker import config as config_mod
 from broker import service
-from broker.service import DRAIN_SECONDS, IDLE_POLL_MS, Broker
+from broker.service import IDLE_POLL_MS, Broker
 from clientlib.wire import Code, Op, decode_reply, encode_request
 
 pytestmark = pytest.mark.integration  # in-process, but with real ZeroMQ and TCP sockets
@@ -67,11 +67,12 @@ def test_first_sigterm_drains_with_a_deadline_and_the_second_stops(made: dict[st
     b: Broker = made["broker"]
     b._signals = [signal.SIGTERM]
     b._handle_signals(50.0)
-    assert b.router.draining and b._drain_deadline == 50.0 + DRAIN_SECONDS and not b._stop
+    drain = b.config.drain_timeout_ms / 1000
+    assert b.router.draining and b._drain_deadline == 50.0 + drain and not b._stop
     assert b._signals == []
     b._signals = [signal.SIGINT]
     b._handle_signals(51.0)
-    assert b._stop and b._drain_deadline == 50.0 + DRAIN_SECONDS
+    assert b._stop and b._drain_deadline == 50.0 + drain
 
 
 def test_sighup_reloads_the_config_file_and_an_invalid_one_is_rejected(made: dict[str, Any]) -> None:
@@ -168,7 +169,7 @@ def test_drain_refuses_new_frames_answers_the_held_one_then_the_loop_ends(monkey
             assert held.poll(10_000)
             answer = decode_reply(held.recv())
             assert answer.req_id == 2 and answer.payload[0][0] == Code.TIMEOUT  # its one outcome
-            t.join(DRAIN_SECONDS + 10)
+            t.join(c.drain_timeout_ms / 1000 + 10)
             assert not t.is_alive(), "the loop did not end after draining"
         finally:
             held.close(linger=0)
