@@ -65,3 +65,11 @@ def test_a_long_str_key_is_counted_in_characters() -> None:
 def test_wrong_type_names_the_type() -> None:
     assert message(12) == "Key must be bytes or str, got int: 12"
     assert message(None) == "Key must be bytes or str, got NoneType: None"
+
+
+def test_the_first_bad_byte_is_diagnosed_whatever_valid_bytes_come_before_it() -> None:
+    # 250 bytes is not too long, so the trailing space is the problem; '!' (0x21) and 'X' are valid.
+    key = b"k" * 249 + b" "
+    assert message(key) == f"Key contains whitespace 0x20 at offset 249: {key[:64]!r}... (250 bytes)"
+    assert message(b"!\x01") == "Key contains control byte 0x01 at offset 1: b'!\\x01'"
+    assert message(b"X\x00") == "Key contains control byte 0x00 at offset 1: b'X\\x00'"

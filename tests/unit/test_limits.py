@@ -59,3 +59,9 @@ def test_each_key_or_value_byte_costs_one() -> None:
 def test_too_large_is_memcacheds_message() -> None:
     # memcached's text protocol: "SERVER_ERROR object too large for cache"
     assert TOO_LARGE == "object too large for cache"
+
+
+def test_by_default_no_flags_and_cas_on() -> None:
+    # 48-byte header + key and its NUL + value and CRLF + 8 bytes of CAS (memcached's defaults)
+    assert item_size(1, 100) == 48 + 2 + 102 + 8
+    assert item_fits(1, 2097092, item_size_max=2097152) and not item_fits(1, 2097093, item_size_max=2097152)
