@@ -258,12 +258,17 @@ class Connection:
             self.failed(now, f"write to {self.server.address.name}: {exc.strerror or exc}", Code.CONNECTION_ERROR)
             return
         if n:
+            # The clock now, not the loop turn's start: handling a large frame can take the loop
+            # 100+ ms, which is neither the server's latency nor its silence.
+            t = time.monotonic()
             stats = self.server.stats
             stats.writes += 1
             if pipeline.unflushed:
+                if pipeline.inflight <= pipeline.unflushed:
+                    self.since = t  # all in flight goes out now: any silence starts here
                 stats.written += pipeline.unflushed
                 self.sent_n += pipeline.unflushed
-                self.marks.append((now, self.sent_n))
+                self.marks.append((t, self.sent_n))
             pipeline.sent(n)
             budget.buffered -= n
         want = bool(pipeline.out)

@@ -9,6 +9,7 @@ import pytest
 import zmq
 
 from clientlib.wire import Code, Op, decode_reply, encode_request
+from fakemc import pause_fully
 
 pytestmark = pytest.mark.fault
 
@@ -33,7 +34,7 @@ def test_one_frame_of_gets_past_the_bound_gets_exactly_128_timeouts_and_the_rest
     )
     broker.stats()  # connected and serving before the servers stop answering
     for s in servers:
-        s.pause()
+        pause_fully(s)  # SIGSTOP is asynchronous: wait until memcached really answers nothing
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:

@@ -22,6 +22,7 @@ from clientlib import AsyncClient, Client
 from clientlib.errors import BrokerTimeout, MemcacheError, ServerUnavailable
 from clientlib.wire import Code, Op, ReplyFrame, decode_reply, encode_request
 from fakemc import Fault, FakeMemcached
+from timing import EARLY, FAST, LATE
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -175,8 +176,8 @@ def test_fault_fails_exactly_the_requests_in_flight(fake, broker_factory, raw, f
             assert r[0] == Code.CONNECTION_ERROR, f"{key}: {r}"
         if r[0] >= Code.SERVER_ERROR:
             assert isinstance(r[1], str) and r[1]
-    # A broken stream is an error at once, not a wait for the deadline.
-    assert elapsed < 3.0
+    # A broken stream is an error at once, not a wait for the 5 s deadline (tests/timing.py).
+    assert elapsed < FAST
 
     assert fake.wait_for_connections(accepted + 1), "the broker did not reconnect"
     assert server_stats(broker, fake)["resets"] == resets + 1
@@ -283,7 +284,7 @@ def test_stalled_connection_times_out_then_is_reset(fake, broker_factory, raw):
             assert r == [Code.OK, value_of(key), 0]
         else:
             assert r[0] == Code.TIMEOUT, f"{key}: {r}"
-    assert 0.45 <= elapsed < 0.5 + 0.6
+    assert 0.5 - EARLY <= elapsed <= 0.5 + LATE  # at the frame's deadline
 
     # Silent past io_timeout with (tombstoned) requests in flight: the connection is reset.
     assert fake.wait_for_connections(2, timeout=5.0)
@@ -312,15 +313,14 @@ def test_stall_on_one_connection_does_not_hold_up_the_other(fake, broker_factory
     t = threading.Thread(target=stalled_call)
     t.start()
     assert fake.wait_for_requests(fake.requests + 1)  # the victim is in flight, unanswered
-    # Sequential calls meanwhile go to the idle connection and are answered promptly.
+    # Sequential calls meanwhile go to the idle connection and are answered (a call queued behind
+    # the stall would fail with the connection's reset instead).
     for k in keys:
-        start = time.monotonic()
         assert client.get(k) == value_of(k)
-        assert time.monotonic() - start < 1.0
     t.join(10)
     assert not t.is_alive()
     assert isinstance(stalled["result"], BrokerTimeout)
-    assert stalled["elapsed"] < 2.0 + 0.6
+    assert stalled["elapsed"] <= 2.0 + LATE
     assert fake.wait_for_connections(accepted + 1, timeout=5.0)
     assert_all_served(client, keys)
 

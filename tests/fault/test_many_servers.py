@@ -24,6 +24,7 @@ from clientlib.errors import BrokerTimeout, MemcacheError, ServerUnavailable
 from clientlib.wire import Code, Op
 from harness import Memcached, MemcachedFactory
 from pool import direct, owners, value_of, wait_for
+from timing import EARLY, FAST, FAST_DEADLINE, LATE
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.timeout(120)]
 
@@ -116,7 +117,7 @@ def test_stopped_server_costs_only_its_own_keys(memcached_factory: MemcachedFact
         finally:
             w.close()
         assert reply.code == Code.OK
-        assert 0.95 <= took < 4.0  # answered at the deadline, not before, and not much after
+        assert 1.0 - EARLY <= took <= 1.0 + LATE  # answered at the deadline (tests/timing.py)
         for key, result in zip(FAN_KEYS, reply.payload):
             if key in theirs:
                 assert result[0] == Code.TIMEOUT, (key, result)
@@ -128,13 +129,13 @@ def test_stopped_server_costs_only_its_own_keys(memcached_factory: MemcachedFact
         lenient = Client(broker.url, timeout=1.0, ignore_exc=True)
         start = time.monotonic()
         assert lenient.get_many(FAN_KEYS) == others
-        assert time.monotonic() - start < 4.0
+        assert time.monotonic() - start <= 1.0 + LATE
         # ...without it, the first failed key raises (pymemcache raises for a failed server too).
         strict = Client(broker.url, timeout=1.0)
         start = time.monotonic()
         with pytest.raises(BrokerTimeout):
             strict.get_many(FAN_KEYS)
-        assert time.monotonic() - start < 4.0
+        assert time.monotonic() - start <= 1.0 + LATE
         # A key on a healthy server is unaffected meanwhile.
         healthy_key = next(iter(others))
         assert strict.get(healthy_key) == others[healthy_key]
@@ -173,24 +174,25 @@ def test_stopped_server_is_marked_down_then_fails_fast_and_returns(
         for _ in range(2):
             start = time.monotonic()
             assert lenient.get_many(FAN_KEYS) == others
-            assert time.monotonic() - start >= 0.95
+            assert time.monotonic() - start >= 1.0 - EARLY
         assert server_stats(broker, stopped.address)["state"] in ("down", "probing")
 
         w = Wire(broker.url)
         try:
-            reply, took = w.call([[Op.GET, k.encode()] for k in FAN_KEYS], timeout_ms=2000, wait=10.0)
+            reply, took = w.call([[Op.GET, k.encode()] for k in FAN_KEYS], timeout_ms=int(FAST_DEADLINE * 1000), wait=10.0)
         finally:
             w.close()
-        assert took < 0.5, "a marked-down server must fail fast, not wait for the deadline"
+        assert took < FAST, "a marked-down server must fail fast, not wait for the deadline"
         for key, result in zip(FAN_KEYS, reply.payload):
             if key in theirs:
                 assert result[0] == Code.SERVER_DOWN, (key, result)
             else:
                 assert result == [Code.OK, value_of(key), 0], (key, result)
+        patient = Client(broker.url, timeout=FAST_DEADLINE)
         start = time.monotonic()
         with pytest.raises(ServerUnavailable):
-            strict.get_many(FAN_KEYS)
-        assert time.monotonic() - start < 0.5
+            patient.get_many(FAN_KEYS)
+        assert time.monotonic() - start < FAST
         assert lenient.get_many(FAN_KEYS) == others
 
         s = server_stats(broker, stopped.address)
@@ -201,9 +203,10 @@ def test_stopped_server_is_marked_down_then_fails_fast_and_returns(
         assert s["connections"] == 1 and s["depth"] == 1
     finally:
         stopped.resume()
-    # Back within the probe backoff (at most probe_max_interval_ms, plus slack for a loaded machine).
-    back = wait_for(lambda: lenient.get_many(FAN_KEYS) == {k: value_of(k) for k in FAN_KEYS}, 5.0, "stopped server back")
-    assert back < 3.0
+    # Back within the probe backoff (at most probe_max_interval_ms, 0.5 s) plus LATE for the probe
+    # and LATE for the call that saw it.
+    back = wait_for(lambda: lenient.get_many(FAN_KEYS) == {k: value_of(k) for k in FAN_KEYS}, 10.0, "stopped server back")
+    assert back < 0.5 + 2 * LATE
     s = server_stats(broker, stopped.address)
     assert s["state"] == "up" and s["ejections"] == 1
     assert strict.get_many(FAN_KEYS) == {k: value_of(k) for k in FAN_KEYS}
@@ -280,12 +283,14 @@ def test_killed_server_under_load(memcached_factory: MemcachedFactory, broker_fa
     for t in threads:
         t.start()
     try:
-        time.sleep(0.7)
+        # Progress, not rates (rates belong to bench/): counts of calls, each phase bounded in time.
+        wait_for(lambda: all(len(log.outcomes) >= 50 for log in logs), 60.0, "workers under way")
         t_kill = time.monotonic()
         victim.kill()
         wait_for(lambda: server_stats(broker, victim.address)["state"] != "up", 5.0, "victim marked down")
         t_down = time.monotonic()
-        time.sleep(1.0)
+        wait_for(lambda: sum(1 for log in logs for o in list(log.outcomes) if o.server == victim.address and o.start >= t_down) >= 20,
+                 30.0, "calls for the victim's keys while it is down")
         # Probes run every 100 ms: the server may be back in use before restart() returns (it
         # waits for memcached to answer), so "down" ends when the restart begins.
         t_restarting = time.monotonic()
@@ -293,7 +298,8 @@ def test_killed_server_under_load(memcached_factory: MemcachedFactory, broker_fa
         t_restart = time.monotonic()
         wait_for(lambda: server_stats(broker, victim.address)["state"] == "up", 5.0, "victim back up")
         t_up = time.monotonic()
-        time.sleep(0.7)
+        wait_for(lambda: sum(1 for log in logs for o in list(log.outcomes) if o.server == victim.address and o.start > t_up) > 20,
+                 30.0, "calls for the victim's keys after it is back")
     finally:
         stop.set()
         for t in threads:
@@ -305,7 +311,7 @@ def test_killed_server_under_load(memcached_factory: MemcachedFactory, broker_fa
     assert not mismatches, mismatches[:10]
     healthy = [o for o in outcomes if o.server != victim.address]
     dead = [o for o in outcomes if o.server == victim.address]
-    assert len(healthy) > 500 and len(dead) > 200, (len(healthy), len(dead))
+    assert len(healthy) >= 100 and len(dead) >= 40, (len(healthy), len(dead))
 
     # The other two servers never noticed.
     assert [o for o in healthy if o.error] == []
@@ -313,15 +319,16 @@ def test_killed_server_under_load(memcached_factory: MemcachedFactory, broker_fa
     failures = [o for o in dead if o.error]
     assert failures, "killing a server must fail its requests"
     # Every failure was fast (timeout is 3 s): refused connections and a marked-down server answer
-    # at once; nothing waited for its deadline.
-    assert max(o.took for o in failures) < 0.75, sorted(o.took for o in failures)[-5:]
+    # at once; nothing waited for its deadline (tests/timing.py: within the timeout less LATE).
+    assert max(o.took for o in failures) < 3.0 - LATE, sorted(o.took for o in failures)[-5:]
     # While marked down: only fail-fast SERVER_DOWN, nothing was sent to it.
     while_down = [o for o in dead if t_down <= o.start and o.start + o.took <= t_restarting]
     assert while_down and all(o.error == "ServerUnavailable" for o in while_down), Counter(o.error for o in while_down)
     # Failures happen only between the kill and its return to rotation.
     assert all(o.start + o.took >= t_kill and o.start <= t_up for o in failures)
-    # Back in rotation within the probe backoff (<= probe_max_interval_ms) plus slack; then healthy.
-    assert t_up - t_restart < 2.5
+    # Back in rotation within the probe backoff (<= probe_max_interval_ms, 0.5 s) plus LATE for
+    # the probe and LATE for the stats poll that saw it; then healthy.
+    assert t_up - t_restart < 0.5 + 2 * LATE
     after = [o for o in dead if o.start > t_up]
     assert len(after) > 20 and not [o for o in after if o.error]
 

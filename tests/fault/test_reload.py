@@ -21,6 +21,9 @@ from clientlib.errors import MemcacheError
 from harness import MemcachedFactory
 from pool import direct, owners, value_of, wait_for
 
+# Calls each worker completes before and after a reload (a count, not a rate).
+PROGRESS = 50
+
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.timeout(120)]
 
 
@@ -90,12 +93,15 @@ def test_reload_adds_and_removes_servers_under_load(
     for t in threads:
         t.start()
     try:
-        time.sleep(0.7)
+        # Progress, not a rate (rates belong to bench/): every worker is under way before the
+        # reload, and every worker completes PROGRESS more calls after it was applied.
+        wait_for(lambda: all(log.ops >= PROGRESS for log in logs), 60.0, "workers under way")
         ops_before = sum(log.ops for log in logs)
         broker.write_config(servers=[b.address, c.address])
         broker.reload()
         wait_for(lambda: servers_in_stats(broker) == {b.address, c.address}, 5.0, "reload applied")
-        time.sleep(0.7)
+        applied = [log.ops for log in logs]
+        wait_for(lambda: all(log.ops >= n + PROGRESS for log, n in zip(logs, applied)), 60.0, "workers after the reload")
     finally:
         stop.set()
         for t in threads:
@@ -106,7 +112,7 @@ def test_reload_adds_and_removes_servers_under_load(
     assert not errors, errors[:10]
     assert not mismatches, mismatches[:10]
     total = sum(log.ops for log in logs)
-    assert ops_before > 200 and total - ops_before > 200, (ops_before, total)
+    assert ops_before >= workers * PROGRESS and total - ops_before >= workers * PROGRESS, (ops_before, total)
 
     # The retired server got nothing more once the reload was applied: writes all land on B and C,
     # on exactly the server HashClient([B, C]) names.
@@ -158,10 +164,11 @@ def test_requests_in_flight_on_a_removed_server_finish(
     try:
         for t in threads:
             t.start()
-        wait_for(lambda: broker.stats()["servers"][a.address]["depth"] >= len(on_a), 5.0, "requests in flight on A")
+        # Bounds on progress, not assertions of speed: generous for a loaded machine.
+        wait_for(lambda: broker.stats()["servers"][a.address]["depth"] >= len(on_a), 30.0, "requests in flight on A")
         broker.write_config(servers=[b.address])
         broker.reload()
-        wait_for(lambda: servers_in_stats(broker) == {b.address}, 5.0, "reload applied")
+        wait_for(lambda: servers_in_stats(broker) == {b.address}, 30.0, "reload applied")
         time.sleep(0.2)
         assert all(t.is_alive() for t in threads)  # still waiting for the stopped server
     finally:
@@ -205,19 +212,20 @@ def test_invalid_config_is_rejected_and_the_old_one_keeps_serving(
     t = threading.Thread(target=_worker, args=(broker.url, keys, set(), stop, log, 50_000), daemon=True)
     t.start()
     try:
-        time.sleep(0.3)
+        wait_for(lambda: log.ops >= PROGRESS, 60.0, "worker under way")
         if bad is None:
             broker.config_path.write_text(good_text + "servers = [\n")
         else:
             broker.write_config(**{"servers": [a.address, b.address], **bad})
         broker.reload()
         wait_for(lambda: "reload rejected" in broker.log(), 5.0, "rejection logged")
-        time.sleep(0.3)
+        rejected_at = log.ops
+        wait_for(lambda: log.ops >= rejected_at + PROGRESS, 60.0, "worker served after the rejection")
     finally:
         stop.set()
         t.join(30)
     assert not t.is_alive()
-    assert log.ops > 100 and not log.errors and not log.mismatches, (log.errors[:5], log.mismatches[:5])
+    assert log.ops >= 2 * PROGRESS and not log.errors and not log.mismatches, (log.errors[:5], log.mismatches[:5])
     lines = [line for line in broker.log().splitlines() if "reload rejected" in line]
     assert len(lines) == 1 and reason in lines[0], lines
     assert servers_in_stats(broker) == {a.address}  # B was not added

@@ -57,7 +57,9 @@ def test_every_scenario_ran_every_path(quick_run: dict) -> None:
                 assert s["workers"] == sc.workers and s["rss_mib"] > 0
                 continue
             assert s["calls"] > 0 and s["ops_median"] > 0, (sc.name, path)
-            assert s["worker_cpu_us"] is not None and s["worker_cpu_us"] > 0, (sc.name, path)
+            # Measured, and 0 allowed: a quick round's worker CPU can fall under the clock's
+            # granularity on a loaded machine (seen: twemproxy get-64 at 0.0).
+            assert s["worker_cpu_us"] is not None and s["worker_cpu_us"] >= 0, (sc.name, path)
             if path in BROKER_PATHS:
                 assert s["broker_cpu_us"] is not None and s["broker_cpu_us"] > 0, (sc.name, path)
                 assert "vs_" + ("hashclient" if sc.servers > 1 else "direct") in s, (sc.name, path)

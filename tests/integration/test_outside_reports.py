@@ -18,6 +18,7 @@ import pytest
 from pymemcache.client.base import Client as Direct
 
 from clientlib import Client, MemcacheClientError, MemcacheServerError
+from timing import LATE
 from clientlib.limits import item_size
 
 pytestmark = pytest.mark.integration
@@ -179,8 +180,8 @@ def test_memcached_restart_is_back_in_use_at_once(memcached_factory, broker_fact
             failed += 1
             time.sleep(0.005)
     assert first_ok is not None, "the server never came back into use"
-    # Issue 8 asks for 0.2 s; this shared machine gets a generous margin (the note has the numbers).
-    assert first_ok - back < 1.0, f"back in use {first_ok - back:.3f}s after memcached answered ({failed} failures)"
+    # Issue 8 asks for 0.2 s; checked as the probe interval (100 ms) plus LATE (tests/timing.py).
+    assert first_ok - back < 0.1 + LATE, f"back in use {first_ok - back:.3f}s after memcached answered ({failed} failures)"
     assert client.get("k") == b"again"
 
 

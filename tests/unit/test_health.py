@@ -13,6 +13,14 @@ pytestmark = pytest.mark.unit
 
 BASE = 0.2
 CAP = 3.0
+# The rule (README "Many servers"; exponential backoff with equal jitter), written out rather than
+# computed as health.py computes it: the probe step for attempt n is BASE doubled n times, capped
+# at CAP; a delay lies in [step / 2, step].
+STEPS = [0.2, 0.4, 0.8, 1.6, 3.0, 3.0, 3.0, 3.0]
+
+
+def step_of(attempt: int) -> float:
+    return STEPS[attempt] if attempt < len(STEPS) else CAP
 
 
 class _Fixed(random.Random):
@@ -43,7 +51,7 @@ def _down(h: Health, now: float) -> None:
 def test_backoff_stays_within_half_to_full_step() -> None:
     rng = random.Random(3)
     for attempt in range(40):
-        step = min(CAP, BASE * 2**attempt)
+        step = step_of(attempt)
         for _ in range(200):
             d = backoff(attempt, BASE, CAP, rng)
             assert step / 2 <= d <= step <= CAP
@@ -149,7 +157,7 @@ def test_failed_probes_back_off_up_to_the_cap() -> None:
         assert h.last_error == "refused"
         delays.append(h.probe_at - now)
     for attempt, d in enumerate(delays, start=1):
-        step = min(CAP, BASE * 2**attempt)
+        step = step_of(attempt)
         assert step / 2 <= d <= step
     assert max(delays) <= CAP
     assert h.ejections == 1  # failed probes are not new ejections
@@ -221,7 +229,7 @@ def test_flapping_continues_from_the_last_outage() -> None:
     assert h.probe_attempt == 3
     _down(h, back + 0.5)
     assert h.probe_attempt == 4
-    step = min(CAP, BASE * 2**4)
+    step = step_of(4)
     assert step / 2 <= h.probe_at - (back + 0.5) <= step
 
 
@@ -261,7 +269,7 @@ def test_probes_stay_at_the_base_interval_during_a_short_outage() -> None:
         delays.append(h.probe_at - now)
         now = h.probe_at
     for attempt, d in enumerate(delays, start=1):
-        step = min(CAP, BASE * 2**attempt)
+        step = step_of(attempt)
         assert step / 2 <= d <= step
 
 

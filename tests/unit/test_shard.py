@@ -146,6 +146,30 @@ def test_make_placement_kinds_and_errors() -> None:
         Rendezvous([("mc1", 1), ("mc1:11211", 1)])
 
 
+# "mc46898:11211-k" and "mc61399:11211-k" have the same murmur3_32 (238262087): a score tie.
+# pymemcache's RendezvousHash.get_node gives a tie to max(str(node), str(winner)): the greater name.
+TIE = ("mc46898:11211", "mc61399:11211")
+
+
+def test_the_tie_is_a_tie() -> None:
+    assert murmur3_32(b"mc46898:11211-k") == murmur3_32(b"mc61399:11211-k") == 238262087
+
+
+@pytest.mark.parametrize("order", [TIE, TIE[::-1]], ids=["lesser-first", "greater-first"])
+def test_rendezvous_score_tie_goes_to_the_greater_node_name_as_hashclient_places_it(order: tuple[str, str]) -> None:
+    placement = Rendezvous([(name, 1) for name in order])
+    assert order[placement.lookup(b"k")] == "mc61399:11211"
+    assert HashClient(list(order), use_pooling=False).hasher.get_node("k") == "mc61399:11211"
+    # With the winner down, the other takes the key; with the loser down, nothing moves.
+    assert order[placement.lookup_excluding(b"k", frozenset({order.index("mc61399:11211")}))] == "mc46898:11211"  # type: ignore[index]
+    assert order[placement.lookup_excluding(b"k", frozenset({order.index("mc46898:11211")}))] == "mc61399:11211"  # type: ignore[index]
+    # A third server that scores lower on "k" ("mc14:11211-k" -> 230625222) leaves the tie's
+    # outcome alone, wherever it is listed.
+    assert murmur3_32(b"mc14:11211-k") == 230625222
+    for names in (["mc14:11211", *order], [*order, "mc14:11211"], [order[0], "mc14:11211", order[1]]):
+        assert names[Rendezvous([(name, 1) for name in names]).lookup(b"k")] == "mc61399:11211"
+
+
 def test_lookup_excluding_when_everything_is_down() -> None:
     for kind in ("rendezvous", "ketama"):
         placement = make_placement(kind, [(name, 1) for name in SERVER_LISTS[3]])

@@ -1,0 +1,161 @@
+"""clientlib.Client's answers for each wire result, without a broker: the real Client, Commands and
+Transport over test_transport's scripted DEALER stand-in.
+
+The expected values are pymemcache's (pymemcache/client/base.py, 4.0: its docstrings and return
+statements), and the exception for each failure code is the table in README.md ("Errors") and
+clientlib/wire.py, written out here, not read from clientlib.errors.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from clientlib import Client
+from clientlib.errors import MemcacheError
+from clientlib.wire import Code, Op, encode_error, encode_reply
+from test_transport import RAISES, FakeSocket, install
+
+pytestmark = pytest.mark.unit
+
+def test_every_failure_code_has_its_exception_listed() -> None:
+    assert set(RAISES) == {c for c in Code if c >= Code.SERVER_ERROR}
+
+
+@pytest.fixture
+def url() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="mcb-unit-") as d:
+        yield f"ipc://{d}/nobody.sock"
+
+
+def client_answering(url: str, answer: Callable[[list[Any]], list[Any]], **kw: Any) -> tuple[Client, FakeSocket]:
+    """A Client whose broker answers each op with answer(op)."""
+    def responder(frame: list[Any]) -> list[bytes]:
+        _, rid, _, flags, ops = frame
+        return [] if flags & 1 else [encode_reply(rid, [answer(op) for op in ops])]
+
+    c = Client(url, timeout=0.5, **kw)
+    sock = install(c._transport, FakeSocket(responder))  # type: ignore[arg-type]
+    return c, sock
+
+
+def always(result: list[Any]) -> Callable[[list[Any]], list[Any]]:
+    return lambda op: list(result)
+
+
+# --- outcomes are values (pymemcache's) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "result, expected",
+    [([Code.OK], True), ([Code.NOT_STORED], False), ([Code.EXISTS], False), ([Code.NOT_FOUND], None)],
+)
+def test_cas_returns_none_false_true(url: str, result: list[Any], expected: Any) -> None:
+    # pymemcache: "True if the value was stored, False if the cas was not current (EXISTS), None
+    # if the key was not found (NOT_FOUND)".
+    c, _ = client_answering(url, always(result))
+    assert c.cas("k", b"v", 123) is expected
+
+
+@pytest.mark.parametrize("method", ["add", "replace", "append", "prepend"])
+def test_store_commands_true_when_stored_false_when_not(url: str, method: str) -> None:
+    c, _ = client_answering(url, always([Code.OK]))
+    assert getattr(c, method)("k", b"v") is True
+    c, _ = client_answering(url, always([Code.NOT_STORED]))
+    assert getattr(c, method)("k", b"v") is False
+
+
+def test_set_returns_true_and_set_many_returns_the_failed_keys(url: str) -> None:
+    c, _ = client_answering(url, lambda op: [Code.OK] if op[1] != b"bad" else [Code.NOT_STORED])
+    assert c.set("k", b"v") is True
+    assert c.set_many({"a": b"1", "bad": b"2", "b": b"3"}) == ["bad"]
+
+
+def test_get_hit_miss_and_default(url: str) -> None:
+    c, _ = client_answering(url, lambda op: [Code.OK, b"v", 0] if op[1] == b"hit" else [Code.MISS])
+    assert c.get("hit") == b"v"
+    assert c.get("miss") is None
+    assert c.get("miss", default=b"d") == b"d"
+    assert c.get_many(["hit", "miss"]) == {"hit": b"v"}
+
+
+def test_gets_returns_value_and_cas_and_a_miss_is_none_none(url: str) -> None:
+    c, _ = client_answering(url, lambda op: [Code.OK, b"v", 0, 77] if op[1] == b"hit" else [Code.MISS])
+    # pymemcache gives the cas token as the bytes memcached sent
+    assert c.gets("hit") == (b"v", b"77")
+    assert c.gets("miss") == (None, None)
+    assert c.gets_many(["hit", "miss"]) == {"hit": (b"v", b"77")}
+
+
+def test_delete_and_touch_true_when_found_false_when_not(url: str) -> None:
+    c, _ = client_answering(url, lambda op: [Code.OK] if op[1] == b"here" else [Code.NOT_FOUND])
+    assert c.delete("here") is True and c.delete("gone") is False
+    assert c.touch("here", 10) is True and c.touch("gone", 10) is False
+
+
+def test_incr_decr_return_the_new_value_or_none(url: str) -> None:
+    c, sock = client_answering(url, lambda op: [Code.OK, 42] if op[1] == b"n" else [Code.NOT_FOUND])
+    assert c.incr("n", 2) == 42 and c.decr("n", 1) == 42
+    assert c.incr("gone", 1) is None and c.decr("gone", 1) is None
+    assert [f[4][0][:3] for f in sock.sent[:2]] == [[Op.INCR, b"n", 2], [Op.DECR, b"n", 1]]
+
+
+def test_stats_of_several_servers_sums_numbers_and_keeps_the_first_servers_text(url: str) -> None:
+    per_server = {
+        "a:1": {"curr_items": "120", "version": "1.6.18", "rusage_user": "0.5", "cmd_get": "7"},
+        "b:2": {"curr_items": "80", "version": "1.6.21", "rusage_user": "1.25", "cmd_get": "3"},
+    }
+    c, _ = client_answering(url, always([Code.OK, per_server]))
+    s = c.stats()
+    assert s[b"curr_items"] == 200 and s[b"cmd_get"] == 10
+    assert s[b"version"] == b"1.6.18"
+    assert s[b"rusage_user"] == 0.5  # pymemcache reads it as a float; floats are not summed
+    one, _ = client_answering(url, always([Code.OK, {"a:1": per_server["a:1"]}]))
+    assert one.stats()[b"curr_items"] == 120
+
+
+def test_version_is_the_first_servers_and_flush_all_is_true(url: str) -> None:
+    c, _ = client_answering(url, lambda op: [Code.OK, {"a:1": "1.6.18", "b:2": "1.6.9"}] if op[0] == Op.VERSION else [Code.OK, {"a:1": True, "b:2": True}])
+    assert c.version() == b"1.6.18"
+    assert c.flush_all() is True
+
+
+# --- failures are exceptions, by the table -------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", sorted(RAISES), ids=lambda c: c.name)
+@pytest.mark.parametrize("call", ["get", "set", "delete", "incr", "flush_all", "stats"])
+def test_a_failed_result_raises_its_exception_with_the_brokers_message(url: str, code: Code, call: str) -> None:
+    c, _ = client_answering(url, always([code, f"because {code.name}"]))
+    run: dict[str, Callable[[], Any]] = {
+        "get": lambda: c.get("k"), "set": lambda: c.set("k", b"v"), "delete": lambda: c.delete("k"),
+        "incr": lambda: c.incr("k", 1), "flush_all": c.flush_all, "stats": c.stats,
+    }
+    with pytest.raises(MemcacheError) as info:
+        run[call]()
+    assert type(info.value) is RAISES[code]
+    assert f"because {code.name}" in str(info.value)
+
+
+@pytest.mark.parametrize("code", sorted(RAISES), ids=lambda c: c.name)
+def test_a_refused_frame_raises_its_exception(url: str, code: Code) -> None:
+    c = Client(url, timeout=0.5)
+    install(c._transport, FakeSocket(lambda f: [encode_error(f[1], code, "whole frame")]))  # type: ignore[arg-type]
+    with pytest.raises(RAISES[code]):
+        c.get_many(["a", "b"])
+
+
+def test_ignore_exc_turns_failed_reads_into_misses(url: str) -> None:
+    c, _ = client_answering(url, always([Code.SERVER_DOWN, "down"]), ignore_exc=True)
+    assert c.get("k") is None and c.get("k", default=1) == 1
+    assert c.get_many(["a", "b"]) == {}
+    assert c.gets("k") == (None, None)
+
+
+def test_noreply_write_returns_true_without_waiting(url: str) -> None:
+    c, sock = client_answering(url, always([Code.SERVER_ERROR, "never seen"]))
+    assert c.set("k", b"v", noreply=True) is True
+    assert sock.sent[-1][3] & 1
