@@ -20,6 +20,7 @@ instead of raising, as in pymemcache.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from typing import Any, Callable, Iterable, Protocol
 
@@ -270,21 +271,30 @@ class Client(Commands):
         The others get the stale value, or wait for the fresh one, polling, at most `wait`
         seconds, after which they call `fn()` themselves and store nothing. `lease_ttl` (seconds):
         how long a winner has to fill a missing key before another caller may win. An exception
-        from `fn` propagates. Errors as for `get` (reads) and `cas` (the fill); with ignore_exc a
+        from `fn` or the fill propagates (a winner first deletes its empty placeholder, so the
+        others need not wait out `lease_ttl`). Errors as for `get` (reads) and `cas` (the fill); with ignore_exc a
         failed read runs `fn()` and stores nothing. An empty value (b"" with flags 0) reads as a
         lease in progress: see clientlib/lease.py for the rules and bounds."""
         read = self._lease_get(key, lease_ttl, recache_ttl)
-        run = lease.steps(fn, wait=_check_wait(wait), poll=lease.DEFAULT_POLL, clock=time.monotonic)
+        run = lease.steps(wait=_check_wait(wait), poll=lease.DEFAULT_POLL, clock=time.monotonic)
         try:
             step = next(run)
             while True:
-                outcome = None
-                if type(step) is lease.LeaseGet:
-                    outcome = self._run(read)
-                elif type(step) is lease.Fill:
-                    self._run(self._fill(key, step, expire))
-                else:
-                    time.sleep(step.seconds)  # type: ignore[union-attr]
+                try:
+                    outcome = None
+                    if type(step) is lease.LeaseGet:
+                        outcome = self._run(read)
+                    elif type(step) is lease.Compute:
+                        outcome = fn()
+                    elif type(step) is lease.Fill:
+                        self._run(self._fill(key, step, expire))
+                    elif type(step) is lease.Release:
+                        self._run(self._delete(key, False))
+                    else:
+                        time.sleep(step.seconds)  # type: ignore[union-attr]
+                except Exception as exc:
+                    step = run.throw(exc)
+                    continue
                 step = run.send(outcome)
         except StopIteration as stop:
             return stop.value
@@ -501,19 +511,30 @@ class AsyncClient(Commands):
 
     async def get_or_set(self, key: Key, fn: Callable[[], Any], expire: int = 0, *,
                          lease_ttl: int = DEFAULT_LEASE_TTL, recache_ttl: int = 0, wait: float = DEFAULT_WAIT) -> Any:
-        """Coroutine form of Client.get_or_set (`fn` is a plain callable; waits with asyncio.sleep)."""
+        """Coroutine form of Client.get_or_set; `fn` may be a coroutine function (awaited) or a
+        plain callable; waits with asyncio.sleep."""
         read = self._lease_get(key, lease_ttl, recache_ttl)
-        run = lease.steps(fn, wait=_check_wait(wait), poll=lease.DEFAULT_POLL, clock=time.monotonic)
+        run = lease.steps(wait=_check_wait(wait), poll=lease.DEFAULT_POLL, clock=time.monotonic)
         try:
             step = next(run)
             while True:
-                outcome = None
-                if type(step) is lease.LeaseGet:
-                    outcome = await self._run(read)
-                elif type(step) is lease.Fill:
-                    await self._run(self._fill(key, step, expire))
-                else:
-                    await asyncio.sleep(step.seconds)  # type: ignore[union-attr]
+                try:
+                    outcome = None
+                    if type(step) is lease.LeaseGet:
+                        outcome = await self._run(read)
+                    elif type(step) is lease.Compute:
+                        outcome = fn()
+                        if inspect.isawaitable(outcome):
+                            outcome = await outcome
+                    elif type(step) is lease.Fill:
+                        await self._run(self._fill(key, step, expire))
+                    elif type(step) is lease.Release:
+                        await self._run(self._delete(key, False))
+                    else:
+                        await asyncio.sleep(step.seconds)  # type: ignore[union-attr]
+                except Exception as exc:
+                    step = run.throw(exc)
+                    continue
                 step = run.send(outcome)
         except StopIteration as stop:
             return stop.value
