@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib import metadata
 from typing import Any
@@ -135,6 +136,9 @@ def cmd_top(args: argparse.Namespace) -> int:
     rc, _ = _admin(args, lambda c: c.broker_ping())  # a bad address or no broker: say so before drawing
     if rc:
         return rc
+    if not sys.stdout.isatty():
+        print("mcbroker: top draws a live view and needs a terminal; use `mcbroker stats [--json]`", file=sys.stderr)
+        return 2
     try:
         return statsview.top(_client(args), interval=args.interval, count=args.count)
     except statsview.MissingExtra as exc:
@@ -219,7 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # `mcbroker stats --json | head`: the reader left; not an error of ours to print.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -611,7 +611,11 @@ class AsyncTransport:
                     return None
                 remaining = deadline + GRACE - time.monotonic()
                 # TimeoutError at the deadline: _ErrorMap makes it BrokerTimeout.
-                done = await asyncio.wait_for(asyncio.gather(*futs.values()), max(remaining, 0.001))
+                waiting = asyncio.gather(*futs.values())
+                # Cancelled (a caller's own wait_for) or timed out, the gather still ends with an
+                # exception: mark it read, or asyncio logs "exception was never retrieved".
+                waiting.add_done_callback(_read_outcome)
+                done = await asyncio.wait_for(waiting, max(remaining, 0.001))
             finally:
                 for rid in futs:
                     self._waiters.pop(rid, None)
@@ -678,3 +682,8 @@ def _reset_all_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_all_after_fork)
+
+
+def _read_outcome(fut: "asyncio.Future[Any]") -> None:
+    if not fut.cancelled():
+        fut.exception()

@@ -186,3 +186,17 @@ def test_top_without_a_broker_is_one_line(tmp_path):
     assert r.returncode == 1 and "BrokerUnavailable" in r.stderr and "Traceback" not in r.stderr
     r = _mcbroker("top", "--connect", "127.0.0.1:11211")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_stats_into_a_pipe_closed_early_and_top_without_a_terminal(busy_broker):
+    # Found by a fresh user: `stats --json | head` ended in a BrokenPipeError traceback, and `top`
+    # with its output not a terminal drew nothing and never ended.
+    proc = subprocess.Popen([sys.executable, "-m", "broker", "stats", "--json", "--connect", busy_broker.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(1)
+    proc.stdout.close()  # the reader leaves after one byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 0 and "Traceback" not in err, err
+    r = _mcbroker("top", "--connect", busy_broker.url)
+    assert r.returncode == 2 and "needs a terminal" in r.stderr and "Traceback" not in r.stderr
