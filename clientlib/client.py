@@ -275,7 +275,7 @@ class Client(Commands):
         others need not wait out `lease_ttl`). Errors as for `get` (reads) and `cas` (the fill); with ignore_exc a
         failed read runs `fn()` and stores nothing. An empty value (b"" with flags 0) reads as a
         lease in progress: see clientlib/lease.py for the rules and bounds."""
-        read = self._lease_get(key, lease_ttl, recache_ttl)
+        read = self._lease_get(key, lease_ttl, recache_ttl, expire)
         run = lease.steps(wait=_check_wait(wait), poll=lease.DEFAULT_POLL, clock=time.monotonic)
         try:
             step = next(run)
@@ -513,7 +513,7 @@ class AsyncClient(Commands):
                          lease_ttl: int = DEFAULT_LEASE_TTL, recache_ttl: int = 0, wait: float = DEFAULT_WAIT) -> Any:
         """Coroutine form of Client.get_or_set; `fn` may be a coroutine function (awaited) or a
         plain callable; waits with asyncio.sleep."""
-        read = self._lease_get(key, lease_ttl, recache_ttl)
+        read = self._lease_get(key, lease_ttl, recache_ttl, expire)
         run = lease.steps(wait=_check_wait(wait), poll=lease.DEFAULT_POLL, clock=time.monotonic)
         try:
             step = next(run)

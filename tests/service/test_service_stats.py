@@ -80,7 +80,8 @@ def test_stats_table(busy_broker):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     for words in ("connected workers", "requests by op", "get 30", "errors by kind", "client_error 1",
-                  "requests per write", "replies sent / dropped", "p50 us", "p99 us", "p999 us", "rss"):
+                  "requests per write", "replies sent / dropped", "gets upstream / coalesced", "p50 us", "p99 us",
+                  "p999 us", "rss"):
         assert words in out, (words, out)
     (name,) = json.loads(_mcbroker("stats", "--json", "--connect", busy_broker.url).stdout)["servers"]
     assert name in out
@@ -116,6 +117,8 @@ def test_prometheus_endpoint_scraped_over_http(busy_broker):
     p99 = m[("mcbroker_server_latency_seconds", (("quantile", "0.99"), ("server", server)))]
     assert 0 < p99 < 5
     assert ("mcbroker_server_inflight_requests", (("server", server),)) in m
+    # every get was a plain get: sent upstream or coalesced
+    assert m[("mcbroker_gets_upstream_total", ())] + m[("mcbroker_gets_coalesced_total", ())] == GETS
 
 
 def test_metrics_listen_in_use_is_a_clear_start_error(tmp_path, mc):

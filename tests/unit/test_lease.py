@@ -172,3 +172,16 @@ def test_a_failed_release_does_not_hide_fns_error() -> None:
 )
 def test_only_an_empty_flagless_item_someone_else_won_is_a_lease_in_progress(lease: Any, pending: bool) -> None:
     assert is_pending(lease) is pending
+
+
+def test_a_recache_window_as_long_as_the_value_lives_is_refused() -> None:
+    from clientlib.errors import MemcacheIllegalInputError
+    from clientlib.mock import MockClient
+
+    c = MockClient()
+    with pytest.raises(MemcacheIllegalInputError, match="recache_ttl"):
+        c.get_or_set("k", lambda: b"v", expire=2, recache_ttl=100)
+    with pytest.raises(MemcacheIllegalInputError, match="recache_ttl"):
+        c.get_or_set("k", lambda: b"v", expire=10, recache_ttl=10)
+    assert c.get_or_set("k", lambda: b"v", expire=10, recache_ttl=5) == b"v"
+    assert c.get_or_set("k2", lambda: b"v", expire=0, recache_ttl=5) == b"v"  # never expires: never due
