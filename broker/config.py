@@ -11,6 +11,7 @@ logging).
 from __future__ import annotations
 
 import difflib
+import grp
 import re
 import tomllib
 from collections.abc import Mapping
@@ -437,10 +438,24 @@ def problems(d: Mapping[str, object]) -> list[ConfigError]:
     except ConfigError:
         hash_name = "ketama"  # reported under hash; still check the servers' own syntax
     for key in DEFAULTS:
-        if key in d:
-            try:
-                _check_key(key, d[key], hash_name)
-            except ConfigError as e:
+        if key not in d:
+            continue
+        value = d[key]
+        if key in ("listen", "servers") and isinstance(value, (list, tuple)) and len(value) > 1:
+            # Each entry on its own, so every bad one is named (the whole list stops at the first);
+            # the whole list again for what spans entries (duplicates), if each entry is fine.
+            for i, item in enumerate(value):
+                try:
+                    _check_key(key, [item], hash_name)
+                except ConfigError as e:
+                    name = e.key or key
+                    if name.startswith(f"{key}[0]"):
+                        name = f"{key}[{i}]" + name[len(f"{key}[0]"):]
+                    found.append(ConfigError(name, e.problem))
+        try:
+            _check_key(key, value, hash_name)
+        except ConfigError as e:
+            if all(f.key != e.key for f in found):
                 found.append(e)
     if not found:
         try:
@@ -458,8 +473,17 @@ def check_file(path: str | None, overrides: Mapping[str, object] | None = None) 
         return [e]
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     data.update(given)
+    found = problems(data)
+    group = data.get("socket_group")
+    if isinstance(group, str) and group and not group.isdigit() and all(e.key != "socket_group" for e in found):
+        # This host's group database, which `serve` consults when it makes the socket: check-config
+        # runs where the broker will, so it can say so before the start fails.
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            found.append(ConfigError("socket_group", f"no group {group!r} on this host"))
     out = []
-    for problem in problems(data):
+    for problem in found:
         root = _ROOT_KEY_RE.match(problem.key or "")
         from_flag = problem.key is not None and root is not None and root.group(0) in given
         out.append(ConfigError(problem.key, problem.problem, source="command line" if from_flag else path))

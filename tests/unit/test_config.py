@@ -665,3 +665,22 @@ def test_problems_reports_every_bad_key_once() -> None:
 def test_problems_checks_relations_once_keys_are_valid() -> None:
     found = config.problems({"probe_interval_ms": 5000, "probe_max_interval_ms": 100})
     assert [p.key for p in found] == ["probe_interval_ms"]
+
+
+
+def test_problems_names_every_bad_entry_of_a_list_and_check_file_an_unknown_group(tmp_path: Path) -> None:
+    # Found by a fresh user: check-config named only the first bad entry of each list, and passed
+    # a socket_group that `serve` then failed on.
+    found = config.problems({
+        "listen": ["tcp://127.0.0.1:17001", "bad", "ipc://relative.sock"],
+        "servers": ["127.0.0.1:11211", "a:b:c:d", "127.0.0.1:99999"],
+    })
+    assert [e.key for e in found] == ["listen[1]", "listen[2]", "servers[1]", "servers[2]"], [str(e) for e in found]
+    dup = config.problems({"servers": ["127.0.0.1:11211", "127.0.0.1:11211"]})
+    assert [e.key for e in dup] == ["servers[1]"] and "duplicates servers[0]" in dup[0].problem
+    path = tmp_path / "c.toml"
+    path.write_text('socket_group = "no-such-group-mcbroker"\n')
+    (e,) = config.check_file(str(path))
+    assert e.key == "socket_group" and "no group 'no-such-group-mcbroker' on this host" in e.problem
+    path.write_text('socket_group = "root"\n')
+    assert config.check_file(str(path)) == []
