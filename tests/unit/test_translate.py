@@ -451,3 +451,8 @@ def test_a_hit_whose_s_is_not_its_size_is_unusable(op: Op) -> None:
     # `s` returns the item's size: a 1-byte value saying s2 lost or gained a byte.
     with pytest.raises(ValueError, match="size"):
         meta_result(op, Status.VALUE, b"x", {"f": b"0", "s": b"2", "c": b"5"})
+
+
+def test_a_text_command_has_no_meta_request_and_says_so() -> None:
+    with pytest.raises(meta.RequestError, match="no meta request"):
+        encode_op(Op.VERSION, [Op.VERSION, b"k"], 1)
