@@ -129,3 +129,22 @@ def test_a_refused_request_says_what_was_wrong(request_: object, says: str) -> N
     with pytest.raises(RequestError) as info:
         request_()  # type: ignore[operator]
     assert says in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("request_", "names"),
+    [
+        (lambda: encode(Get(b"k", 1, touch=1 << 40)), "touch"),
+        (lambda: encode(Get(b"k", 1, vivify=1 << 40)), "vivify"),
+        (lambda: encode(Get(b"k", 1, recache=1 << 40)), "recache"),
+        (lambda: encode(Set(b"k", b"v", 1, client_flags=1 << 40)), "client flags"),
+        (lambda: encode(Set(b"k", b"v", 1, ttl=1 << 40)), "ttl"),
+        (lambda: encode(Set(b"k", b"v", 1, cas=-1)), "cas"),
+        (lambda: encode(Set(b"k", "v", 1)), "str"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_refused_argument_is_named(request_: object, names: str) -> None:
+    # The error names the argument as the request's API names it, and the value it got.
+    with pytest.raises(RequestError) as info:
+        request_()  # type: ignore[operator]
+    assert names in str(info.value)
