@@ -1,16 +1,18 @@
-"""`mcbroker` command line: serve, check-config, stats, top, ping.
+"""`mcbroker` command line: serve, check-config, stats, top, ping, curve-keygen.
 
 Admin commands (stats, top, ping) talk to a running broker over its own socket (`--connect URL`,
 else $MCBROKER_URL, else the default ipc socket). Every failure is one line on stderr and an exit
 status, never a traceback: `check-config` exits 1 when it found errors; `serve` exits 2 for an
 invalid config and 1 when it cannot start (socket in use, unknown socket_group, ...); admin
-commands exit 1 when the broker is not there and 2 for a mistyped address.
+commands exit 1 when the broker is not there and 2 for a mistyped address. `curve-keygen DIR NAME`
+writes a CURVE key pair (exit 1 rather than overwrite one).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib import metadata
 from typing import Any
@@ -134,11 +136,41 @@ def cmd_top(args: argparse.Namespace) -> int:
     rc, _ = _admin(args, lambda c: c.broker_ping())  # a bad address or no broker: say so before drawing
     if rc:
         return rc
+    if not sys.stdout.isatty():
+        print("mcbroker: top draws a live view and needs a terminal; use `mcbroker stats [--json]`", file=sys.stderr)
+        return 2
     try:
         return statsview.top(_client(args), interval=args.interval, count=args.count)
     except statsview.MissingExtra as exc:
         print(f"mcbroker: {exc}", file=sys.stderr)
         return 1
+
+
+def cmd_curve_keygen(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+
+    import zmq.auth
+
+    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    public_file = os.path.join(args.dir, f"{args.name}.key")
+    secret_file = public_file + "_secret"
+    for path in (public_file, secret_file):
+        if os.path.exists(path):
+            print(f"mcbroker: {path} exists; not overwriting a key", file=sys.stderr)
+            return 1
+    public_file, secret_file = zmq.auth.create_certificates(args.dir, args.name)
+    os.chmod(secret_file, 0o600)
+    public, secret = zmq.auth.load_certificate(secret_file)
+    assert secret is not None
+    print(f"public key file: {public_file}\nsecret key file: {secret_file} (mode 0600)")
+    print(f"public key: {public.decode()}")
+    print("broker: curve_secret_key_file = the secret key file; a client: copy the .key file into the")
+    print("broker's curve_allowed_clients directory, and give the client (environment or Client arguments):")
+    print(f"  MCBROKER_CURVE_PUBLICKEY={shlex.quote(public.decode())}")
+    print(f"  MCBROKER_CURVE_SECRETKEY={shlex.quote(secret.decode())}")
+    print("  MCBROKER_CURVE_SERVERKEY=<the broker's public key>")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("file", nargs="?", metavar="FILE", help="the config file (or --config FILE)")
     config_args(check)
     check.set_defaults(func=cmd_check_config)
+    keygen = sub.add_parser(
+        "curve-keygen", help="write a CURVE key pair (DIR/NAME.key public, DIR/NAME.key_secret) for the broker or a client"
+    )
+    keygen.add_argument("dir", metavar="DIR")
+    keygen.add_argument("name", metavar="NAME")
+    keygen.set_defaults(func=cmd_curve_keygen)
 
     def connect_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
@@ -185,7 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # `mcbroker stats --json | head`: the reader left; not an error of ours to print.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -59,11 +59,18 @@ class Config:
     max_buffered_bytes: int
     max_batch_per_turn: int
     coalesce_reads: bool
+    curve_secret_key_file: str
+    curve_allowed_clients: str
     log_level: str
     socket_mode: int
     socket_group: str
     drain_timeout_ms: int
     metrics_listen: str
+
+    @property
+    def curve(self) -> bool:
+        """CURVE configured: TCP listeners authenticate and encrypt, and may be non-loopback."""
+        return bool(self.curve_secret_key_file)
 
     def listen_urls(self) -> tuple[str, ...]:
         """The addresses to bind: the configured ones, or the default socket."""
@@ -106,6 +113,8 @@ DEFAULTS: Mapping[str, object] = MappingProxyType(
         "max_buffered_bytes": 268435456,
         "max_batch_per_turn": 4096,
         "coalesce_reads": True,
+        "curve_secret_key_file": "",
+        "curve_allowed_clients": "",
         "log_level": "info",
         "socket_mode": "0660",
         "socket_group": "",
@@ -241,14 +250,22 @@ def _list(key: str, value: object) -> list[object]:
     return list(value)
 
 
-def _listen(value: object) -> tuple[str, ...]:
+def _path(key: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string (a file path, or empty), got {_type_name(value)}")
+    if value and not value.startswith("/"):
+        raise ConfigError(key, f"must be an absolute path, got {value!r}")
+    return value
+
+
+def _listen(value: object, curve: bool) -> tuple[str, ...]:
     urls: list[str] = []
     for i, item in enumerate(_list("listen", value)):
         key = f"listen[{i}]"
         if not isinstance(item, str):
             raise ConfigError(key, f"must be a string, got {_type_name(item)}")
         try:
-            check_listen_url(item)
+            check_listen_url(item, remote=curve)
         except ValueError as e:
             raise ConfigError(key, str(e)) from None
         if item in urls:
@@ -356,7 +373,9 @@ def from_mapping(d: Mapping[str, object]) -> Config:
     merged = {**DEFAULTS, **d}
     hash_name = _choice("hash", merged["hash"])
     config = Config(
-        listen=_listen(merged["listen"]),
+        listen=_listen(merged["listen"], True),  # syntax; the loopback rule is a relation, below
+        curve_secret_key_file=_path("curve_secret_key_file", merged["curve_secret_key_file"]),
+        curve_allowed_clients=_path("curve_allowed_clients", merged["curve_allowed_clients"]),
         servers=_servers(merged["servers"], hash_name),
         hash=hash_name,
         on_server_down=_choice("on_server_down", merged["on_server_down"]),
@@ -367,6 +386,11 @@ def from_mapping(d: Mapping[str, object]) -> Config:
         metrics_listen=_metrics_listen(merged["metrics_listen"]),
         **{key: _int(key, merged[key]) for key in INT_RANGES},
     )
+    if bool(config.curve_secret_key_file) != bool(config.curve_allowed_clients):
+        missing = "curve_allowed_clients" if config.curve_secret_key_file else "curve_secret_key_file"
+        raise ConfigError(missing, "is required with CURVE: set both curve_secret_key_file and curve_allowed_clients, or neither")
+    if not config.curve:
+        _listen(merged["listen"], False)  # a non-loopback tcp address needs CURVE
     _check_relations(config)
     return config
 
@@ -377,7 +401,11 @@ def _check_key(key: str, value: object, hash_name: str) -> None:
     elif key in _CHOICES:
         _choice(key, value)
     elif key == "listen":
-        _listen(value)
+        # Syntax only: whether a non-loopback address is allowed depends on the CURVE keys, a
+        # relation that from_mapping checks once every key is valid on its own.
+        _listen(value, True)
+    elif key in ("curve_secret_key_file", "curve_allowed_clients"):
+        _path(key, value)
     elif key == "servers":
         _servers(value, hash_name)
     elif key == "coalesce_reads":

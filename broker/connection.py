@@ -163,7 +163,15 @@ class Connection:
             self.server.item_size_max or MAX_ITEM_SIZE, self.server.unpin, self.server.reads, self.server.joiners, self.no
         )
         self.push(Batch(_Settings(self), [0], [int(Op.STATS)], None, TEXT, _STATS_EXPECT), _SETTINGS, now, internal=True)
-        rc = sock.connect_ex(target)
+        try:
+            rc = sock.connect_ex(target)
+        except OSError as exc:
+            # A host name that does not resolve (socket.gaierror) at start, reload or reconnect is
+            # a failed connect of that server, never the broker's end. (The lookup blocks the loop:
+            # give servers as addresses where that matters.)
+            self.server.io.watch(self)
+            self.failed(now, f"connect to {addr.name}: {exc.strerror or exc}", Code.CONNECTION_ERROR)
+            return
         self.server.io.watch(self)
         if rc not in (0, errno.EINPROGRESS, errno.EAGAIN):
             self.failed(now, f"connect to {addr.name}: {errno.errorcode.get(rc, rc)}", Code.CONNECTION_ERROR)

@@ -18,6 +18,8 @@ from typing import Any
 import zmq
 from zmq.utils import monitor as zmq_monitor
 
+from .access import Access
+
 log = logging.getLogger("mcbroker.front")
 
 # pyzmq's flag constants are enum members; combining them on every call costs more than the
@@ -29,12 +31,43 @@ _DONTWAIT = int(zmq.DONTWAIT)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
-# ZeroMQ's queues are bounded in messages, not bytes, so these bound the broker's memory per
-# worker: at most RCVHWM frames of max_frame_bytes waiting to be read, and SNDHWM replies waiting
-# for a worker that does not read (past that its replies are dropped and counted). A synchronous
-# client has one frame outstanding; an AsyncClient a few hundred.
+# ZeroMQ's queues are bounded in messages, not bytes, and per worker socket, outside the broker's
+# budget (max_buffered_bytes). So they are kept short:
+# - receive: RCVHWM frames of at most MAXMSGSIZE bytes per worker socket wait to be read, plus the
+#   one ZeroMQ's I/O thread holds once that queue is full (receive_slack). A flood of 500 KB frames
+#   from 64 sockets that never read cost 3.9 GB with 100 here; a worker with many calls in flight
+#   (AsyncClient) just waits in its own send queue instead (measured: no loss of throughput).
+# - send: SNDHWM replies waiting for a worker that does not read; past that its replies are
+#   dropped and counted. Lower would drop the replies of an AsyncClient burst before the I/O
+#   thread sends them. Replies of LARGE_REPLY bytes or more are also counted in bytes until
+#   ZeroMQ has written them (Front._send_large): at most peer_reply_limit per worker socket and
+#   reply_limit (max_buffered_bytes) in all wait for workers, the rest is dropped and counted. So
+#   a worker that stopped reading holds at most SNDHWM small replies (< 64 KiB each) plus
+#   peer_reply_limit bytes of large ones.
+# Per worker socket, then, what the broker may hold beyond its budget is receive_slack plus
+# SNDHWM small replies; the large replies are bounded in all.
 SNDHWM = 1_000
-RCVHWM = 100
+RCVHWM = 2
+# Replies this large go without a copy, tracked until sent (copying costs more than tracking here).
+LARGE_REPLY = 65536
+# What the large replies waiting for one worker may hold, at least: a worker reading slowly gets
+# this much ahead before its replies are dropped (4 x max_frame_bytes when that is more).
+PEER_REPLY_BYTES = 64 << 20
+
+
+def max_message_size(max_frame: int) -> int:
+    """ZeroMQ's MAXMSGSIZE for the worker sockets: a frame a little above max_frame still gets the
+    decoder's clear "exceeds" answer; a larger one costs its sender the connection."""
+    return max_frame + min(max_frame, 65536)
+
+
+def receive_slack(workers: int, frame_bytes: int) -> int:
+    """The most the worker sockets' receive queues hold outside the broker's budget, in bytes, when
+    `workers` sockets send frames of `frame_bytes` (at most max_message_size(max_frame_bytes)):
+    per socket RCVHWM queued frames, the one its I/O thread holds once the queue is full, and one
+    being read (measured: 2.5 frames per socket with RCVHWM 1, 5.5 with 4)."""
+    return workers * (RCVHWM + 2) * frame_bytes
+
 
 # The ipc socket's directory: its group may enter (to reach the socket), nobody else.
 DIR_MODE = 0o750
@@ -148,6 +181,8 @@ class Front:
         max_frame: int,
         socket_mode: int = 0o660,
         socket_group: str = "",
+        access: Access | None = None,
+        reply_limit: int = 1 << 28,
     ) -> None:
         self.sockets: list["zmq.Socket[Any]"] = []
         self.urls = urls
@@ -157,6 +192,12 @@ class Front:
         # Worker connections, from ZeroMQ's socket monitor (accepted minus disconnected).
         self.workers = 0
         self._monitors: list["zmq.Socket[Any]"] = []
+        # Large replies ZeroMQ still holds (see _send_large): (tracker, worker, bytes).
+        self._large: list[tuple[Any, bytes, int]] = []
+        self._peer_bytes: dict[bytes, int] = {}
+        self.reply_bytes = 0
+        self.replies_over_limit = 0
+        self.set_reply_limit(reply_limit, max_frame)
         gid = resolve_group(socket_group)
         for url in urls:
             path = url[len("ipc://"):] if url.startswith("ipc://") else None
@@ -170,20 +211,30 @@ class Front:
             sock.setsockopt(zmq.LINGER, 0)
             # ZeroMQ disconnects a peer that sends more than this; the decoder rejects frames
             # above max_frame with an error reply, so leave room for that clear answer.
-            sock.setsockopt(zmq.MAXMSGSIZE, max_frame * 2)
-            if path is not None:
-                # Born with the final mode (no moment where it is wider), then chmod/chown'd and
-                # checked. Nothing else runs yet, so the process-wide umask is safe to borrow.
-                old_umask = os.umask(0o777 & ~socket_mode)
-                try:
+            sock.setsockopt(zmq.MAXMSGSIZE, max_message_size(max_frame))
+            if access is not None and path is None:
+                # CURVE: authenticated and encrypted; ipc stays guarded by the file system.
+                access.secure(sock)
+            try:
+                if path is not None:
+                    # Born with the final mode (no moment where it is wider), then chmod/chown'd and
+                    # checked. Nothing else runs yet, so the process-wide umask is safe to borrow.
+                    old_umask = os.umask(0o777 & ~socket_mode)
+                    try:
+                        sock.bind(url)
+                    finally:
+                        os.umask(old_umask)
+                else:
                     sock.bind(url)
-                finally:
-                    os.umask(old_umask)
-                self.sockets.append(sock)
+            except zmq.ZMQError as exc:
+                sock.close(linger=0)
+                self.close()  # the addresses bound before this one, and their ipc paths
+                if exc.errno == errno.EADDRINUSE:
+                    raise AddressInUse(f"another process is already listening on {url}") from None
+                raise
+            self.sockets.append(sock)
+            if path is not None:
                 _set_access(path, socket_mode, gid)
-            else:
-                sock.bind(url)
-                self.sockets.append(sock)
             self._monitors.append(sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED))
 
     def recv_batch(self, sock: "zmq.Socket[Any]", limit: int, max_bytes: int) -> list[tuple[bytes, bytes]]:
@@ -227,17 +278,66 @@ class Front:
                     self.workers -= 1
         return self.workers
 
-    @staticmethod
-    def send(sock: "zmq.Socket[Any]", ident: bytes, data: bytes) -> bool:
+    def set_reply_limit(self, reply_limit: int, max_frame: int) -> None:
+        """Bytes of large replies that may wait for the workers in all (max_buffered_bytes), and
+        for one worker socket."""
+        self.reply_limit = reply_limit
+        self.peer_reply_limit = min(reply_limit, max(PEER_REPLY_BYTES, 4 * max_frame))
+
+    def send(self, sock: "zmq.Socket[Any]", ident: bytes, data: bytes) -> bool:
+        if len(data) >= LARGE_REPLY:
+            return self._send_large(sock, ident, data)
         try:
             sock.send(ident, _SNDMORE_DONTWAIT)
-            sock.send(data, _DONTWAIT, copy=len(data) < 65536)
+            sock.send(data, _DONTWAIT)
             return True
         except zmq.ZMQError as exc:
             # EHOSTUNREACH: the worker is gone. EAGAIN: it is not reading. Either way, drop.
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 log.warning("reply dropped: %s", exc)
             return False
+
+    def _send_large(self, sock: "zmq.Socket[Any]", ident: bytes, data: bytes) -> bool:
+        """A reply of LARGE_REPLY bytes or more: sent without a copy and tracked until ZeroMQ has
+        written it to the worker's socket, so the bytes waiting for workers that do not read are
+        bounded per worker (peer_reply_limit) and in all (reply_limit); past either, dropped."""
+        n = len(data)
+        self.reap()
+        held = self._peer_bytes.get(ident, 0)
+        if held + n > self.peer_reply_limit or self.reply_bytes + n > self.reply_limit:
+            self.replies_over_limit += 1
+            return False
+        try:
+            sock.send(ident, _SNDMORE_DONTWAIT)
+            tracker = sock.send(data, _DONTWAIT, copy=False, track=True)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                log.warning("reply dropped: %s", exc)
+            return False
+        if tracker is not None and not tracker.done:
+            self._large.append((tracker, ident, n))
+            self._peer_bytes[ident] = held + n
+            self.reply_bytes += n
+        return True
+
+    def reap(self) -> None:
+        """Forget the large replies ZeroMQ has sent (called per large reply and by the timers)."""
+        if not self._large:
+            return
+        keep = []
+        peer = self._peer_bytes
+        for entry in self._large:
+            tracker, ident, n = entry
+            if tracker.done:
+                self.reply_bytes -= n
+                left = peer[ident] - n
+                if left:
+                    peer[ident] = left
+                else:
+                    del peer[ident]
+            else:
+                keep.append(entry)
+        self._large = keep
 
     def close(self, linger_ms: int = 0) -> None:
         """Close the sockets (replies still queued get `linger_ms` to go out) and remove the ipc

@@ -50,6 +50,8 @@ def families(stats: dict[str, Any]) -> Iterator[Any]:
         ("mcbroker_bad_frames", "bad_frames", "Malformed frames"),
         ("mcbroker_internal_errors", "internal_errors", "Broker bugs caught by the loop"),
         ("mcbroker_backend_writes", "backend_writes", "Writes to memcached"),
+        ("mcbroker_gets_upstream", "gets_upstream", "Plain gets sent to memcached"),
+        ("mcbroker_gets_coalesced", "gets_coalesced", "Plain gets answered by joining one in flight (read coalescing)"),
     ):
         yield CounterMetricFamily(name, text, value=stats.get(key, 0))
     for name, key, text in (

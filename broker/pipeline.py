@@ -13,9 +13,12 @@ reaches only the request that asked for it" lives in this one object and is test
   place (its opaque checked) or the fence that closes its write does (an `mg` with an opaque of
   its own), so a response whose data block swallowed (or lost) bytes of the next one is caught by
   the next check before its value leaves the broker. A data block that ran past its end always
-  holds a CRLF, so a value holding one followed by a line without an opaque (an error, a text
-  reply) resets the connection rather than trust it. Text replies (stats, version) are not cache
-  values and go at once.
+  holds a CRLF and swallowed whole responses, so a value holding one is proven only by a later
+  response with its opaque in place: an error line after it (to mg/md/ma, or a SERVER_ERROR) is
+  held with it until then, while a text reply or an error to ms after it resets the connection
+  (either would be used at once). Text replies (stats, version) are not cache values and go at
+  once. (Resetting at any error line after such a value let one worker's get of a value holding
+  CRLF plus an incr of a non-number fail every request in flight on the connection.)
 - Anything that casts doubt on the stream's sync raises `OutOfStep`; the driver then closes the
   connection and calls `fail_all`, so every request not yet answered gets an explicit error.
   Which replies keep the stream in step, and so belong to their request alone:
@@ -273,9 +276,15 @@ class Pipeline:
                                 if joined is not None:
                                     done += _joiners(joined, result, held)
                 else:
-                    if risky:
-                        raise OutOfStep(f"{item.status.name} after a value holding CRLF: the stream cannot be proven in step")
                     result, reset = self._other(batch, op, item)
+                    if risky and (reset is not None or batch.first == TEXT):
+                        # After a value holding CRLF, a line that would be delivered at once (a
+                        # text reply) or would reset the stream as the request's own answer (an
+                        # error to ms) may be a swallow's leftover: reset before anyone gets it.
+                        # Any other line (an error to mg/md/ma, SERVER_ERROR) is held with the
+                        # value, `risky` stays, and the next response with its opaque in place
+                        # proves both: a swallow shifts every later response, so that check fails.
+                        raise OutOfStep(f"{item.status.name} after a value holding CRLF: the stream cannot be proven in step")
                     if reset is not None:
                         # memcached may have read our data as commands: this reply is the request's
                         # own; nothing after it can be trusted.

@@ -21,6 +21,7 @@ from clientlib.wire import Code, Op
 from . import config as config_mod
 from . import shard
 from .config import Config
+from .access import Access, AccessError, load_curve
 from .front import Front
 from .health import Health
 from .connection import CONNECTING, READY, Budget, Connection, Server
@@ -100,14 +101,27 @@ class Broker:
         self._watchdog = watchdog_interval()
         self._next_watchdog = 0.0
         self.budget = Budget(config.max_inflight_total, config.max_buffered_bytes)
-        self.front = Front(
-            self.ctx, config.listen_urls(), config.max_frame_bytes, config.socket_mode, config.socket_group
-        )
+        self.access: Access | None = None
+        try:
+            if config.curve:
+                self.access = Access(self.ctx, load_curve(config.curve_secret_key_file, config.curve_allowed_clients))
+            self.front = Front(
+                self.ctx, config.listen_urls(), config.max_frame_bytes, config.socket_mode, config.socket_group,
+                access=self.access, reply_limit=config.max_buffered_bytes,
+            )
+        except BaseException:
+            # Whatever was bound already (several listen addresses) closes with the context.
+            self.ctx.destroy(linger=0)
+            raise
         for sock in self.front.sockets:
             self.poller.register(sock, zmq.POLLIN)
+        # The CURVE handler's socket: handshakes are rare, so the loop tells it from the worker
+        # sockets with one comparison per readable socket.
+        if self.access is not None:
+            self.poller.register(self.access.zap, zmq.POLLIN)
         self.router = Router(
             budget=self.budget,
-            send=Front.send,
+            send=self.front.send,
             default_timeout=config.timeout_ms / 1000,
             max_frame=config.max_frame_bytes,
             max_value=config.max_value_bytes,
@@ -204,6 +218,12 @@ class Broker:
         r.coalesce = c.coalesce_reads
         self.budget.max_inflight = c.max_inflight_total
         self.budget.max_buffered = c.max_buffered_bytes
+        self.front.set_reply_limit(c.max_buffered_bytes, c.max_frame_bytes)
+        if self.access is not None and c.curve:
+            try:
+                self.access.set_allowed(load_curve(c.curve_secret_key_file, c.curve_allowed_clients))
+            except AccessError as exc:
+                log.error("CURVE keys not reloaded, keeping the allowed clients: %s", exc)
         self.config = c
         self._apply_servers(c, now)
         log.info("config reloaded: servers %s, hash %s", ", ".join(self.servers), c.hash)
@@ -233,6 +253,10 @@ class Broker:
             "requests_written": written,
             "requests_per_write": round(written / writes, 2) if writes else 0.0,
             "bad_envelopes": self.front.bad_envelopes,
+            "reply_bytes_pending": self.front.reply_bytes,
+            "replies_over_limit": self.front.replies_over_limit,
+            "curve_accepted": self.access.accepted if self.access else 0,
+            "curve_refused": self.access.refused if self.access else 0,
             "draining": self.router.draining,
             **self.router.stats.snapshot(),
             "servers": servers,
@@ -284,6 +308,7 @@ class Broker:
         router = self.router
         fds = self._fds
         wake_fd = self._wake_r.fileno()
+        zap = self.access.zap if self.access is not None else None
         limit = self.config.max_batch_per_turn
         # Bytes of frames read per turn: enough for a full turn of small frames, while a flood of
         # large ones cannot keep the loop from flushing memcached and reading its answers.
@@ -298,7 +323,10 @@ class Broker:
                 readable = []
                 for obj, ev in events:
                     if type(obj) is not int:
-                        readable.append(obj)
+                        if obj is zap:
+                            self.access.on_zap()  # type: ignore[union-attr]
+                        else:
+                            readable.append(obj)
                         continue
                     if obj == wake_fd:
                         try:
@@ -362,6 +390,7 @@ class Broker:
         sd_notify("READY=1")
 
     def _timers(self, now: float) -> None:
+        self.front.reap()
         self.front.poll_workers()
         if self.metrics is not None and now >= self._next_publish:
             self._next_publish = now + 1.0
@@ -416,6 +445,8 @@ class Broker:
             now = time.monotonic()
         # Replies queued in ZeroMQ get a moment to reach their workers (linger 0 discarded them).
         self.front.close(linger_ms=CLOSE_LINGER_MS)
+        if self.access is not None:
+            self.access.close()
         self.ctx.term()
         if self.metrics is not None:
             self.metrics.close()

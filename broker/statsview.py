@@ -69,6 +69,7 @@ def table(stats: dict[str, Any]) -> str:
         ("errors by kind", _pairs(stats.get("errors_by_kind", {}))),
         ("timeouts", stats.get("timeouts")),
         ("overloaded", stats.get("overloaded")),
+        ("gets upstream / coalesced", f"{_num(stats.get('gets_upstream'))} / {_num(stats.get('gets_coalesced'))}"),
         ("in flight", stats.get("inflight")),
         ("buffered bytes", stats.get("buffered_bytes")),
         ("requests per write", stats.get("requests_per_write")),

@@ -82,7 +82,7 @@ def _is_socket(path: str) -> bool:
         return False
 
 
-def default_connect_url() -> str:
+def default_connect_url(remote: bool = False) -> str:
     """Where a client finds the broker when it is told nothing.
 
     Prefers a socket that exists, so a system broker and a per-user broker are
@@ -91,7 +91,7 @@ def default_connect_url() -> str:
     """
     explicit = os.environ.get("MCBROKER_URL")
     if explicit:
-        return check_connect_url(explicit, "MCBROKER_URL")
+        return check_connect_url(explicit, "MCBROKER_URL", remote=remote)
     candidates = [os.path.join(SYSTEM_DIR, SOCKET_NAME)]
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
@@ -138,11 +138,11 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def check_listen_url(url: str) -> str:
+def check_listen_url(url: str, remote: bool = False) -> str:
     """Validate a ZeroMQ address the broker may bind; return it unchanged.
 
-    Only ipc sockets and loopback TCP: the broker has no authentication, so it
-    must never be reachable from another host.
+    ipc sockets and loopback TCP; any TCP host only with `remote` (the broker has CURVE
+    configured): without authentication the broker must never be reachable from another host.
     """
     if not isinstance(url, str):
         raise ValueError(f"listen address must be a string, got {type(url).__name__}")
@@ -162,37 +162,38 @@ def check_listen_url(url: str) -> str:
             if not sep or not host:
                 raise ValueError(f"{what}: expected tcp://<host>:<port>")
         _parse_port(port_text, what)
-        if not _is_loopback(host):
+        if not remote and not _is_loopback(host):
             raise ValueError(
-                f"{what}: tcp listen addresses must be loopback (127.0.0.0/8, [::1] "
-                f"or localhost); the broker has no authentication and serves this host only"
+                f"{what}: a tcp listen address that is not loopback (127.0.0.0/8, [::1] or "
+                f"localhost) needs CURVE: set curve_secret_key_file and curve_allowed_clients "
+                f"(keys from `mcbroker curve-keygen`); without them the broker serves this host only"
             )
         return url
-    raise ValueError(f"{what}: expected ipc://<absolute path> or tcp://<loopback host>:<port>")
+    raise ValueError(f"{what}: expected ipc://<absolute path> or tcp://<host>:<port>")
 
 
 CONNECT_FORMS = "ipc:///path/to/mcbroker.sock or tcp://127.0.0.1:PORT"
 
 
-def check_connect_url(url: str, source: str = "the broker URL") -> str:
+def check_connect_url(url: str, source: str = "the broker URL", remote: bool = False) -> str:
     """Validate the ZeroMQ address a client connects to; return it unchanged.
 
     The forms a broker can listen on: ``ipc://`` with an absolute socket path, or ``tcp://`` with a
-    loopback host and a port. Raises ValueError naming the accepted forms otherwise; a memcached
+    loopback host and a port (any host with `remote`: the client has CURVE keys). Raises ValueError naming the accepted forms otherwise; a memcached
     address such as ``127.0.0.1:11211`` (what pymemcache takes) is the common mistake, said so.
     `source` names where the address came from (e.g. ``MCBROKER_URL``) for the message.
     """
     if not isinstance(url, str):
         raise TypeError(f"{source} must be a string ({CONNECT_FORMS}), got {type(url).__name__}")
     try:
-        return _check_connect_url(url, f"{source} {url!r}")
+        return _check_connect_url(url, f"{source} {url!r}", remote)
     except ValueError as exc:
         if CONNECT_FORMS in str(exc):
             raise
         raise ValueError(f"{exc}; expected {CONNECT_FORMS}") from None
 
 
-def _check_connect_url(url: str, what: str) -> str:
+def _check_connect_url(url: str, what: str, remote: bool = False) -> str:
     if url.startswith("ipc://"):
         _check_unix_path(url[len("ipc://"):], what)
         return url
@@ -208,9 +209,9 @@ def _check_connect_url(url: str, what: str) -> str:
             if not sep or not host:
                 raise ValueError(f"{what}: tcp:// needs a host and a port")
         _parse_port(port_text, what)
-        if not _is_loopback(host):
+        if not remote and not _is_loopback(host):
             raise ValueError(
-                f"{what}: the broker listens on loopback only (127.0.0.0/8, [::1] or localhost); "
+                f"{what}: without CURVE keys the broker listens on loopback only (127.0.0.0/8, [::1] or localhost); "
                 f"expected {CONNECT_FORMS}"
             )
         return url

@@ -20,10 +20,12 @@ instead of raising, as in pymemcache.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from typing import Any, Callable, Iterable, Protocol
 
 from . import address, lease
+from .curve import CurveKeys, curve_keys
 from .commands import DEFAULT_MAX_FRAME, DEFAULT_TIMEOUT, Command, Commands, Key, raise_failure
 from .commands import _OK
 from .commands import _ADD, _APPEND, _CAS, _DECR, _GET, _GETS, _INCR, _PREPEND, _REPLACE, _SET
@@ -53,14 +55,15 @@ def _check_wait(wait: Any) -> float:
     return float(wait)
 
 
-def _broker_url(broker: str | None) -> str:
+def _broker_url(broker: str | None, curve: CurveKeys | None = None) -> str:
     if broker is not None and not isinstance(broker, str):
         raise TypeError(
             "clientlib.Client takes the broker's URL (ipc:///path or tcp://127.0.0.1:PORT), "
             f"not a memcached address: got {broker!r}"
         )
     # Checked here, once: a bad address must not surface later as a raw ZeroMQ error.
-    return address.check_connect_url(broker) if broker else address.default_connect_url()
+    remote = curve is not None
+    return address.check_connect_url(broker, remote=remote) if broker else address.default_connect_url(remote)
 
 
 class Client(Commands):
@@ -74,6 +77,12 @@ class Client(Commands):
     larger values are refused the way memcached refuses them). pymemcache's socket options
     (connect_timeout, no_delay, socket_module, socket_keepalive, tls_context) are accepted and
     have no effect: the broker owns the memcached connections.
+
+    For a broker on TCP with CURVE: `curve_secretkey`, `curve_publickey` (this client's key pair)
+    and `curve_serverkey` (the broker's public key), Z85 text of 40 characters each, all three or
+    none; default $MCBROKER_CURVE_SECRETKEY, $MCBROKER_CURVE_PUBLICKEY, $MCBROKER_CURVE_SERVERKEY
+    (clientlib/curve.py). With them the broker's host may be any host. A key the broker does not
+    list is refused by it: calls then raise BrokerTimeout at their deadline.
 
     Thread-safe (one ZeroMQ socket per thread) and fork-safe (a child process opens its own).
     See the module docstring for the errors every method may raise.
@@ -98,6 +107,9 @@ class Client(Commands):
         socket_module: Any = None,
         socket_keepalive: Any = None,
         tls_context: Any = None,
+        curve_secretkey: str | bytes | None = None,
+        curve_publickey: str | bytes | None = None,
+        curve_serverkey: str | bytes | None = None,
     ) -> None:
         super().__init__(
             timeout=timeout, serde=serde, serializer=serializer, deserializer=deserializer,
@@ -106,8 +118,9 @@ class Client(Commands):
             connect_timeout=connect_timeout, no_delay=no_delay, socket_module=socket_module,
             socket_keepalive=socket_keepalive, tls_context=tls_context,
         )
-        self.broker_url = _broker_url(broker)
-        self._transport: BlockingTransport = Transport(self.broker_url)
+        curve = curve_keys(curve_secretkey, curve_publickey, curve_serverkey)
+        self.broker_url = _broker_url(broker, curve)
+        self._transport: BlockingTransport = Transport(self.broker_url, curve)
 
     def _run(self, cmd: Command) -> Any:
         ops = cmd.ops
@@ -258,21 +271,30 @@ class Client(Commands):
         The others get the stale value, or wait for the fresh one, polling, at most `wait`
         seconds, after which they call `fn()` themselves and store nothing. `lease_ttl` (seconds):
         how long a winner has to fill a missing key before another caller may win. An exception
-        from `fn` propagates. Errors as for `get` (reads) and `cas` (the fill); with ignore_exc a
+        from `fn` or the fill propagates (a winner first deletes its empty placeholder, so the
+        others need not wait out `lease_ttl`). Errors as for `get` (reads) and `cas` (the fill); with ignore_exc a
         failed read runs `fn()` and stores nothing. An empty value (b"" with flags 0) reads as a
         lease in progress: see clientlib/lease.py for the rules and bounds."""
-        read = self._lease_get(key, lease_ttl, recache_ttl)
-        run = lease.steps(fn, wait=_check_wait(wait), poll=lease.DEFAULT_POLL, clock=time.monotonic)
+        read = self._lease_get(key, lease_ttl, recache_ttl, expire)
+        run = lease.steps(wait=_check_wait(wait), poll=lease.DEFAULT_POLL, clock=time.monotonic)
         try:
             step = next(run)
             while True:
-                outcome = None
-                if type(step) is lease.LeaseGet:
-                    outcome = self._run(read)
-                elif type(step) is lease.Fill:
-                    self._run(self._fill(key, step, expire))
-                else:
-                    time.sleep(step.seconds)  # type: ignore[union-attr]
+                try:
+                    outcome = None
+                    if type(step) is lease.LeaseGet:
+                        outcome = self._run(read)
+                    elif type(step) is lease.Compute:
+                        outcome = fn()
+                    elif type(step) is lease.Fill:
+                        self._run(self._fill(key, step, expire))
+                    elif type(step) is lease.Release:
+                        self._run(self._delete(key, False))
+                    else:
+                        time.sleep(step.seconds)  # type: ignore[union-attr]
+                except Exception as exc:
+                    step = run.throw(exc)
+                    continue
                 step = run.send(outcome)
         except StopIteration as stop:
             return stop.value
@@ -364,6 +386,9 @@ class AsyncClient(Commands):
         socket_module: Any = None,
         socket_keepalive: Any = None,
         tls_context: Any = None,
+        curve_secretkey: str | bytes | None = None,
+        curve_publickey: str | bytes | None = None,
+        curve_serverkey: str | bytes | None = None,
     ) -> None:
         super().__init__(
             timeout=timeout, serde=serde, serializer=serializer, deserializer=deserializer,
@@ -372,8 +397,9 @@ class AsyncClient(Commands):
             connect_timeout=connect_timeout, no_delay=no_delay, socket_module=socket_module,
             socket_keepalive=socket_keepalive, tls_context=tls_context,
         )
-        self.broker_url = _broker_url(broker)
-        self._transport = AsyncTransport(self.broker_url)
+        curve = curve_keys(curve_secretkey, curve_publickey, curve_serverkey)
+        self.broker_url = _broker_url(broker, curve)
+        self._transport = AsyncTransport(self.broker_url, curve)
 
     async def _run(self, cmd: Command) -> Any:
         ops = cmd.ops
@@ -485,19 +511,30 @@ class AsyncClient(Commands):
 
     async def get_or_set(self, key: Key, fn: Callable[[], Any], expire: int = 0, *,
                          lease_ttl: int = DEFAULT_LEASE_TTL, recache_ttl: int = 0, wait: float = DEFAULT_WAIT) -> Any:
-        """Coroutine form of Client.get_or_set (`fn` is a plain callable; waits with asyncio.sleep)."""
-        read = self._lease_get(key, lease_ttl, recache_ttl)
-        run = lease.steps(fn, wait=_check_wait(wait), poll=lease.DEFAULT_POLL, clock=time.monotonic)
+        """Coroutine form of Client.get_or_set; `fn` may be a coroutine function (awaited) or a
+        plain callable; waits with asyncio.sleep."""
+        read = self._lease_get(key, lease_ttl, recache_ttl, expire)
+        run = lease.steps(wait=_check_wait(wait), poll=lease.DEFAULT_POLL, clock=time.monotonic)
         try:
             step = next(run)
             while True:
-                outcome = None
-                if type(step) is lease.LeaseGet:
-                    outcome = await self._run(read)
-                elif type(step) is lease.Fill:
-                    await self._run(self._fill(key, step, expire))
-                else:
-                    await asyncio.sleep(step.seconds)  # type: ignore[union-attr]
+                try:
+                    outcome = None
+                    if type(step) is lease.LeaseGet:
+                        outcome = await self._run(read)
+                    elif type(step) is lease.Compute:
+                        outcome = fn()
+                        if inspect.isawaitable(outcome):
+                            outcome = await outcome
+                    elif type(step) is lease.Fill:
+                        await self._run(self._fill(key, step, expire))
+                    elif type(step) is lease.Release:
+                        await self._run(self._delete(key, False))
+                    else:
+                        await asyncio.sleep(step.seconds)  # type: ignore[union-attr]
+                except Exception as exc:
+                    step = run.throw(exc)
+                    continue
                 step = run.send(outcome)
         except StopIteration as stop:
             return stop.value

@@ -28,6 +28,7 @@ FRAME_SLACK = 64
 MIN_FRAME_BYTES = 512
 _U32 = (1 << 32) - 1
 _I32 = (1 << 31) - 1
+_RELATIVE_TTL_LIMIT = 60 * 60 * 24 * 30  # memcached reads a longer TTL as a Unix time
 _U64 = (1 << 64) - 1
 _OK = int(Code.OK)
 _MISS = int(Code.MISS)
@@ -374,10 +375,14 @@ class Commands:
         ops = [[op, check(k)] for k in keys]
         return Command(ops, _finish_many, keys, extra=with_cas, read=True, miss={})
 
-    def _lease_get(self, key: Any, lease_ttl: Any, recache_ttl: Any) -> Command:
+    def _lease_get(self, key: Any, lease_ttl: Any, recache_ttl: Any, expire: Any = 0) -> Command:
         k = self.check_key(key)
         lease = check_int(lease_ttl, "lease_ttl", minimum=1, maximum=_I32)
         recache = check_int(recache_ttl, "recache_ttl", minimum=0, maximum=_I32)
+        ttl = self._expire(expire)
+        if recache and 0 < ttl <= _RELATIVE_TTL_LIMIT and recache >= ttl:
+            # Every value would be due for recache as soon as it is stored: fn on every call.
+            raise MemcacheIllegalInputError(f"recache_ttl ({recache} s) must be below expire ({ttl} s)")
         return Command([[_LEASE_GET, k, lease, recache]], _finish_lease, key, read=True, miss=None)
 
     # --- writes --------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from typing import Any
+from typing import Any, Callable
 
 from flask import Flask
 from flask_caching.backends.base import BaseCache
@@ -118,6 +118,16 @@ class BrokerCache(BaseCache):
         k = self._key(key)
         # An empty append succeeds only on a present key and fetches nothing (cachelib's trick).
         return k is not None and bool(self._client.append(k, b""))
+
+    def get_or_set(self, key: str, fn: Callable[[], Any], timeout: int | dt.timedelta | None = None) -> Any:
+        """Not in Flask-Caching's API (its `cached`/`memoize` read then set): the value of `key`,
+        computed by `fn()` and stored for `timeout` when missing, by exactly one caller among all
+        workers of all hosts while the others wait for it (`Client.get_or_set`, memcached's
+        leases; bounds in clientlib/lease.py). A key memcached cannot take: `fn()`, nothing stored."""
+        k = self._key(key)
+        if k is None:
+            return fn()
+        return self._client.get_or_set(k, fn, self._expire(timeout))
 
     # --- writes -------------------------------------------------------------------------------
 

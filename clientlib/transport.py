@@ -39,6 +39,7 @@ import msgpack  # type: ignore[import-untyped]
 import zmq
 import zmq.asyncio
 
+from .curve import CurveKeys
 from .errors import (
     BrokerTimeout,
     BrokerUnavailable,
@@ -108,8 +109,12 @@ def async_context() -> zmq.asyncio.Context:
     return _async_context
 
 
-def _configure(sock: zmq.Socket[Any], url: str) -> None:
+def _configure(sock: zmq.Socket[Any], url: str, curve: CurveKeys | None = None) -> None:
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret)
     # Queue nothing for a broker that is not connected: a send fails at once instead of
     # delivering a stale request to a broker that comes up much later.
     sock.setsockopt(zmq.IMMEDIATE, 1)
@@ -247,6 +252,12 @@ class _Probe:
         return self._reason
 
 
+def _curve_hint(curve: CurveKeys | None) -> str:
+    if curve is None:
+        return ""
+    return f" (CURVE: is this client's public key {curve.public.decode()} in the broker's curve_allowed_clients?)"
+
+
 # --- frames --------------------------------------------------------------------------------------
 
 
@@ -316,8 +327,9 @@ class Transport:
     """The blocking seam: `request1` for one op (the common case, kept lean), `request` for any
     number of ops in one or more frames. Thread-safe: each thread uses its own socket."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, curve: CurveKeys | None = None) -> None:
         self.url = url
+        self.curve = curve
         self._pid = os.getpid()
         self._gen = 0
         self._tls = threading.local()
@@ -360,7 +372,7 @@ class Transport:
         if old is not None and not old.closed:
             old.close(linger=0)
         sock = context().socket(zmq.DEALER)
-        _configure(sock, self.url)
+        _configure(sock, self.url, self.curve)
         st.sock = sock
         st.gen = self._gen
         st.next_id = random.getrandbits(48)
@@ -466,7 +478,7 @@ class Transport:
             if remaining <= 0:
                 # Something listens there (the probe found it): a broker that is stopped or too
                 # busy to finish the handshake is slow, not absent.
-                raise BrokerTimeout(f"the broker at {self.url} listens but took no request before the call's deadline")
+                raise BrokerTimeout(f"the broker at {self.url} listens but took no request before the call's deadline{_curve_hint(self.curve)}")
             # Slices of PROBE_TTL: a broker that goes away meanwhile is noticed within one.
             if sock.poll(max(1, math.ceil(min(remaining, PROBE_TTL) * 1000)), _POLLOUT):
                 try:
@@ -512,8 +524,9 @@ class AsyncTransport:
     (a new one when the client is used from another loop or process); concurrent calls share it
     and are pipelined; a reader task hands each reply to the call waiting for its id."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, curve: CurveKeys | None = None) -> None:
         self.url = url
+        self.curve = curve
         self._pid = 0
         self._sock: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -541,7 +554,7 @@ class AsyncTransport:
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
             sock = async_context().socket(zmq.DEALER)
-            _configure(sock, self.url)
+            _configure(sock, self.url, self.curve)
             self._sock = sock
             self._pid = os.getpid()
             self._waiters = {}
@@ -598,7 +611,11 @@ class AsyncTransport:
                     return None
                 remaining = deadline + GRACE - time.monotonic()
                 # TimeoutError at the deadline: _ErrorMap makes it BrokerTimeout.
-                done = await asyncio.wait_for(asyncio.gather(*futs.values()), max(remaining, 0.001))
+                waiting = asyncio.gather(*futs.values())
+                # Cancelled (a caller's own wait_for) or timed out, the gather still ends with an
+                # exception: mark it read, or asyncio logs "exception was never retrieved".
+                waiting.add_done_callback(_read_outcome)
+                done = await asyncio.wait_for(waiting, max(remaining, 0.001))
             finally:
                 for rid in futs:
                     self._waiters.pop(rid, None)
@@ -624,7 +641,7 @@ class AsyncTransport:
             if remaining <= 0:
                 # Something listens there (the probe found it): a broker that is stopped or too
                 # busy to finish the handshake is slow, not absent.
-                raise BrokerTimeout(f"the broker at {self.url} listens but took no request before the call's deadline")
+                raise BrokerTimeout(f"the broker at {self.url} listens but took no request before the call's deadline{_curve_hint(self.curve)}")
             # A short sleep, not sock.poll: a burst of calls on a socket still connecting would
             # each build a poller (measured: 300 concurrent sets took 20x longer to be answered).
             await asyncio.sleep(min(remaining, ASYNC_RETRY))
@@ -665,3 +682,8 @@ def _reset_all_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_reset_all_after_fork)
+
+
+def _read_outcome(fut: "asyncio.Future[Any]") -> None:
+    if not fut.cancelled():
+        fut.exception()

@@ -262,3 +262,24 @@ def test_reload_applies_health_settings_to_servers_it_keeps(
         a.resume()
     # the new config's probe interval brings it back (the old one would wait 2.5 s at least)
     wait_for(lambda: broker.stats()["servers"][a.address]["state"] == "up", 1.5, "back up")
+
+
+def test_a_server_whose_name_does_not_resolve_is_a_down_server_not_a_dead_broker(
+    memcached_factory: MemcachedFactory, broker_factory: Callable[..., BrokerProcess]
+) -> None:
+    # Found by a fresh user: check-config accepts a host name, the reload looked it up inside
+    # connect_ex, and socket.gaierror ended the broker.
+    (mc,) = memcached_factory(1)
+    broker = broker_factory([mc.address], failure_limit=1)
+    bad = "nosuchhost.invalid:11211"
+    broker.write_config(servers=[mc.address, bad], failure_limit=1)
+    broker.reload()
+    wait_for(lambda: broker.stats()["servers"].get(bad, {}).get("state") not in (None, "up"), 10, "the bad server marked down")
+    assert broker.running
+    keys = [f"k{i}" for i in range(40)]
+    good = [k for k, owner in owners([mc.address, bad], keys).items() if owner == mc.address]
+    client = Client(broker.url, timeout=5.0)
+    for k in good:
+        assert client.set(k, value_of(k)) is True
+        assert client.get(k) == value_of(k)
+    assert good, "no key placed on the good server"

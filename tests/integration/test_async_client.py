@@ -304,3 +304,37 @@ def test_errors_are_raised_from_the_coroutine(broker: Any) -> None:
             await c.disconnect_all()
 
     asyncio.run(main())
+
+
+def test_a_call_cancelled_by_the_callers_own_timeout_logs_nothing(broker, mc, caplog):
+    # Found by a fresh user: asyncio logged "_GatheringFuture exception was never retrieved" for
+    # every call a caller's wait_for cancelled while it waited for its reply.
+    import asyncio
+    import gc
+    import logging
+
+    from clientlib import AsyncClient
+
+    async def main() -> bytes | None:
+        c = AsyncClient(broker.url, timeout=5.0)
+        try:
+            await c.set("k", b"v")
+            mc.pause()  # the gets below wait for their replies when they are cancelled
+            try:
+                for _ in range(5):
+                    try:
+                        await asyncio.wait_for(c.get("k"), timeout=0.05)
+                    except asyncio.TimeoutError:
+                        pass
+            finally:
+                mc.resume()
+            await asyncio.sleep(0.05)
+            gc.collect()
+            return await c.get("k")
+        finally:
+            await c.close()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        assert asyncio.run(main()) == b"v"
+        gc.collect()
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], caplog.text

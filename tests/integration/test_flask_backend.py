@@ -248,3 +248,25 @@ def test_agrees_with_flask_cachings_simplecache(backend: BrokerCache) -> None:
     reference = SimpleCache()
     for name, args in SCRIPT:
         assert getattr(backend, name)(*args) == getattr(reference, name)(*args), (name, args)
+
+
+def test_get_or_set_computes_a_missing_value_once_among_concurrent_callers(backend: BrokerCache) -> None:
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def slow() -> str:
+        with lock:
+            calls.append(1)
+        threading.Event().wait(0.3)
+        return "computed"
+
+    got: list[Any] = []
+    threads = [threading.Thread(target=lambda: got.append(backend.get_or_set("herd", slow, timeout=60))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == ["computed"] * 8 and len(calls) == 1
+    assert backend.get("herd") == "computed"
+    assert backend.get_or_set("herd", slow) == "computed" and len(calls) == 1
+    assert backend.get_or_set("bad key", lambda: "not stored") == "not stored"

@@ -10,9 +10,10 @@ connections, never one per worker: watched through one stats connection kept ope
 curr_connections stays at its value from before Gunicorn started (the broker's 2 plus the
 watcher) and total_connections does not move at all.
 
-Request counts: 2,000 for Django sync --preload, 700 for each of the other seven, so that the
-module stays near a minute on a 2-vCPU machine under heavy load (measured: 44 s at a load average
-of about 4, 60-70 s at 13; most of it is starting and stopping 8 workers per configuration).
+Each configuration sends 2,000 requests (most of the module's time is starting and stopping 8
+workers per configuration, not the requests). Which workers answered is printed, not asserted: the
+kernel and gthread's threads decide how accepts spread, and on a loaded machine one worker may
+take them all; memcached's counters are what shows no worker opened a connection of its own.
 """
 
 from __future__ import annotations
@@ -46,9 +47,7 @@ APPS = {
 }
 WORKERS = 8
 THREADS = 16  # load client threads
-FULL = 2000
-REDUCED = 700
-FULL_CONFIGS = {("django", "sync", True)}
+REQUESTS = 2000
 LOAD_DEADLINE_S = 90.0  # the load loop's bound in time (a hung server fails, never stalls)
 
 
@@ -131,7 +130,7 @@ CONFIGS = [(app, wc, preload) for app in APPS for wc in ("sync", "gthread") for 
 @pytest.mark.parametrize("server", CONFIGS, indirect=True, ids=[f"{a}-{w}-{'preload' if p else 'lazy'}"
                                                                 for a, w, p in CONFIGS])
 def test_gunicorn_serves_every_request_right(server: Gunicorn, broker: BrokerProcess, mc: Memcached) -> None:
-    total = FULL if (server.app, server.worker_class, server.preload) in FULL_CONFIGS else REDUCED
+    total = REQUESTS
     # The broker's memcached connections exist before Gunicorn starts.
     warm = Client(broker.url, timeout=5.0)
     warm.set("warm", b"1")
@@ -214,7 +213,6 @@ def test_gunicorn_serves_every_request_right(server: Gunicorn, broker: BrokerPro
     assert not wrong, f"{len(wrong)} wrong of {total}: {wrong[:10]}\n{server.log.read_text()[-3000:]}"
     n_hits = sum(1 for i in range(total) if i % 3 == 2)
     assert sorted(hits) == list(range(1, n_hits + 1)), "the shared counter lost or repeated a value"
-    assert len(pids) > 1, f"one worker served everything: {pids}"
     assert status == 200
     if server.preload:
         assert boot == f"loaded by pid {master}"  # written in the master, before the fork

@@ -118,3 +118,37 @@ def test_waiters_give_up_at_the_bound_and_compute_themselves(client):
     # Nothing was stored over the winner's placeholder, which a plain get reads as a miss.
     assert client.get("herd:orphan") is None
     assert client._run(client._lease_get("herd:orphan", 30, 0)) == (b"", 0, lease[2], 4)  # still out
+
+
+def test_a_winner_whose_fn_raises_gives_the_lease_back_at_once(client):
+    # Found by a fresh user: the placeholder stayed for lease_ttl, and every later caller waited
+    # `wait` seconds before computing itself (a database outage stalled every worker).
+    def boom() -> bytes:
+        raise RuntimeError("database down")
+
+    with pytest.raises(RuntimeError, match="database down"):
+        client.get_or_set("herd:boom", boom, 60, wait=WAIT)
+    t0 = time.monotonic()
+    assert client.get_or_set("herd:boom", lambda: b"later", 60, wait=WAIT) == b"later"
+    assert time.monotonic() - t0 < WAIT  # it won the lease at once, not after waiting WAIT
+    assert client.get("herd:boom") == b"later"  # and stored its value
+
+
+def test_async_get_or_set_awaits_a_coroutine_function(client):
+    import asyncio
+
+    from clientlib import AsyncClient
+    from clientlib.serde import PickleSerde
+
+    async def fetch() -> dict[str, int]:
+        await asyncio.sleep(0.01)
+        return {"user": 1}
+
+    async def main() -> Any:
+        ac = AsyncClient(client.broker_url, serde=PickleSerde())
+        try:
+            return await ac.get_or_set("herd:async", fetch, 60), await ac.get("herd:async")
+        finally:
+            await ac.close()
+
+    assert asyncio.run(main()) == ({"user": 1}, {"user": 1})

@@ -80,7 +80,8 @@ def test_stats_table(busy_broker):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     for words in ("connected workers", "requests by op", "get 30", "errors by kind", "client_error 1",
-                  "requests per write", "replies sent / dropped", "p50 us", "p99 us", "p999 us", "rss"):
+                  "requests per write", "replies sent / dropped", "gets upstream / coalesced", "p50 us", "p99 us",
+                  "p999 us", "rss"):
         assert words in out, (words, out)
     (name,) = json.loads(_mcbroker("stats", "--json", "--connect", busy_broker.url).stdout)["servers"]
     assert name in out
@@ -116,6 +117,8 @@ def test_prometheus_endpoint_scraped_over_http(busy_broker):
     p99 = m[("mcbroker_server_latency_seconds", (("quantile", "0.99"), ("server", server)))]
     assert 0 < p99 < 5
     assert ("mcbroker_server_inflight_requests", (("server", server),)) in m
+    # every get was a plain get: sent upstream or coalesced
+    assert m[("mcbroker_gets_upstream_total", ())] + m[("mcbroker_gets_coalesced_total", ())] == GETS
 
 
 def test_metrics_listen_in_use_is_a_clear_start_error(tmp_path, mc):
@@ -186,3 +189,17 @@ def test_top_without_a_broker_is_one_line(tmp_path):
     assert r.returncode == 1 and "BrokerUnavailable" in r.stderr and "Traceback" not in r.stderr
     r = _mcbroker("top", "--connect", "127.0.0.1:11211")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_stats_into_a_pipe_closed_early_and_top_without_a_terminal(busy_broker):
+    # Found by a fresh user: `stats --json | head` ended in a BrokenPipeError traceback, and `top`
+    # with its output not a terminal drew nothing and never ended.
+    proc = subprocess.Popen([sys.executable, "-m", "broker", "stats", "--json", "--connect", busy_broker.url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(1)
+    proc.stdout.close()  # the reader leaves after one byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(30) == 0 and "Traceback" not in err, err
+    r = _mcbroker("top", "--connect", busy_broker.url)
+    assert r.returncode == 2 and "needs a terminal" in r.stderr and "Traceback" not in r.stderr

@@ -553,8 +553,14 @@ def _plausible(key: str) -> st.SearchStrategy[object]:
     if key == "coalesce_reads":
         return _mostly(st.sampled_from([True, False, 1, "yes"]))
     if key == "listen":
-        urls = st.sampled_from(["ipc:///tmp/a.sock", "ipc:///tmp/b.sock", "tcp://127.0.0.1:5555", "tcp://[::1]:1"])
+        urls = st.sampled_from(
+            ["ipc:///tmp/a.sock", "ipc:///tmp/b.sock", "tcp://127.0.0.1:5555", "tcp://[::1]:1", "tcp://0.0.0.0:5556"]
+        )
         return _mostly(st.lists(_mostly(urls), max_size=3))
+    if key == "curve_secret_key_file":
+        return _mostly(st.sampled_from(["", "/etc/mcbroker/curve/server.key_secret", "server.key_secret"]))
+    if key == "curve_allowed_clients":
+        return _mostly(st.sampled_from(["", "/etc/mcbroker/curve/clients", "clients"]))
     if key == "socket_mode":
         return _mostly(st.sampled_from(["0660", "0600", "660", "0640", "0666", "0777", "0460", "066x", 0o660, 0o600, 432, -1]))
     if key == "socket_group":

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from clientlib.lease import MAX_POLL, Fill, LeaseGet, Sleep, is_pending, steps
+from clientlib.lease import MAX_POLL, Compute, Fill, LeaseGet, Release, Sleep, is_pending, steps
 from clientlib.wire import LEASE_STALE, LEASE_TAKEN, LEASE_WON
 
 pytestmark = pytest.mark.unit
@@ -27,28 +27,37 @@ class Clock:
         return self.t
 
 
-def drive(answers: list[Any], *, wait: float = 1.0, poll: float = 0.01) -> tuple[list[Any], Any, int]:
-    """Run the steps: each LeaseGet is answered from `answers` in turn; Sleep advances the clock.
-    Returns (the steps taken, the result, how many times fn ran)."""
+def drive(answers: list[Any], *, wait: float = 1.0, poll: float = 0.01, fn: Any = None,
+          fail: type[BaseException] | None = None) -> tuple[list[Any], Any, int]:
+    """Run the steps as a driver does: each LeaseGet is answered from `answers` in turn; Compute
+    calls `fn` (default: returns b"computed"); Sleep advances the clock; `fail` is thrown in at the
+    Fill. Returns (the steps taken, the result, how many times fn ran)."""
     clock = Clock()
     calls = []
 
-    def fn() -> bytes:
-        calls.append(clock.t)
+    def computed() -> bytes:
         return b"computed"
 
-    run = steps(fn, wait=wait, poll=poll, clock=clock)
+    run = steps(wait=wait, poll=poll, clock=clock)
     taken: list[Any] = []
-    outcome = None
     try:
         step = next(run)
         while True:
             taken.append(step)
             outcome = None
-            if isinstance(step, LeaseGet):
-                outcome = answers.pop(0)
-            elif isinstance(step, Sleep):
-                clock.t += step.seconds
+            try:
+                if isinstance(step, LeaseGet):
+                    outcome = answers.pop(0)
+                elif isinstance(step, Compute):
+                    calls.append(clock.t)
+                    outcome = (fn or computed)()
+                elif isinstance(step, Fill) and fail is not None:
+                    raise fail("fill failed")
+                elif isinstance(step, Sleep):
+                    clock.t += step.seconds
+            except Exception as exc:
+                step = run.throw(exc)
+                continue
             step = run.send(outcome)
     except StopIteration as stop:
         return taken, stop.value, len(calls)
@@ -59,7 +68,7 @@ PENDING = (b"", 0, 7, LEASE_TAKEN)
 
 def test_the_winner_computes_fills_with_its_lease_cas_and_returns_the_value() -> None:
     taken, value, calls = drive([(b"", 0, 41, LEASE_WON)])
-    assert taken == [LeaseGet(), Fill(b"computed", 41)]
+    assert taken == [LeaseGet(), Compute(), Fill(b"computed", 41)]
     assert value == b"computed" and calls == 1
 
 
@@ -76,7 +85,7 @@ def test_a_value_another_caller_is_refreshing_is_returned_as_it_is(bits: int) ->
 
 def test_a_stale_value_this_caller_won_is_recomputed() -> None:
     taken, value, calls = drive([(b"old", 0, 9, LEASE_STALE | LEASE_WON)])
-    assert taken == [LeaseGet(), Fill(b"computed", 9)] and value == b"computed" and calls == 1
+    assert taken == [LeaseGet(), Compute(), Fill(b"computed", 9)] and value == b"computed" and calls == 1
 
 
 def test_a_pending_lease_is_polled_with_doubling_delays_until_the_value_arrives() -> None:
@@ -103,19 +112,51 @@ def test_after_waiting_the_bound_the_caller_computes_and_stores_nothing() -> Non
 
 def test_wait_zero_computes_at_once_when_another_caller_holds_the_lease() -> None:
     taken, value, calls = drive([PENDING], wait=0)
-    assert taken == [LeaseGet()] and value == b"computed" and calls == 1
+    assert taken == [LeaseGet(), Compute()] and value == b"computed" and calls == 1
 
 
 def test_a_failed_read_with_errors_ignored_computes_and_stores_nothing() -> None:
     taken, value, calls = drive([None])
-    assert taken == [LeaseGet()] and value == b"computed" and calls == 1
+    assert taken == [LeaseGet(), Compute()] and value == b"computed" and calls == 1
 
 
-def test_an_exception_from_fn_propagates_and_nothing_is_filled() -> None:
-    run = steps(lambda: 1 / 0, wait=1, poll=0.01, clock=Clock())
+def test_a_winner_whose_fn_raises_releases_its_placeholder_and_the_error_propagates() -> None:
+    def boom() -> bytes:
+        raise ZeroDivisionError("db down")
+
+    clock = Clock()
+    run = steps(wait=1, poll=0.01, clock=clock)
     assert next(run) == LeaseGet()
+    assert run.send((b"", 0, 1, LEASE_WON)) == Compute()
+    try:
+        boom()
+    except ZeroDivisionError as exc:
+        assert run.throw(exc) == Release()  # the placeholder goes, so nobody waits for it
     with pytest.raises(ZeroDivisionError):
-        run.send((b"", 0, 1, LEASE_WON))
+        run.send(None)
+
+
+def test_a_winner_whose_fill_fails_releases_its_placeholder() -> None:
+    with pytest.raises(RuntimeError, match="fill failed"):
+        drive([(b"", 0, 1, LEASE_WON)], fail=RuntimeError)
+
+
+def test_a_winner_of_a_stale_value_keeps_it_when_fn_raises() -> None:
+    # The stale value is what the others are served meanwhile: it is not deleted.
+    run = steps(wait=1, poll=0.01, clock=Clock())
+    next(run)
+    assert run.send((b"old", 0, 1, LEASE_WON | LEASE_STALE)) == Compute()
+    with pytest.raises(ZeroDivisionError):
+        run.throw(ZeroDivisionError())
+
+
+def test_a_failed_release_does_not_hide_fns_error() -> None:
+    run = steps(wait=1, poll=0.01, clock=Clock())
+    next(run)
+    run.send((b"", 0, 1, LEASE_WON))
+    assert run.throw(ValueError("fn")) == Release()
+    with pytest.raises(ValueError, match="fn"):
+        run.throw(ConnectionError("delete failed too"))
 
 
 @pytest.mark.parametrize(
@@ -131,3 +172,16 @@ def test_an_exception_from_fn_propagates_and_nothing_is_filled() -> None:
 )
 def test_only_an_empty_flagless_item_someone_else_won_is_a_lease_in_progress(lease: Any, pending: bool) -> None:
     assert is_pending(lease) is pending
+
+
+def test_a_recache_window_as_long_as_the_value_lives_is_refused() -> None:
+    from clientlib.errors import MemcacheIllegalInputError
+    from clientlib.mock import MockClient
+
+    c = MockClient()
+    with pytest.raises(MemcacheIllegalInputError, match="recache_ttl"):
+        c.get_or_set("k", lambda: b"v", expire=2, recache_ttl=100)
+    with pytest.raises(MemcacheIllegalInputError, match="recache_ttl"):
+        c.get_or_set("k", lambda: b"v", expire=10, recache_ttl=10)
+    assert c.get_or_set("k", lambda: b"v", expire=10, recache_ttl=5) == b"v"
+    assert c.get_or_set("k2", lambda: b"v", expire=0, recache_ttl=5) == b"v"  # never expires: never due

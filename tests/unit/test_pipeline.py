@@ -979,19 +979,59 @@ LINES_WITHOUT_OPAQUE = [
 LINE_IDS = ["mg-SERVER_ERROR", "ms-SERVER_ERROR", "ma-CLIENT_ERROR", "md-CLIENT_ERROR", "version", "stats", "flush_all", "version-ERROR"]
 
 
+TEXT_LINES = [i for i, (op, _, _) in enumerate(LINES_WITHOUT_OPAQUE) if op[0] in (Op.VERSION, Op.STATS, Op.FLUSH_ALL)]
+META_LINES = [i for i in range(len(LINES_WITHOUT_OPAQUE)) if i not in TEXT_LINES]
+
+
 @pytest.mark.parametrize("value", [b"x\r\ny", b"\r\n", b"xy\r\n", b"\r\nVA 2 f0 O2"], ids=repr)
-@pytest.mark.parametrize("op, line, result", LINES_WITHOUT_OPAQUE, ids=LINE_IDS)
-def test_a_value_holding_crlf_then_a_line_without_an_opaque_resets(value: bytes, op: list[Any], line: bytes, result: Any) -> None:
-    # A data block that ran past its end holds the CRLF that ended it: a line after it that
-    # carries no opaque (an error, a text reply) cannot prove it, so the stream is reset and
-    # neither request gets anything but a failure.
+@pytest.mark.parametrize("op, line, result", [LINES_WITHOUT_OPAQUE[i] for i in TEXT_LINES], ids=[LINE_IDS[i] for i in TEXT_LINES])
+def test_a_value_holding_crlf_then_a_text_reply_resets(value: bytes, op: list[Any], line: bytes, result: Any) -> None:
+    # A data block that ran past its end holds the CRLF that ended it: a text reply after it would
+    # be delivered at once, unproven, so the stream is reset and neither request gets anything but
+    # a failure.
     r1 = va(value, 1)
-    out = every_way(build_get_then(op), r1 + line + fence(3 if op[0] not in (Op.VERSION, Op.STATS, Op.FLUSH_ALL) else 2),
-                    visible=[], error_at=len(r1 + line))
+    out = every_way(build_get_then(op), r1 + line + fence(2), visible=[], error_at=len(r1 + line))
     assert out.error is not None and not out.error.answered
     assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))]
     assert out.inflight == 0 and out.failed_in_flight == 1  # a was answered (held), b not
-    assert sorted(out.released) == [b"a"] + [k for k in op[1:2] if isinstance(k, bytes)]
+    assert sorted(out.released) == [b"a"]
+
+
+@pytest.mark.parametrize("value", [b"x\r\ny", b"\r\n", b"xy\r\n", b"\r\nVA 2 f0 O2"], ids=repr)
+@pytest.mark.parametrize("op, line, result", [LINES_WITHOUT_OPAQUE[i] for i in META_LINES], ids=[LINE_IDS[i] for i in META_LINES])
+def test_a_value_holding_crlf_then_an_error_line_waits_for_proof(value: bytes, op: list[Any], line: bytes, result: Any) -> None:
+    # An error line after a value holding CRLF cannot prove that value, but it need not reset the
+    # connection (and fail everybody's requests in flight): both are held until the fence's answer
+    # arrives in its place, which proves them. A swallow would have shifted the fence's answer
+    # (test_a_swallow_ending_before_an_error_line_is_caught_at_the_next_opaque).
+    r1 = va(value, 1)
+    f = fence(3)
+    e1, e2, fenced = offsets(r1, line, f)
+    out = every_way(build_get_then(op), r1 + line + f, visible=[fenced, fenced])
+    assert out.log == [("A", 0, [Code.OK, value, 0]), ("B", 0, result)]
+    assert out.error is None and out.inflight == 0
+
+
+def test_a_swallow_ending_before_an_error_line_is_caught_at_the_next_opaque() -> None:
+    # a's VA header lost a digit's worth of truth: its size now covers b's whole answer, so the
+    # data block (holding CRLF) ends right before c's SERVER_ERROR line. That line is read as b's
+    # and held; the fence's answer then arrives where c's was expected: OutOfStep, and nobody
+    # gets anything but a failure, the value least of all.
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"]])
+        rig.meta("B", [[Op.GET, b"b"]])
+        rig.meta("C", [[Op.GET, b"c"]])
+        rig.seal()
+        return rig
+
+    true_a, r2, r3, f = va(b"one", 1), b"EN O2\r\n", b"SERVER_ERROR out of memory\r\n", fence(4)
+    swallowed = b"one\r\nEN O2"
+    bad_a = b"VA %d f0 s%d O1\r\n" % (len(swallowed), len(swallowed)) + swallowed + b"\r\n"
+    assert bad_a.endswith(true_a[-5:] + r2)
+    out = every_way(build, bad_a + r3 + f, visible=[], error_at=len(bad_a + r3 + f))
+    assert out.error is not None
+    assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C)), ("C", 0, Failed(C))]
 
 
 @pytest.mark.parametrize("value", [b"xy", b"", b"x\ry", b"x\ny", b"x\n\ry", b"x\r"], ids=repr)
@@ -1010,9 +1050,9 @@ def test_a_value_without_crlf_then_a_line_without_an_opaque_goes_on(value: bytes
     assert out.error is None and out.inflight == 0
 
 
-def test_a_crlf_value_then_server_error_for_the_next_request_delivers_nothing() -> None:
+def test_a_crlf_value_then_server_error_for_the_next_request_delivers_both_once_proven() -> None:
     # The case in pipeline.py's docstring, spelled out: a's data holds CRLF; the next line is a
-    # SERVER_ERROR for b. Fed every way: OutOfStep at that line, and both fail with the reset.
+    # SERVER_ERROR for b. Both wait for the fence's answer, then both are delivered.
     def build() -> Rig:
         rig = Rig()
         rig.meta("A", [[Op.GET, b"a"]])
@@ -1021,10 +1061,10 @@ def test_a_crlf_value_then_server_error_for_the_next_request_delivers_nothing() 
         return rig
 
     r1, r2 = va(b"one\r\ntwo", 1), b"SERVER_ERROR temporary failure\r\n"
-    out = every_way(build, r1 + r2 + F3, visible=[], error_at=len(r1 + r2))
-    assert out.error is not None and not out.error.answered
-    assert out.log == [("A", 0, Failed(C)), ("B", 0, Failed(C))]
-    assert sorted(out.released) == [b"a", b"b"] and out.inflight == 0
+    e1, e2, fenced = offsets(r1, r2, F3)
+    out = every_way(build, r1 + r2 + F3, visible=[fenced, fenced])
+    assert out.log == [("A", 0, [Code.OK, b"one\r\ntwo", 0]), ("B", 0, Err(Code.SERVER_ERROR, "temporary failure"))]
+    assert out.error is None and out.inflight == 0 and sorted(out.released) == [b"a", b"b"]
 
 
 def test_a_value_without_crlf_then_server_error_for_the_next_request_delivers_both() -> None:
@@ -1093,7 +1133,9 @@ def test_a_crlf_value_last_in_its_write_then_an_error_line_first_in_the_next() -
     assert out.error is None
 
 
-def test_a_tombstones_crlf_value_then_an_error_line_still_resets() -> None:
+def test_a_tombstones_crlf_value_then_an_error_line_waits_for_proof_too() -> None:
+    # The value's waiter gave up; the error line after it is held all the same until the fence
+    # proves the stream, then delivered to its own request.
     def build() -> Rig:
         rig = Rig()
         rig.meta("A", [[Op.GET, b"a"]])
@@ -1103,8 +1145,9 @@ def test_a_tombstones_crlf_value_then_an_error_line_still_resets() -> None:
         return rig
 
     r1, r2 = va(b"x\r\ny", 1), b"SERVER_ERROR busy\r\n"
-    out = every_way(build, r1 + r2 + F3, visible=[], error_at=len(r1 + r2))
-    assert out.error is not None and out.log == [("B", 0, Failed(C))]
+    e1, e2, fenced = offsets(r1, r2, F3)
+    out = every_way(build, r1 + r2 + F3, visible=[fenced])
+    assert out.error is None and out.log == [("B", 0, Err(Code.SERVER_ERROR, "busy"))]
 
 
 @pytest.mark.parametrize("then", ["set", "fence"])
@@ -1715,7 +1758,7 @@ class Scenario:
     vas: list[tuple[int, int]]  # each VA response: where it starts, where its data starts
     parts: list[tuple[int, int]]  # each response (and each fence's answer): where it starts and ends
     fence_at: list[int]  # where each fence's answer starts
-    reset: bool  # the pipeline must reset (a value holding CRLF followed by a line without an opaque)
+    reset: bool  # the pipeline must reset (never, for the undamaged streams this model writes)
     truth: dict[tuple[str, int], Any] = field(default_factory=dict)  # memcached's own answers, no reset
 
 
@@ -1723,9 +1766,10 @@ def model_scenario(batches: list[Any], dead: set[int], fence_hit: bool = False) 
     """Submit `batches`, and write the answer memcached would send (from a model of its data).
     `fence_hit`: the fence's key exists, so memcached answers the fence HD rather than EN.
 
-    The expected results follow pipeline.py's rule: a value holding CRLF followed by a line
-    without an opaque (an error line) resets the stream, and then every request not yet proven
-    (that value, the error line's request, and all after) fails with CONNECTION_ERROR."""
+    The expected results follow pipeline.py's rule: results are held until a response with its
+    opaque in place proves them; an error line (here: SERVER_ERROR to ms, CLIENT_ERROR to ma)
+    proves nothing, even after a value holding CRLF, and resets nothing. (`reset` stays for
+    scenarios that would reset: none of these ops' answers do.)"""
     rig = Rig()
     store: dict[bytes, tuple[bytes, int]] = {}
     stream = bytearray()
@@ -1748,9 +1792,7 @@ def model_scenario(batches: list[Any], dead: set[int], fence_hit: bool = False) 
         nonlocal reset, risky
         if reset:
             return
-        if kind == "line" and risky:
-            reset = True
-            return
+        # An error line after a value holding CRLF is held with it, unproven, like any line.
         if kind != "line":
             held.clear()  # proven
             risky = value is not None and b"\r\n" in value
@@ -1913,12 +1955,14 @@ def test_every_waiter_gets_exactly_its_own_results_in_order(
         assert len(sc.rig.log) == sum(1 for n, _ in sc.expected if n not in sc.tombstones)
 
 
-def test_the_model_predicts_a_reset_for_a_crlf_value_before_an_error_line() -> None:
+def test_the_model_holds_an_error_line_after_a_crlf_value_until_the_fence() -> None:
     # The model itself, on the case pipeline.py's rule is about (and its control).
     batches = [(0, [("set", b"k0", b"a\r\nb", 0, False)], True), (1, [("get", b"k0"), ("set", b"k1", b"v", 0, True)], True)]
     sc = model_scenario(batches, set())
-    assert sc.reset
-    assert sc.expected == {("W0", 0): [Code.OK], ("W1", 0): Failed(C), ("W1", 1): Failed(C)}
+    assert not sc.reset
+    assert set(sc.expected) == {("W0", 0), ("W1", 0), ("W1", 1)}
+    assert sc.expected[("W0", 0)] == [Code.OK] and sc.expected[("W1", 0)] == [Code.OK, b"a\r\nb", 0]
+    assert repr(sc.expected[("W1", 1)]) == repr(Err(Code.SERVER_ERROR, "out of memory storing object"))
     batches[0] = (0, [("set", b"k0", b"a b", 0, False)], True)
     sc = model_scenario(batches, set(), fence_hit=True)
     assert not sc.reset and sc.expected[("W1", 0)] == [Code.OK, b"a b", 0]
