@@ -2216,6 +2216,13 @@ def _gets_rig() -> Rig:
     return rig
 
 
+def _get_then_version_rig() -> Rig:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"]])
+    rig.text("T", [Op.VERSION])
+    return rig
+
+
 def _text_rig() -> Rig:
     rig = Rig()
     rig.text("T", [Op.VERSION])
@@ -2240,7 +2247,7 @@ def _fresh_rig() -> Rig:
         pytest.param(_get_rig, b"EN O1\r\nSERVER_ERROR busy\r\n", ["SERVER_ERROR", "fence"], id="fence-answered-error"),
         pytest.param(_get_rig, b"NS O1\r\n", ["NOT_STORED", "GET"], id="status-never-given-to-mg"),
         pytest.param(_get_rig, b"END\r\n", ["unexpected", "GET"], id="text-reply-to-mg"),
-        pytest.param(_get_rig, b"VA 3 f0 s3 O1\r\nx\r\n\r\nSERVER_ERROR busy\r\n", ["SERVER_ERROR", "CRLF"], id="crlf-value-then-error"),
+        pytest.param(_get_then_version_rig, b"VA 3 f0 s3 O1\r\nx\r\n\r\nVERSION 1.6.18\r\n", ["VERSION", "CRLF"], id="crlf-value-then-text-reply"),
         pytest.param(_set_rig, b"CLIENT_ERROR bad data chunk\r\n", ["CLIENT_ERROR", "SET"], id="client-error-to-ms"),
         pytest.param(_text_rig, b"HD O1\r\n", ["text command"], id="meta-line-to-text"),
         pytest.param(_text_rig, b"OK\r\n", ["unexpected", "text command"], id="ok-to-version"),
