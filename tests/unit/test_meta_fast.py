@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from broker.meta import Get, RequestError, Set, encode, encode_get, encode_gets, encode_set, needs_encoding
+from broker.meta import Arith, Delete, Get, RequestError, Set, encode, encode_get, encode_gets, encode_set, needs_encoding
 
 pytestmark = pytest.mark.unit
 
@@ -141,6 +141,10 @@ def test_a_refused_request_says_what_was_wrong(request_: object, says: str) -> N
         (lambda: encode(Set(b"k", b"v", 1, ttl=1 << 40)), "ttl"),
         (lambda: encode(Set(b"k", b"v", 1, cas=-1)), "cas"),
         (lambda: encode(Set(b"k", "v", 1)), "str"),  # type: ignore[arg-type]
+        (lambda: encode(Set(b"k", b"v", 1, mode="add")), "'add'"),  # type: ignore[arg-type]
+        (lambda: encode(Delete(b"k", 1, cas=-1)), "cas"),
+        (lambda: encode(Delete(b"k", 1, ttl=1 << 40)), "ttl"),
+        (lambda: encode(Arith(b"k", 1, mode="incr")), "'incr'"),  # type: ignore[arg-type]
     ],
 )
 def test_a_refused_argument_is_named(request_: object, names: str) -> None:
