@@ -11,6 +11,7 @@ Fixtures
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -58,7 +59,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 # scripts/mutation sets MCB_MUTATION: mutmut re-runs tests by id, and pytest cannot select an id
 # holding a backslash (an escaped \r or \x.. in a parameter) from the command line; such ids get
-# "%" in place of each backslash in those runs only.
+# "%" in place of each run of backslashes in those runs only.
 if os.environ.get("MCB_MUTATION"):
 
     @pytest.hookimpl(wrapper=True)
@@ -67,7 +68,9 @@ if os.environ.get("MCB_MUTATION"):
         if isinstance(items, list):
             for item in items:
                 if "\\" in item.name:
-                    item.name = item.name.replace("\\", "%")
+                    # a run of backslashes, not each: a second pytest.main in the same process (mutmut's
+                    # clean run after its stats run) escapes the ids' backslashes once more
+                    item.name = re.sub(r"\\+", "%", item.name)
                     item._id = collector._id.child(item.name)  # pytest 9: the node id follows the name
         return items
 

@@ -185,3 +185,16 @@ def test_a_recache_window_as_long_as_the_value_lives_is_refused() -> None:
         c.get_or_set("k", lambda: b"v", expire=10, recache_ttl=10)
     assert c.get_or_set("k", lambda: b"v", expire=10, recache_ttl=5) == b"v"
     assert c.get_or_set("k2", lambda: b"v", expire=0, recache_ttl=5) == b"v"  # never expires: never due
+
+
+@pytest.mark.parametrize("item", [(b"x", 0), (b"", 5)])
+def test_a_won_recache_of_a_real_value_is_not_released_when_compute_fails(item: tuple[bytes, int]) -> None:
+    # protocol.txt, mg R(token): "if remaining TTL is less than token, win for recache": the winner
+    # gets the item's real value with W. Only the empty, flag-0 item memcached vivified (N) is a
+    # placeholder to release; releasing a real item would delete a value other readers still use.
+    g = steps(wait=1.0, poll=0.1, clock=lambda: 0.0)
+    next(g)  # LeaseGet
+    value, flags = item
+    g.send((value, flags, 7, LEASE_WON))  # -> Compute
+    with pytest.raises(RuntimeError, match="boom"):
+        g.throw(RuntimeError("boom"))  # no Release step in between: the error goes straight out

@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from broker.meta import Get, RequestError, Set, encode, encode_get, encode_gets, encode_set, needs_encoding
+from broker.meta import Arith, Delete, Get, RequestError, Set, encode, encode_get, encode_gets, encode_set, needs_encoding
 
 pytestmark = pytest.mark.unit
 
@@ -76,3 +76,79 @@ def test_encode_gets_is_encode_get_of_each_key_in_turn() -> None:
 )
 def test_needs_encoding_finds_any_key_that_cannot_go_as_it_is(keys: list[bytes], needs: bool) -> None:
     assert needs_encoding(keys) is needs
+
+
+# --- issue 14's mutmut survivors: the hot-path encoders' edges ---------------------------------------
+# protocol.txt: `ms <key> <datalen> <flags>*`, F(token) client flags, T(token) TTL, O(token)
+# opaque (memcached 1.6 takes at most 32 bytes, the leading "O" counted); a key is at most 250 bytes.
+
+
+@pytest.mark.parametrize(("client_flags", "ttl"), [(1, 0), (0, 1), (0, 30), (5, 30)])
+def test_encode_set_carries_nonzero_client_flags_and_ttl(client_flags: int, ttl: int) -> None:
+    line, _, data = encode_set(b"k", b"v", 7, client_flags, ttl).partition(b"\r\n")
+    tokens = line.split()
+    assert tokens[:3] == [b"ms", b"k", b"1"] and data == b"v\r\n"
+    assert (b"F%d" % client_flags in tokens) == (client_flags != 0)
+    assert (b"T%d" % ttl in tokens) == (ttl != 0)
+    assert b"O7" in tokens
+
+
+def test_an_opaque_of_32_digits_is_refused_and_31_digits_go() -> None:
+    biggest = 10**31 - 1  # "O" and 31 digits: the longest opaque token memcached takes
+    assert encode_get(b"k", biggest).rstrip(b"\r\n").endswith(b" O%d" % biggest)
+    assert encode_set(b"k", b"v", biggest, 0, 0).split(b"\r\n")[0].endswith(b" O%d" % biggest)
+    for encode_one in (lambda o: encode_get(b"k", o), lambda o: encode_set(b"k", b"v", o, 0, 0), lambda o: encode(Get(b"k", o))):
+        with pytest.raises(RequestError, match="opaque") as info:
+            encode_one(10**31)
+        assert str(biggest) in str(info.value), "the message states the range"
+
+
+def test_a_250_byte_key_goes_verbatim_and_251_bytes_are_refused() -> None:
+    key = b"k" * 250
+    assert encode_get(key, 1) == b"mg " + key + b" v f s O1\r\n"
+    assert encode_set(key, b"v", 1, 0, 0) == b"ms " + key + b" 1 O1\r\nv\r\n"
+    assert needs_encoding([key]) is False
+    with pytest.raises(RequestError, match="250"):
+        encode(Get(b"k" * 251, 1))
+
+
+@pytest.mark.parametrize(
+    ("request_", "says"),
+    [
+        (lambda: encode(Get("k", 1)), "str"),  # type: ignore[arg-type]
+        (lambda: encode(Get(b"", 1)), "empty"),
+        # a key with a space goes base64, which memcached checks against 250: at most 186 raw bytes
+        (lambda: encode(Get(b"k" * 249 + b" ", 1)), "186"),
+        (lambda: encode(Get(b"k", "1")), "str"),  # type: ignore[arg-type]
+        (lambda: encode(Get(b"k", b"has space")), "printable"),
+        (lambda: encode(Set(b"k", b"v", 1, client_flags=-3)), "-3"),
+        (lambda: encode(Set(b"k", b"v", 1, ttl="soon")), "soon"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_refused_request_says_what_was_wrong(request_: object, says: str) -> None:
+    with pytest.raises(RequestError) as info:
+        request_()  # type: ignore[operator]
+    assert says in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("request_", "names"),
+    [
+        (lambda: encode(Get(b"k", 1, touch=1 << 40)), "touch"),
+        (lambda: encode(Get(b"k", 1, vivify=1 << 40)), "vivify"),
+        (lambda: encode(Get(b"k", 1, recache=1 << 40)), "recache"),
+        (lambda: encode(Set(b"k", b"v", 1, client_flags=1 << 40)), "client flags"),
+        (lambda: encode(Set(b"k", b"v", 1, ttl=1 << 40)), "ttl"),
+        (lambda: encode(Set(b"k", b"v", 1, cas=-1)), "cas"),
+        (lambda: encode(Set(b"k", "v", 1)), "str"),  # type: ignore[arg-type]
+        (lambda: encode(Set(b"k", b"v", 1, mode="add")), "'add'"),  # type: ignore[arg-type]
+        (lambda: encode(Delete(b"k", 1, cas=-1)), "cas"),
+        (lambda: encode(Delete(b"k", 1, ttl=1 << 40)), "ttl"),
+        (lambda: encode(Arith(b"k", 1, mode="incr")), "'incr'"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_refused_argument_is_named(request_: object, names: str) -> None:
+    # The error names the argument as the request's API names it, and the value it got.
+    with pytest.raises(RequestError) as info:
+        request_()  # type: ignore[operator]
+    assert names in str(info.value)

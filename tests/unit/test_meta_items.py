@@ -426,3 +426,46 @@ def test_opaque_of_finds_the_last_o_token(tokens: list[tuple[str, bytes]], opaqu
     flags = b"".join(b" " + c.encode() + t for c, t in tokens)
     assert opaque_of(flags) == b"%d" % opaque
     assert flag_dict(flags)["O"] == b"%d" % opaque
+
+
+# --- issue 14's mutmut survivors: what a broken stream's error says, and that it stays broken ------
+
+
+def _parse_error(data: bytes, max_value: int = 1 << 20) -> str:
+    parser = ResponseParser(max_value)
+    parser.feed(data)
+    with pytest.raises(ProtocolError) as info:
+        while parser.next_items():
+            pass
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (b"VA f0 O2\r\n", ["VA", "f0 O2"]),  # VA without its size
+        (b"HD 5 O2\r\n", ["HD", "5 O2"]),  # a size on a status that carries no data
+        (b"EN O1\r\nVA f0 O2\r\n", ["VA", "f0 O2"]),  # after a good response: the next call
+        (b"VA 2000 s2000 O1\r\n", ["2000", "1000"]),  # past the value bound (1000 here)
+    ],
+)
+def test_a_bad_meta_line_error_shows_the_line(data: bytes, says: list[str]) -> None:
+    message = _parse_error(data, max_value=1000)
+    for words in says:
+        assert words in message, f"{message!r} should show {words!r}"
+
+
+@pytest.mark.parametrize("line", [b"HD 5 O1 " + b"k" * 100, b"VA O1 " + b"k" * 100])
+def test_a_bad_line_is_shown_cut_to_60_bytes(line: bytes) -> None:
+    message = _parse_error(line + b"\r\n")
+    assert repr(line[:60]) in message and repr(line[:61]) not in message
+
+
+def test_a_broken_stream_stays_broken() -> None:
+    # Good responses first, then garbage: the good ones come out, then every call raises.
+    parser = ResponseParser(1000)
+    parser.feed(b"EN O1\r\nHD 5 O2\r\n")
+    assert [item[0] for item in parser.next_items()] == [Status.MISS]  # type: ignore[index]
+    for _ in range(3):
+        with pytest.raises(ProtocolError):
+            parser.next_items()

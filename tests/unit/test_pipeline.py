@@ -2181,3 +2181,164 @@ def test_a_server_error_to_a_shared_get_is_every_joiners_answer() -> None:
     e = Err(Code.SERVER_ERROR, "out of memory")
     assert out.log == [("A", 0, e), ("B", 0, e), ("C", 3, e), ("A", 1, [Code.MISS]), ("B", 1, [Code.MISS])]
     assert out.inflight == 0
+
+
+# --- why a reset: the message names what came and what was due -----------------------------------
+# The driver puts OutOfStep's message in every failed request's error ("...; pipeline reset") and
+# in the log, so it must say what arrived and what was expected (mutmut survivors of issue 14).
+
+
+def _get_rig() -> Rig:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"]])  # mg a v f s O1; the fence takes O2
+    rig.seal()
+    return rig
+
+
+def _set_rig() -> Rig:
+    rig = Rig()
+    rig.meta("A", [[Op.SET, b"a", b"hi", 0, 0]])
+    rig.seal()
+    return rig
+
+
+def _two_gets_rig() -> Rig:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"], [Op.GET, b"b"]])  # O1, O2; the fence takes O3
+    rig.seal()
+    return rig
+
+
+def _gets_rig() -> Rig:
+    rig = Rig()
+    rig.meta("A", [[Op.GETS, b"a"]])  # mg a v f c s O1: its hit must carry c
+    rig.seal()
+    return rig
+
+
+def _get_then_version_rig() -> Rig:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"]])
+    rig.text("T", [Op.VERSION])
+    return rig
+
+
+def _text_rig() -> Rig:
+    rig = Rig()
+    rig.text("T", [Op.VERSION])
+    return rig
+
+
+def _fresh_rig() -> Rig:
+    return Rig()
+
+
+@pytest.mark.parametrize(
+    ("build", "answer", "says"),
+    [
+        pytest.param(_fresh_rig, b"EN O1\r\n", ["nothing in flight"], id="nothing-in-flight"),
+        pytest.param(_get_rig, va(b"x", 7), ["opaque mismatch", "expected 1", "7"], id="hit-wrong-opaque"),
+        pytest.param(_get_rig, b"EN O7\r\n", ["opaque mismatch", "expected 1", "7"], id="miss-wrong-opaque"),
+        pytest.param(_two_gets_rig, b"EN O1\r\n" + va(b"x", 7), ["opaque mismatch", "expected 2", "7"], id="second-hit-wrong-opaque"),
+        pytest.param(_two_gets_rig, b"EN O1\r\nEN O7\r\n", ["opaque mismatch", "expected 2", "7"], id="second-miss-wrong-opaque"),
+        pytest.param(_get_rig, b"VA 2 f0 s9 O1\r\nxy\r\n", ["9", "2 bytes"], id="s-disagrees"),
+        pytest.param(_gets_rig, va(b"x", 1), ["unusable", "VALUE", "cas"], id="gets-hit-without-cas"),
+        pytest.param(_get_rig, b"EN O1\r\nNS O2\r\n", ["NOT_STORED", "fence"], id="fence-answered-ns"),
+        pytest.param(_get_rig, b"EN O1\r\nSERVER_ERROR busy\r\n", ["SERVER_ERROR", "fence"], id="fence-answered-error"),
+        pytest.param(_get_rig, b"NS O1\r\n", ["NOT_STORED", "GET"], id="status-never-given-to-mg"),
+        pytest.param(_get_rig, b"END\r\n", ["unexpected", "GET"], id="text-reply-to-mg"),
+        pytest.param(_get_then_version_rig, b"VA 3 f0 s3 O1\r\nx\r\n\r\nVERSION 1.6.18\r\n", ["VERSION", "CRLF"], id="crlf-value-then-text-reply"),
+        pytest.param(_set_rig, b"CLIENT_ERROR bad data chunk\r\n", ["CLIENT_ERROR", "SET"], id="client-error-to-ms"),
+        pytest.param(_text_rig, b"HD O1\r\n", ["text command"], id="meta-line-to-text"),
+        pytest.param(_text_rig, b"OK\r\n", ["unexpected", "text command"], id="ok-to-version"),
+        pytest.param(_get_rig, b"garbage\r\n", ["protocol error"], id="unparsable"),
+    ],
+)
+def test_a_reset_says_what_came_and_what_was_due(build: Callable[[], Rig], answer: bytes, says: list[str]) -> None:
+    rig = build()
+    with pytest.raises(OutOfStep) as info:
+        rig.p.receive(answer)
+    message = str(info.value)
+    for words in says:
+        assert words in message, f"{message!r} should say {words!r}"
+
+
+# --- the counters the driver reads: unflushed, inflight; a fresh pipeline has nothing to fence ------
+
+
+def test_a_fresh_pipeline_has_nothing_to_write_or_fence() -> None:
+    p = Pipeline(MAX_VALUE)
+    p.seal()
+    assert bytes(p.out) == b"" and p.seq == 0 and p.unflushed == 0 and p.inflight == 0
+
+
+def test_unflushed_counts_the_requests_queued_since_the_last_write() -> None:
+    # connection.py adds `unflushed` to the requests written when a write goes out
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"], [Op.GET, b"b"]])
+    rig.meta("B", [[Op.DELETE, b"c"]])
+    assert rig.p.unflushed == 3
+    rig.seal()
+    assert rig.p.unflushed == 3  # the fence is the broker's own, not a request
+    rig.p.sent(len(rig.p.out))
+    assert rig.p.unflushed == 0
+    rig.meta("C", [[Op.GET, b"d"]])
+    assert rig.p.unflushed == 1
+
+
+def test_fail_all_leaves_nothing_to_write_and_nothing_unflushed() -> None:
+    rig = Rig()
+    rig.meta("A", [[Op.GET, b"a"], [Op.GET, b"b"]])
+    rig.seal()
+    assert rig.p.fail_all(C, "pipeline reset") == 2
+    assert bytes(rig.p.out) == b"" and rig.p.unflushed == 0 and rig.p.inflight == 0
+    rig.p.seal()
+    assert bytes(rig.p.out) == b""
+
+
+def test_a_pipeline_without_shared_tables_keeps_its_own_and_tags_as_connection_0() -> None:
+    # Pipeline(max_value_len) alone: its reads and joiners tables are its own, its connection 0.
+    p = Pipeline(MAX_VALUE)
+    log: list[Event] = []
+    w = Recorder("A", log)
+    p.reads[b"hot"] = tag_of(1, 0)
+    p.joiners[tag_of(1, 0)] = [Recorder("B", log), 5]  # a later get of "hot" joined this one
+    p.submit(Batch(w, [0], [int(Op.GET)], None, 1, None, [b"hot"]), encode_op(Op.GET, [Op.GET, b"hot"], 1))
+    p.inflight += 1  # the joiner, counted in flight as the router counts it
+    p.seq = 1
+    p.seal()
+    assert p.receive(va(b"v", 1) + fence(2)) == 1
+    assert log == [("A", 0, [Code.OK, b"v", 0]), ("B", 5, [Code.OK, b"v", 0])]
+    assert p.reads == {} and p.joiners == {}, "the answered read leaves the tables (its tag: opaque 1, connection 0)"
+    assert p.inflight == 0 and type(p.inflight) is int
+
+
+def test_error_lines_to_shared_gets_after_other_answers_count_every_answer() -> None:
+    # mg hot, mg other (joinable, nobody joined) and a third; in one read: EN, SERVER_ERROR, EN,
+    # the fence. Each answered request leaves `inflight` once: 3 requests, 0 left.
+    rig = CoalescingRig()
+    rig.joiners[tag_of(99, CoalescingRig.CONN_NO)] = [rig.waiter("Z"), 0]  # someone else's read
+    rig.gets("A", [b"hot", b"other", b"third"])
+    rig.seal()
+    assert rig.p.inflight == 3
+    answered = rig.p.receive(b"EN O1\r\nSERVER_ERROR busy\r\nEN O3\r\n" + fence(4))
+    assert answered == 3
+    assert rig.log == [("A", 0, [Code.MISS]), ("A", 1, Err(Code.SERVER_ERROR, "busy")), ("A", 2, [Code.MISS])]
+    assert rig.p.inflight == 0 and type(rig.p.inflight) is int
+    assert rig.reads == {}
+    assert list(rig.joiners) == [tag_of(99, CoalescingRig.CONN_NO)], "another read's joiners stay"
+
+
+def test_a_reset_by_an_error_line_releases_only_keyed_requests() -> None:
+    # A batch whose requests pin no key (keys None) answered by CLIENT_ERROR to ms: nothing to release.
+    rig = Rig()
+    p = rig.p
+    data = encode_op(Op.SET, [Op.SET, b"a", b"hi", 0, 0], 1)
+    p.submit(Batch(rig.waiter("A"), [0], [int(Op.SET)], None, 1), data)
+    p.seq = 1
+    p.seal()
+    with pytest.raises(OutOfStep) as info:
+        p.receive(b"CLIENT_ERROR bad data chunk\r\n")
+    assert info.value.answered
+    assert rig.released == []
+    assert p.inflight == 0

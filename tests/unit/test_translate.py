@@ -399,3 +399,60 @@ def test_a_plain_read_of_a_lease_placeholder_is_a_miss(op: Op) -> None:
 )
 def test_only_the_empty_flagless_item_whose_lease_is_out_reads_as_a_miss(line: bytes, value: bytes) -> None:
     assert meta_result(Op.GETS, Status.VALUE, value, meta.flag_dict(line))[0] == Code.OK
+
+
+# --- issue 14's mutmut survivors: the rule each one broke ------------------------------------------
+
+
+@pytest.mark.parametrize("op", [Op.GET, Op.GETS, Op.LEASE_GET])
+@pytest.mark.parametrize("f", [b"-1", b"+1", b"x"])
+def test_client_flags_that_are_not_an_unsigned_number_are_unusable(op: Op, f: bytes) -> None:
+    # protocol.txt: f(token) returns the client flags, a 32-bit unsigned number: no sign, no letter.
+    flags = {"f": f, "s": b"1", "c": b"5"}
+    with pytest.raises(ValueError, match="flags"):
+        meta_result(op, Status.VALUE, b"x", flags)
+
+
+@pytest.mark.parametrize("op", [Op.GET, Op.GETS, Op.LEASE_GET])
+def test_a_hit_without_f_says_which_flags_came(op: Op) -> None:
+    with pytest.raises(ValueError, match="flags") as info:
+        meta_result(op, Status.VALUE, b"x", {"s": b"1", "c": b"5"})
+    assert "'s'" in str(info.value), "the message shows the flags the hit carried"
+
+
+def test_a_gets_hit_without_cas_says_so() -> None:
+    with pytest.raises(ValueError, match="cas"):
+        meta_result(Op.GETS, Status.VALUE, b"x", {"f": b"0", "s": b"1"})
+
+
+def test_a_lease_get_answered_en_is_a_miss() -> None:
+    # protocol.txt: EN is mg's miss, whatever flags the mg carried.
+    assert meta_result(Op.LEASE_GET, Status.MISS, None, {}) == [Code.MISS]
+    assert meta_result(Op.LEASE_GET, Status.NOT_STORED, None, {})[0] == Code.SERVER_ERROR
+
+
+def test_an_unexpected_reply_names_the_request_as_the_client_sent_it() -> None:
+    assert "GET" in meta_result(Op.GET, Status.NOT_STORED, None, {})[1]
+    assert "DELETE" in meta_result(Op.DELETE, Status.VALUE, b"1", {})[1]
+    # the md that unlinks a set too large for the server is the client's SET
+    with pytest.raises(ValueError) as info:
+        meta_result(UNLINK_TOO_LARGE, Status.NOT_STORED, None, {})
+    assert "SET" in str(info.value) and "too large" in str(info.value)
+
+
+def test_a_version_string_with_a_byte_beyond_ascii_is_still_a_version() -> None:
+    # The VERSION line is memcached's text; a stray byte must not fail the broadcast.
+    result = text_result(Op.VERSION, Response(Status.VERSION, {}, text=b"1.6.18\xff"))
+    assert result[0] == Code.OK and result[1].startswith("1.6.18") and len(result[1]) == 7
+
+
+@pytest.mark.parametrize("op", [Op.GET, Op.GETS, Op.LEASE_GET])
+def test_a_hit_whose_s_is_not_its_size_is_unusable(op: Op) -> None:
+    # `s` returns the item's size: a 1-byte value saying s2 lost or gained a byte.
+    with pytest.raises(ValueError, match="size"):
+        meta_result(op, Status.VALUE, b"x", {"f": b"0", "s": b"2", "c": b"5"})
+
+
+def test_a_text_command_has_no_meta_request_and_says_so() -> None:
+    with pytest.raises(meta.RequestError, match="no meta request"):
+        encode_op(Op.VERSION, [Op.VERSION, b"k"], 1)
