@@ -29,6 +29,12 @@ Send = Callable[[Any, bytes, bytes], bool]
 # requests, joinable reads.
 _Group = tuple[list[int], list[int], list[bytes | None], list[bytes], list[bytes | None]]
 
+# The buffer bound (max_buffered_bytes) and who may use what is left: a store of a large value is
+# refused once it would take the buffered bytes past the bound, while small requests (gets,
+# deletes, small sets) keep a reserve above it, so a flood of large sets cannot lock the other
+# workers out (a flood test found their small sets refused).
+SMALL_OP_BYTES = 4096
+SMALL_RESERVE_BYTES = 1 << 20
 # A deadline missed while the server had answered nothing for this long is a failure of the server.
 SILENT_FAILURE = 0.1
 _GET = int(Op.GET)
@@ -271,7 +277,11 @@ class Router:
             server = single if single is not None else self._place(job, i, key)
             if server is None:
                 continue
-            if budget.inflight >= budget.max_inflight or budget.buffered >= budget.max_buffered:
+            if budget.inflight >= budget.max_inflight or (
+                budget.buffered + len(op[2]) > budget.max_buffered
+                if _SET <= code <= _CAS and len(op[2]) > SMALL_OP_BYTES
+                else budget.buffered >= budget.max_buffered + SMALL_RESERVE_BYTES
+            ):
                 job.fail(i, Code.OVERLOADED, "broker at its in-flight or buffer limit")
                 continue
             if server.inflight_n >= server.max_inflight_server:
@@ -398,7 +408,7 @@ class Router:
             conn = server.pick(None, now)
         if (
             conn is None
-            or budget.inflight + n > budget.max_inflight or budget.buffered >= budget.max_buffered
+            or budget.inflight + n > budget.max_inflight or budget.buffered >= budget.max_buffered + SMALL_RESERVE_BYTES
             or server.inflight_n + n > server.max_inflight_server
             or conn.pipeline.inflight + n > server.max_inflight_conn
             or meta.needs_encoding(keys)

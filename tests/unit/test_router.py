@@ -361,10 +361,23 @@ def test_a_refused_write_leaves_no_pin_behind() -> None:
 
 
 def test_buffer_bound_refuses_at_once() -> None:
-    rig = Rig(1, max_buffered=1)
-    rig.budget.buffered = 1
-    r = rig.frame([[Op.GET, b"k"]])
-    assert rig.codes(r) == [Code.OVERLOADED]
+    from broker.router import SMALL_OP_BYTES, SMALL_RESERVE_BYTES
+
+    rig = Rig(1, max_buffered=1000)
+    rig.budget.buffered = 1000
+    # At the bound a large store is refused, while small requests still have the reserve above it.
+    big = set_op(b"big", b"x" * (SMALL_OP_BYTES + 1))
+    r = rig.frame([big, [Op.GET, b"k"], set_op(b"small", b"v")])
+    rig.serve()
+    assert rig.codes(r) == [Code.OVERLOADED, Code.MISS, Code.OK]
+    # A large store that would pass the bound is refused even below it.
+    rig2 = Rig(1, max_buffered=1000 + SMALL_OP_BYTES)
+    rig2.budget.buffered = 1000
+    assert rig2.codes(rig2.frame([big])) == [Code.OVERLOADED]
+    # Past the reserve, everything is refused.
+    rig3 = Rig(1, max_buffered=1000)
+    rig3.budget.buffered = 1000 + SMALL_RESERVE_BYTES
+    assert rig3.codes(rig3.frame([[Op.GET, b"k"]])) == [Code.OVERLOADED]
 
 
 # --- key pinning -----------------------------------------------------------------------------------
