@@ -141,9 +141,11 @@ def test_broker_kill_9_and_restart_with_live_clients(memcached, broker_factory):
     load = Load(broker.url, f"brkill-{uuid.uuid4().hex[:8]}")
     time.sleep(1.0)
     broker.kill()  # SIGKILL, reaped: the old broker can send nothing more
-    # Every reply a worker receives from now on comes from the new broker.
-    load.gen.value = 1
+    # A reply the old broker sent just before the kill may still sit in a worker's queue: let the
+    # workers take it (their next calls fail fast meanwhile) before the generation turns, so that
+    # every reply counted from now on comes from the new broker.
     time.sleep(0.3)
+    load.gen.value = 1
     broker.start(ping=False)
     tallies = load.collect()
     total = total_of(tallies)

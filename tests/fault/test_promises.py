@@ -106,7 +106,10 @@ def test_stats_of_two_servers_holding_200_keys_between_them_report_curr_items_20
 def test_deadline_missed_while_memcached_still_answers_leaves_the_server_up(memcached, broker_factory):
     broker = broker_factory([memcached.address], failure_limit=1, timeout_ms=1000)
     keys = [f"many-{i}" for i in range(30_000)]
-    c = Client(broker.url, timeout=0.05)
+    # The inputs are 30,000 keys under 50 ms; on a quiet machine the broker answered all
+    # 30,000 within 50 ms (a fresh-clone CI run), so the deadline here is 20 ms: still missed
+    # while memcached answers throughout, which is the promise under test.
+    c = Client(broker.url, timeout=0.02)
     try:
         for _ in range(3):
             try:
@@ -120,7 +123,7 @@ def test_deadline_missed_while_memcached_still_answers_leaves_the_server_up(memc
             if s["timeouts"]:
                 break
         # The promise was put to the test: the deadline really was missed.
-        assert s["timeouts"] > 0, "30,000 gets answered within 50 ms: the deadline was never missed"
+        assert s["timeouts"] > 0, "30,000 gets answered within 20 ms: the deadline was never missed"
     finally:
         c.disconnect_all()
     with client(broker.url, 5.0) as ok:
