@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import math
 import random
 import string
+import struct
 from collections import Counter
 
 import pytest
@@ -250,3 +254,119 @@ def test_lookup_excluding_never_returns_a_down_server(
             assert result is None
         else:
             assert result is not None and 0 <= result < len(servers) and result not in down
+
+
+# --- the ring's ends and the weighted score (mutation testing found these unguarded) -----------
+
+
+def _ketama_point(key: bytes) -> int:
+    return int.from_bytes(hashlib.md5(key).digest()[:4], "little")
+
+
+def _keys_at_the_ring_end(points: list[int]) -> tuple[bytes, bytes]:
+    """A key hashing above the last point (it wraps to the first) and one between the last two."""
+    above = between = None
+    for i in range(200_000):
+        key = f"end-{i}".encode()
+        h = _ketama_point(key)
+        if h >= points[-1] and above is None:
+            above = key
+        elif points[-2] <= h < points[-1] and between is None:
+            between = key
+        if above is not None and between is not None:
+            return above, between
+    raise AssertionError("no key found near the ring's end")
+
+
+@pytest.mark.parametrize("weights", [(1, 1, 1), (1, 2, 3)], ids=["equal", "weighted"])
+def test_ketama_lookup_excluding_walks_clockwise_across_the_ring_end_as_uhashring(weights: tuple[int, ...]) -> None:
+    # uhashring's iterate_nodes walks the continuum clockwise from the key's point, wrapping past
+    # the last point to the first: the first server in that walk that is not down takes the key.
+    servers = ["a:1", "b:1", "c:1"]
+    ring = HashRing(dict(zip(servers, weights)), hash_fn="ketama")
+    placement = Ketama(list(zip(servers, weights)))
+    points = [p for p, _ in ring.get_points()]
+    owners = [node for _, node in ring.get_points()]
+    assert owners[0] != owners[-1]  # so the walk past the last point shows which point it took
+    keys = [*_keys_at_the_ring_end(points), *(k.encode() for k in KEYS[:200])]
+    checked = 0
+    for size in (1, 2):
+        for down_set in itertools.combinations(range(3), size):
+            down = frozenset(down_set)
+            for key in keys:
+                walk = list(ring.iterate_nodes(key.decode()))
+                expected = next(servers.index(node) for node in walk if servers.index(node) not in down)
+                assert placement.lookup_excluding(key, down) == expected, (key, down)
+                checked += 1
+    assert checked == 6 * len(keys)
+
+
+def _weighted_rendezvous(names: list[str], weights: list[int], key: bytes) -> int:
+    """The documented weighted rendezvous, written out: score_i = w_i / -ln(u_i), u_i the murmur3
+    of "<node>-<key>" (pymemcache's hash) taken to the middle of its 2**-32 step in (0, 1)."""
+    best, best_score = -1, -1.0
+    for i, (name, weight) in enumerate(zip(names, weights)):
+        h = pymemcache_murmur3_32((pymemcache_node_name(name) + "-").encode().decode("latin-1") + key.decode("latin-1"))
+        score = weight / -math.log((h + 0.5) / 2**32)
+        if score > best_score:
+            best, best_score = i, score
+    return best
+
+
+def test_weighted_rendezvous_places_each_key_by_the_documented_score() -> None:
+    names, weights = ["a:11211", "b:11211", "c:11211"], [1, 2, 3]
+    placement = Rendezvous(list(zip(names, weights)))
+    got = Counter()
+    for key in KEYS[:3000]:
+        raw = key.encode("utf-8")
+        if not raw.isascii():
+            continue
+        index = placement.lookup(raw)
+        assert index == _weighted_rendezvous(names, weights, raw), key
+        got[index] += 1
+    # and the expected share of a server is weight / total weight (1/6, 2/6, 3/6), within 15%
+    total = sum(got.values())
+    for i, weight in enumerate(weights):
+        assert abs(got[i] / total - weight / 6) < 0.15 * weight / 6, (i, got)
+
+
+def _key_hashing_to_zero(prefix: bytes) -> bytes:
+    """4 bytes w with murmur3_32(prefix + w) == 0 (len(prefix) % 4 == 0), by running murmur3's last
+    block and finalisation backwards: fmix32(0) == 0, so the state before it must equal the length."""
+    m = 0xFFFFFFFF
+    c1, c2, n1 = 0xCC9E2D51, 0x1B873593, 0xE6546B64
+    state = 0
+    for (w,) in struct.iter_unpack("<I", prefix):
+        k = (w * c1) & m
+        k = (((k << 15) | (k >> 17)) & m) * c2 & m
+        state ^= k
+        state = ((((state << 13) | (state >> 19)) & m) * 5 + n1) & m
+    target = len(prefix) + 4
+    rotated = ((target - n1) * pow(5, -1, 1 << 32)) & m  # rotl13(state ^ k)
+    k = state ^ (((rotated >> 13) | (rotated << 19)) & m)
+    x = (k * pow(c2, -1, 1 << 32)) & m  # rotl15(w * c1)
+    w = ((((x >> 15) | (x << 17)) & m) * pow(c1, -1, 1 << 32)) & m
+    return w.to_bytes(4, "little")
+
+
+def test_weighted_rendezvous_places_a_key_whose_hash_is_zero() -> None:
+    # u must stay inside (0, 1) for the logarithm even when murmur3 gives 0 for a server.
+    for i in range(100):
+        name = f"srv{i:02d}:1"  # "srvNN:1-": 8 bytes, whole blocks
+        key = _key_hashing_to_zero(f"{name}-".encode())
+        if key.isascii() or not _decodes_as_utf8(key):  # hashed as given (see _pymemcache_key_bytes)
+            break
+    else:
+        raise AssertionError("no usable key")
+    assert pymemcache_murmur3_32(f"{name}-".encode().decode("latin-1") + key.decode("latin-1")) == 0
+    names, weights = [name, "other:1"], [3, 1]
+    index = Rendezvous(list(zip(names, weights))).lookup(key)
+    assert index == _weighted_rendezvous(names, weights, key) == 1  # a hash of 0 is the lowest score
+
+
+def _decodes_as_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
