@@ -291,3 +291,83 @@ def test_a_restart_loop_is_probed_at_the_base_interval_each_time() -> None:
         h.probe_succeeded(now)
         now += 3.0  # up for 3 s, then restarted again
     assert h.ejections == 6
+
+
+# --- edges found by mutation testing ----------------------------------------------------------
+
+
+def test_a_new_server_is_up_with_no_error_to_report() -> None:
+    # The router says "connecting" for a server without a last error: that needs it empty.
+    h = _health()
+    assert h.is_up and h.state is State.UP
+    assert (h.failures, h.ejections, h.last_error) == (0, 0, "")
+
+
+@pytest.mark.parametrize("probing", [False, True], ids=["down", "probing"])
+def test_a_success_brings_a_server_that_is_not_up_back_up(probing: bool) -> None:
+    h = _health()
+    _down(h, 5.0)
+    if probing:
+        h.start_probe()
+    h.record_success()
+    assert h.state is State.UP and h.is_up
+    assert h.failures == 0
+
+
+def test_a_flapping_server_is_probed_at_the_base_interval_within_the_fast_window() -> None:
+    # Late in the process's life (a monotonic clock at 1000 s): ejected again 1 s after it came
+    # back, it is flapping, yet the first fast_window of this outage still probes every BASE.
+    h = _health(fast_window=10.0)
+    _down(h, 1000.0)
+    h.start_probe()
+    h.probe_succeeded(1000.5)
+    _down(h, 1001.5)
+    assert h.probe_attempt == 1  # the flapping is remembered for after the window
+    assert BASE / 2 <= h.probe_at - 1001.5 <= BASE
+
+
+def test_up_for_exactly_the_longest_probe_interval_is_not_flapping() -> None:
+    # "Ejected again before it stayed up for the longest probe interval": at exactly CAP it did stay.
+    h = _health()
+    _cycle(h, 0.0, failed_probes=2)
+    h.probe_succeeded(20.0)
+    _down(h, 20.0 + CAP)
+    assert h.probe_attempt == 0
+    h2 = _health()
+    _cycle(h2, 0.0, failed_probes=2)
+    h2.probe_succeeded(20.0)
+    _down(h2, 20.0 + CAP - 0.25)
+    assert h2.probe_attempt == 3
+
+
+def test_the_fast_window_ends_exactly_fast_window_seconds_after_the_mark_down() -> None:
+    # The window is [down_since, down_since + fast_window): a probe failing at its end backs off.
+    h = _health(fast_window=10.0)
+    _down(h, 100.0)
+    h.start_probe()
+    h.probe_failed(109.5, "refused")
+    assert h.probe_attempt == 0
+    assert BASE / 2 <= h.probe_at - 109.5 <= BASE
+    h.start_probe()
+    h.probe_failed(110.0, "refused")
+    assert h.probe_attempt == 1
+    assert step_of(1) / 2 <= h.probe_at - 110.0 <= step_of(1)
+
+
+def test_configure_changes_the_settings_and_keeps_the_history() -> None:
+    h = _health(limit=3)
+    _down(h, 0.0)
+    h.start_probe()
+    h.probe_succeeded(1.0)
+    h.configure(failure_limit=1, probe_interval=0.5, probe_max_interval=8.0)
+    assert (h.failure_limit, h.ejections, h.state) == (1, 1, State.UP)
+    assert h.record_failure(100.0, "reset") is True  # one failure is the new limit
+    assert 100.0 + 0.25 <= h.probe_at <= 100.0 + 0.5  # the new base interval (attempt 0)
+    now = h.probe_at
+    for _ in range(7):
+        h.start_probe()
+        h.probe_failed(now, "refused")  # fast_window 0: each failed probe doubles the step
+        delay, now = h.probe_at - now, h.probe_at
+    # attempt 7: 0.5 s * 2**7 = 64 s, capped at the new maximum of 8 s: a delay in [4, 8]
+    assert h.probe_attempt == 7
+    assert 4.0 <= delay <= 8.0
