@@ -175,3 +175,12 @@ def test_load_blames_the_command_line_with_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(str(path), {"timeout_ms": 0})
     assert (info.value.key, info.value.source, info.value.problem) == ("timeout_ms", "command line", "0 is out of range 1..600000")
+
+
+def test_curve_key_files_are_absolute_paths() -> None:
+    c = from_mapping({"curve_secret_key_file": "/etc/mcbroker/broker.key", "curve_allowed_clients": "/etc/mcbroker/clients"})
+    assert (c.curve, c.curve_secret_key_file) == (True, "/etc/mcbroker/broker.key")
+    e = error_of({"curve_secret_key_file": "broker.key", "curve_allowed_clients": "/etc/mcbroker/clients"})
+    assert (e.key, e.problem) == ("curve_secret_key_file", "must be an absolute path, got 'broker.key'")
+    e = error_of({"curve_allowed_clients": 5})
+    assert e.key == "curve_allowed_clients" and "got int" in e.problem

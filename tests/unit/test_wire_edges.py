@@ -184,3 +184,29 @@ def test_reply_errors_name_the_field_and_the_value() -> None:
     assert "unknown reply code 99" in str(error_of(decode_reply, pack([VERSION, 1, 99, "x"])))
     assert "reply results must be an array of [code, ...]" in str(error_of(decode_reply, pack([VERSION, 1, 0, [[]]])))
     assert "error reply must carry a message" in str(error_of(decode_reply, pack([VERSION, 1, 16, None])))
+
+
+def test_an_oversize_reply_names_its_size_and_the_limit() -> None:
+    data = pack([VERSION, 1, 0, [[0, b"v" * 100, 0]]])
+    exc = error_of(decode_reply, data, max_frame=50)
+    assert exc.code is BAD and f"frame of {len(data)} bytes exceeds the 50 limit" in str(exc)
+
+
+def test_long_values_are_cut_to_40_characters_in_messages() -> None:
+    assert _request_error(VERSION, 1, 0, 0, [["x" * 40]]).endswith(f"unknown op {'x' * 40!r}")
+    assert f"unknown op {'x' * 40!r}..." in _request_error(VERSION, 1, 0, 0, [["x" * 41]])
+
+
+@pytest.mark.parametrize("version", [True, 1.0])
+def test_a_reply_whose_version_is_not_the_integer_1_is_refused_by_both_decoders(version: object) -> None:
+    data = pack([version, 3, 0, []])
+    assert error_of(decode_reply, data).code is Code.UNSUPPORTED_VERSION
+    assert error_of(unpack_reply, data).code is Code.UNSUPPORTED_VERSION
+
+
+def test_a_reply_with_more_results_than_max_ops_is_refused_by_both_decoders() -> None:
+    ok = pack([VERSION, 3, 0, [[1]] * wire.MAX_OPS])
+    assert len(unpack_reply(ok)[2]) == wire.MAX_OPS
+    data = pack([VERSION, 3, 0, [[1]] * (wire.MAX_OPS + 1)])
+    assert error_of(decode_reply, data).code is BAD
+    assert error_of(unpack_reply, data).code is BAD
