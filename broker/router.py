@@ -487,8 +487,9 @@ class Router:
     def _push(job: Job, groups: dict[Connection, _Group], now: float) -> None:
         for conn, (indices, codes, pins, reqs, gets) in groups.items():
             first = conn.pipeline.seq - len(indices) + 1
-            keys = pins if any(k is not None for k in pins) else None
-            joinable = gets if any(k is not None for k in gets) else None
+            n = len(indices)
+            keys = pins if pins.count(None) != n else None
+            joinable = gets if gets.count(None) != n else None
             conn.push(Batch(job, indices, codes, keys, first, None, joinable), b"".join(reqs), now, reserved=True)
 
     def _place(self, job: Job, i: int, key: bytes) -> Server | None:
