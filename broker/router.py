@@ -276,7 +276,7 @@ class Router:
         ops = frame.ops
         stats.ops += len(ops)
         stats.by_op[ops[0][0]] += len(ops)
-        if len(ops) > 1 and self._all_gets(job, ops, now):
+        if (self._one_get(job, ops[0][1], now) if len(ops) == 1 and ops[0][0] == _GET else len(ops) > 1 and self._all_gets(job, ops, now)):
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
             return
         # The frame's requests bound for one connection go as one batch: one join, one FIFO entry.
@@ -408,6 +408,66 @@ class Router:
         # A job whose every op was answered on the spot (refused, local) has already replied.
         if not job.done:
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
+
+    def _one_get(self, job: Job, key: bytes, now: float) -> bool:
+        """A frame of one plain get (the commonest frame) on its own short path: it joins the get
+        of its key in flight, or goes as a batch of one. False (nothing done) when anything is
+        unusual (its server down, a bound reached, its key pinned by a write in flight or in need
+        of base64): the per-op path then decides, with its errors."""
+        server = self.single
+        if server is None:
+            if self.down:
+                return False
+            server = self.servers[self.placement.lookup(key)]
+        elif self.down:
+            return False
+        budget = self.budget
+        if (
+            budget.inflight >= budget.max_inflight or budget.buffered >= budget.max_buffered + SMALL_RESERVE_BYTES
+            or server.inflight_n >= server.max_inflight_server
+            or (server.pinned and key in server.pinned)
+            or not meta.is_plain_key(key)
+        ):
+            return False
+        coalesce = self.coalesce
+        if coalesce:
+            tag = server.reads.get(key)
+            if tag is not None:
+                joined = server.joiners.get(tag)
+                if joined is None:
+                    server.joiners[tag] = [job, 0]
+                else:
+                    joined.extend((job, 0))
+                server.conns[tag & _CONN_MASK].pipeline.inflight += 1
+                server.inflight_n += 1
+                budget.inflight += 1
+                job.where[0] = server
+                self.stats.gets_coalesced += 1
+                return True
+        conn = server.batch_conn
+        if conn is None or conn.sock is None:
+            conn = server.pick(None, now)
+            if conn is None:
+                return False
+        pipeline = conn.pipeline
+        if pipeline.inflight >= server.max_inflight_conn:
+            return False
+        opaque = pipeline.seq + 1
+        req = encode_get(key, opaque)
+        pipeline.seq = opaque
+        if not pipeline.inflight:
+            conn.since = conn.sample_t = now
+        pipeline.inflight += 1
+        server.inflight_n += 1
+        budget.inflight += 1
+        job.where[0] = server
+        self.stats.gets_upstream += 1
+        joinable: list[bytes | None] | None = None
+        if coalesce:
+            server.reads[key] = (opaque << TAG_BITS) | conn.no
+            joinable = [key]
+        conn.push(Batch(job, [0], [_GET], None, opaque, None, joinable), req, now, reserved=True)
+        return True
 
     def _all_gets(self, job: Job, ops: list[list[Any]], now: float) -> bool:
         """A get_many to a single server, admitted, encoded and queued as a whole: the common

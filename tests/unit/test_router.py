@@ -374,6 +374,40 @@ def test_each_in_flight_bound_admits_exactly_its_limit_in_frame_order(bound: str
     assert rig.budget.inflight == 0 and rig.router.stats.overloaded == 3
 
 
+@pytest.mark.parametrize("bound", ["max_conn", "max_server", "max_total"])
+@pytest.mark.parametrize("n_servers", [1, 3])
+def test_each_bound_holds_for_frames_of_one_get(bound: str, n_servers: int) -> None:
+    # One-get frames take their own short path (Router._one_get); the bounds must hold there too.
+    rig = Rig(n_servers, connections=1, **{bound: 7})  # type: ignore[arg-type]
+    server = rig.servers[0]
+    place = owners(rig.names, [f"k-{i}" for i in range(200)])
+    keys = [k.encode() for k, name in place.items() if name == rig.names[0]][:10]
+    ids = [rig.frame([[Op.GET, k]]) for k in keys]  # each in a turn of its own, none answered yet
+    assert rig.budget.inflight == 7 and server.inflight_n == 7
+    rig.serve()
+    assert [rig.codes(i)[0] for i in ids] == [Code.MISS] * 7 + [Code.OVERLOADED] * 3
+    assert rig.budget.inflight == 0 and rig.router.stats.overloaded == 3
+
+
+def test_frames_of_one_get_join_the_read_in_flight_and_odd_keys_still_go() -> None:
+    rig = Rig(1, connections=2)
+    rig.frame([set_op(b"hot", b"v", 3), set_op(b"a b", b"spaced")])
+    rig.serve()
+    first = rig.frame([[Op.GET, b"hot"]])
+    # Same turn and later turns, until the answer is in: all join the first get.
+    rig.router.handle(PEER, b"w2", encode_request(900, [[Op.GET, b"hot"]]), rig.now)
+    joined = rig.frame([[Op.GET, b"hot"]])
+    odd = rig.frame([[Op.GET, b"a b"]])  # goes base64-encoded, on the per-op path
+    rig.serve()
+    assert rig.results(first) == rig.results(900) == rig.results(joined) == [[Code.OK, b"v", 3]]
+    assert rig.results(odd) == [[Code.OK, b"spaced", 0]]
+    sent = [line for line in rig.far[rig.names[0]].requests if line.startswith(b"mg ") and b"_mcbroker_fence_" not in line]
+    assert len([line for line in sent if line.startswith(b"mg hot ")]) == 1
+    s = rig.router.stats
+    assert (s.gets_upstream, s.gets_coalesced) == (2, 2)
+    assert rig.servers[0].reads == {} and rig.servers[0].joiners == {} and rig.budget.inflight == 0
+
+
 def test_a_refused_write_leaves_no_pin_behind() -> None:
     rig = Rig(1, connections=1, max_conn=1)
     rig.frame([[Op.GET, b"first"], set_op(b"w", b"v")])
