@@ -72,8 +72,8 @@ def ms_away(memcached, tmp_path):
     network. On loopback a get is in flight for tens of microseconds, so whether the next worker's
     get overlaps it is up to the scheduler: on this loaded 2-core machine it sometimes does not,
     and coalescing (rightly) has nothing to join. At 0.5 ms a fresh-clone run beside other suites
-    once measured 1,094 upstream gets for 9,600 (workers starved of CPU overlap less), and 1 ms
-    0.05-0.08 with three CPU hogs: 2 ms keeps the window wide enough for a loaded machine."""
+    once measured 1,094 upstream gets for 9,600 (workers starved of CPU overlap less). With three
+    CPU hogs running: 0.05-0.08 at 1 ms, 0.058-0.063 at 2 ms, the steadier."""
     proxy = DelayProxy(tmp_path, [memcached.address], 2.0)
     try:
         yield proxy.listen[0]
