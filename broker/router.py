@@ -470,13 +470,13 @@ class Router:
         return True
 
     def _all_gets(self, job: Job, ops: list[list[Any]], now: float) -> bool:
-        """A get_many to a single server, admitted, encoded and queued as a whole: the common
-        multi-key frame without the per-op path. Keys whose get is already in flight join it (read
-        coalescing), the rest go as one batch. False (nothing done) when any op is not a plain
-        get, a key needs base64 or is pinned by a write in flight, or a bound would refuse part
-        of it: the per-op path then decides each op."""
-        server = self.single
-        if server is None or self.down or server.pinned:
+        """A get_many, admitted, encoded and queued as a whole: the common multi-key frame
+        without the per-op path, one batch per server (keys placed as the per-op path places
+        them). Keys whose get is already in flight join it (read coalescing). False (nothing done)
+        when any op is not a plain get, a key needs base64, a server is down or has a write in
+        flight (its keys' reads must follow it), or a bound would refuse part of the frame: the
+        per-op path then decides each op."""
+        if self.down:
             return False
         keys = []
         for op in ops:
@@ -485,46 +485,84 @@ class Router:
             keys.append(op[1])
         n = len(keys)
         budget = self.budget
-        conn = server.batch_conn
-        if conn is None or conn.sock is None:
-            conn = server.pick(None, now)
         if (
-            conn is None
-            or budget.inflight + n > budget.max_inflight or budget.buffered >= budget.max_buffered + SMALL_RESERVE_BYTES
-            or server.inflight_n + n > server.max_inflight_server
-            or conn.pipeline.inflight + n > server.max_inflight_conn
+            budget.inflight + n > budget.max_inflight or budget.buffered >= budget.max_buffered + SMALL_RESERVE_BYTES
             or meta.needs_encoding(keys)
         ):
             return False
+        parts: list[tuple[Server, list[int] | None, list[bytes]]]
+        single = self.single
+        if single is not None:
+            parts = [(single, None, keys)]
+        else:
+            lookup = self.placement.lookup
+            by: dict[int, tuple[list[int], list[bytes]]] = {}
+            for i, key in enumerate(keys):
+                s = lookup(key)
+                g = by.get(s)
+                if g is None:
+                    by[s] = ([i], [key])
+                else:
+                    g[0].append(i)
+                    g[1].append(key)
+            servers = self.servers
+            parts = [(servers[s], idx, ks) for s, (idx, ks) in by.items()]
+        conns: list[Connection] = []
+        for server, _, ks in parts:
+            m = len(ks)
+            if server.pinned or server.inflight_n + m > server.max_inflight_server:
+                return False
+            conn = server.batch_conn
+            if conn is None or conn.sock is None:
+                conn = server.pick(None, now)
+            if conn is None or conn.pipeline.inflight + m > server.max_inflight_conn:
+                return False
+            conns.append(conn)
+        if single is not None:
+            job.where = [single] * n
+        for (server, indices, ks), conn in zip(parts, conns):
+            self._gets_to(job, server, conn, indices, ks, now)
+        return True
+
+    def _gets_to(
+        self, job: Job, server: Server, conn: Connection, indices: list[int] | None, keys: list[bytes], now: float,
+    ) -> None:
+        """Queue admitted gets of `keys` (frame positions `indices`; None: 0, 1, ...) to `server`
+        on `conn` as one batch; those whose key is being read join that read instead."""
+        m = len(keys)
+        server.inflight_n += m
+        self.budget.inflight += m
+        if indices is not None:
+            where = job.where
+            for i in indices:
+                where[i] = server
         reads = server.reads
         coalesce = self.coalesce
-        indices: list[int] | None = None
         if coalesce and reads and not reads.keys().isdisjoint(keys):
             # Some of these keys are being read: join those (their answers serve this job too).
-            indices = []
-            rest = []
+            sent: list[int] = []
+            rest: list[bytes] = []
             joiners = server.joiners
             conns = server.conns
-            for i, key in enumerate(keys):
+            for pos, key in enumerate(keys):
+                i = indices[pos] if indices is not None else pos
                 tag = reads.get(key)
                 if tag is None:
-                    indices.append(i)
+                    sent.append(i)
                     rest.append(key)
                     continue
                 joined = joiners.get(tag)
                 if joined is None:
                     joiners[tag] = [job, i]
                 else:
-                    joined += (job, i)
+                    joined.extend((job, i))
                 conns[tag & _CONN_MASK].pipeline.inflight += 1
-            self.stats.gets_coalesced += n - len(rest)
+            self.stats.gets_coalesced += m - len(rest)
             keys = rest
-        server.inflight_n += n
-        budget.inflight += n
-        job.where = [server] * n
-        m = len(keys)
-        if not m:
-            return True
+            indices = sent
+            m = len(keys)
+            if not m:
+                return
         pipeline = conn.pipeline
         first = pipeline.seq + 1
         pipeline.seq += m
@@ -541,7 +579,6 @@ class Router:
             Batch(job, indices if indices is not None else list(range(m)), [_GET] * m, None, first, None, joinable),
             meta.encode_gets(keys, first), now, reserved=True,
         )
-        return True
 
     @staticmethod
     def _push(job: Job, groups: dict[Connection, _Group], now: float) -> None:

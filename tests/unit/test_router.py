@@ -276,6 +276,27 @@ def test_a_get_many_joins_the_reads_in_flight_and_sends_only_the_rest() -> None:
     assert server.reads == {} and server.joiners == {}
 
 
+def test_a_get_many_over_three_servers_goes_one_batch_per_server_and_joins_reads_in_flight() -> None:
+    rig = Rig(3, connections=2)
+    keys = [f"m-{i}" for i in range(40)]
+    rig.frame([set_op(k.encode(), k.encode(), i) for i, k in enumerate(keys)])
+    rig.serve()
+    a = rig.frame([[Op.GET, k.encode()] for k in keys[:30]])
+    b = rig.frame([[Op.GET, k.encode()] for k in keys[10:]])  # keys 10..29 are being read
+    rig.serve()
+    assert rig.results(a) == [[Code.OK, k.encode(), i] for i, k in enumerate(keys[:30])]
+    assert rig.results(b) == [[Code.OK, k.encode(), i + 10] for i, k in enumerate(keys[10:])]
+    where = owners(rig.names, keys)
+    for name in rig.names:
+        sent = [line.split()[1].decode() for line in rig.far[name].requests if line.startswith(b"mg m-")]
+        assert sorted(sent) == sorted(k for k in keys if where[k] == name)  # each key read once, where it lives
+    s = rig.router.stats
+    assert (s.gets_upstream, s.gets_coalesced) == (40, 20)
+    assert rig.budget.inflight == 0
+    for server in rig.servers:
+        assert server.inflight_n == 0 and server.reads == {} and server.joiners == {}
+
+
 def test_noreply_frame_gets_no_reply_but_its_write_is_done() -> None:
     rig = Rig()
     rig.frame([set_op(b"k", b"v")], flags=NOREPLY)
