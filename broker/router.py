@@ -321,12 +321,7 @@ class Router:
                     if tag is not None:
                         # A get of this key is in flight and no write of it came since: its
                         # response answers this one too, and nothing more goes to memcached.
-                        joined = server.joiners.get(tag)
-                        if joined is None:
-                            server.joiners[tag] = [job, i]
-                        else:
-                            joined += (job, i)
-                        server.conns[tag & _CONN_MASK].pipeline.inflight += 1
+                        _join(server, tag, job, i)
                         server.inflight_n += 1
                         budget.inflight += 1
                         job.where[i] = server
@@ -429,44 +424,13 @@ class Router:
             or not meta.is_plain_key(key)
         ):
             return False
-        coalesce = self.coalesce
-        if coalesce:
-            tag = server.reads.get(key)
-            if tag is not None:
-                joined = server.joiners.get(tag)
-                if joined is None:
-                    server.joiners[tag] = [job, 0]
-                else:
-                    joined.extend((job, 0))
-                server.conns[tag & _CONN_MASK].pipeline.inflight += 1
-                server.inflight_n += 1
-                budget.inflight += 1
-                job.where[0] = server
-                self.stats.gets_coalesced += 1
-                return True
         conn = server.batch_conn
         if conn is None or conn.sock is None:
             conn = server.pick(None, now)
-            if conn is None:
-                return False
-        pipeline = conn.pipeline
-        if pipeline.inflight >= server.max_inflight_conn:
+        if conn is None or conn.pipeline.inflight >= server.max_inflight_conn:
             return False
-        opaque = pipeline.seq + 1
-        req = encode_get(key, opaque)
-        pipeline.seq = opaque
-        if not pipeline.inflight:
-            conn.since = conn.sample_t = now
-        pipeline.inflight += 1
-        server.inflight_n += 1
-        budget.inflight += 1
         job.where[0] = server
-        self.stats.gets_upstream += 1
-        joinable: list[bytes | None] | None = None
-        if coalesce:
-            server.reads[key] = (opaque << TAG_BITS) | conn.no
-            joinable = [key]
-        conn.push(Batch(job, [0], [_GET], None, opaque, None, joinable), req, now, reserved=True)
+        self._gets_to(job, server, conn, None, [key], now)
         return True
 
     def _all_gets(self, job: Job, ops: list[list[Any]], now: float) -> bool:
@@ -542,8 +506,6 @@ class Router:
             # Some of these keys are being read: join those (their answers serve this job too).
             sent: list[int] = []
             rest: list[bytes] = []
-            joiners = server.joiners
-            conns = server.conns
             for pos, key in enumerate(keys):
                 i = indices[pos] if indices is not None else pos
                 tag = reads.get(key)
@@ -551,12 +513,7 @@ class Router:
                     sent.append(i)
                     rest.append(key)
                     continue
-                joined = joiners.get(tag)
-                if joined is None:
-                    joiners[tag] = [job, i]
-                else:
-                    joined.extend((job, i))
-                conns[tag & _CONN_MASK].pipeline.inflight += 1
+                _join(server, tag, job, i)
             self.stats.gets_coalesced += m - len(rest)
             keys = rest
             indices = sent
@@ -641,3 +598,14 @@ class Router:
         while heap and heap[0][2].done:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
+
+
+def _join(server: Server, tag: int, waiter: Job, index: int) -> None:
+    """Op `index` of `waiter` joins the get in flight named `tag` (see pipeline.tag_of): its answer
+    goes to the waiter too. Counted in flight on that get's connection, whose answer releases it."""
+    joined = server.joiners.get(tag)
+    if joined is None:
+        server.joiners[tag] = [waiter, index]
+    else:
+        joined.extend((waiter, index))
+    server.conns[tag & _CONN_MASK].pipeline.inflight += 1
