@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -43,6 +44,30 @@ IDLE_POLL_MS = 250
 TURN_BYTES = 4 << 20
 CLOSE_LINGER_MS = 500
 CLOSE_QUIET_MS = 100
+# File descriptors besides the worker connections: memcached connections, ZeroMQ's own (listeners,
+# mailboxes), the metrics server, logs.
+FD_HEADROOM = 256
+
+
+def ensure_fd_limit(max_clients: int, memcached_connections: int) -> None:
+    """Raise the soft open-files limit to what max_clients needs (as memcached does for -c), up to
+    the hard limit; log when even that is too low (then accept() fails before max_clients is
+    reached, and ZeroMQ retries it)."""
+    need = max_clients + memcached_connections + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (OSError, ValueError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning(
+            "max_clients %d needs about %d open files, the limit is %d (hard %s): raise LimitNOFILE= "
+            "(systemd) or ulimit -n, or lower max_clients",
+            max_clients, need, soft, "unlimited" if hard == resource.RLIM_INFINITY else hard,
+        )
 
 
 def sd_notify(state: str) -> bool:
@@ -102,12 +127,13 @@ class Broker:
         self._next_watchdog = 0.0
         self.budget = Budget(config.max_inflight_total, config.max_buffered_bytes)
         self.access: Access | None = None
+        ensure_fd_limit(config.max_clients, len(config.servers) * config.connections_per_server)
         try:
             if config.curve:
                 self.access = Access(self.ctx, load_curve(config.curve_secret_key_file, config.curve_allowed_clients))
             self.front = Front(
                 self.ctx, config.listen_urls(), config.max_frame_bytes, config.socket_mode, config.socket_group,
-                access=self.access, reply_limit=config.max_buffered_bytes,
+                access=self.access, reply_limit=config.max_buffered_bytes, max_clients=config.max_clients,
             )
         except BaseException:
             # Whatever was bound already (several listen addresses) closes with the context.
@@ -119,6 +145,9 @@ class Broker:
         # sockets with one comparison per readable socket.
         if self.access is not None:
             self.poller.register(self.access.zap, zmq.POLLIN)
+        # Accept events: a connection past max_clients is refused in the turn after it arrives.
+        for mon in self.front.monitors:
+            self.poller.register(mon, zmq.POLLIN)
         self.router = Router(
             budget=self.budget,
             send=self.front.send,
@@ -219,6 +248,9 @@ class Broker:
         self.budget.max_inflight = c.max_inflight_total
         self.budget.max_buffered = c.max_buffered_bytes
         self.front.set_reply_limit(c.max_buffered_bytes, c.max_frame_bytes)
+        if c.max_clients > self.front.max_clients:
+            ensure_fd_limit(c.max_clients, len(c.servers) * c.connections_per_server)
+        self.front.max_clients = c.max_clients  # connections served now stay; new ones see the new cap
         if self.access is not None and c.curve:
             try:
                 self.access.set_allowed(load_curve(c.curve_secret_key_file, c.curve_allowed_clients))
@@ -246,6 +278,8 @@ class Broker:
             "uptime": round(time.time() - self.started, 3),
             "rss_bytes": rss_bytes(),
             "connected_workers": self.front.poll_workers(),
+            "max_clients": self.front.max_clients,
+            "clients_refused": self.front.clients_refused,
             "hash": self.config.hash,
             "inflight": self.budget.inflight,
             "buffered_bytes": self.budget.buffered,
@@ -309,6 +343,7 @@ class Broker:
         fds = self._fds
         wake_fd = self._wake_r.fileno()
         zap = self.access.zap if self.access is not None else None
+        monitors = frozenset(front.monitors)
         limit = self.config.max_batch_per_turn
         # Bytes of frames read per turn: enough for a full turn of small frames, while a flood of
         # large ones cannot keep the loop from flushing memcached and reading its answers.
@@ -325,6 +360,8 @@ class Broker:
                     if type(obj) is not int:
                         if obj is zap:
                             self.access.on_zap()  # type: ignore[union-attr]
+                        elif obj in monitors:
+                            front.poll_workers()
                         else:
                             readable.append(obj)
                         continue
