@@ -120,6 +120,29 @@ def is_accepted_on(sock: socket.socket, local: tuple[str, object]) -> bool:
     return bool(got_host == host)
 
 
+def peer_closed(fd: int) -> bool:
+    """Whether the peer of the connection on `fd` has closed it (the end of the stream is all
+    that is left to read). Peeks on a duplicate: nothing is consumed, the owner's descriptor is
+    untouched; a descriptor that is no longer a connected socket counts as closed."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return True
+    try:
+        s = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return True
+    try:
+        return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # open, nothing to read now
+    except OSError:
+        return True
+    finally:
+        s.close()
+
+
 def refuse_connection(fd: int, local: tuple[str, object]) -> bool:
     """Shut down the worker connection on file descriptor `fd` (ZeroMQ's accept event names it),
     if it still is a connection accepted on `local`; True when it was shut down.
@@ -274,6 +297,8 @@ class Front:
         self.max_clients = max_clients
         self.clients_refused = 0
         self._live: set[int] = set()
+        # Connections accepted while max_clients were served, waiting for admit(): fd -> socket.
+        self._pending: dict[int, int] = {}
         # Connections shut down past max_clients whose disconnect event has not come yet.
         self._refusing: set[int] = set()
         self._refusals = RateLimit()
@@ -300,9 +325,10 @@ class Front:
             # ZeroMQ disconnects a peer that sends more than this; the decoder rejects frames
             # above max_frame with an error reply, so leave room for that clear answer.
             sock.setsockopt(zmq.MAXMSGSIZE, max_message_size(max_frame))
-            if access is not None and path is None:
-                # CURVE: authenticated and encrypted; ipc stays guarded by the file system.
-                access.secure(sock)
+            if access is not None:
+                # The ZAP handler: CURVE for tcp when configured (ipc stays guarded by the file
+                # system), and for every socket the moment where max_clients is enforced.
+                access.guard(sock, tcp=path is None)
             try:
                 if path is not None:
                     # Born with the final mode (no moment where it is wider), then chmod/chown'd and
@@ -357,13 +383,13 @@ class Front:
         return out
 
     def poll_workers(self) -> int:
-        """Take the worker connections opened and closed since the last call (never waits): one
-        accepted while max_clients are served is shut down at once (refuse_connection) and
-        counted in clients_refused. Returns the connections served now.
+        """Take the worker connections opened and closed since the last call (never waits).
+        Returns the connections served now.
 
-        The loop calls this whenever a monitor socket is readable, so connections accepted during
-        one loop turn are refused at the start of the next: until then each may have queued its
-        receive slack (receive_slack), which the loop then reads within its byte budget."""
+        A connection accepted while a slot is free is served at once. One accepted while
+        max_clients are served waits (pending) for admit(), which the ZAP handler runs before it
+        answers a handshake: by then a connection that held a slot only for a moment (clientlib's
+        "is anything listening" check connects and closes at once) has gone and freed it."""
         for i, mon in enumerate(self._monitors):
             while int(mon.getsockopt(_EVENTS)) & _POLLIN:
                 event = zmq_monitor.recv_monitor_message(mon, _NOBLOCK)
@@ -373,14 +399,36 @@ class Front:
                     if len(self._live) < self.max_clients:
                         self._live.add(fd)
                     else:
-                        self._refuse(fd, self._local[i])
+                        self._pending[fd] = i
                 elif kind == zmq.EVENT_DISCONNECTED:
-                    if fd in self._refusing:
-                        self._refusing.discard(fd)
-                    else:
-                        self._live.discard(fd)
+                    # In exactly one of these, or none (a pending one whose peer had closed).
+                    self._live.discard(fd)
+                    self._pending.pop(fd, None)
+                    self._refusing.discard(fd)
         self.workers = len(self._live)
         return self.workers
+
+    def admit(self) -> None:
+        """Serve or refuse the connections waiting for a slot (the ZAP handler calls this before
+        each answer, so a connection's fate is settled before its handshake can finish).
+
+        Every ZeroMQ connection asks the ZAP handler once, after its accept event: the one asking
+        now is among those taken by poll_workers. A waiting connection whose peer has already
+        closed is skipped (its disconnect event follows); the others get the free slots, oldest
+        first, and the rest are shut down (refuse_connection), so none of them ever delivers a
+        frame."""
+        self.poll_workers()
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        for fd, i in pending.items():
+            if peer_closed(fd):
+                continue
+            if len(self._live) < self.max_clients:
+                self._live.add(fd)
+            else:
+                self._refuse(fd, self._local[i])
+        self.workers = len(self._live)
 
     def _refuse(self, fd: int, local: tuple[str, object]) -> None:
         # Remembered even when it was gone already (refuse_connection False): its disconnect

@@ -126,11 +126,12 @@ class Broker:
         self._watchdog = watchdog_interval()
         self._next_watchdog = 0.0
         self.budget = Budget(config.max_inflight_total, config.max_buffered_bytes)
-        self.access: Access | None = None
         ensure_fd_limit(config.max_clients, len(config.servers) * config.connections_per_server)
         try:
-            if config.curve:
-                self.access = Access(self.ctx, load_curve(config.curve_secret_key_file, config.curve_allowed_clients))
+            # The ZAP handler: CURVE keys when configured, and max_clients for every listener.
+            self.access = Access(
+                self.ctx, load_curve(config.curve_secret_key_file, config.curve_allowed_clients) if config.curve else None
+            )
             self.front = Front(
                 self.ctx, config.listen_urls(), config.max_frame_bytes, config.socket_mode, config.socket_group,
                 access=self.access, reply_limit=config.max_buffered_bytes, max_clients=config.max_clients,
@@ -141,11 +142,12 @@ class Broker:
             raise
         for sock in self.front.sockets:
             self.poller.register(sock, zmq.POLLIN)
-        # The CURVE handler's socket: handshakes are rare, so the loop tells it from the worker
+        self.access.before_answer = self.front.admit
+        # The ZAP handler's socket: handshakes are rare, so the loop tells it from the worker
         # sockets with one comparison per readable socket.
-        if self.access is not None:
-            self.poller.register(self.access.zap, zmq.POLLIN)
-        # Accept events: a connection past max_clients is refused in the turn after it arrives.
+        self.poller.register(self.access.zap, zmq.POLLIN)
+        # Accept and disconnect events: counted as they come (the ZAP handler takes them too,
+        # before it lets a handshake finish).
         for mon in self.front.monitors:
             self.poller.register(mon, zmq.POLLIN)
         self.router = Router(
@@ -251,7 +253,7 @@ class Broker:
         if c.max_clients > self.front.max_clients:
             ensure_fd_limit(c.max_clients, len(c.servers) * c.connections_per_server)
         self.front.max_clients = c.max_clients  # connections served now stay; new ones see the new cap
-        if self.access is not None and c.curve:
+        if self.access.curve is not None and c.curve:
             try:
                 self.access.set_allowed(load_curve(c.curve_secret_key_file, c.curve_allowed_clients))
             except AccessError as exc:
@@ -289,8 +291,8 @@ class Broker:
             "bad_envelopes": self.front.bad_envelopes,
             "reply_bytes_pending": self.front.reply_bytes,
             "replies_over_limit": self.front.replies_over_limit,
-            "curve_accepted": self.access.accepted if self.access else 0,
-            "curve_refused": self.access.refused if self.access else 0,
+            "curve_accepted": self.access.accepted,
+            "curve_refused": self.access.refused,
             "draining": self.router.draining,
             **self.router.stats.snapshot(),
             "servers": servers,
@@ -342,7 +344,7 @@ class Broker:
         router = self.router
         fds = self._fds
         wake_fd = self._wake_r.fileno()
-        zap = self.access.zap if self.access is not None else None
+        zap = self.access.zap
         monitors = frozenset(front.monitors)
         limit = self.config.max_batch_per_turn
         # Bytes of frames read per turn: enough for a full turn of small frames, while a flood of
@@ -359,7 +361,7 @@ class Broker:
                 for obj, ev in events:
                     if type(obj) is not int:
                         if obj is zap:
-                            self.access.on_zap()  # type: ignore[union-attr]
+                            self.access.on_zap()
                         elif obj in monitors:
                             front.poll_workers()
                         else:

@@ -66,6 +66,10 @@ RCVTIMEO_SLACK_MS = 5
 # costs microseconds (a stat and a non-blocking connect) and runs only when a send would block;
 # reusing it briefly bounds its rate in a tight loop of failing calls.
 PROBE_TTL = 0.01
+# While a call waits for a connection to a broker that listens, the check runs again after slices
+# growing from PROBE_TTL to this: a broker that goes away is noticed within one, and a broker
+# that sheds connections past max_clients (each check is a connection it accepts) is not flooded.
+PROBE_SLICE_MAX = 0.2
 
 # How often an asyncio call retries a send while its socket (re)connects to a broker that is there.
 ASYNC_RETRY = 0.002
@@ -536,19 +540,21 @@ class Transport:
             sock.disconnect(self.url)
             sock.connect(self.url)
         copy = len(data) < 65536
+        slice_s = PROBE_TTL
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 # Something listens there (the probe found it): a broker that is stopped or too
                 # busy to finish the handshake is slow, not absent.
                 raise BrokerTimeout(f"the broker at {self.url} listens but took no request before the call's deadline{_curve_hint(self.curve)}")
-            # Slices of PROBE_TTL: a broker that goes away meanwhile is noticed within one.
-            if sock.poll(max(1, math.ceil(min(remaining, PROBE_TTL) * 1000)), _POLLOUT):
+            # Growing slices (PROBE_SLICE_MAX): a broker that goes away meanwhile is noticed within one.
+            if sock.poll(max(1, math.ceil(min(remaining, slice_s) * 1000)), _POLLOUT):
                 try:
                     sock.send(data, _NOBLOCK, copy=copy)
                     return
                 except zmq.Again:
                     continue
+            slice_s = min(2 * slice_s, PROBE_SLICE_MAX)
             reason = self._probe.down_reason()
             if reason is not None:
                 st.saw_down = True
@@ -706,6 +712,8 @@ class AsyncTransport:
             self._saw_down = False
             sock.disconnect(self.url)
             sock.connect(self.url)
+        slice_s = PROBE_TTL / 2
+        probe_at = time.monotonic() + PROBE_TTL
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -720,6 +728,11 @@ class AsyncTransport:
                 return
             except zmq.Again:
                 pass
+            now = time.monotonic()
+            if now < probe_at:
+                continue
+            slice_s = min(2 * slice_s, PROBE_SLICE_MAX)
+            probe_at = now + slice_s
             reason = self._probe.down_reason()
             if reason is not None:
                 self._saw_down = True
