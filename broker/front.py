@@ -48,9 +48,10 @@ _POLLIN = int(zmq.POLLIN)
 #   peer_reply_limit bytes of large ones.
 # Per worker socket, then, what the broker may hold beyond its budget is receive_slack plus
 # SNDHWM small replies; the large replies are bounded in all. The worker sockets served at once are
-# capped (max_clients, memcached's -c): a connection accepted past the cap is shut down as soon as
-# the loop sees ZeroMQ's accept event (Front.poll_workers, refuse_connection), so the slack is
-# max_clients x (receive_slack + SNDHWM small replies), whatever the number of sockets that try.
+# capped (max_clients, memcached's -c): a connection accepted past the cap is shut down while its
+# handshake waits for the ZAP handler (Front.admit, refuse_connection, broker/access.py), so it
+# never queues a frame, and the slack is max_clients x (receive_slack + SNDHWM small replies),
+# whatever the number of sockets that try.
 SNDHWM = 1_000
 RCVHWM = 2
 # Replies this large go without a copy, tracked until sent (copying costs more than tracking here).

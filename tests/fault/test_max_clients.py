@@ -22,6 +22,7 @@ a bound of 99 MiB in one run; see the line printed with -s).
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import threading
@@ -33,7 +34,7 @@ import zmq
 
 from broker import front
 from brokerproc import BrokerProcess
-from clientlib import Client
+from clientlib import AsyncClient, Client
 from clientlib.errors import BrokerTimeout, MemcacheError
 from clientlib.wire import Op, encode_request
 from harness import free_port
@@ -383,3 +384,51 @@ def test_max_clients_bounds_connections_and_memory_under_a_flood_of_sockets(memc
         for w in workers:
             w.join(10)
         extra.disconnect_all()
+
+
+def test_max_clients_is_reloadable_and_an_async_client_refused_times_out_then_is_served(memcached, broker_factory):
+    """SIGHUP with a higher max_clients serves a waiting Client; an AsyncClient past the cap gets
+    BrokerTimeout within its deadline (never a hang), and is served once a slot frees."""
+    broker: BrokerProcess = broker_factory([memcached.address], max_clients=1)
+    holder = Client(broker.url, timeout=CALL_TIMEOUT)
+    waiting = Client(broker.url, timeout=0.5)
+    try:
+        assert holder.set("cap:k", b"v") is True
+        with pytest.raises(BrokerTimeout):
+            waiting.get("cap:k")
+
+        async def refused_then_served() -> tuple[float, str, bytes | None]:
+            c = AsyncClient(broker.url, timeout=0.5)
+            try:
+                t = time.monotonic()
+                try:
+                    await c.get("cap:k")
+                    raise AssertionError("an AsyncClient past max_clients was served")
+                except BrokerTimeout as exc:
+                    took, message = time.monotonic() - t, str(exc)
+                holder.disconnect_all()  # a slot frees
+                got = None
+                for _ in range(10):  # its next calls ask for a connection at once
+                    try:
+                        got = await c.get("cap:k")
+                        break
+                    except BrokerTimeout:
+                        await asyncio.sleep(0.1)
+                return took, message, got
+            finally:
+                await c.close()
+
+        took, message, got = asyncio.run(refused_then_served())
+        assert took <= 0.5 + LATE, took
+        print(f"\nAsyncClient past max_clients: {took * 1000:.0f} ms, {message}")
+        assert got == b"v"
+        # The AsyncClient holds the one slot now; raising the cap serves the waiting Client.
+        broker.write_config(max_clients=2)
+        broker.reload()
+        wait_for(lambda: "config reloaded" in broker.log(), 10, "the reload")
+        assert waiting.get("cap:k") == b"v"
+        stats = waiting.broker_stats()
+        assert stats["max_clients"] == 2 and stats["clients_refused"] >= 2
+    finally:
+        holder.disconnect_all()
+        waiting.disconnect_all()

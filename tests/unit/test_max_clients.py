@@ -20,7 +20,7 @@ import pytest
 
 from broker import config
 from broker.config import ConfigError, from_mapping
-from broker.front import bound_address, is_accepted_on, refuse_connection
+from broker.front import bound_address, is_accepted_on, peer_closed, refuse_connection
 
 pytestmark = pytest.mark.unit
 
@@ -254,3 +254,29 @@ def test_is_accepted_on_needs_a_peer(sockdir: Path) -> None:
         assert not is_accepted_on(u.listener, local)  # same address, no peer
     finally:
         u.close()
+
+
+# --- peer_closed ---------------------------------------------------------------------------------
+
+
+def test_peer_closed_tells_a_closed_peer_from_an_open_one_without_consuming(tcp: Tcp) -> None:
+    fd = tcp.accepted.fileno()
+    assert peer_closed(fd) is False  # open, nothing to read
+    tcp.client.sendall(b"greeting")
+    assert peer_closed(fd) is False  # open, data waiting
+    assert tcp.accepted.recv(8) == b"greeting"  # the peek consumed nothing
+    tcp.client.close()
+    assert peer_closed(fd) is True
+    assert _fd_open(fd)  # only its duplicate was closed
+
+
+def test_peer_closed_counts_a_descriptor_that_is_not_a_connection_as_closed(tcp: Tcp) -> None:
+    gone = os.dup(tcp.accepted.fileno())
+    os.close(gone)
+    assert peer_closed(gone) is True
+    r, w = os.pipe()
+    try:
+        assert peer_closed(r) is True
+    finally:
+        os.close(r)
+        os.close(w)
