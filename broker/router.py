@@ -44,6 +44,8 @@ _CAS = int(Op.CAS)
 _VERSION = int(Op.VERSION)
 _FLUSH_ALL = int(Op.FLUSH_ALL)
 _CONN_MASK = (1 << TAG_BITS) - 1
+_OK_CODE = int(Code.OK)
+_MISS_CODE = int(Code.MISS)
 
 
 class RouterStats:
@@ -95,6 +97,14 @@ class Job:
         if self.pending == 0:
             self.finish()
 
+    def deliver_many(self, indices: list[int], results: list[Any]) -> None:
+        mine = self.results
+        for index, result in zip(indices, results):
+            mine[index] = result
+        self.pending -= len(indices)
+        if self.pending == 0:
+            self.finish()
+
     def fail(self, index: int, code: Code, message: str) -> None:
         if self.results[index] is None:
             self.results[index] = [code, message]
@@ -127,7 +137,17 @@ class Job:
         self.done = True
         router = self.router
         stats = router.stats
-        for r in self.results:
+        results = self.results
+        if len(results) > 8:
+            # A get_many: count the common outcomes in C, look at the rest one by one.
+            codes = [r[0] for r in results]
+            ok = codes.count(_OK_CODE)
+            miss = codes.count(_MISS_CODE)
+            if ok + miss == len(codes):
+                stats.ok += ok
+                stats.miss += miss
+                results = []
+        for r in results:
             c = r[0]
             if c == Code.OK:
                 stats.ok += 1
@@ -166,6 +186,10 @@ class Gather:
         else:
             self.error = self.error or f"{self.names[index]}: {r[1]}"
         self._one()
+
+    def deliver_many(self, indices: list[int], results: list[Any]) -> None:
+        for index, result in zip(indices, results):
+            self.deliver(index, result)
 
     def fail(self, index: int, code: Code, message: str) -> None:
         self.error = self.error or f"{self.names[index]}: {message}"
@@ -387,7 +411,8 @@ class Router:
 
     def _all_gets(self, job: Job, ops: list[list[Any]], now: float) -> bool:
         """A get_many to a single server, admitted, encoded and queued as a whole: the common
-        multi-key frame without the per-op path. False (nothing done) when any op is not a plain
+        multi-key frame without the per-op path. Keys whose get is already in flight join it (read
+        coalescing), the rest go as one batch. False (nothing done) when any op is not a plain
         get, a key needs base64 or is pinned by a write in flight, or a bound would refuse part
         of it: the per-op path then decides each op."""
         server = self.single
@@ -398,9 +423,6 @@ class Router:
             if op[0] != _GET:
                 return False
             keys.append(op[1])
-        reads = server.reads
-        if reads and not reads.keys().isdisjoint(keys):
-            return False  # some may join reads in flight: the per-op path does that
         n = len(keys)
         budget = self.budget
         conn = server.batch_conn
@@ -414,23 +436,49 @@ class Router:
             or meta.needs_encoding(keys)
         ):
             return False
-        pipeline = conn.pipeline
-        first = pipeline.seq + 1
-        pipeline.seq += n
-        if not pipeline.inflight:
-            conn.since = conn.sample_t = now
-        pipeline.inflight += n
+        reads = server.reads
+        coalesce = self.coalesce
+        indices: list[int] | None = None
+        if coalesce and reads and not reads.keys().isdisjoint(keys):
+            # Some of these keys are being read: join those (their answers serve this job too).
+            indices = []
+            rest = []
+            joiners = server.joiners
+            conns = server.conns
+            for i, key in enumerate(keys):
+                tag = reads.get(key)
+                if tag is None:
+                    indices.append(i)
+                    rest.append(key)
+                    continue
+                joined = joiners.get(tag)
+                if joined is None:
+                    joiners[tag] = [job, i]
+                else:
+                    joined += (job, i)
+                conns[tag & _CONN_MASK].pipeline.inflight += 1
+            self.stats.gets_coalesced += n - len(rest)
+            keys = rest
         server.inflight_n += n
         budget.inflight += n
         job.where = [server] * n
+        m = len(keys)
+        if not m:
+            return True
+        pipeline = conn.pipeline
+        first = pipeline.seq + 1
+        pipeline.seq += m
+        if not pipeline.inflight:
+            conn.since = conn.sample_t = now
+        pipeline.inflight += m
         joinable: list[bytes | None] | None = None
-        if self.coalesce:
+        if coalesce:
             no = conn.no
-            reads.update(zip(keys, range((first << TAG_BITS) | no, ((first + n) << TAG_BITS) | no, 1 << TAG_BITS)))
+            reads.update(zip(keys, range((first << TAG_BITS) | no, ((first + m) << TAG_BITS) | no, 1 << TAG_BITS)))
             joinable = cast("list[bytes | None]", keys)
-        self.stats.gets_upstream += n
+        self.stats.gets_upstream += m
         conn.push(
-            Batch(job, list(range(n)), [_GET] * n, None, first, None, joinable),
+            Batch(job, indices if indices is not None else list(range(m)), [_GET] * m, None, first, None, joinable),
             meta.encode_gets(keys, first), now, reserved=True,
         )
         return True

@@ -256,6 +256,26 @@ def test_a_turns_requests_go_to_one_connection_in_one_write() -> None:
     assert rig.codes(a) == rig.codes(b) == rig.codes(99) == [Code.MISS]
 
 
+def test_a_get_many_joins_the_reads_in_flight_and_sends_only_the_rest() -> None:
+    # Read coalescing (README): a plain get of a key whose get is in flight waits for that answer.
+    rig = Rig(connections=2)
+    rig.frame([set_op(b"a", b"1"), set_op(b"b", b"2", 7), set_op(b"c", b"3")])
+    rig.serve()
+    first = rig.frame([[Op.GET, b"a"], [Op.GET, b"b"]])
+    second = rig.frame([[Op.GET, b"c"], [Op.GET, b"a"], [Op.GET, b"d"], [Op.GET, b"b"], [Op.GET, b"c"]])
+    rig.serve()
+    assert rig.results(first) == [[Code.OK, b"1", 0], [Code.OK, b"2", 7]]
+    assert rig.results(second) == [[Code.OK, b"3", 0], [Code.OK, b"1", 0], [Code.MISS], [Code.OK, b"2", 7], [Code.OK, b"3", 0]]
+    sent = [line.split()[1] for line in rig.far[rig.names[0]].requests if line.startswith(b"mg ") and b"_mcbroker_fence_" not in line]
+    # a and b once (the second frame joined them); c twice: a frame's own duplicates both go.
+    assert sorted(sent) == [b"a", b"b", b"c", b"c", b"d"]
+    s = rig.router.stats
+    assert (s.gets_upstream, s.gets_coalesced) == (5, 2)
+    server = rig.servers[0]
+    assert rig.budget.inflight == 0 and server.inflight_n == 0 and all(c.pipeline.inflight == 0 for c in server.conns)
+    assert server.reads == {} and server.joiners == {}
+
+
 def test_noreply_frame_gets_no_reply_but_its_write_is_done() -> None:
     rig = Rig()
     rig.frame([set_op(b"k", b"v")], flags=NOREPLY)
