@@ -470,9 +470,12 @@ class Broker:
         poller = zmq.Poller()
         for sock in self.front.sockets:
             poller.register(sock, zmq.POLLIN)
+        # Handshakes go on meanwhile (a worker connecting now gets "shutting down" too).
+        poller.register(self.access.zap, zmq.POLLIN)
         start = now = time.monotonic()
         quiet_until = now + CLOSE_QUIET_MS / 1000
         while True:
+            self.access.on_zap()
             for sock in self.front.sockets:
                 for ident, data in self.front.recv_batch(sock, 1 << 20, 1 << 40):
                     self.router.handle(sock, ident, data, now)
@@ -484,8 +487,7 @@ class Broker:
             now = time.monotonic()
         # Replies queued in ZeroMQ get a moment to reach their workers (linger 0 discarded them).
         self.front.close(linger_ms=CLOSE_LINGER_MS)
-        if self.access is not None:
-            self.access.close()
+        self.access.close()
         self.ctx.term()
         if self.metrics is not None:
             self.metrics.close()
