@@ -6,7 +6,9 @@ A broker with max_clients = 8 serves 8 well-behaved Clients (one thread each). T
 sockets in 4 processes flood it with large sets and never read. The broker shuts each of them down
 as it accepts it (clients_refused), so:
 - the connections the broker holds (counted by the kernel, /proc/net/unix, not by the broker) never
-  exceed 8 plus a stated transient: connections accepted during one loop turn, refused in the next;
+  exceed 8 plus a stated transient (median over the flood; connections accepted during one loop
+  turn wait in their handshake, no frame, until the next), and the broker's own count never
+  exceeds 8;
 - its RSS grows by at most the bound computed from its config (README "Bounded memory"):
   max_buffered_bytes + max_clients x (RCVHWM + 2) x max_message_size(max_frame_bytes) + replies
   + a fixed slack for the heap (the transient connections never get a frame in: the broker shuts
@@ -55,11 +57,13 @@ FLOOD_SECONDS = 6.0
 # Connections the broker may hold past max_clients for a moment: those ZeroMQ's I/O thread accepted
 # since the loop last took its accept events (at the latest when their ZAP request arrives), each
 # shut down in its handshake, so the connects that arrive within one loop turn. When the flood
-# starts, all 40 sockets connect at once and may all be held for that turn (measured: up to 24
-# past max_clients over TCP); after BURST_SECONDS they reconnect at random moments, every 100-200
-# ms (ZeroMQ's default interval), a few hundred connects a second, and a loop turn on a loaded
-# machine may be kept off the CPU for tens of milliseconds: a quarter of them at once is the
-# ceiling this test allows then (measured: 3 to 5). Without the cap all 40 stay throughout.
+# starts, all 40 sockets connect at once and may all be held for that turn (measured: up to 19
+# past max_clients); after BURST_SECONDS they reconnect at random moments, every 100-200 ms
+# (ZeroMQ's default interval), a few hundred connects a second. A loop kept off the CPU for 200 ms
+# on a loaded machine lets all of them wait at once (measured once in a full suite run: 40 past
+# max_clients, RSS +2.2 MiB: no frame gets in), so the test checks the median of the samples after
+# BURST_SECONDS against this, and the broker's own count (connected_workers) against max_clients.
+# Without the cap all 40 stay throughout (median 48 or 49).
 BURST_SECONDS = 1.0
 TRANSIENT = FLOODERS // 4
 # The broker's own heap churn (Python objects, allocator fragmentation) over its baseline, as in
@@ -175,6 +179,7 @@ class Sampler(threading.Thread):
         self.peak_rss = 0
         self.peak_conns = 0  # after the first second
         self.burst_conns = 0  # in the first second, when every flooding socket connects at once
+        self.steady: list[int] = []  # the samples after the first second
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -190,6 +195,7 @@ class Sampler(threading.Thread):
                 self.burst_conns = max(self.burst_conns, c)
             else:
                 self.peak_conns = max(self.peak_conns, c)
+                self.steady.append(c)
             if r > ABORT_RSS:
                 self.stop_flood.set()
             time.sleep(0.01)
@@ -209,6 +215,7 @@ class Good(threading.Thread):
         self.ready = threading.Event()
         self.release = threading.Event()
         self.calls = 0
+        self.served_seen: list[int] = []  # connected_workers, as the broker counts, now and then
         self.warm_error: str | None = None
         self.failures: list[str] = []
         self.latencies: list[float] = []
@@ -236,6 +243,11 @@ class Good(threading.Thread):
                 except MemcacheError as exc:
                     self.failures.append(f"call {i}: {type(exc).__name__}: {exc}")
                 self.latencies.append(time.monotonic() - t)
+                if self.n == 0 and i % 5 == 0:
+                    try:
+                        self.served_seen.append(client.broker_stats()["connected_workers"])
+                    except MemcacheError as exc:
+                        self.failures.append(f"stats {i}: {type(exc).__name__}: {exc}")
                 self.calls += 1
                 i += 1
                 time.sleep(0.01)
@@ -325,8 +337,10 @@ def test_max_clients_bounds_connections_and_memory_under_a_flood_of_sockets(memc
         latencies = [x for w in workers for x in w.latencies]
         print(
             f"\nmax_clients {MAX_CLIENTS}: {FLOODERS} flooding sockets queued {sent.value} frames of {VALUE} B; "
-            f"connections held: first second {sampler.burst_conns}, then peak {sampler.peak_conns} (allowed "
-            f"{MAX_CLIENTS} + {TRANSIENT}); broker RSS "
+            f"connections held: first second {sampler.burst_conns}, then peak {sampler.peak_conns}, median "
+            f"{sorted(sampler.steady)[len(sampler.steady) // 2] if sampler.steady else None} (allowed {MAX_CLIENTS} + "
+            f"{TRANSIENT}); served as the broker counts: at most "
+            f"{max(workers[0].served_seen, default=None)}; broker RSS "
             f"baseline {baseline / MiB:.1f} MiB, peak {sampler.peak_rss / MiB:.1f} MiB (+{growth / MiB:.1f} MiB, "
             f"bound {bound / MiB:.1f} MiB); good workers: {calls} calls, {len(failures)} failed, p99 "
             f"{p99(latencies) * 1000:.0f} ms, worst {max(latencies, default=0) * 1000:.0f} ms; the ninth: "
@@ -334,7 +348,10 @@ def test_max_clients_bounds_connections_and_memory_under_a_flood_of_sockets(memc
             f"{max((d for _, d in extra_outcomes), default=0) * 1000:.0f} ms"
         )
         assert broker.running, broker.log()
-        assert sampler.peak_conns <= MAX_CLIENTS + TRANSIENT
+        steady = sorted(sampler.steady)
+        assert steady and steady[len(steady) // 2] <= MAX_CLIENTS + TRANSIENT, steady[len(steady) // 2 :][:20]
+        served_seen = workers[0].served_seen
+        assert served_seen and max(served_seen) <= MAX_CLIENTS, served_seen
         # Not one flood frame got in: a refused connection never finishes its handshake.
         mc = direct(memcached)
         try:
@@ -369,9 +386,11 @@ def test_max_clients_bounds_connections_and_memory_under_a_flood_of_sockets(memc
         # a connection, each a connection too, add to the count).
         assert stats["clients_refused"] >= FLOODERS
         assert stats["connected_workers"] == MAX_CLIENTS
-        # The frames the broker received: the 8's warm-up sets and calls (a set and a get each),
-        # the ninth's get and stats, and the start's ping(s): none from a refused socket.
-        assert 2 * calls + MAX_CLIENTS + 2 < stats["frames"] <= 2 * calls + MAX_CLIENTS + 2 + 5
+        # The frames the broker received: the 8's warm-up sets and calls (a set and a get each, and
+        # the first one's stats), the ninth's get and stats, and the start's ping(s): none from a
+        # refused socket.
+        known = 2 * calls + len(workers[0].served_seen) + MAX_CLIENTS + 2
+        assert known < stats["frames"] <= known + 5, (stats["frames"], known)
     finally:
         go.set()
         stop_good.set()
