@@ -378,6 +378,12 @@ def encode_get(key: bytes, opaque: int, cas: bool = False) -> bytes:
     return encode(Get(key, opaque, cas=cas, size=True))
 
 
+def is_plain_key(key: bytes) -> bool:
+    """True when `key` goes on the wire as it is (1..250 bytes, none <= 0x20 or 0x7F): then
+    `encode_get` takes its fast path and cannot raise."""
+    return 0 < len(key) <= MAX_KEY_LEN and _BAD_KEY_BYTE.search(key) is None
+
+
 def needs_encoding(keys: list[bytes]) -> bool:
     """True unless every key goes on the wire as it is (1..250 bytes, none <= 0x20 or 0x7F): one
     scan for the lot. "A" joins them: it is a byte every key may hold."""
