@@ -1,16 +1,21 @@
-"""Who may connect to the broker's TCP listeners: CURVE keys checked by a ZAP handler the loop runs.
+"""Who may connect to the broker: the ZAP handler the loop runs, for every listener.
 
-With CURVE configured, ZeroMQ asks the ZAP handler (ZeroMQ RFC 27, at inproc://zeromq.zap.01)
-about every new connection to a CURVE listener, before it accepts a single frame from it. This one
-accepts only the client public keys found in the allowed directory (`*.key` files, as pyzmq's
-zmq.auth reads them with `configure_curve(location=...)`) and refuses the rest for good (status
-400: ZeroMQ does not retry). No thread: the loop polls the ZAP socket, and a handshake costs one
-request and one reply. Nothing here runs per frame, and nothing at all without CURVE.
+ZeroMQ asks the ZAP handler (ZeroMQ RFC 27, at inproc://zeromq.zap.01) about every new connection
+before it accepts a single frame from it. Two jobs:
 
-Not done here, on purpose: a cap on the number of worker connections through ZAP. Tried: libzmq
-4.3.5 drops a refused connection for good or retries it, nondeterministically (a refusal with
-status 300 "try later" still ended most clients' sockets), so a worker refused during a spike
-would never be served again.
+- CURVE (TCP listeners, when configured): only the client public keys found in the allowed
+  directory (`*.key` files, as pyzmq's zmq.auth reads them with `configure_curve(location=...)`)
+  are accepted; the rest are refused for good (status 400: ZeroMQ does not retry).
+- max_clients (every listener): before answering, the loop takes ZeroMQ's accept events and
+  settles the connections waiting for a slot (`before_answer`, Front.admit), shutting down those
+  past max_clients. ZeroMQ emits a connection's accept event before its ZAP request, so a refused
+  connection is shut down while its handshake waits for this answer: it never delivers a frame,
+  and its peer sees a plain disconnect and reconnects later. (Refusing through a ZAP status instead was tried: libzmq
+  4.3.5 then drops the connection for good or retries it, nondeterministically, even for status
+  300 "try later". So the answer here is never a refusal for the cap, only for a CURVE key.)
+
+No thread: the loop polls the ZAP socket, and a handshake costs one request and one reply. Nothing
+here runs per frame.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 import zmq.auth
@@ -68,25 +73,31 @@ def load_curve(secret_key_file: str, allowed_dir: str) -> CurveKeys:
 
 
 class Access:
-    """The ZAP handler for the CURVE listeners (made only when CURVE is configured)."""
+    """The ZAP handler of every listener; checks CURVE keys when `curve` is given."""
 
-    def __init__(self, ctx: "zmq.Context[Any]", curve: CurveKeys) -> None:
+    def __init__(self, ctx: "zmq.Context[Any]", curve: CurveKeys | None = None) -> None:
         self.curve = curve
         self.zap: "zmq.Socket[Any]" = ctx.socket(zmq.REP)
         self.zap.setsockopt(zmq.LINGER, 0)
         self.zap.bind(ZAP_ENDPOINT)
         self.accepted = 0
         self.refused = 0
+        # Run before each batch of answers: the front's accept events (max_clients).
+        self.before_answer: Callable[[], object] | None = None
 
-    def secure(self, sock: "zmq.Socket[Any]") -> None:
-        """Make `sock` (a ROUTER, before its bind) a CURVE server checked by this handler."""
+    def guard(self, sock: "zmq.Socket[Any]", tcp: bool) -> None:
+        """Make `sock` (a ROUTER, before its bind) ask this handler about every connection: a
+        CURVE server for TCP when CURVE is configured, else with ZeroMQ's NULL mechanism (ipc
+        stays guarded by the file system)."""
         sock.setsockopt(zmq.ZAP_DOMAIN, DOMAIN)
-        sock.setsockopt(zmq.CURVE_SERVER, 1)
-        sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret)
+        if tcp and self.curve is not None:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret)
 
     def set_allowed(self, curve: CurveKeys) -> None:
         """New allowed client keys (a reload); the server key pair stays until restart."""
-        self.curve = CurveKeys(self.curve.public, self.curve.secret, curve.allowed)
+        if self.curve is not None:
+            self.curve = CurveKeys(self.curve.public, self.curve.secret, curve.allowed)
 
     def on_zap(self) -> None:
         """Answer every ZAP request waiting (call when the ZAP socket is readable)."""
@@ -95,6 +106,11 @@ class Access:
                 msg = self.zap.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 return
+            if self.before_answer is not None:
+                # This request's connection was accepted before it was sent: its accept event
+                # is there to take, and a connection past max_clients is shut down before the
+                # answer lets its handshake finish.
+                self.before_answer()
             self.zap.send_multipart(self._answer(msg))
 
     def _answer(self, msg: list[bytes]) -> list[bytes]:
@@ -102,6 +118,10 @@ class Access:
             request_id = msg[1] if len(msg) > 1 else b""
             return [ZAP_VERSION, request_id, b"400", b"malformed ZAP request", b"", b""]
         request_id, address, mechanism = msg[1], msg[3], msg[5]
+        if self.curve is None or mechanism == b"NULL":
+            # Sockets without CURVE (ipc, or no CURVE configured) use NULL; a CURVE socket
+            # never sends a NULL request.
+            return [ZAP_VERSION, request_id, b"200", b"OK", b"", b""]
         if mechanism != b"CURVE" or len(msg) != 7 or len(msg[6]) != 32:
             self.refused += 1
             return [ZAP_VERSION, request_id, b"400", b"CURVE required", b"", b""]

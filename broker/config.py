@@ -59,6 +59,7 @@ class Config:
     max_inflight_total: int
     max_buffered_bytes: int
     max_batch_per_turn: int
+    max_clients: int
     coalesce_reads: bool
     curve_secret_key_file: str
     curve_allowed_clients: str
@@ -113,6 +114,7 @@ DEFAULTS: Mapping[str, object] = MappingProxyType(
         "max_inflight_total": 262144,
         "max_buffered_bytes": 268435456,
         "max_batch_per_turn": 4096,
+        "max_clients": 1024,
         "coalesce_reads": True,
         "curve_secret_key_file": "",
         "curve_allowed_clients": "",
@@ -156,6 +158,9 @@ INT_RANGES: Mapping[str, tuple[int, int]] = MappingProxyType(
         "max_inflight_total": (1, 1 << 26),
         "max_buffered_bytes": (1 << 16, 1 << 36),
         "max_batch_per_turn": (1, 1 << 20),
+        # Worker sockets served at once (memcached's -c, twemproxy's client_connections); each
+        # also takes a file descriptor, so the process's open-files limit caps it too.
+        "max_clients": (1, 1 << 20),
         "drain_timeout_ms": (0, _HOUR_MS),
     }
 )

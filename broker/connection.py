@@ -103,6 +103,10 @@ class _Settings:
             conn.probe = False
             server.probe_succeeded(server.now)
 
+    def deliver_many(self, indices: list[int], results: list[Any]) -> None:
+        for index, result in zip(indices, results):
+            self.deliver(index, result)
+
     def fail(self, index: int, code: Code, message: str) -> None:
         pass
 

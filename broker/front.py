@@ -13,12 +13,14 @@ import os
 import socket
 import grp
 import stat
+import time
 from typing import Any
 
 import zmq
 from zmq.utils import monitor as zmq_monitor
 
 from .access import Access
+from .logfmt import RateLimit
 
 log = logging.getLogger("mcbroker.front")
 
@@ -45,7 +47,11 @@ _POLLIN = int(zmq.POLLIN)
 #   a worker that stopped reading holds at most SNDHWM small replies (< 64 KiB each) plus
 #   peer_reply_limit bytes of large ones.
 # Per worker socket, then, what the broker may hold beyond its budget is receive_slack plus
-# SNDHWM small replies; the large replies are bounded in all.
+# SNDHWM small replies; the large replies are bounded in all. The worker sockets served at once are
+# capped (max_clients, memcached's -c): a connection accepted past the cap is shut down while its
+# handshake waits for the ZAP handler (Front.admit, refuse_connection, broker/access.py), so it
+# never queues a frame, and the slack is max_clients x (receive_slack + SNDHWM small replies),
+# whatever the number of sockets that try.
 SNDHWM = 1_000
 RCVHWM = 2
 # Replies this large go without a copy, tracked until sent (copying costs more than tracking here).
@@ -67,6 +73,102 @@ def receive_slack(workers: int, frame_bytes: int) -> int:
     per socket RCVHWM queued frames, the one its I/O thread holds once the queue is full, and one
     being read (measured: 2.5 frames per socket with RCVHWM 1, 5.5 with 4)."""
     return workers * (RCVHWM + 2) * frame_bytes
+
+
+def bound_address(endpoint: str) -> tuple[str, object]:
+    """What getsockname() of a connection accepted on a bound ZeroMQ endpoint (its LAST_ENDPOINT,
+    "tcp://127.0.0.1:5555", "tcp://[::1]:5555", "tcp://0.0.0.0:5555", "ipc:///path") returns,
+    as ("ipc", path) or ("tcp", (host or None for a wildcard bind, port))."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        # An abstract socket ("ipc://@name") is named with a leading NUL byte.
+        return ("ipc", "\0" + path[1:] if path.startswith("@") else path)
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        host = host[1:-1] if host.startswith("[") else host
+        return ("tcp", (None if host in ("0.0.0.0", "::", "*") else host, int(port)))
+    raise ValueError(f"not a tcp or ipc endpoint: {endpoint!r}")
+
+
+def is_accepted_on(sock: socket.socket, local: tuple[str, object]) -> bool:
+    """Whether `sock` is a connection accepted on the bound address `local` (bound_address): its
+    own address is that one and it has a peer. A listener has no peer, and the broker's memcached
+    sockets and ZeroMQ's internal ones have other local addresses, so a file descriptor number
+    that was reused meanwhile is never taken for a worker's connection."""
+    try:
+        if sock.type != socket.SOCK_STREAM:
+            return False
+        name = sock.getsockname()
+        sock.getpeername()  # a listener, or a connection already gone: ENOTCONN
+    except OSError:
+        return False
+    kind, want = local
+    if kind == "ipc":
+        if sock.family != socket.AF_UNIX:
+            return False
+        got = name.decode("latin-1") if isinstance(name, bytes) else name
+        return bool(got) and got == want
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or not isinstance(want, tuple):
+        return False
+    host, port = want
+    if name[1] != port:
+        return False
+    if host is None:
+        return True
+    got_host = name[0]
+    if got_host.startswith("::ffff:") and sock.family == socket.AF_INET6 and ":" not in host:
+        got_host = got_host[len("::ffff:"):]
+    return bool(got_host == host)
+
+
+def peer_closed(fd: int) -> bool:
+    """Whether the peer of the connection on `fd` has closed it (the end of the stream is all
+    that is left to read). Peeks on a duplicate: nothing is consumed, the owner's descriptor is
+    untouched; a descriptor that is no longer a connected socket counts as closed."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return True
+    try:
+        s = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return True
+    try:
+        return s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # open, nothing to read now
+    except OSError:
+        return True
+    finally:
+        s.close()
+
+
+def refuse_connection(fd: int, local: tuple[str, object]) -> bool:
+    """Shut down the worker connection on file descriptor `fd` (ZeroMQ's accept event names it),
+    if it still is a connection accepted on `local`; True when it was shut down.
+
+    Only a duplicate of the descriptor is closed here: ZeroMQ's I/O thread owns `fd`, reads the
+    end of the stream, and closes its own descriptor (its disconnect event follows). The peer
+    sees the connection end; a DEALER reconnects by itself after its reconnect interval."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return False  # closed meanwhile: its disconnect event is on its way
+    try:
+        s = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)  # not a socket (the number was reused)
+        return False
+    try:
+        if not is_accepted_on(s, local):
+            return False
+        s.shutdown(socket.SHUT_RDWR)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
 
 
 # The ipc socket's directory: its group may enter (to reach the socket), nobody else.
@@ -183,15 +285,27 @@ class Front:
         socket_group: str = "",
         access: Access | None = None,
         reply_limit: int = 1 << 28,
+        max_clients: int = 1024,
     ) -> None:
         self.sockets: list["zmq.Socket[Any]"] = []
         self.urls = urls
         self.bad_envelopes = 0
         # Directories this broker created for its sockets, removed again by close().
         self.created_dirs: list[str] = []
-        # Worker connections, from ZeroMQ's socket monitor (accepted minus disconnected).
+        # Worker connections served now, from ZeroMQ's socket monitor (accepted minus
+        # disconnected, less the refused ones): their file descriptors, at most max_clients.
         self.workers = 0
+        self.max_clients = max_clients
+        self.clients_refused = 0
+        self._live: set[int] = set()
+        # Connections accepted while max_clients were served, waiting for admit(): fd -> socket.
+        self._pending: dict[int, int] = {}
+        # Connections shut down past max_clients whose disconnect event has not come yet.
+        self._refusing: set[int] = set()
+        self._refusals = RateLimit()
         self._monitors: list["zmq.Socket[Any]"] = []
+        # Per socket, the address its accepted connections have (bound_address).
+        self._local: list[tuple[str, object]] = []
         # Large replies ZeroMQ still holds (see _send_large): (tracker, worker, bytes).
         self._large: list[tuple[Any, bytes, int]] = []
         self._peer_bytes: dict[bytes, int] = {}
@@ -212,9 +326,10 @@ class Front:
             # ZeroMQ disconnects a peer that sends more than this; the decoder rejects frames
             # above max_frame with an error reply, so leave room for that clear answer.
             sock.setsockopt(zmq.MAXMSGSIZE, max_message_size(max_frame))
-            if access is not None and path is None:
-                # CURVE: authenticated and encrypted; ipc stays guarded by the file system.
-                access.secure(sock)
+            if access is not None:
+                # The ZAP handler: CURVE for tcp when configured (ipc stays guarded by the file
+                # system), and for every socket the moment where max_clients is enforced.
+                access.guard(sock, tcp=path is None)
             try:
                 if path is not None:
                     # Born with the final mode (no moment where it is wider), then chmod/chown'd and
@@ -233,6 +348,7 @@ class Front:
                     raise AddressInUse(f"another process is already listening on {url}") from None
                 raise
             self.sockets.append(sock)
+            self._local.append(bound_address(sock.getsockopt_string(zmq.LAST_ENDPOINT)))
             if path is not None:
                 _set_access(path, socket_mode, gid)
             self._monitors.append(sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED))
@@ -268,15 +384,72 @@ class Front:
         return out
 
     def poll_workers(self) -> int:
-        """Count the worker connections opened and closed since the last call (never waits)."""
-        for mon in self._monitors:
+        """Take the worker connections opened and closed since the last call (never waits).
+        Returns the connections served now.
+
+        A connection accepted while a slot is free is served at once. One accepted while
+        max_clients are served waits (pending) for admit(), which the ZAP handler runs before it
+        answers a handshake: by then a connection that held a slot only for a moment (clientlib's
+        "is anything listening" check connects and closes at once) has gone and freed it."""
+        for i, mon in enumerate(self._monitors):
             while int(mon.getsockopt(_EVENTS)) & _POLLIN:
                 event = zmq_monitor.recv_monitor_message(mon, _NOBLOCK)
-                if event["event"] == zmq.EVENT_ACCEPTED:
-                    self.workers += 1
-                elif event["event"] == zmq.EVENT_DISCONNECTED:
-                    self.workers -= 1
+                kind = event["event"]
+                fd = int(event["value"])
+                if kind == zmq.EVENT_ACCEPTED:
+                    if len(self._live) < self.max_clients:
+                        self._live.add(fd)
+                    else:
+                        self._pending[fd] = i
+                elif kind == zmq.EVENT_DISCONNECTED:
+                    # In exactly one of these, or none (a pending one whose peer had closed).
+                    self._live.discard(fd)
+                    self._pending.pop(fd, None)
+                    self._refusing.discard(fd)
+        self.workers = len(self._live)
         return self.workers
+
+    def admit(self) -> None:
+        """Serve or refuse the connections waiting for a slot (the ZAP handler calls this before
+        each answer, so a connection's fate is settled before its handshake can finish).
+
+        Every ZeroMQ connection asks the ZAP handler once, after its accept event: the one asking
+        now is among those taken by poll_workers. A waiting connection whose peer has already
+        closed is skipped (its disconnect event follows); the others get the free slots, oldest
+        first, and the rest are shut down (refuse_connection), so none of them ever delivers a
+        frame."""
+        self.poll_workers()
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        for fd, i in pending.items():
+            if peer_closed(fd):
+                continue
+            if len(self._live) < self.max_clients:
+                self._live.add(fd)
+            else:
+                self._refuse(fd, self._local[i])
+        self.workers = len(self._live)
+
+    def _refuse(self, fd: int, local: tuple[str, object]) -> None:
+        # Remembered even when it was gone already (refuse_connection False): its disconnect
+        # event is still to come and must not free a served connection's slot.
+        self._refusing.add(fd)
+        refuse_connection(fd, local)
+        self.clients_refused += 1
+        held = self._refusals.allow("max_clients", time.monotonic())
+        if held is not None:
+            more = f" ({held} more refused since the last line)" if held else ""
+            log.warning(
+                "max_clients (%d) reached: new worker connections are shut down, their calls time out; "
+                "clients_refused %d%s",
+                self.max_clients, self.clients_refused, more,
+            )
+
+    @property
+    def monitors(self) -> tuple["zmq.Socket[Any]", ...]:
+        """The monitor sockets: readable when a worker connection was accepted or closed."""
+        return tuple(self._monitors)
 
     def set_reply_limit(self, reply_limit: int, max_frame: int) -> None:
         """Bytes of large replies that may wait for the workers in all (max_buffered_bytes), and

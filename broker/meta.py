@@ -18,7 +18,7 @@ import binascii
 import enum
 import re
 from dataclasses import dataclass
-from typing import Union
+from typing import Any, Union
 
 MAX_KEY_LEN = 250
 # base64 of n bytes takes 4*ceil(n/3) bytes, and memcached checks the encoded length against 250.
@@ -378,6 +378,12 @@ def encode_get(key: bytes, opaque: int, cas: bool = False) -> bytes:
     return encode(Get(key, opaque, cas=cas, size=True))
 
 
+def is_plain_key(key: bytes) -> bool:
+    """True when `key` goes on the wire as it is (1..250 bytes, none <= 0x20 or 0x7F): then
+    `encode_get` takes its fast path and cannot raise."""
+    return 0 < len(key) <= MAX_KEY_LEN and _BAD_KEY_BYTE.search(key) is None
+
+
 def needs_encoding(keys: list[bytes]) -> bool:
     """True unless every key goes on the wire as it is (1..250 bytes, none <= 0x20 or 0x7F): one
     scan for the lot. "A" joins them: it is a byte every key may hold."""
@@ -428,6 +434,11 @@ _NO_FLAGS: dict[str, bytes] = {}
 # error, a text reply, a malformed line) goes through the general parser, which explains it.
 _META_LINE = re.compile(rb"(VA|HD|EN|NS|EX|NF|MN)(?: (\d{1,20}))?((?: [A-Za-z][\x21-\x7e]*)*)\r\n")
 _FLAG_TOKEN = re.compile(rb" ([A-Za-z])([\x21-\x7e]*)")
+# The two answers to `mg <key> v f s O<n>` that carry nothing unusual: a hit whose `s` token
+# repeats the VA length (the backreference), and a miss. Anything else (W/X/Z lease flags, an
+# error line, a header that lost or gained a digit) does not match and goes the general way.
+# Opaques are never 0 and never written with a leading zero: one that is is out of turn.
+_GET_ANSWER = re.compile(rb"VA (\d{1,20}) f(\d{1,10}) s\1 O([1-9]\d{0,19})\r\n|EN O([1-9]\d{0,19})\r\n")
 MetaItem = tuple[Status, Union[bytes, None], bytes]
 
 
@@ -522,9 +533,51 @@ class ResponseParser:
         """next_items found bad bytes after the responses it returned; the next call raises."""
         return self._error is not None
 
-    def next_items(self) -> list[MetaItem | Response]:
-        """Every complete response buffered now, in order (empty when more bytes are needed).
-        A ProtocolError after good responses is raised by the next call, so those come first."""
+    def take_get_answers(self, first: int, limit: int, hit: Any, miss: Any) -> list[Any]:
+        """The hot path for answers to `mg <key> v f s O<first>`, `... O<first + 1>`, ...: up to
+        `limit` of them, in order, straight into results: `[hit, value, client_flags]` for a hit
+        and `miss` itself for a miss. It stops, leaving the bytes for `next_items`, at the first
+        response that is not exactly such an answer with the next opaque in turn, or is not yet
+        whole, so every check and every error stays on the general path; it never raises."""
+        out: list[Any] = []
+        if self._error is not None or self._stats is not None or self._need:
+            return out
+        append = out.append
+        buf = self._buf
+        pos = self._pos
+        n = len(buf)
+        match = _GET_ANSWER.match
+        limit_value = self._max_value
+        expect = first
+        stop_at = first + limit
+        while expect < stop_at:
+            m = match(buf, pos)
+            if m is None:
+                break
+            size, flags, opaque, miss_opaque = m.groups()
+            if size is None:
+                if int(miss_opaque) != expect:
+                    break
+                append(miss)
+                pos = m.end()
+            else:
+                if int(opaque) != expect:
+                    break
+                length = int(size)
+                end = m.end()
+                stop = end + length
+                if length > limit_value or n < stop + 2 or buf[stop : stop + 2] != b"\r\n":
+                    break
+                append([hit, buf[end:stop], int(flags)])
+                pos = stop + 2
+            expect += 1
+        self._pos = pos
+        return out
+
+    def next_items(self, limit: int = 1 << 62) -> list[MetaItem | Response]:
+        """Every complete response buffered now (at most `limit`), in order (empty when more bytes
+        are needed). A ProtocolError after good responses is raised by the next call, so those
+        come first."""
         error = self._error
         if error is not None:
             self._error = None
@@ -538,7 +591,7 @@ class ResponseParser:
         match = _META_LINE.match
         statuses = _META_STATUS
         try:
-            while self._stats is None:
+            while self._stats is None and len(items) < limit:
                 m = match(buf, pos)
                 if m is None:
                     break
@@ -566,7 +619,7 @@ class ResponseParser:
                 pos = stop + 2
             self._pos = pos
             # What the fast loop does not take (errors, text replies, STAT blocks), one by one.
-            while (item := self.next_item()) is not None:
+            while len(items) < limit and (item := self.next_item()) is not None:
                 append(item)
         except ProtocolError as exc:
             self._pos = max(self._pos, pos)

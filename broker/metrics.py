@@ -52,12 +52,14 @@ def families(stats: dict[str, Any]) -> Iterator[Any]:
         ("mcbroker_backend_writes", "backend_writes", "Writes to memcached"),
         ("mcbroker_gets_upstream", "gets_upstream", "Plain gets sent to memcached"),
         ("mcbroker_gets_coalesced", "gets_coalesced", "Plain gets answered by joining one in flight (read coalescing)"),
+        ("mcbroker_clients_refused", "clients_refused", "Worker connections shut down because max_clients were served"),
     ):
         yield CounterMetricFamily(name, text, value=stats.get(key, 0))
     for name, key, text in (
         ("mcbroker_inflight_requests", "inflight", "Requests sent or queued to memcached, not yet answered"),
         ("mcbroker_buffered_bytes", "buffered_bytes", "Bytes queued toward memcached"),
         ("mcbroker_connected_workers", "connected_workers", "Worker connections to the broker"),
+        ("mcbroker_max_clients", "max_clients", "Worker connections served at once at most (max_clients)"),
         ("mcbroker_requests_per_write", "requests_per_write", "Requests per memcached write since start"),
         ("mcbroker_draining", "draining", "1 while draining for shutdown"),
     ):

@@ -44,6 +44,8 @@ _CAS = int(Op.CAS)
 _VERSION = int(Op.VERSION)
 _FLUSH_ALL = int(Op.FLUSH_ALL)
 _CONN_MASK = (1 << TAG_BITS) - 1
+_OK_CODE = int(Code.OK)
+_MISS_CODE = int(Code.MISS)
 
 
 class RouterStats:
@@ -95,6 +97,14 @@ class Job:
         if self.pending == 0:
             self.finish()
 
+    def deliver_many(self, indices: list[int], results: list[Any]) -> None:
+        mine = self.results
+        for index, result in zip(indices, results):
+            mine[index] = result
+        self.pending -= len(indices)
+        if self.pending == 0:
+            self.finish()
+
     def fail(self, index: int, code: Code, message: str) -> None:
         if self.results[index] is None:
             self.results[index] = [code, message]
@@ -127,7 +137,17 @@ class Job:
         self.done = True
         router = self.router
         stats = router.stats
-        for r in self.results:
+        results = self.results
+        if len(results) > 8:
+            # A get_many: count the common outcomes in C, look at the rest one by one.
+            codes = [r[0] for r in results]
+            ok = codes.count(_OK_CODE)
+            miss = codes.count(_MISS_CODE)
+            if ok + miss == len(codes):
+                stats.ok += ok
+                stats.miss += miss
+                results = []
+        for r in results:
             c = r[0]
             if c == Code.OK:
                 stats.ok += 1
@@ -166,6 +186,10 @@ class Gather:
         else:
             self.error = self.error or f"{self.names[index]}: {r[1]}"
         self._one()
+
+    def deliver_many(self, indices: list[int], results: list[Any]) -> None:
+        for index, result in zip(indices, results):
+            self.deliver(index, result)
 
     def fail(self, index: int, code: Code, message: str) -> None:
         self.error = self.error or f"{self.names[index]}: {message}"
@@ -252,7 +276,7 @@ class Router:
         ops = frame.ops
         stats.ops += len(ops)
         stats.by_op[ops[0][0]] += len(ops)
-        if len(ops) > 1 and self._all_gets(job, ops, now):
+        if (self._one_get(job, ops[0][1], now) if len(ops) == 1 and ops[0][0] == _GET else len(ops) > 1 and self._all_gets(job, ops, now)):
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
             return
         # The frame's requests bound for one connection go as one batch: one join, one FIFO entry.
@@ -297,12 +321,7 @@ class Router:
                     if tag is not None:
                         # A get of this key is in flight and no write of it came since: its
                         # response answers this one too, and nothing more goes to memcached.
-                        joined = server.joiners.get(tag)
-                        if joined is None:
-                            server.joiners[tag] = [job, i]
-                        else:
-                            joined += (job, i)
-                        server.conns[tag & _CONN_MASK].pipeline.inflight += 1
+                        _join(server, tag, job, i)
                         server.inflight_n += 1
                         budget.inflight += 1
                         job.where[i] = server
@@ -385,62 +404,146 @@ class Router:
         if not job.done:
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
 
-    def _all_gets(self, job: Job, ops: list[list[Any]], now: float) -> bool:
-        """A get_many to a single server, admitted, encoded and queued as a whole: the common
-        multi-key frame without the per-op path. False (nothing done) when any op is not a plain
-        get, a key needs base64 or is pinned by a write in flight, or a bound would refuse part
-        of it: the per-op path then decides each op."""
+    def _one_get(self, job: Job, key: bytes, now: float) -> bool:
+        """A frame of one plain get (the commonest frame) on its own short path: it joins the get
+        of its key in flight, or goes as a batch of one. False (nothing done) when anything is
+        unusual (its server down, a bound reached, its key pinned by a write in flight or in need
+        of base64): the per-op path then decides, with its errors."""
         server = self.single
-        if server is None or self.down or server.pinned:
+        if server is None:
+            if self.down:
+                return False
+            server = self.servers[self.placement.lookup(key)]
+        elif self.down:
+            return False
+        budget = self.budget
+        if (
+            budget.inflight >= budget.max_inflight or budget.buffered >= budget.max_buffered + SMALL_RESERVE_BYTES
+            or server.inflight_n >= server.max_inflight_server
+            or (server.pinned and key in server.pinned)
+            or not meta.is_plain_key(key)
+        ):
+            return False
+        conn = server.batch_conn
+        if conn is None or conn.sock is None:
+            conn = server.pick(None, now)
+        if conn is None or conn.pipeline.inflight >= server.max_inflight_conn:
+            return False
+        job.where[0] = server
+        self._gets_to(job, server, conn, None, [key], now)
+        return True
+
+    def _all_gets(self, job: Job, ops: list[list[Any]], now: float) -> bool:
+        """A get_many, admitted, encoded and queued as a whole: the common multi-key frame
+        without the per-op path, one batch per server (keys placed as the per-op path places
+        them). Keys whose get is already in flight join it (read coalescing). False (nothing done)
+        when any op is not a plain get, a key needs base64, a server is down or has a write in
+        flight (its keys' reads must follow it), or a bound would refuse part of the frame: the
+        per-op path then decides each op."""
+        if self.down:
             return False
         keys = []
         for op in ops:
             if op[0] != _GET:
                 return False
             keys.append(op[1])
-        reads = server.reads
-        if reads and not reads.keys().isdisjoint(keys):
-            return False  # some may join reads in flight: the per-op path does that
         n = len(keys)
         budget = self.budget
-        conn = server.batch_conn
-        if conn is None or conn.sock is None:
-            conn = server.pick(None, now)
         if (
-            conn is None
-            or budget.inflight + n > budget.max_inflight or budget.buffered >= budget.max_buffered + SMALL_RESERVE_BYTES
-            or server.inflight_n + n > server.max_inflight_server
-            or conn.pipeline.inflight + n > server.max_inflight_conn
+            budget.inflight + n > budget.max_inflight or budget.buffered >= budget.max_buffered + SMALL_RESERVE_BYTES
             or meta.needs_encoding(keys)
         ):
             return False
+        parts: list[tuple[Server, list[int] | None, list[bytes]]]
+        single = self.single
+        if single is not None:
+            parts = [(single, None, keys)]
+        else:
+            lookup = self.placement.lookup
+            by: dict[int, tuple[list[int], list[bytes]]] = {}
+            for i, key in enumerate(keys):
+                s = lookup(key)
+                g = by.get(s)
+                if g is None:
+                    by[s] = ([i], [key])
+                else:
+                    g[0].append(i)
+                    g[1].append(key)
+            servers = self.servers
+            parts = [(servers[s], idx, ks) for s, (idx, ks) in by.items()]
+        conns: list[Connection] = []
+        for server, _, ks in parts:
+            m = len(ks)
+            if server.pinned or server.inflight_n + m > server.max_inflight_server:
+                return False
+            conn = server.batch_conn
+            if conn is None or conn.sock is None:
+                conn = server.pick(None, now)
+            if conn is None or conn.pipeline.inflight + m > server.max_inflight_conn:
+                return False
+            conns.append(conn)
+        if single is not None:
+            job.where = [single] * n
+        for (server, indices, ks), conn in zip(parts, conns):
+            self._gets_to(job, server, conn, indices, ks, now)
+        return True
+
+    def _gets_to(
+        self, job: Job, server: Server, conn: Connection, indices: list[int] | None, keys: list[bytes], now: float,
+    ) -> None:
+        """Queue admitted gets of `keys` (frame positions `indices`; None: 0, 1, ...) to `server`
+        on `conn` as one batch; those whose key is being read join that read instead."""
+        m = len(keys)
+        server.inflight_n += m
+        self.budget.inflight += m
+        if indices is not None:
+            where = job.where
+            for i in indices:
+                where[i] = server
+        reads = server.reads
+        coalesce = self.coalesce
+        if coalesce and reads and not reads.keys().isdisjoint(keys):
+            # Some of these keys are being read: join those (their answers serve this job too).
+            sent: list[int] = []
+            rest: list[bytes] = []
+            for pos, key in enumerate(keys):
+                i = indices[pos] if indices is not None else pos
+                tag = reads.get(key)
+                if tag is None:
+                    sent.append(i)
+                    rest.append(key)
+                    continue
+                _join(server, tag, job, i)
+            self.stats.gets_coalesced += m - len(rest)
+            keys = rest
+            indices = sent
+            m = len(keys)
+            if not m:
+                return
         pipeline = conn.pipeline
         first = pipeline.seq + 1
-        pipeline.seq += n
+        pipeline.seq += m
         if not pipeline.inflight:
             conn.since = conn.sample_t = now
-        pipeline.inflight += n
-        server.inflight_n += n
-        budget.inflight += n
-        job.where = [server] * n
+        pipeline.inflight += m
         joinable: list[bytes | None] | None = None
-        if self.coalesce:
+        if coalesce:
             no = conn.no
-            reads.update(zip(keys, range((first << TAG_BITS) | no, ((first + n) << TAG_BITS) | no, 1 << TAG_BITS)))
+            reads.update(zip(keys, range((first << TAG_BITS) | no, ((first + m) << TAG_BITS) | no, 1 << TAG_BITS)))
             joinable = cast("list[bytes | None]", keys)
-        self.stats.gets_upstream += n
+        self.stats.gets_upstream += m
         conn.push(
-            Batch(job, list(range(n)), [_GET] * n, None, first, None, joinable),
+            Batch(job, indices if indices is not None else list(range(m)), [_GET] * m, None, first, None, joinable),
             meta.encode_gets(keys, first), now, reserved=True,
         )
-        return True
 
     @staticmethod
     def _push(job: Job, groups: dict[Connection, _Group], now: float) -> None:
         for conn, (indices, codes, pins, reqs, gets) in groups.items():
             first = conn.pipeline.seq - len(indices) + 1
-            keys = pins if any(k is not None for k in pins) else None
-            joinable = gets if any(k is not None for k in gets) else None
+            n = len(indices)
+            keys = pins if pins.count(None) != n else None
+            joinable = gets if gets.count(None) != n else None
             conn.push(Batch(job, indices, codes, keys, first, None, joinable), b"".join(reqs), now, reserved=True)
 
     def _place(self, job: Job, i: int, key: bytes) -> Server | None:
@@ -495,3 +598,14 @@ class Router:
         while heap and heap[0][2].done:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
+
+
+def _join(server: Server, tag: int, waiter: Job, index: int) -> None:
+    """Op `index` of `waiter` joins the get in flight named `tag` (see pipeline.tag_of): its answer
+    goes to the waiter too. Counted in flight on that get's connection, whose answer releases it."""
+    joined = server.joiners.get(tag)
+    if joined is None:
+        server.joiners[tag] = [waiter, index]
+    else:
+        joined.extend((waiter, index))
+    server.conns[tag & _CONN_MASK].pipeline.inflight += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import socket
 import time
@@ -43,6 +44,30 @@ IDLE_POLL_MS = 250
 TURN_BYTES = 4 << 20
 CLOSE_LINGER_MS = 500
 CLOSE_QUIET_MS = 100
+# File descriptors besides the worker connections: memcached connections, ZeroMQ's own (listeners,
+# mailboxes), the metrics server, logs.
+FD_HEADROOM = 256
+
+
+def ensure_fd_limit(max_clients: int, memcached_connections: int) -> None:
+    """Raise the soft open-files limit to what max_clients needs (as memcached does for -c), up to
+    the hard limit; log when even that is too low (then accept() fails before max_clients is
+    reached, and ZeroMQ retries it)."""
+    need = max_clients + memcached_connections + FD_HEADROOM
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (OSError, ValueError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        log.warning(
+            "max_clients %d needs about %d open files, the limit is %d (hard %s): raise LimitNOFILE= "
+            "(systemd) or ulimit -n, or lower max_clients",
+            max_clients, need, soft, "unlimited" if hard == resource.RLIM_INFINITY else hard,
+        )
 
 
 def sd_notify(state: str) -> bool:
@@ -101,13 +126,15 @@ class Broker:
         self._watchdog = watchdog_interval()
         self._next_watchdog = 0.0
         self.budget = Budget(config.max_inflight_total, config.max_buffered_bytes)
-        self.access: Access | None = None
+        ensure_fd_limit(config.max_clients, len(config.servers) * config.connections_per_server)
         try:
-            if config.curve:
-                self.access = Access(self.ctx, load_curve(config.curve_secret_key_file, config.curve_allowed_clients))
+            # The ZAP handler: CURVE keys when configured, and max_clients for every listener.
+            self.access = Access(
+                self.ctx, load_curve(config.curve_secret_key_file, config.curve_allowed_clients) if config.curve else None
+            )
             self.front = Front(
                 self.ctx, config.listen_urls(), config.max_frame_bytes, config.socket_mode, config.socket_group,
-                access=self.access, reply_limit=config.max_buffered_bytes,
+                access=self.access, reply_limit=config.max_buffered_bytes, max_clients=config.max_clients,
             )
         except BaseException:
             # Whatever was bound already (several listen addresses) closes with the context.
@@ -115,10 +142,14 @@ class Broker:
             raise
         for sock in self.front.sockets:
             self.poller.register(sock, zmq.POLLIN)
-        # The CURVE handler's socket: handshakes are rare, so the loop tells it from the worker
+        self.access.before_answer = self.front.admit
+        # The ZAP handler's socket: handshakes are rare, so the loop tells it from the worker
         # sockets with one comparison per readable socket.
-        if self.access is not None:
-            self.poller.register(self.access.zap, zmq.POLLIN)
+        self.poller.register(self.access.zap, zmq.POLLIN)
+        # Accept and disconnect events: counted as they come (the ZAP handler takes them too,
+        # before it lets a handshake finish).
+        for mon in self.front.monitors:
+            self.poller.register(mon, zmq.POLLIN)
         self.router = Router(
             budget=self.budget,
             send=self.front.send,
@@ -219,7 +250,10 @@ class Broker:
         self.budget.max_inflight = c.max_inflight_total
         self.budget.max_buffered = c.max_buffered_bytes
         self.front.set_reply_limit(c.max_buffered_bytes, c.max_frame_bytes)
-        if self.access is not None and c.curve:
+        if c.max_clients > self.front.max_clients:
+            ensure_fd_limit(c.max_clients, len(c.servers) * c.connections_per_server)
+        self.front.max_clients = c.max_clients  # connections served now stay; new ones see the new cap
+        if self.access.curve is not None and c.curve:
             try:
                 self.access.set_allowed(load_curve(c.curve_secret_key_file, c.curve_allowed_clients))
             except AccessError as exc:
@@ -246,6 +280,8 @@ class Broker:
             "uptime": round(time.time() - self.started, 3),
             "rss_bytes": rss_bytes(),
             "connected_workers": self.front.poll_workers(),
+            "max_clients": self.front.max_clients,
+            "clients_refused": self.front.clients_refused,
             "hash": self.config.hash,
             "inflight": self.budget.inflight,
             "buffered_bytes": self.budget.buffered,
@@ -255,8 +291,8 @@ class Broker:
             "bad_envelopes": self.front.bad_envelopes,
             "reply_bytes_pending": self.front.reply_bytes,
             "replies_over_limit": self.front.replies_over_limit,
-            "curve_accepted": self.access.accepted if self.access else 0,
-            "curve_refused": self.access.refused if self.access else 0,
+            "curve_accepted": self.access.accepted,
+            "curve_refused": self.access.refused,
             "draining": self.router.draining,
             **self.router.stats.snapshot(),
             "servers": servers,
@@ -308,7 +344,8 @@ class Broker:
         router = self.router
         fds = self._fds
         wake_fd = self._wake_r.fileno()
-        zap = self.access.zap if self.access is not None else None
+        zap = self.access.zap
+        monitors = frozenset(front.monitors)
         limit = self.config.max_batch_per_turn
         # Bytes of frames read per turn: enough for a full turn of small frames, while a flood of
         # large ones cannot keep the loop from flushing memcached and reading its answers.
@@ -324,7 +361,9 @@ class Broker:
                 for obj, ev in events:
                     if type(obj) is not int:
                         if obj is zap:
-                            self.access.on_zap()  # type: ignore[union-attr]
+                            self.access.on_zap()
+                        elif obj in monitors:
+                            front.poll_workers()
                         else:
                             readable.append(obj)
                         continue
@@ -431,9 +470,12 @@ class Broker:
         poller = zmq.Poller()
         for sock in self.front.sockets:
             poller.register(sock, zmq.POLLIN)
+        # Handshakes go on meanwhile (a worker connecting now gets "shutting down" too).
+        poller.register(self.access.zap, zmq.POLLIN)
         start = now = time.monotonic()
         quiet_until = now + CLOSE_QUIET_MS / 1000
         while True:
+            self.access.on_zap()
             for sock in self.front.sockets:
                 for ident, data in self.front.recv_batch(sock, 1 << 20, 1 << 40):
                     self.router.handle(sock, ident, data, now)
@@ -445,8 +487,7 @@ class Broker:
             now = time.monotonic()
         # Replies queued in ZeroMQ get a moment to reach their workers (linger 0 discarded them).
         self.front.close(linger_ms=CLOSE_LINGER_MS)
-        if self.access is not None:
-            self.access.close()
+        self.access.close()
         self.ctx.term()
         if self.metrics is not None:
             self.metrics.close()

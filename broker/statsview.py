@@ -60,7 +60,8 @@ def table(stats: dict[str, Any]) -> str:
         "",
     ]
     wide = [
-        ("connected workers", stats.get("connected_workers")),
+        ("connected workers / max", f"{_num(stats.get('connected_workers'))} / {_num(stats.get('max_clients'))}"),
+        ("clients refused", stats.get("clients_refused")),
         ("frames", stats.get("frames")),
         ("requests", stats.get("ops")),
         ("requests by op", _pairs(stats.get("requests_by_op", {}))),

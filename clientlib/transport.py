@@ -66,6 +66,10 @@ RCVTIMEO_SLACK_MS = 5
 # costs microseconds (a stat and a non-blocking connect) and runs only when a send would block;
 # reusing it briefly bounds its rate in a tight loop of failing calls.
 PROBE_TTL = 0.01
+# While a call waits for a connection to a broker that listens, the check runs again after slices
+# growing from PROBE_TTL to this: a broker that goes away is noticed within one, and a broker
+# that sheds connections past max_clients (each check is a connection it accepts) is not flooded.
+PROBE_SLICE_MAX = 0.2
 
 # How often an asyncio call retries a send while its socket (re)connects to a broker that is there.
 ASYNC_RETRY = 0.002
@@ -118,9 +122,51 @@ def _configure(sock: zmq.Socket[Any], url: str, curve: CurveKeys | None = None) 
     # Queue nothing for a broker that is not connected: a send fails at once instead of
     # delivering a stale request to a broker that comes up much later.
     sock.setsockopt(zmq.IMMEDIATE, 1)
-    sock.setsockopt(zmq.RECONNECT_IVL, 50)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX)
     sock.connect(url)
+
+
+# A broker serving its max_clients worker sockets shuts a new connection down as it accepts it,
+# and the DEALER reconnects after RECONNECT_IVL: libzmq starts every reconnect after a connection
+# that was up from RECONNECT_IVL again (RECONNECT_IVL_MAX only spaces out failed connects). So a
+# call that times out while its socket has no connection up backs that socket off: its reconnect
+# interval doubles, up to RECONNECT_IVL_MAX, and starts again from RECONNECT_IVL when the last
+# such timeout is older than BACKOFF_RESET. A call that finds no connection up still asks for one
+# at once (the next call after a slot frees, or after a broker restart, is not held back).
+RECONNECT_IVL = 50
+RECONNECT_IVL_MAX = 1000
+BACKOFF_RESET = 10.0
+REFUSED_HINT = (
+    "; the connection to the broker was down at the deadline: a broker serving its max_clients worker"
+    " sockets shuts new connections down (its clients_refused counts them), or it restarted"
+)
+
+
+class _Backoff:
+    """One socket's reconnect backoff after refused connections (see RECONNECT_IVL above)."""
+
+    __slots__ = ("ivl", "at")
+
+    def __init__(self) -> None:
+        self.ivl = 0  # 0: never backed off; else the RECONNECT_IVL set on the socket (ms)
+        self.at = -math.inf
+
+    def after_timeout(self, sock: zmq.Socket[Any], url: str) -> str:
+        """At a call's timeout: when the socket has no connection up (with IMMEDIATE, nothing
+        to send to), back it off and reconnect; return the hint for the error message."""
+        if sock.closed or int(sock.getsockopt(zmq.EVENTS)) & _POLLOUT:
+            return ""  # connected: the broker is slow, not refusing
+        now = time.monotonic()
+        fresh = not self.ivl or now - self.at > BACKOFF_RESET
+        self.ivl = 2 * RECONNECT_IVL if fresh else min(2 * self.ivl, RECONNECT_IVL_MAX)
+        self.at = now
+        # The interval is read when a connection is made: reconnect for it to apply (this also
+        # makes one attempt at once).
+        sock.setsockopt(zmq.RECONNECT_IVL, self.ivl)
+        sock.disconnect(url)
+        sock.connect(url)
+        return REFUSED_HINT
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -132,18 +178,30 @@ class _ErrorMap:
     socket leaves the transport. A class rather than a generator context manager: it is entered
     on every call, and this costs a fraction of a microsecond."""
 
-    __slots__ = ("url",)
+    __slots__ = ("url", "on_timeout")
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, on_timeout: Callable[[], str] | None = None) -> None:
         self.url = url
+        # Called on a BrokerTimeout only: what to add to its message (and a chance to back off).
+        self.on_timeout = on_timeout
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        if exc is None or isinstance(exc, MemcacheError) or not isinstance(exc, Exception):
-            return  # ours already, or KeyboardInterrupt / CancelledError: let it through
-        raise translate(exc, self.url) from exc
+        if exc is None or not isinstance(exc, Exception):
+            return  # KeyboardInterrupt / CancelledError: let it through
+        err = exc if isinstance(exc, MemcacheError) else translate(exc, self.url)
+        if isinstance(err, BrokerTimeout) and self.on_timeout is not None:
+            try:
+                hint = self.on_timeout()
+            except Exception:  # a hint must never replace the timeout itself
+                hint = ""
+            if hint and err.args and isinstance(err.args[0], str):
+                err.args = (err.args[0] + hint,) + err.args[1:]
+        if err is exc:
+            return  # ours already: let it through
+        raise err from exc
 
 
 def translate(exc: BaseException, url: str) -> MemcacheError:
@@ -313,7 +371,7 @@ class _ThreadState:
     """One thread's socket and its bookkeeping. A plain object held by a threading.local: its
     attributes are read several times per call, and slots are cheaper than the local's own."""
 
-    __slots__ = ("sock", "gen", "next_id", "rcvtimeo", "saw_down")
+    __slots__ = ("sock", "gen", "next_id", "rcvtimeo", "saw_down", "backoff")
 
     def __init__(self) -> None:
         self.sock: zmq.Socket[Any] | None = None
@@ -321,6 +379,7 @@ class _ThreadState:
         self.next_id = 0
         self.rcvtimeo = -2
         self.saw_down = False  # this thread's socket last found nobody listening
+        self.backoff = _Backoff()
 
 
 class Transport:
@@ -336,8 +395,14 @@ class Transport:
         self._sockets: "weakref.WeakSet[zmq.Socket[Any]]" = weakref.WeakSet()
         self._lock = threading.Lock()
         self._probe = _Probe(url)
-        self._errors = _ErrorMap(url)
+        self._errors = _ErrorMap(url, self._on_timeout)
         _transports.add(self)
+
+    def _on_timeout(self) -> str:
+        st = getattr(self._tls, "st", None)
+        if st is None or st.sock is None or self._pid != os.getpid():
+            return ""
+        return st.backoff.after_timeout(st.sock, self.url)
 
     # --- sockets -------------------------------------------------------------------------------
 
@@ -378,6 +443,7 @@ class Transport:
         st.next_id = random.getrandbits(48)
         st.rcvtimeo = -2
         st.saw_down = False
+        st.backoff = _Backoff()
         with self._lock:
             self._sockets.add(sock)
         return sock
@@ -466,26 +532,29 @@ class Transport:
         if reason is not None:
             st.saw_down = True
             raise BrokerUnavailable(f"no broker at {self.url}: {reason}")
-        if st.saw_down:
+        if st.saw_down or st.backoff.ivl:
             # The broker is back. ZeroMQ retries with a growing interval (up to RECONNECT_IVL_MAX);
             # a fresh connect attempts at once, so the first call after the broker's return works.
+            # Likewise after refused connections (_Backoff): the call asks for a slot at once.
             st.saw_down = False
             sock.disconnect(self.url)
             sock.connect(self.url)
         copy = len(data) < 65536
+        slice_s = PROBE_TTL
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 # Something listens there (the probe found it): a broker that is stopped or too
                 # busy to finish the handshake is slow, not absent.
                 raise BrokerTimeout(f"the broker at {self.url} listens but took no request before the call's deadline{_curve_hint(self.curve)}")
-            # Slices of PROBE_TTL: a broker that goes away meanwhile is noticed within one.
-            if sock.poll(max(1, math.ceil(min(remaining, PROBE_TTL) * 1000)), _POLLOUT):
+            # Growing slices (PROBE_SLICE_MAX): a broker that goes away meanwhile is noticed within one.
+            if sock.poll(max(1, math.ceil(min(remaining, slice_s) * 1000)), _POLLOUT):
                 try:
                     sock.send(data, _NOBLOCK, copy=copy)
                     return
                 except zmq.Again:
                     continue
+            slice_s = min(2 * slice_s, PROBE_SLICE_MAX)
             reason = self._probe.down_reason()
             if reason is not None:
                 st.saw_down = True
@@ -533,9 +602,15 @@ class AsyncTransport:
         self._waiters: dict[int, asyncio.Future[tuple[int, Any]]] = {}
         self._next_id = 0
         self._saw_down = False
+        self._backoff = _Backoff()
         self._probe = _Probe(url)
-        self._errors = _ErrorMap(url)
+        self._errors = _ErrorMap(url, self._on_timeout)
         _transports.add(self)
+
+    def _on_timeout(self) -> str:
+        if self._sock is None or self._pid != os.getpid():
+            return ""
+        return self._backoff.after_timeout(self._sock, self.url)
 
     def _after_fork(self) -> None:
         if self._sock is not None:
@@ -560,6 +635,7 @@ class AsyncTransport:
             self._waiters = {}
             self._next_id = random.getrandbits(48)
             self._saw_down = False
+            self._backoff = _Backoff()
             self._reader = loop.create_task(self._read_loop(sock))
         return sock
 
@@ -632,10 +708,12 @@ class AsyncTransport:
         if reason is not None:
             self._saw_down = True
             raise BrokerUnavailable(f"no broker at {self.url}: {reason}")
-        if self._saw_down:
+        if self._saw_down or self._backoff.ivl:
             self._saw_down = False
             sock.disconnect(self.url)
             sock.connect(self.url)
+        slice_s = PROBE_TTL / 2
+        probe_at = time.monotonic() + PROBE_TTL
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -650,6 +728,11 @@ class AsyncTransport:
                 return
             except zmq.Again:
                 pass
+            now = time.monotonic()
+            if now < probe_at:
+                continue
+            slice_s = min(2 * slice_s, PROBE_SLICE_MAX)
+            probe_at = now + slice_s
             reason = self._probe.down_reason()
             if reason is not None:
                 self._saw_down = True

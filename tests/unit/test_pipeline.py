@@ -61,6 +61,16 @@ pytestmark = pytest.mark.unit
 MAX_VALUE = 1 << 20
 
 
+@pytest.fixture(autouse=True, params=["fast path", "general path"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs twice: as the broker runs (a batch of plain gets takes the fast path,
+    `Pipeline._take_gets`) and with every answer on the general path (`_match`): both must keep
+    every guarantee, event for event."""
+    if request.param == "general path":
+        monkeypatch.setattr(Pipeline, "_take_gets", lambda self, batch, limit: 0)
+    return str(request.param)
+
+
 # --- a recording waiter and a rig around one pipeline ---------------------------------------------
 
 
@@ -102,6 +112,10 @@ class Recorder:
 
     def deliver(self, index: int, result: list[Any]) -> None:
         self.log.append((self.name, index, result))
+
+    def deliver_many(self, indices: list[int], results: list[Any]) -> None:
+        for index, result in zip(indices, results):
+            self.log.append((self.name, index, result))
 
     def fail(self, index: int, code: Code, message: str) -> None:
         assert isinstance(message, str) and message, "a failure carries a message"
@@ -2342,3 +2356,32 @@ def test_a_reset_by_an_error_line_releases_only_keyed_requests() -> None:
     assert info.value.answered
     assert rig.released == []
     assert p.inflight == 0
+
+
+def test_a_batch_of_plain_gets_is_answered_by_the_fast_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router's get_many batch (plain gets, no pinned keys, joinable reads): in the fast-path
+    run every answer is taken by `take_get_answers`; both runs deliver the same results, each
+    proven by the response after it (the last by the fence)."""
+    p = Pipeline(MAX_VALUE)
+    log: list[Event] = []
+    w = Recorder("A", log)
+    keys = [b"k%d" % i for i in range(100)]
+    p.submit(Batch(w, list(range(100)), [int(Op.GET)] * 100, None, 1, None, list(keys)), meta.encode_gets(keys, 1))
+    p.seq = 100
+    p.seal()
+    taken: list[int] = []
+    real = meta.ResponseParser.take_get_answers
+
+    def spy(self: meta.ResponseParser, first: int, limit: int, hit: Any, miss: Any) -> list[Any]:
+        out = real(self, first, limit, hit, miss)
+        taken.append(len(out))
+        return out
+
+    monkeypatch.setattr(meta.ResponseParser, "take_get_answers", spy)
+    answers = b"".join(va(b"v%d" % i, i + 1, flags=i) if i % 3 else b"EN O%d\r\n" % (i + 1) for i in range(100))
+    assert p.receive(answers) == 100
+    assert len(log) == 99  # the last waits for its proof
+    p.receive(fence(101))
+    assert log == [("A", i, [Code.OK, b"v%d" % i, i] if i % 3 else [Code.MISS]) for i in range(100)]
+    assert p.inflight == 0 and not p.queue
+    assert sum(taken) == (100 if path == "fast path" else 0)

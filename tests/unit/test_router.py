@@ -256,6 +256,47 @@ def test_a_turns_requests_go_to_one_connection_in_one_write() -> None:
     assert rig.codes(a) == rig.codes(b) == rig.codes(99) == [Code.MISS]
 
 
+def test_a_get_many_joins_the_reads_in_flight_and_sends_only_the_rest() -> None:
+    # Read coalescing (README): a plain get of a key whose get is in flight waits for that answer.
+    rig = Rig(connections=2)
+    rig.frame([set_op(b"a", b"1"), set_op(b"b", b"2", 7), set_op(b"c", b"3")])
+    rig.serve()
+    first = rig.frame([[Op.GET, b"a"], [Op.GET, b"b"]])
+    second = rig.frame([[Op.GET, b"c"], [Op.GET, b"a"], [Op.GET, b"d"], [Op.GET, b"b"], [Op.GET, b"c"]])
+    rig.serve()
+    assert rig.results(first) == [[Code.OK, b"1", 0], [Code.OK, b"2", 7]]
+    assert rig.results(second) == [[Code.OK, b"3", 0], [Code.OK, b"1", 0], [Code.MISS], [Code.OK, b"2", 7], [Code.OK, b"3", 0]]
+    sent = [line.split()[1] for line in rig.far[rig.names[0]].requests if line.startswith(b"mg ") and b"_mcbroker_fence_" not in line]
+    # a and b once (the second frame joined them); c twice: a frame's own duplicates both go.
+    assert sorted(sent) == [b"a", b"b", b"c", b"c", b"d"]
+    s = rig.router.stats
+    assert (s.gets_upstream, s.gets_coalesced) == (5, 2)
+    server = rig.servers[0]
+    assert rig.budget.inflight == 0 and server.inflight_n == 0 and all(c.pipeline.inflight == 0 for c in server.conns)
+    assert server.reads == {} and server.joiners == {}
+
+
+def test_a_get_many_over_three_servers_goes_one_batch_per_server_and_joins_reads_in_flight() -> None:
+    rig = Rig(3, connections=2)
+    keys = [f"m-{i}" for i in range(40)]
+    rig.frame([set_op(k.encode(), k.encode(), i) for i, k in enumerate(keys)])
+    rig.serve()
+    a = rig.frame([[Op.GET, k.encode()] for k in keys[:30]])
+    b = rig.frame([[Op.GET, k.encode()] for k in keys[10:]])  # keys 10..29 are being read
+    rig.serve()
+    assert rig.results(a) == [[Code.OK, k.encode(), i] for i, k in enumerate(keys[:30])]
+    assert rig.results(b) == [[Code.OK, k.encode(), i + 10] for i, k in enumerate(keys[10:])]
+    where = owners(rig.names, keys)
+    for name in rig.names:
+        sent = [line.split()[1].decode() for line in rig.far[name].requests if line.startswith(b"mg m-")]
+        assert sorted(sent) == sorted(k for k in keys if where[k] == name)  # each key read once, where it lives
+    s = rig.router.stats
+    assert (s.gets_upstream, s.gets_coalesced) == (40, 20)
+    assert rig.budget.inflight == 0
+    for server in rig.servers:
+        assert server.inflight_n == 0 and server.reads == {} and server.joiners == {}
+
+
 def test_noreply_frame_gets_no_reply_but_its_write_is_done() -> None:
     rig = Rig()
     rig.frame([set_op(b"k", b"v")], flags=NOREPLY)
@@ -352,6 +393,40 @@ def test_each_in_flight_bound_admits_exactly_its_limit_in_frame_order(bound: str
     assert codes[7:] == [Code.OVERLOADED] * 3
     assert all(c != Code.OVERLOADED for c in codes[:7])
     assert rig.budget.inflight == 0 and rig.router.stats.overloaded == 3
+
+
+@pytest.mark.parametrize("bound", ["max_conn", "max_server", "max_total"])
+@pytest.mark.parametrize("n_servers", [1, 3])
+def test_each_bound_holds_for_frames_of_one_get(bound: str, n_servers: int) -> None:
+    # One-get frames take their own short path (Router._one_get); the bounds must hold there too.
+    rig = Rig(n_servers, connections=1, **{bound: 7})  # type: ignore[arg-type]
+    server = rig.servers[0]
+    place = owners(rig.names, [f"k-{i}" for i in range(200)])
+    keys = [k.encode() for k, name in place.items() if name == rig.names[0]][:10]
+    ids = [rig.frame([[Op.GET, k]]) for k in keys]  # each in a turn of its own, none answered yet
+    assert rig.budget.inflight == 7 and server.inflight_n == 7
+    rig.serve()
+    assert [rig.codes(i)[0] for i in ids] == [Code.MISS] * 7 + [Code.OVERLOADED] * 3
+    assert rig.budget.inflight == 0 and rig.router.stats.overloaded == 3
+
+
+def test_frames_of_one_get_join_the_read_in_flight_and_odd_keys_still_go() -> None:
+    rig = Rig(1, connections=2)
+    rig.frame([set_op(b"hot", b"v", 3), set_op(b"a b", b"spaced")])
+    rig.serve()
+    first = rig.frame([[Op.GET, b"hot"]])
+    # Same turn and later turns, until the answer is in: all join the first get.
+    rig.router.handle(PEER, b"w2", encode_request(900, [[Op.GET, b"hot"]]), rig.now)
+    joined = rig.frame([[Op.GET, b"hot"]])
+    odd = rig.frame([[Op.GET, b"a b"]])  # goes base64-encoded, on the per-op path
+    rig.serve()
+    assert rig.results(first) == rig.results(900) == rig.results(joined) == [[Code.OK, b"v", 3]]
+    assert rig.results(odd) == [[Code.OK, b"spaced", 0]]
+    sent = [line for line in rig.far[rig.names[0]].requests if line.startswith(b"mg ") and b"_mcbroker_fence_" not in line]
+    assert len([line for line in sent if line.startswith(b"mg hot ")]) == 1
+    s = rig.router.stats
+    assert (s.gets_upstream, s.gets_coalesced) == (2, 2)
+    assert rig.servers[0].reads == {} and rig.servers[0].joiners == {} and rig.budget.inflight == 0
 
 
 def test_a_refused_write_leaves_no_pin_behind() -> None:
