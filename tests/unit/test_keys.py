@@ -413,3 +413,16 @@ def test_check_cas_never_looser_than_pymemcache(cas: Any) -> None:
         assert int(theirs) > MAX_CAS  # the one documented extra rule
     else:
         assert ours == int(theirs)
+
+
+def test_check_int_shows_numbers_of_up_to_256_bits_in_digits_and_longer_ones_by_size() -> None:
+    top = 2**256 - 1  # 256 bits: still written out
+    with pytest.raises(MemcacheIllegalInputError) as info:
+        check_int(top, "delta", maximum=2**64 - 1)
+    assert str(info.value) == f"delta must be <= {2**64 - 1}, got {top}"
+    with pytest.raises(MemcacheIllegalInputError) as info:
+        check_int(-top, "delta", minimum=0)
+    assert str(info.value) == f"delta must be >= 0, got -{top}"
+    with pytest.raises(MemcacheIllegalInputError) as info:
+        check_int(2**256, "delta", maximum=2**64 - 1)
+    assert str(info.value) == f"delta must be <= {2**64 - 1}, got an integer of 257 bits"
