@@ -355,6 +355,10 @@ class Broker:
                 now = time.monotonic()
                 events = self.poller.poll(self._poll_timeout(now))
                 now = time.monotonic()
+                if self._signals:
+                    # First, before this turn's frames: a frame read after SIGTERM was recorded is
+                    # refused ("shutting down"), not served.
+                    self._handle_signals(now)
                 for server in self.servers.values():
                     server.batch_conn = None
                 readable = []
@@ -404,8 +408,6 @@ class Broker:
                 if now >= next_timer:
                     next_timer = now + TIMER_INTERVAL
                     self._timers(now)
-                if self._signals:
-                    self._handle_signals(now)
                 if self._drain_deadline is not None and (self.budget.inflight == 0 or now >= self._drain_deadline):
                     break
         finally:

@@ -163,6 +163,12 @@ def test_drain_refuses_new_frames_answers_the_held_one_then_the_loop_ends(monkey
             assert not held.poll(300)  # in flight, unanswered
             b._on_signal(signal.SIGTERM, None)
             os.write(b._wake_w.fileno(), b"\0")
+            # The loop takes a signal at the end of a turn, after that turn's frames: a frame sent
+            # before it has begun to drain may still be served. Wait for the drain to begin.
+            end = time.monotonic() + 5
+            while not b.router.draining and time.monotonic() < end:
+                time.sleep(0.005)
+            assert b.router.draining
             refused = _call(fresh, 3, [[Op.PING]], 5000)
             assert refused.req_id == 3 and refused.code == Code.SHUTTING_DOWN
             assert "shutting down" in str(refused.payload)
