@@ -545,7 +545,6 @@ class ResponseParser:
         append = out.append
         buf = self._buf
         pos = self._pos
-        n = len(buf)
         match = _GET_ANSWER.match
         limit_value = self._max_value
         expect = first
@@ -566,7 +565,7 @@ class ResponseParser:
                 length = int(size)
                 end = m.end()
                 stop = end + length
-                if length > limit_value or n < stop + 2 or buf[stop : stop + 2] != b"\r\n":
+                if length > limit_value or not buf.startswith(b"\r\n", stop):
                     break
                 append([hit, buf[end:stop], int(flags)])
                 pos = stop + 2
