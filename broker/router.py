@@ -276,7 +276,12 @@ class Router:
         ops = frame.ops
         stats.ops += len(ops)
         stats.by_op[ops[0][0]] += len(ops)
-        if (self._one_get(job, ops[0][1], now) if len(ops) == 1 and ops[0][0] == _GET else len(ops) > 1 and self._all_gets(job, ops, now)):
+        # The commonest frames, one plain get or a get_many, take a short path when nothing is unusual.
+        if len(ops) == 1:
+            queued = ops[0][0] == _GET and self._one_get(job, ops[0][1], now)
+        else:
+            queued = self._all_gets(job, ops, now)
+        if queued:
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
             return
         # The frame's requests bound for one connection go as one batch: one join, one FIFO entry.
