@@ -183,7 +183,10 @@ class _ErrorMap:
     def __init__(self, url: str, on_timeout: Callable[[], str] | None = None) -> None:
         self.url = url
         # Called on a BrokerTimeout only: what to add to its message (and a chance to back off).
-        self.on_timeout = on_timeout
+        # Held weakly: the transport owns this map, and a strong reference back to it would make
+        # a cycle that keeps a dropped Client's socket (and its broker slot, max_clients) open
+        # until the cyclic garbage collector runs, or for ever under gc.disable().
+        self.on_timeout = weakref.WeakMethod(on_timeout) if on_timeout is not None else None
 
     def __enter__(self) -> None:
         return None
@@ -192,9 +195,10 @@ class _ErrorMap:
         if exc is None or not isinstance(exc, Exception):
             return  # KeyboardInterrupt / CancelledError: let it through
         err = exc if isinstance(exc, MemcacheError) else translate(exc, self.url)
-        if isinstance(err, BrokerTimeout) and self.on_timeout is not None:
+        on_timeout = self.on_timeout() if isinstance(err, BrokerTimeout) and self.on_timeout is not None else None
+        if on_timeout is not None:
             try:
-                hint = self.on_timeout()
+                hint = on_timeout()
             except Exception:  # a hint must never replace the timeout itself
                 hint = ""
             if hint and err.args and isinstance(err.args[0], str):
@@ -605,6 +609,7 @@ class AsyncTransport:
         self._backoff = _Backoff()
         self._probe = _Probe(url)
         self._errors = _ErrorMap(url, self._on_timeout)
+        self._closer: weakref.finalize[Any, Any] | None = None
         _transports.add(self)
 
     def _on_timeout(self) -> str:
@@ -636,29 +641,17 @@ class AsyncTransport:
             self._next_id = random.getrandbits(48)
             self._saw_down = False
             self._backoff = _Backoff()
-            self._reader = loop.create_task(self._read_loop(sock))
+            self._reader = loop.create_task(_read_replies(sock, self._waiters))
+            # The reader holds the socket, not this transport: a dropped AsyncClient is freed at
+            # once, and this closes its socket then, so its broker slot (max_clients) goes too.
+            if self._closer is not None:
+                self._closer.detach()
+            self._closer = weakref.finalize(self, _close_quietly, sock)
         return sock
 
     def _new_id(self) -> int:
         self._next_id = rid = (self._next_id + 1) & _U64
         return rid
-
-    async def _read_loop(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            try:
-                data = await sock.recv()
-            except Exception:  # socket closed or context gone: calls waiting time out
-                return
-            try:
-                rid, code, payload = unpack_reply(data)
-            except WireError as exc:
-                fut = self._waiters.pop(exc.req_id, None) if exc.req_id is not None else None
-                if fut is not None and not fut.done():
-                    fut.set_exception(ProtocolMismatch(f"malformed reply from the broker: {exc}"))
-                continue
-            fut = self._waiters.pop(rid, None)
-            if fut is not None and not fut.done():
-                fut.set_result((code, payload))
 
     async def request1(self, op: Op, timeout_ms: int, timeout: float) -> list[Result]:
         """Coroutine form of Transport.request1."""
@@ -701,8 +694,10 @@ class AsyncTransport:
         try:
             await sock.send(data, _NOBLOCK)
             return
-        except zmq.Again:
-            pass
+        except zmq.Again as exc:
+            # pyzmq keeps the exception of a refused send (on a future it holds for the socket):
+            # its traceback would keep this frame, and so this transport, alive with the socket.
+            exc.__traceback__ = None
         # As Transport._send_slow, without blocking the event loop.
         reason = self._probe.down_reason()
         if reason is not None:
@@ -726,8 +721,8 @@ class AsyncTransport:
             try:
                 await sock.send(data, _NOBLOCK)
                 return
-            except zmq.Again:
-                pass
+            except zmq.Again as exc:
+                exc.__traceback__ = None  # as above
             now = time.monotonic()
             if now < probe_at:
                 continue
@@ -750,6 +745,34 @@ class AsyncTransport:
             if self._sock is not None:
                 self._sock.close(linger=0)
             self._sock = None
+
+
+async def _read_replies(sock: zmq.asyncio.Socket, waiters: dict[int, "asyncio.Future[tuple[int, Any]]"]) -> None:
+    """An AsyncTransport's reader: each reply to the future waiting for its id, until the socket
+    closes (calls still waiting then time out)."""
+    while True:
+        try:
+            data = await sock.recv()
+        except Exception:  # socket closed or context gone: calls waiting time out
+            return
+        try:
+            rid, code, payload = unpack_reply(data)
+        except WireError as exc:
+            fut = waiters.pop(exc.req_id, None) if exc.req_id is not None else None
+            if fut is not None and not fut.done():
+                fut.set_exception(ProtocolMismatch(f"malformed reply from the broker: {exc}"))
+            continue
+        fut = waiters.pop(rid, None)
+        if fut is not None and not fut.done():
+            fut.set_result((code, payload))
+
+
+def _close_quietly(sock: zmq.Socket[Any]) -> None:
+    """Close a socket whose owner is gone (a finalizer: it must not raise)."""
+    try:
+        sock.close(linger=0)
+    except Exception:
+        pass
 
 
 def _reset_all_after_fork() -> None:
