@@ -28,6 +28,7 @@ from brokerproc import BrokerProcess
 from clientlib import Client
 from clientlib.errors import MemcacheError
 from clientlib.wire import Op, encode_request
+from flood import flood
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -55,40 +56,6 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise AssertionError(f"no VmRSS for {pid}")
-
-
-def _flood(url: str, sockets: int, seconds: float, stop: Any, sent: Any) -> None:
-    """One flooding process: `sockets` DEALERs sending 500 KB sets, never reading a reply."""
-    ctx = zmq.Context()
-    socks = []
-    for _ in range(sockets):
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, 4)  # bounds this process's memory, not the broker's
-        s.connect(url)
-        socks.append(s)
-    value = b"f" * VALUE
-    frames = [encode_request(i, [[Op.SET, b"flood:%d" % i, value, 0, 0]]) for i in range(sockets)]
-    n = 0
-    end = time.monotonic() + seconds
-    try:
-        while time.monotonic() < end and not stop.is_set():
-            progressed = False
-            for s, data in zip(socks, frames):
-                try:
-                    s.send(data, zmq.NOBLOCK, copy=False)
-                    n += 1
-                    progressed = True
-                except zmq.Again:
-                    pass
-            if not progressed:
-                time.sleep(0.001)
-    finally:
-        with sent.get_lock():
-            sent.value += n
-        for s in socks:
-            s.close(linger=0)
-        ctx.term()
 
 
 class Sampler(threading.Thread):
@@ -155,7 +122,7 @@ def test_flood_of_large_sets_from_non_reading_workers_keeps_memory_bounded(memca
     ctx = multiprocessing.get_context("fork")
     stop = ctx.Event()
     sent = ctx.Value("q", 0)
-    procs = [ctx.Process(target=_flood, args=(broker.url, PEERS // PROCS, FLOOD_SECONDS, stop, sent)) for _ in range(PROCS)]
+    procs = [ctx.Process(target=flood, args=(broker.url, PEERS // PROCS, FLOOD_SECONDS, stop, sent, VALUE)) for _ in range(PROCS)]
     sampler = Sampler(broker.pid, stop)
     sampler.start()
     for p in procs:

@@ -32,13 +32,12 @@ import time
 from typing import Any
 
 import pytest
-import zmq
 
 from broker import front
 from brokerproc import BrokerProcess
 from clientlib import AsyncClient, Client
 from clientlib.errors import BrokerTimeout, MemcacheError
-from clientlib.wire import Op, encode_request
+from flood import flood
 from harness import free_port
 from pool import direct, wait_for
 from timing import LATE
@@ -131,41 +130,6 @@ def memory_bound(max_clients: int, transient: int) -> int:
     frame = front.max_message_size(MAX_FRAME)
     served = BUDGET + front.receive_slack(max_clients, frame) + max_clients * front.SNDHWM * REPLY_BYTES
     return served + transient * HANDSHAKE_BYTES + FIXED_SLACK
-
-
-def _flood(url: str, sockets: int, seconds: float, stop: Any, sent: Any) -> None:
-    """One flooding process: raw DEALERs (ZeroMQ's defaults: reconnect every 100 ms) sending large
-    sets as fast as they can, never reading a reply."""
-    ctx = zmq.Context()
-    socks = []
-    for _ in range(sockets):
-        s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, 4)  # bounds this process's memory, not the broker's
-        s.connect(url)
-        socks.append(s)
-    value = b"f" * VALUE
-    frames = [encode_request(i, [[Op.SET, b"flood:%d" % i, value, 0, 0]]) for i in range(sockets)]
-    n = 0
-    end = time.monotonic() + seconds
-    try:
-        while time.monotonic() < end and not stop.is_set():
-            progressed = False
-            for s, data in zip(socks, frames):
-                try:
-                    s.send(data, zmq.NOBLOCK, copy=False)
-                    n += 1
-                    progressed = True
-                except zmq.Again:
-                    pass
-            if not progressed:
-                time.sleep(0.001)
-    finally:
-        with sent.get_lock():
-            sent.value += n
-        for s in socks:
-            s.close(linger=0)
-        ctx.term()
 
 
 class Sampler(threading.Thread):
@@ -303,7 +267,7 @@ def test_max_clients_bounds_connections_and_memory_under_a_flood_of_sockets(memc
         stop_flood = mp.Event()
         sent = mp.Value("q", 0)
         flood_procs = [
-            mp.Process(target=_flood, args=(url, FLOODERS // PROCS, FLOOD_SECONDS, stop_flood, sent))
+            mp.Process(target=flood, args=(url, FLOODERS // PROCS, FLOOD_SECONDS, stop_flood, sent, VALUE))
             for _ in range(PROCS)
         ]
         sampler = Sampler(broker.pid, url, stop_flood)
