@@ -410,3 +410,12 @@ def stop_all(servers: Iterable[Memcached] | None = None) -> None:
 
 
 atexit.register(stop_all)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of process `pid` in bytes (VmRSS from /proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")

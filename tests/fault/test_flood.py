@@ -29,6 +29,7 @@ from clientlib import Client
 from clientlib.errors import MemcacheError
 from clientlib.wire import Op, encode_request
 from flood import flood
+from harness import rss_bytes
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -48,14 +49,6 @@ FIXED_SLACK = 48 * MiB
 # front.RCVHWM, so that raising RCVHWM again fails this test (at 100 a flood cost 3.9 GB).
 FRAMES_PER_SOCKET = 4
 ABORT_RSS = 2048 * MiB  # stop the flood early rather than push a shared machine into swap
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 class Sampler(threading.Thread):

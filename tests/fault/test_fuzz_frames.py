@@ -33,7 +33,7 @@ from brokerproc import BrokerProcess
 from clientlib import Client
 from clientlib.errors import MemcacheError
 from clientlib.wire import Code, Op, decode_reply, encode_request
-from harness import Memcached
+from harness import Memcached, rss_bytes
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -60,14 +60,6 @@ INJECTIONS = [
 
 def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def canary_value(i: int) -> bytes:

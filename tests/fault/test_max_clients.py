@@ -38,7 +38,7 @@ from brokerproc import BrokerProcess
 from clientlib import AsyncClient, Client
 from clientlib.errors import BrokerTimeout, MemcacheError
 from flood import flood
-from harness import free_port
+from harness import free_port, rss_bytes
 from pool import direct, wait_for
 from timing import LATE
 
@@ -74,14 +74,6 @@ ABORT_RSS = 2048 * MiB
 # What a connection in its handshake costs the broker's process: ZeroMQ's engine with its 8 KiB
 # batch buffers, a session, the greeting (generous).
 HANDSHAKE_BYTES = 64 << 10
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def _socket_inodes(pid: int) -> set[str]:

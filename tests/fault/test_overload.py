@@ -20,7 +20,7 @@ from clientlib import AsyncClient, Client
 from clientlib.errors import BrokerOverloaded, BrokerTimeout, MemcacheError
 from clientlib.wire import Code, Op, decode_reply, encode_request
 from fakemc import keys_held_by, pause_fully
-from harness import Memcached
+from harness import Memcached, rss_bytes
 from timing import LATE
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration, pytest.mark.timeout(120)]
@@ -52,14 +52,6 @@ RSS_GROWTH_LIMIT = 100 << 20
 
 def value_of(key: str) -> bytes:
     return b"value-of:" + key.encode()
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def split_keys(client: Client, stuck: Memcached, n: int) -> tuple[list[str], list[str]]:
