@@ -86,3 +86,28 @@ def test_with_keys_a_remote_broker_address_is_accepted():
 def test_without_keys_a_remote_broker_address_is_refused():
     with pytest.raises(ValueError, match="CURVE"):
         Client("tcp://10.1.2.3:5555")
+
+
+# The errors name the Client keyword (or environment variable) the caller has to fix, as
+# curve_keys' docstring promises: the whole name, not a string that merely contains it.
+@pytest.mark.parametrize("bad", [0, 1, 2])
+def test_a_malformed_key_names_its_keyword_exactly(bad):
+    public, secret = SECRET_PUBLIC
+    args: list[bytes] = [secret, public, SERVER_PUBLIC]
+    args[bad] = b"short"
+    name = ["curve_secretkey", "curve_publickey", "curve_serverkey"][bad]
+    with pytest.raises(ValueError, match=rf"^{name}: .*Z85"):
+        curve_keys(*args)
+
+
+def test_two_missing_keys_are_both_named_as_a_list():
+    public, _ = SECRET_PUBLIC
+    with pytest.raises(ValueError) as info:
+        curve_keys(None, public, None)
+    assert str(info.value).endswith("missing curve_secretkey, curve_serverkey")
+
+
+def test_a_key_of_the_wrong_type_names_the_keyword_and_the_type():
+    public, _ = SECRET_PUBLIC
+    with pytest.raises(TypeError, match=r"^curve_secretkey must be str or bytes.*got int$"):
+        curve_keys(12345, public, SERVER_PUBLIC)  # type: ignore[arg-type]
