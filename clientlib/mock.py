@@ -133,10 +133,12 @@ class _Memory:
             return self._lease_get(op[1], op[2], op[3], now)
         if code == Op.INVALIDATE:
             item = self._live(op[1], now)
-            self.counters["delete_hits" if item else "delete_misses"] += 1
             if item is None:
+                self.counters["delete_misses"] += 1
                 return _NOT_FOUND
+            # memcached 1.6.18: `md I` bumps the cas (protocol.txt) and counts nothing on a hit.
             item.stale, item.won = True, False
+            item.cas = self._next_cas()
             item.exptime = self._exptime(op[2], now)
             return _OK
         if code <= Op.CAS:
@@ -161,19 +163,22 @@ class _Memory:
         return self._server_wide(code, op, now)
 
     def _get(self, code: int, op: list[Any], now: float) -> list[Any]:
-        self.counters["cmd_get"] += 1
         item = self._live(op[1], now)
         if item is not None and item.won and not item.stale and not item.value and not item.flags:
             item = None  # a lease's placeholder reads as a miss through the broker (translate.py)
         if item is None:
+            self.counters["cmd_get"] += 1
             self.counters["get_misses"] += 1
             return _MISS
-        self.counters["get_hits"] += 1
         if code == Op.GAT or code == Op.GATS:
+            # memcached 1.6.18 counts a hit of `mg <key> T<ttl>` as a touch only.
             self.counters["cmd_touch"] += 1
             self.counters["touch_hits"] += 1
             item.exptime = self._exptime(op[2], now)
             # Touching can expire the item (negative TTL): memcached still returns this hit.
+        else:
+            self.counters["cmd_get"] += 1
+            self.counters["get_hits"] += 1
         if code == Op.GETS or code == Op.GATS:
             return [Code.OK, item.value, item.flags, item.cas]
         return [Code.OK, item.value, item.flags]
@@ -186,7 +191,9 @@ class _Memory:
         self.counters["cmd_get"] += 1
         item = self._live(key, now)
         if item is None:
-            self.counters["get_misses"] += 1
+            # memcached 1.6.18 counts the item N creates as a get hit and a stored item.
+            self.counters["get_hits"] += 1
+            self.counters["total_items"] += 1
             item = self.items[key] = _Item(b"", 0, self._exptime(lease_ttl, now), self._next_cas(), now, won=True)
             return [Code.OK, b"", 0, item.cas, wire.LEASE_WON]
         self.counters["get_hits"] += 1
@@ -257,6 +264,7 @@ class _Memory:
             item.cas = self._next_cas()
         else:
             self.items[key] = _Item(text, item.flags, item.exptime, self._next_cas(), now)
+            self.counters["total_items"] += 1  # a new, longer item replaces the old one
         return [Code.OK, number]
 
     def _server_wide(self, code: int, op: list[Any], now: float) -> list[Any]:

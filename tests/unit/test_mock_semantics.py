@@ -320,3 +320,80 @@ def test_stats_settings(mc: MockClient) -> None:
 def test_broker_stats_answers_without_a_broker(mc: MockClient) -> None:
     assert isinstance(mc.broker_stats(), dict)
 
+
+
+# --- counters: what memcached 1.6.18 counts for each command the broker sends ------------------------
+
+COUNTERS = (
+    "cmd_get", "get_hits", "get_misses", "cmd_set", "cmd_touch", "touch_hits", "touch_misses", "delete_hits",
+    "delete_misses", "incr_hits", "incr_misses", "decr_hits", "decr_misses", "cas_hits", "cas_misses",
+    "cas_badval", "cmd_flush", "total_items", "curr_items",
+)
+
+
+def counted(mc: MockClient, call: Any) -> dict[str, int]:
+    """The counters `call()` changed, and by how much."""
+    before = mc.stats()
+    call()
+    after = mc.stats()
+    return {name: after[name.encode()] - before[name.encode()] for name in COUNTERS
+            if after[name.encode()] != before[name.encode()]}
+
+
+def test_counters_follow_memcached(mc: MockClient) -> None:
+    # Each expected change was read from `stats` of memcached 1.6.18 (Debian bookworm) around the
+    # command the broker sends for the call (broker/meta.py), one command at a time. Quirks kept:
+    # a get-and-touch hit counts as a touch only; its miss as a get miss; a lease get's miss
+    # creates an item and counts as a hit; `md I` counts nothing; an incr that lengthens the value
+    # stores a new item (total_items), one that keeps its length rewrites it in place.
+    steps: list[tuple[Any, dict[str, int]]] = [
+        (lambda: mc.set("a", b"1"), {"cmd_set": 1, "total_items": 1, "curr_items": 1}),
+        (lambda: mc.get("a"), {"cmd_get": 1, "get_hits": 1}),
+        (lambda: mc.get("zz"), {"cmd_get": 1, "get_misses": 1}),
+        (lambda: mc.gets("a"), {"cmd_get": 1, "get_hits": 1}),
+        (lambda: mc.gat("a", 100), {"cmd_touch": 1, "touch_hits": 1}),
+        (lambda: mc.gats("a", 100), {"cmd_touch": 1, "touch_hits": 1}),
+        (lambda: mc.gat("zz", 100), {"cmd_get": 1, "get_misses": 1}),
+        (lambda: mc.touch("a", 10), {"cmd_touch": 1, "touch_hits": 1}),
+        (lambda: mc.touch("zz", 10), {"cmd_touch": 1, "touch_misses": 1}),
+        (lambda: mc.get_many(["a", "b", "zz"]), {"cmd_get": 3, "get_hits": 1, "get_misses": 2}),
+        (lambda: mc.incr("n", 1), {"incr_misses": 1}),
+        (lambda: mc.decr("n", 1), {"decr_misses": 1}),
+        (lambda: mc.set("n", b"5"), {"cmd_set": 1, "total_items": 1, "curr_items": 1}),
+        (lambda: mc.incr("n", 1), {"incr_hits": 1}),
+        (lambda: mc.decr("n", 1), {"decr_hits": 1}),
+        (lambda: mc.incr("n", 10), {"incr_hits": 1, "total_items": 1}),  # "5" -> "15": a new item
+        (lambda: mc.decr("n", 6), {"decr_hits": 1}),  # "15" -> "9 ": in place
+        (lambda: mc.incr("n", 1), {"incr_hits": 1}),  # "9 " -> "10": same length, in place
+        (lambda: mc.cas("zz", b"x", 1), {"cmd_set": 1, "cas_misses": 1}),
+        (lambda: mc.cas("n", b"x", 10**9), {"cmd_set": 1, "cas_badval": 1}),
+        (lambda: mc.cas("n", b"x", mc.gets("n")[1]), {"cmd_get": 1, "get_hits": 1, "cmd_set": 1, "cas_hits": 1,
+                                                      "total_items": 1}),
+        (lambda: mc.add("a", b"x"), {"cmd_set": 1}),
+        (lambda: mc.replace("zz", b"x"), {"cmd_set": 1}),
+        (lambda: mc.append("a", b"x"), {"cmd_set": 1, "total_items": 1}),
+        (lambda: mc.append("zz", b"x"), {"cmd_set": 1}),
+        # mg N on a miss (a hit that creates the placeholder), then the winner's fill (ms C<cas>)
+        (lambda: mc.get_or_set("L", lambda: b"v"), {"cmd_get": 1, "get_hits": 1, "total_items": 2,
+                                                    "curr_items": 1, "cmd_set": 1, "cas_hits": 1}),
+        (lambda: mc.get_or_set("L", lambda: b"w"), {"cmd_get": 1, "get_hits": 1}),
+        (lambda: mc.invalidate("a", 30), {}),
+        (lambda: mc.invalidate("zz", 30), {"delete_misses": 1}),
+        (lambda: mc.delete("a"), {"delete_hits": 1, "curr_items": -1}),
+        (lambda: mc.delete("zz"), {"delete_misses": 1}),
+        (lambda: mc.flush_all(), {"cmd_flush": 1, "curr_items": -2}),
+    ]
+    for n, (call, expected) in enumerate(steps):
+        assert counted(mc, call) == expected, f"step {n}"
+
+
+def test_invalidate_bumps_the_cas(mc: MockClient) -> None:
+    # protocol.txt, Meta Delete: "I: invalidate. mark as stale, bumps CAS." A cas with a token
+    # read before the invalidation is refused (memcached 1.6.18: EXISTS).
+    mc.set("k", b"v")
+    _, token = mc.gets("k")
+    assert mc.invalidate("k", 30) is True
+    _, after = mc.gets("k")
+    assert after != token
+    assert mc.cas("k", b"w", token) is False
+    assert mc.get("k") == b"v"
