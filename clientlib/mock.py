@@ -250,7 +250,12 @@ class _Memory:
             return _NOT_FOUND
         m = _NUMBER.match(item.value)
         number = int(m.group(2)) if m else -1
-        if m is None or number > _U64 or (m.group(1) == b"-" and number != 0):
+        if m is not None and m.group(1) == b"-" and number <= _U64:
+            # strtoull negates "-N" modulo 2**64; memcached refuses it only if negative as an int64.
+            number = -number & _U64
+            if number >> 63:
+                number = -1
+        if m is None or number > _U64 or number < 0:
             return [Code.CLIENT_ERROR, "CLIENT_ERROR cannot increment or decrement non-numeric value"]
         self.counters[name + "_hits"] += 1
         if code == Op.INCR:

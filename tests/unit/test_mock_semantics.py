@@ -397,3 +397,18 @@ def test_invalidate_bumps_the_cas(mc: MockClient) -> None:
     assert after != token
     assert mc.cas("k", b"w", token) is False
     assert mc.get("k") == b"v"
+
+
+def test_a_minus_sign_reads_as_strtoull_reads_it(mc: MockClient) -> None:
+    # memcached's safe_strtoull: strtoull negates "-N" modulo 2**64 and memcached refuses the
+    # result only when it is negative as a signed 64-bit number (checked on memcached 1.6.18).
+    mc.set("n", b"-9223372036854775809")  # 2**64 - (2**63 + 1) = 2**63 - 1
+    assert mc.incr("n", 1) == 2**63
+    mc.set("n", b"-18446744073709551615")  # 2**64 - (2**64 - 1) = 1
+    assert mc.decr("n", 1) == 0
+    for refused in (b"-9223372036854775808", b"-1", b"-18446744073709551616"):  # 2**63; 2**64 - 1; ERANGE
+        mc.set("n", refused)
+        with pytest.raises(MemcacheClientError):
+            mc.incr("n", 1)
+    mc.set("n", b"+42")
+    assert mc.incr("n", 1) == 43
