@@ -412,3 +412,26 @@ def test_a_minus_sign_reads_as_strtoull_reads_it(mc: MockClient) -> None:
             mc.incr("n", 1)
     mc.set("n", b"+42")
     assert mc.incr("n", 1) == 43
+
+
+def test_counters_are_cumulative(mc: MockClient) -> None:
+    # protocol.txt: "Cumulative number of ..." - each miss adds one, not sets one.
+    for _ in range(2):
+        mc.delete("zz")
+        mc.invalidate("zz", 30)
+        mc.cas("zz", b"x", 1)
+        mc.incr("zz", 1)
+        mc.decr("zz", 1)
+        mc.flush_all()
+    mc.set("k", b"v")
+    for _ in range(2):
+        mc.cas("k", b"x", 10**9)
+    s = mc.stats()
+    assert (s[b"delete_misses"], s[b"cas_misses"], s[b"cas_badval"]) == (4, 2, 2)
+    assert (s[b"incr_misses"], s[b"decr_misses"], s[b"cmd_flush"]) == (2, 2, 2)
+
+
+def test_a_non_numeric_value_gets_memcacheds_message(mc: MockClient) -> None:
+    mc.set("n", b"abc")
+    with pytest.raises(MemcacheClientError, match="cannot increment or decrement non-numeric value"):
+        mc.incr("n", 1)
