@@ -213,3 +213,120 @@ def test_a_store_whose_frame_is_exactly_max_frame_bytes_is_sent() -> None:
     assert m.get("k") == b"x" * n
     with pytest.raises(MemcacheServerError, match="object too large for cache"):
         m.set("k", b"x" * (n + 1))
+
+
+# --- get_or_set and invalidate: their numbers and their fill ----------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"lease_ttl": 0}, "lease_ttl"),  # N<ttl>: the placeholder must lapse
+    ({"lease_ttl": 1 << 31}, "lease_ttl"),
+    ({"recache_ttl": -1}, "recache_ttl"),
+    ({"recache_ttl": 1 << 31}, "recache_ttl"),
+])
+def test_get_or_set_refuses_bad_lease_numbers_naming_them(kwargs: dict[str, int], name: str) -> None:
+    with pytest.raises(MemcacheIllegalInputError, match=rf"^{name} "):
+        MockClient().get_or_set("k", lambda: b"v", **kwargs)
+
+
+def test_get_or_set_accepts_the_smallest_and_largest_lease_numbers() -> None:
+    m = MockClient()
+    assert m.get_or_set("a", lambda: b"v", lease_ttl=1, recache_ttl=0) == b"v"
+    assert m.get_or_set("b", lambda: b"v", lease_ttl=(1 << 31) - 1, recache_ttl=(1 << 31) - 1) == b"v"
+
+
+@pytest.mark.parametrize("expire", [1, 60 * 60 * 24 * 30])
+def test_a_recache_window_as_long_as_a_relative_expiry_is_refused(expire: int) -> None:
+    # Every stored value would be due at once. 1 s and 30 days are both relative TTLs.
+    with pytest.raises(MemcacheIllegalInputError, match="recache_ttl"):
+        MockClient().get_or_set("k", lambda: b"v", expire=expire, recache_ttl=expire)
+
+
+@pytest.mark.parametrize("stale_ttl, ok", [(0, False), (1, True), ((1 << 31) - 1, True), (1 << 31, False)])
+def test_invalidate_stale_ttl_range(stale_ttl: int, ok: bool) -> None:
+    m = MockClient()
+    m.set("k", b"v")
+    if ok:
+        assert m.invalidate("k", stale_ttl) is True
+    else:
+        with pytest.raises(MemcacheIllegalInputError, match="^stale_ttl "):
+            m.invalidate("k", stale_ttl)
+
+
+def test_invalidate_follows_noreply_and_default_noreply() -> None:
+    assert MockClient(default_noreply=True).invalidate("missing") is True  # no answer awaited
+    assert MockClient().invalidate("missing", noreply=True) is True
+    assert MockClient(default_noreply=True).invalidate("missing", noreply=False) is False
+
+
+@pytest.mark.parametrize("cas_enabled", [True, False])
+@pytest.mark.parametrize("default_noreply", [False, True])
+def test_a_fill_that_memcached_refuses_raises(cas_enabled: bool, default_noreply: bool) -> None:
+    # get_or_set's docstring: an exception from the fill propagates (the fill waits for its
+    # answer whatever default_noreply says), and the placeholder is deleted.
+    m = MockClient(item_size_max=1024, cas_enabled=cas_enabled, default_noreply=default_noreply)
+    with pytest.raises(MemcacheServerError, match="object too large for cache"):
+        m.get_or_set("k", lambda: b"x" * 2000)
+    assert m.get_or_set("k", lambda: b"small", wait=0) == b"small"
+    assert m.get("k") == b"small"
+
+
+def test_without_cas_the_fill_is_a_plain_set_with_the_callers_key_value_and_ttl() -> None:
+    # memcached -C answers every cas unique 0: the winner stores with set (commands._fill).
+    clock = [1000.0]
+    seen: list[Any] = []
+
+    def ser(key: Any, value: Any) -> tuple[bytes, int]:
+        seen.append(key)
+        return value, 2
+
+    m = MockClient(cas_enabled=False, clock=lambda: clock[0], serializer=ser, deserializer=lambda k, v, f: (v, f))
+    assert m.get_or_set("k", lambda: b"v", expire=10) == b"v"
+    assert seen == ["k"]
+    assert m.get("k") == (b"v", 2)
+    clock[0] += 10
+    assert m.get("k") is None
+
+
+def test_get_or_set_reads_a_stored_value_through_the_deserializer() -> None:
+    seen: list[Any] = []
+
+    def de(key: Any, value: bytes, flags: int) -> Any:
+        seen.append((key, value, flags))
+        return ("decoded", value)
+
+    m = MockClient(serializer=lambda k, v: (v, 0), deserializer=de)
+    m.set("zero", b"v")  # flags 0: still a value for the deserializer
+    m.set("five", b"w", flags=5)
+    assert m.get_or_set("zero", lambda: pytest.fail("a hit")) == ("decoded", b"v")
+    assert m.get_or_set("five", lambda: pytest.fail("a hit")) == ("decoded", b"w")
+    assert seen == [("zero", b"v", 0), ("five", b"w", 5)]
+
+
+def test_the_placeholder_is_not_handed_to_the_deserializer() -> None:
+    # The empty flag-0 item is a lease in progress, whatever the serde would make of b"".
+    m = MockClient(serializer=lambda k, v: (v, 0), deserializer=lambda k, v, f: ("decoded", v))
+    seen = {}
+
+    def winner() -> bytes:
+        seen["other"] = m.get_or_set("k", lambda: b"others", wait=0)
+        return b"mine"
+
+    assert m.get_or_set("k", winner) == b"mine"
+    assert seen == {"other": b"others"}  # pending: computed by the other caller, not stored
+    assert m.get("k") == ("decoded", b"mine")
+
+
+def test_a_failed_lease_read_raises_or_with_ignore_exc_computes_and_stores_nothing(peer: Callable[[Answer], Peer]) -> None:
+    p = peer(lambda op: [Code.SERVER_DOWN, "server mc1:11211 is down"])
+    with pytest.raises(MemcacheServerError, match="mc1:11211"):
+        Client(p.url, timeout=5).get_or_set("k", lambda: b"v")
+    assert Client(p.url, timeout=5, ignore_exc=True).get_or_set("k", lambda: b"v") == b"v"
+    assert [op[0] for op in p.ops] == [Op.LEASE_GET, Op.LEASE_GET]  # no fill, no delete
+
+
+def test_utf8_encoding_applies_to_str_values() -> None:
+    m = MockClient(encoding="utf-8")
+    m.set("k", "caf\u00e9")
+    m.set_many({"k2": "caf\u00e9"})
+    assert m.get("k") == m.get("k2") == "caf\u00e9".encode()
