@@ -330,3 +330,10 @@ def test_utf8_encoding_applies_to_str_values() -> None:
     m.set("k", "caf\u00e9")
     m.set_many({"k2": "caf\u00e9"})
     assert m.get("k") == m.get("k2") == "caf\u00e9".encode()
+
+
+def test_set_many_lists_a_value_above_the_frame_limit_as_failed_with_ignore_exc() -> None:
+    # pymemcache's set_many returns the keys that failed to be inserted.
+    m = MockClient(ignore_exc=True, max_frame_bytes=1 << 16)
+    assert m.set_many({"a": b"1", "big": b"x" * (1 << 17), "c": b"3"}) == ["big"]
+    assert m.get_many(["a", "big", "c"]) == {"a": b"1", "c": b"3"}
