@@ -32,6 +32,7 @@ class Peer:
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
         self.ops: list[list[Any]] = []
+        self.frames: list[Any] = []
         self._dir = tempfile.TemporaryDirectory(prefix="mcb-unit-")
         self.url = f"ipc://{self._dir.name}/peer.sock"
         self._ctx = zmq.Context()
@@ -49,6 +50,7 @@ class Peer:
             ident, data = self._sock.recv_multipart()
             req = decode_request(data)
             self.ops.extend(req.ops)
+            self.frames.append(req)
             if not req.flags & 1:
                 self._sock.send_multipart([ident, encode_reply(req.req_id, [self.answer(op) for op in req.ops])])
 
@@ -210,3 +212,164 @@ def test_async_timeout_of_a_silent_peer_is_broker_timeout(peer: Callable[[Answer
 
     with pytest.raises(BrokerTimeout):
         run(call())
+
+
+# --- every call of Client and AsyncClient: the op it sends (wire.py's schema) and what it returns
+# (pymemcache's documented return values) --------------------------------------------------------
+
+V = b"1.6.18"
+
+
+def scripted(op: list[Any]) -> list[Any]:
+    """A server: key b"ns" is never stored (NOT_STORED), b"ex" has changed (EXISTS), b"nf" and
+    every incr/decr of b"nf" are absent (NOT_FOUND); a lease read wins with cas 5."""
+    code, key = op[0], op[1] if len(op) > 1 and isinstance(op[1], bytes) else b""
+    if code in (Op.GET, Op.GETS, Op.GAT, Op.GATS):
+        return [Code.OK, b"val", 0, 9] if code in (Op.GETS, Op.GATS) else [Code.OK, b"val", 0]
+    if code == Op.LEASE_GET:
+        return [Code.OK, b"", 0, 5, 1]  # LEASE_WON: the caller computes
+    if key == b"ns":
+        return [Code.NOT_STORED]
+    if key == b"ex":
+        return [Code.EXISTS]
+    if key == b"nf":
+        return [Code.NOT_FOUND]
+    if code in (Op.INCR, Op.DECR):
+        return [Code.OK, 7 if code == Op.INCR else 3]
+    if code == Op.VERSION:
+        return [Code.OK, {"mc1:11211": V.decode()}]
+    if code == Op.STATS:
+        return [Code.OK, {"mc1:11211": {"curr_items": "2"}}]
+    if code in (Op.FLUSH_ALL, Op.CACHE_MEMLIMIT):
+        return [Code.OK, {"mc1:11211": True}]
+    if code == Op.PING:
+        return [Code.OK, "PONG"]
+    if code == Op.BROKER_STATS:
+        return [Code.OK, {"uptime": 1}]
+    return [Code.OK]
+
+
+# (method, args, kwargs, the ops sent, the return value)
+CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any], list[list[Any]], Any]] = [
+    ("get", ("k",), {}, [[Op.GET, b"k"]], b"val"),
+    ("gets", ("k",), {}, [[Op.GETS, b"k"]], (b"val", b"9")),
+    ("gat", ("k", 10), {}, [[Op.GAT, b"k", 10]], b"val"),
+    ("gats", ("k", 10), {}, [[Op.GATS, b"k", 10]], (b"val", b"9")),
+    ("get_many", (["a", "b"],), {}, [[Op.GET, b"a"], [Op.GET, b"b"]], {"a": b"val", "b": b"val"}),
+    ("gets_many", (["a"],), {}, [[Op.GETS, b"a"]], {"a": (b"val", b"9")}),
+    ("set", ("k", b"v"), {"expire": 10, "flags": 3}, [[Op.SET, b"k", b"v", 3, 10]], True),
+    ("set_many", ({"a": b"1", "ns": b"2"},), {"expire": 10, "flags": 3},
+     [[Op.SET, b"a", b"1", 3, 10], [Op.SET, b"ns", b"2", 3, 10]], ["ns"]),  # the keys not stored
+    ("add", ("k", b"v"), {"expire": 10, "flags": 3}, [[Op.ADD, b"k", b"v", 3, 10]], True),
+    ("add", ("ns", b"v"), {}, [[Op.ADD, b"ns", b"v", 0, 0]], False),
+    ("replace", ("k", b"v"), {"expire": 10, "flags": 3}, [[Op.REPLACE, b"k", b"v", 3, 10]], True),
+    ("replace", ("ns", b"v"), {}, [[Op.REPLACE, b"ns", b"v", 0, 0]], False),
+    ("append", ("k", b"v"), {"expire": 10, "flags": 3}, [[Op.APPEND, b"k", b"v", 3, 10]], True),
+    ("append", ("ns", b"v"), {}, [[Op.APPEND, b"ns", b"v", 0, 0]], False),
+    ("prepend", ("k", b"v"), {"expire": 10, "flags": 3}, [[Op.PREPEND, b"k", b"v", 3, 10]], True),
+    ("prepend", ("ns", b"v"), {}, [[Op.PREPEND, b"ns", b"v", 0, 0]], False),
+    ("cas", ("k", b"v", b"17"), {"expire": 10, "flags": 3}, [[Op.CAS, b"k", b"v", 3, 10, 17]], True),
+    ("cas", ("ex", b"v", 17), {}, [[Op.CAS, b"ex", b"v", 0, 0, 17]], False),
+    ("cas", ("nf", b"v", 17), {}, [[Op.CAS, b"nf", b"v", 0, 0, 17]], None),
+    ("delete", ("k",), {}, [[Op.DELETE, b"k"]], True),
+    ("delete", ("nf",), {}, [[Op.DELETE, b"nf"]], False),
+    ("delete_many", (["a", "nf"],), {}, [[Op.DELETE, b"a"], [Op.DELETE, b"nf"]], True),
+    ("incr", ("k", 2), {}, [[Op.INCR, b"k", 2]], 7),
+    ("incr", ("nf", 2), {}, [[Op.INCR, b"nf", 2]], None),
+    ("decr", ("k", 2), {}, [[Op.DECR, b"k", 2]], 3),
+    ("decr", ("nf", 2), {}, [[Op.DECR, b"nf", 2]], None),
+    ("touch", ("k", 10), {}, [[Op.TOUCH, b"k", 10]], True),
+    ("touch", ("nf", 10), {}, [[Op.TOUCH, b"nf", 10]], False),
+    ("invalidate", ("k", 20), {}, [[Op.INVALIDATE, b"k", 20]], True),
+    ("invalidate", ("nf", 20), {}, [[Op.INVALIDATE, b"nf", 20]], False),
+    ("get_or_set", ("k", lambda: b"computed", 10), {"lease_ttl": 7, "recache_ttl": 3},
+     [[Op.LEASE_GET, b"k", 7, 3], [Op.CAS, b"k", b"computed", 0, 10, 5]], b"computed"),
+    ("version", (), {}, [[Op.VERSION]], V),
+    ("stats", ("items",), {}, [[Op.STATS, [b"items"]]], {b"curr_items": 2}),
+    ("flush_all", (5,), {}, [[Op.FLUSH_ALL, 5]], True),
+    ("cache_memlimit", (100,), {}, [[Op.CACHE_MEMLIMIT, 100]], True),
+    ("broker_ping", (), {}, [[Op.PING]], "PONG"),
+    ("broker_stats", (), {}, [[Op.BROKER_STATS]], {"uptime": 1}),
+]
+
+
+def call_all(c: Any, p: Peer, awaiting: bool) -> list[tuple[Any, list[list[Any]]]]:
+    async def each() -> list[tuple[Any, list[list[Any]]]]:
+        out = []
+        for name, args, kwargs, _, _ in CALLS:
+            before = len(p.ops)
+            try:
+                result = getattr(c, name)(*args, **kwargs)
+                if awaiting:
+                    result = await result
+            except MemcacheError as exc:
+                result = type(exc).__name__
+            out.append((result, p.ops[before:]))
+        return out
+
+    return asyncio.run(each())
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_each_call_sends_its_op_and_returns_pymemcaches_value(peer: Callable[[Answer], Peer], client: str) -> None:
+    p = peer(scripted)
+    c = Client(p.url, timeout=5) if client == "sync" else AsyncClient(p.url, timeout=5)
+    got = call_all(c, p, awaiting=client == "async")
+    for (name, args, _, ops, expected), (result, sent) in zip(CALLS, got):
+        assert sent == ops, (name, args)
+        assert result == expected, (name, args)
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_noreply_calls_send_noreply_frames_and_return_at_once(peer: Callable[[Answer], Peer], client: str) -> None:
+    # pymemcache: with noreply, set/add/replace/append/prepend/delete/touch return True, incr/decr
+    # None, set_many [] (nothing is known about failures).
+    p = peer(scripted)
+    c: Any = Client(p.url, timeout=5) if client == "sync" else AsyncClient(p.url, timeout=5)
+    calls: list[tuple[str, tuple[Any, ...], Any]] = [
+        ("set", ("ns", b"v"), True), ("add", ("ns", b"v"), True), ("replace", ("ns", b"v"), True),
+        ("append", ("ns", b"v"), True), ("prepend", ("ns", b"v"), True), ("delete", ("nf",), True),
+        ("touch", ("nf", 1), True), ("incr", ("nf", 1), None), ("decr", ("nf", 1), None),
+        ("set_many", ({"ns": b"v"},), []), ("delete_many", (["nf"],), True), ("invalidate", ("nf",), True),
+        ("cas", ("ex", b"v", 1), True), ("flush_all", (), True),
+    ]
+
+    async def each() -> list[Any]:
+        out = []
+        for name, args, _ in calls:
+            r = getattr(c, name)(*args, noreply=True)
+            out.append(await r if client == "async" else r)
+        last = c.get("k")  # a round trip: every earlier frame has reached the peer
+        out.append(await last if client == "async" else last)
+        return out
+
+    assert asyncio.run(each()) == [want for _, _, want in calls] + [b"val"]
+    assert [f.flags & 1 for f in p.frames] == [1] * len(calls) + [0]
+
+
+def test_the_mapping_protocol(peer: Callable[[Answer], Peer]) -> None:
+    # pymemcache's Client: c[k] = v is set(noreply=True), c[k] is get raising KeyError on a
+    # miss, del c[k] is delete(noreply=True).
+    p = peer(lambda op: [Code.MISS] if op[1] == b"zz" else scripted(op))
+    c = Client(p.url, timeout=5)
+    c["k"] = b"v"
+    del c["k"]
+    assert c["k"] == b"val"
+    with pytest.raises(KeyError):
+        c["zz"]
+    assert [(f.flags & 1, f.ops) for f in p.frames] == [
+        (1, [[Op.SET, b"k", b"v", 0, 0]]), (1, [[Op.DELETE, b"k"]]), (0, [[Op.GET, b"k"]]), (0, [[Op.GET, b"zz"]]),
+    ]
+
+
+def test_async_get_or_set_awaits_a_coroutine_fn(peer: Callable[[Answer], Peer]) -> None:
+    p = peer(scripted)
+
+    async def fn() -> bytes:
+        return b"awaited"
+
+    async def call() -> Any:
+        return await AsyncClient(p.url, timeout=5).get_or_set("k", fn, expire=10)
+
+    assert run(call()) == b"awaited"
+    assert p.ops == [[Op.LEASE_GET, b"k", 30, 0], [Op.CAS, b"k", b"awaited", 0, 10, 5]]
