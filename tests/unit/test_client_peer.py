@@ -355,8 +355,9 @@ def test_the_mapping_protocol(peer: Callable[[Answer], Peer]) -> None:
     c["k"] = b"v"
     del c["k"]
     assert c["k"] == b"val"
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError) as info:
         c["zz"]
+    assert info.value.args == ("zz",)
     assert [(f.flags & 1, f.ops) for f in p.frames] == [
         (1, [[Op.SET, b"k", b"v", 0, 0]]), (1, [[Op.DELETE, b"k"]]), (0, [[Op.GET, b"k"]]), (0, [[Op.GET, b"zz"]]),
     ]
@@ -373,3 +374,48 @@ def test_async_get_or_set_awaits_a_coroutine_fn(peer: Callable[[Answer], Peer]) 
 
     assert run(call()) == b"awaited"
     assert p.ops == [[Op.LEASE_GET, b"k", 30, 0], [Op.CAS, b"k", b"awaited", 0, 10, 5]]
+
+
+def test_sync_misses_return_the_defaults(peer: Callable[[Answer], Peer]) -> None:
+    p = peer(store({}))
+    c = Client(p.url, timeout=5)
+    assert [
+        c.get("zz"), c.get("zz", default="d"), c.gets("zz"), c.gets("zz", default="d", cas_default="c"),
+        c.gat("zz", 1, default="d"), c.gats("zz", 1, default="d", cas_default="c"), c.get_many(["zz"]),
+    ] == [None, "d", (None, None), ("d", "c"), "d", ("d", "c"), {}]
+
+
+def test_defaults_of_the_write_calls(peer: Callable[[Answer], Peer]) -> None:
+    # The signatures' defaults (pymemcache's): expire 0 (never), noreply None (default_noreply),
+    # flags from the serde (0 for bytes); invalidate's stale_ttl 30 s; get_or_set's lease_ttl
+    # 30 s (clientlib.lease.DEFAULT_LEASE_TTL) and no recache window.
+    p = peer(scripted)
+    c = Client(p.url, timeout=5)
+    c.set_many({"a": b"1"})
+    c.touch("k")
+    c.gat("k")
+    c.gats("k")
+    c.invalidate("k")
+    c.get_or_set("k", lambda: b"v")
+    assert p.ops == [
+        [Op.SET, b"a", b"1", 0, 0], [Op.TOUCH, b"k", 0], [Op.GAT, b"k", 0], [Op.GATS, b"k", 0],
+        [Op.INVALIDATE, b"k", 30], [Op.LEASE_GET, b"k", 30, 0], [Op.CAS, b"k", b"v", 0, 0, 5],
+    ]
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_get_or_set_polls_a_pending_lease_until_the_value_arrives(peer: Callable[[Answer], Peer], client: str) -> None:
+    # lease.py: another caller holds the lease on an empty item (Z, b"", flags 0): poll, then use
+    # the value it stored. Bounded: at most two reads, a 10 ms poll between them.
+    answers = [[Code.OK, b"", 0, 7, 4], [Code.OK, b"theirs", 0, 8, 0]]  # 4: LEASE_TAKEN
+    p = peer(lambda op: answers.pop(0) if answers else [Code.OK])
+    fn = lambda: pytest.fail("another caller computes")  # noqa: E731
+    if client == "sync":
+        got = Client(p.url, timeout=5).get_or_set("k", fn, wait=5)
+    else:
+        async def call() -> Any:
+            return await AsyncClient(p.url, timeout=5).get_or_set("k", fn, wait=5)
+
+        got = run(call())
+    assert got == b"theirs"
+    assert p.ops == [[Op.LEASE_GET, b"k", 30, 0]] * 2
