@@ -337,3 +337,15 @@ def test_set_many_lists_a_value_above_the_frame_limit_as_failed_with_ignore_exc(
     m = MockClient(ignore_exc=True, max_frame_bytes=1 << 16)
     assert m.set_many({"a": b"1", "big": b"x" * (1 << 17), "c": b"3"}) == ["big"]
     assert m.get_many(["a", "big", "c"]) == {"a": b"1", "c": b"3"}
+
+
+@pytest.mark.parametrize("wait", [-1, 3601, "1", True, None])
+def test_get_or_set_refuses_a_bad_wait(wait: Any) -> None:
+    # Client.get_or_set: `wait` is a number of seconds in 0..3600.
+    with pytest.raises(MemcacheIllegalInputError, match=r"^wait "):
+        MockClient().get_or_set("k", lambda: b"v", wait=wait)
+
+
+@pytest.mark.parametrize("wait", [0, 0.5, 3600])
+def test_get_or_set_accepts_a_wait_in_range(wait: float) -> None:
+    assert MockClient().get_or_set("k", lambda: b"v", wait=wait) == b"v"
