@@ -33,6 +33,7 @@ class Peer:
         self.answer = answer
         self.ops: list[list[Any]] = []
         self.frames: list[Any] = []
+        self.sizes: list[int] = []
         self._dir = tempfile.TemporaryDirectory(prefix="mcb-unit-")
         self.url = f"ipc://{self._dir.name}/peer.sock"
         self._ctx = zmq.Context()
@@ -51,6 +52,7 @@ class Peer:
             req = decode_request(data)
             self.ops.extend(req.ops)
             self.frames.append(req)
+            self.sizes.append(len(data))
             if not req.flags & 1:
                 self._sock.send_multipart([ident, encode_reply(req.req_id, [self.answer(op) for op in req.ops])])
 
@@ -419,3 +421,131 @@ def test_get_or_set_polls_a_pending_lease_until_the_value_arrives(peer: Callable
         got = run(call())
     assert got == b"theirs"
     assert p.ops == [[Op.LEASE_GET, b"k", 30, 0]] * 2
+
+
+class TagSerde:
+    """A serde whose output names itself, so the test sees it was the one used."""
+
+    def serialize(self, key: Any, value: Any) -> tuple[bytes, int]:
+        return b"S:" + str(value).encode(), 7
+
+    def deserialize(self, key: Any, value: bytes, flags: int) -> Any:
+        return ("D", key, value, flags)
+
+
+def both(client: str, make: Callable[[], Any], calls: Callable[[Any], list[Any]]) -> list[Any]:
+    """Run `calls(c)` on a Client, or on an AsyncClient awaiting each result."""
+    c = make()
+    if client == "sync":
+        return calls(c)
+
+    async def each() -> list[Any]:
+        return [await r for r in calls(c)]
+
+    return run(each())
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_constructor_options_reach_the_calls(peer: Callable[[Answer], Peer], client: str) -> None:
+    p = peer(store(VALUES))
+    cls = Client if client == "sync" else AsyncClient
+    url = p.url
+
+    def ops_of(make: Callable[[], Any], calls: Callable[[Any], list[Any]]) -> tuple[list[Any], list[list[Any]]]:
+        before = len(p.ops)
+        got = both(client, make, calls)
+        return got, p.ops[before:]
+
+    got, ops = ops_of(lambda: cls(url, timeout=5, serde=TagSerde()), lambda c: [c.set("k", 1), c.get("a")])
+    assert got == [True, ("D", "a", b"1", 3)] and ops[0] == [Op.SET, b"k", b"S:1", 7, 0]
+    got, ops = ops_of(lambda: cls(url, timeout=5, serializer=TagSerde().serialize, deserializer=TagSerde().deserialize),
+                      lambda c: [c.set("k", 1), c.get("a")])
+    assert got == [True, ("D", "a", b"1", 3)] and ops[0] == [Op.SET, b"k", b"S:1", 7, 0]
+    got, ops = ops_of(lambda: cls(url, timeout=5, key_prefix="p:"), lambda c: [c.get("k")])
+    assert ops == [[Op.GET, b"p:k"]]
+    got, ops = ops_of(lambda: cls(url, timeout=5, allow_unicode_keys=True), lambda c: [c.get("caf\u00e9")])
+    assert ops == [[Op.GET, "caf\u00e9".encode()]]
+    got, ops = ops_of(lambda: cls(url, timeout=5, encoding="utf-8"), lambda c: [c.set("k", "caf\u00e9")])
+    assert ops == [[Op.SET, b"k", "caf\u00e9".encode(), 0, 0]]
+    got, _ = ops_of(lambda: cls(url, timeout=5, ignore_exc=True), lambda c: [c.get("down", default="d")])
+    assert got == ["d"]
+    got, _ = ops_of(lambda: cls(url, timeout=5, default_noreply=True), lambda c: [c.set("k", b"v"), c.get("a")])
+    assert got == [True, b"1"] and p.frames[-2].flags & 1
+    c = cls(url, timeout=2.5, connect_timeout=1.5, no_delay=True, socket_module=object(), socket_keepalive=object(),
+            tls_context=object())
+    assert (c.timeout, c.connect_timeout) == (2.5, 1.5)
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_requests_are_split_at_max_frame_bytes(peer: Callable[[Answer], Peer], client: str) -> None:
+    # Client's docstring: "larger requests are split" at max_frame_bytes (bytes).
+    p = peer(store({}))
+    keys = ["k%040d" % n for n in range(60)]  # about 2.7 kB of GET ops
+    cls = Client if client == "sync" else AsyncClient
+    got = both(client, lambda: cls(p.url, timeout=5, max_frame_bytes=1024),
+               lambda c: [c.get_many(keys), c.set_many({k: b"v" for k in keys}, noreply=True), c.get("last")])
+    assert got == [{}, [], None]
+    assert len(p.sizes) > 3 and max(p.sizes) <= 1024
+    assert [op[1] for op in p.ops if op[0] == Op.GET] == [k.encode() for k in keys] + [b"last"]
+    assert [op[1] for op in p.ops if op[0] == Op.SET] == [k.encode() for k in keys]
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_empty_batches_send_nothing(peer: Callable[[Answer], Peer], client: str) -> None:
+    p = peer(store({}))
+    cls = Client if client == "sync" else AsyncClient
+    got = both(client, lambda: cls(p.url, timeout=5),
+               lambda c: [c.get_many([]), c.gets_many([]), c.set_many({}), c.delete_many([])])
+    assert got == [{}, {}, [], True]
+    assert p.ops == []
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_get_or_set_whose_fn_fails_deletes_its_placeholder_and_raises(peer: Callable[[Answer], Peer], client: str) -> None:
+    p = peer(scripted)  # the lease read wins an empty placeholder (b"", flags 0)
+
+    def fn() -> bytes:
+        raise ZeroDivisionError("db down")
+
+    cls = Client if client == "sync" else AsyncClient
+    with pytest.raises(ZeroDivisionError):
+        both(client, lambda: cls(p.url, timeout=5), lambda c: [c.get_or_set("k", fn)])
+    assert p.ops == [[Op.LEASE_GET, b"k", 30, 0], [Op.DELETE, b"k"]]
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_get_or_set_checks_recache_against_expire(peer: Callable[[Answer], Peer], client: str) -> None:
+    from clientlib.errors import MemcacheIllegalInputError
+
+    p = peer(scripted)
+    cls = Client if client == "sync" else AsyncClient
+    with pytest.raises(MemcacheIllegalInputError, match="recache_ttl"):
+        both(client, lambda: cls(p.url, timeout=5), lambda c: [c.get_or_set("k", lambda: b"v", expire=10, recache_ttl=10)])
+    assert p.ops == []
+
+
+def test_sync_get_hands_the_key_to_the_deserializer(peer: Callable[[Answer], Peer]) -> None:
+    p = peer(store(VALUES))
+    assert Client(p.url, timeout=5, deserializer=flagged).get("a") == ("a", b"1", 3)
+
+
+def test_async_defaults_of_the_write_calls(peer: Callable[[Answer], Peer]) -> None:
+    p = peer(scripted)
+
+    async def calls() -> None:
+        c = AsyncClient(p.url, timeout=5)
+        await c.set("k", b"v")
+        await c.set_many({"a": b"1"})
+        await c.touch("k")
+        await c.gat("k")
+        await c.gats("k")
+        await c.invalidate("k")
+        await c.flush_all()
+        await c.get_or_set("k", lambda: b"v")
+
+    run(calls())
+    assert p.ops == [
+        [Op.SET, b"k", b"v", 0, 0], [Op.SET, b"a", b"1", 0, 0], [Op.TOUCH, b"k", 0], [Op.GAT, b"k", 0],
+        [Op.GATS, b"k", 0], [Op.INVALIDATE, b"k", 30], [Op.FLUSH_ALL, 0], [Op.LEASE_GET, b"k", 30, 0],
+        [Op.CAS, b"k", b"v", 0, 0, 5],
+    ]
