@@ -29,7 +29,7 @@ Answer = Callable[[list[Any]], list[Any]]
 class Peer:
     """A ROUTER on an ipc socket in a temporary directory, answering in a thread until closed."""
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Answer, curve_secret: bytes | None = None) -> None:
         self.answer = answer
         self.ops: list[list[Any]] = []
         self.frames: list[Any] = []
@@ -39,6 +39,9 @@ class Peer:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.linger = 0
+        if curve_secret is not None:  # CURVE without a ZAP handler: any client key pair is let in
+            self._sock.curve_server = True
+            self._sock.curve_secretkey = curve_secret
         self._sock.bind(self.url)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -549,3 +552,19 @@ def test_async_defaults_of_the_write_calls(peer: Callable[[Answer], Peer]) -> No
         [Op.GATS, b"k", 0], [Op.INVALIDATE, b"k", 30], [Op.FLUSH_ALL, 0], [Op.LEASE_GET, b"k", 30, 0],
         [Op.CAS, b"k", b"v", 0, 0, 5],
     ]
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_curve_keys_reach_the_socket(client: str) -> None:
+    # A peer that speaks only CURVE answers a client that was given the keys (a client without
+    # them cannot finish the handshake and would time out).
+    server_public, server_secret = zmq.curve_keypair()
+    public, secret = zmq.curve_keypair()
+    p = Peer(store(VALUES), curve_secret=server_secret)
+    try:
+        cls = Client if client == "sync" else AsyncClient
+        got = both(client, lambda: cls(p.url, timeout=5, curve_secretkey=secret, curve_publickey=public,
+                                       curve_serverkey=server_public), lambda c: [c.get("a")])
+        assert got == [b"1"]
+    finally:
+        p.close()
