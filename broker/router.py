@@ -459,10 +459,8 @@ class Router:
         if single is not None:
             parts = [(single, None, keys)]
         else:
-            lookup = self.placement.lookup
             by: dict[int, tuple[list[int], list[bytes]]] = {}
-            for i, key in enumerate(keys):
-                s = lookup(key)
+            for i, (key, s) in enumerate(zip(keys, self.placement.lookup_many(keys))):
                 g = by.get(s)
                 if g is None:
                     by[s] = ([i], [key])
