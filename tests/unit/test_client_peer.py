@@ -34,6 +34,7 @@ class Peer:
         self.ops: list[list[Any]] = []
         self.frames: list[Any] = []
         self.sizes: list[int] = []
+        self.idents: list[bytes] = []  # the ZeroMQ identity of each frame's socket
         self._dir = tempfile.TemporaryDirectory(prefix="mcb-unit-")
         self.url = f"ipc://{self._dir.name}/peer.sock"
         self._ctx = zmq.Context()
@@ -56,6 +57,7 @@ class Peer:
             self.ops.extend(req.ops)
             self.frames.append(req)
             self.sizes.append(len(data))
+            self.idents.append(ident)
             if not req.flags & 1:
                 self._sock.send_multipart([ident, encode_reply(req.req_id, [self.answer(op) for op in req.ops])])
 
@@ -568,3 +570,26 @@ def test_curve_keys_reach_the_socket(client: str) -> None:
         assert got == [b"1"]
     finally:
         p.close()
+
+
+def test_disconnect_all_gives_every_thread_a_new_socket(peer: Callable[[Answer], Peer]) -> None:
+    # Client.disconnect_all: "Close this process's sockets to the broker; the next call opens new
+    # ones" - in this thread at once, in another thread on its next call.
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = peer(store(VALUES))
+    c = Client(p.url, timeout=5)
+    with ThreadPoolExecutor(max_workers=1) as worker:  # one other thread, the same for each call
+        c.get("a")
+        assert worker.submit(c.get, "a").result(10) == b"1"
+        c.get("a")
+        c.disconnect_all()
+        c.get("a")
+        assert worker.submit(c.get, "a").result(10) == b"1"
+        c.get("a")
+    first, thread1, same, new, thread2, new_again = p.idents
+    assert same == first and new == new_again
+    assert len({first, thread1, new, thread2}) == 4
+    c.quit()  # as disconnect_all
+    c.get("a")
+    assert p.idents[-1] not in {first, thread1, new, thread2}
