@@ -382,3 +382,12 @@ def test_a_forked_child_never_uses_the_parents_socket(url: str) -> None:
     assert got == "unavailable False 1 True"
     assert t.request1([Op.GET, b"b"], 900, 1.0) == [[Code.OK, b"b", 0]]  # the parent's is intact
     assert len(parent_sock.sent) == 2
+
+
+def test_malformed_reply_for_an_earlier_call_is_skipped(url: str) -> None:
+    # A malformed reply that names another request's id answers nobody waiting now: skipped, as a
+    # late well-formed one is; only a malformed reply for our own id is a ProtocolMismatch.
+    t = Transport(url)
+    install(t, FakeSocket(lambda f: [msgpack.packb([1, f[1] - 1, 0, "not a list"]), *echo_hits(f)]), first_id=50)
+    assert t.request1([Op.GET, b"a"], 900, 1.0) == [[Code.OK, b"a", 0]]
+    assert t.request([[Op.GET, b"m1"], [Op.GET, b"m2"]], 900, 1.0) == [[Code.OK, b"m1", 0], [Code.OK, b"m2", 0]]
