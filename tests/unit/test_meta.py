@@ -533,6 +533,8 @@ RESPONSES: list[tuple[str, bytes, Response]] = [
     ("ITEM cachedump", b"ITEM foo [3 b; 0 s]\r\nITEM bar [1 b; 0 s]\r\nEND\r\n",
      R(Status.STATS, stats={"foo": "[3 b; 0 s]", "bar": "[1 b; 0 s]"})),
     ("END", b"END\r\n", R(Status.STATS, stats={})),
+    ("flags at the letter bounds", b"HD A1 Z a z9\r\n", R(Status.OK, {"A": b"1", "Z": b"", "a": b"", "z": b"9"})),
+    ("VA flags at the letter bounds", b"VA 1 A Z2 a z\r\nx\r\n", R(Status.VALUE, {"A": b"", "Z": b"2", "a": b"", "z": b""}, b"x")),
 ]
 
 
@@ -677,6 +679,11 @@ MALFORMED: list[tuple[str, bytes]] = [
     ("VA data shorter than size", b"VA 4\r\nbar\r\nMN\r\n"),
     ("VA bad flag", b"VA 1 5\r\nx\r\n"),
     ("flag starting with a digit", b"HD 1\r\n"),
+    # protocol.txt: a flag is one letter (A-Z, a-z); the bytes just outside both ranges are not.
+    ("flag starting with @", b"HD @1\r\n"),
+    ("flag starting with [", b"HD [1\r\n"),
+    ("flag starting with `", b"EN `\r\n"),
+    ("flag starting with {", b"HD {\r\n"),
     ("flag starting with punctuation", b"EN -\r\n"),
     ("flag starting with a high byte", b"HD \xffx\r\n"),
     ("double space between flags", b"HD  O1\r\n"),
