@@ -370,3 +370,30 @@ def test_a_guarded_tcp_listener_completes_curve_for_an_allowed_key_only(ctx, key
             c.close(linger=0)
         router.close(linger=0)
         access.close()
+
+
+def test_decisions_are_counted_one_by_one(ctx, keys, caplog):
+    access = Access(ctx, load_curve(keys["secret_file"], keys["allowed"]))
+    try:
+        with caplog.at_level(logging.WARNING, logger="mcbroker.access"):
+            for i in range(3):
+                assert access._answer(_request(b"g%d" % i, b"CURVE", _raw(keys["good"])))[2] == b"200"
+            for i in range(2):
+                assert access._answer(_request(b"b%d" % i, b"CURVE", _raw(keys["bad"])))[2] == b"400"
+            for i in range(2):
+                assert access._answer(_request(b"p%d" % i, b"PLAIN", b"u", b"p"))[2] == b"400"
+        assert (access.accepted, access.refused) == (3, 4)
+    finally:
+        access.close()
+
+
+def test_a_peer_address_that_is_not_utf8_is_logged_not_raised(ctx, keys, caplog):
+    access = Access(ctx, load_curve(keys["secret_file"], keys["allowed"]))
+    try:
+        with caplog.at_level(logging.WARNING, logger="mcbroker.access"):
+            got = access._answer(_request(b"r", b"CURVE", _raw(keys["bad"]), address=b"10.0.0.\xff"))
+        assert got[2:4] == [b"400", b"client key not allowed"]
+        [record] = [r for r in caplog.records if r.name == "mcbroker.access"]
+        assert "10.0.0.\ufffd" in record.getMessage()  # the undecodable byte replaced (U+FFFD)
+    finally:
+        access.close()

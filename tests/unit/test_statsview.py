@@ -231,3 +231,117 @@ def test_top_without_rich_says_what_to_install(monkeypatch):
         statsview.top(_Client([]), interval=0.0, count=1)
     assert "rich" in str(info.value) and "mcbroker[top]" in str(info.value)
     assert info.value.__suppress_context__
+
+
+@pytest.mark.parametrize(
+    "now, before, ratio",
+    [
+        ({"ok": 3, "miss": 1}, {}, "75.0%"),  # a snapshot without the counters counts them as 0
+        ({"ok": 3}, {}, "100.0%"),
+        ({"miss": 1}, {}, "0.0%"),
+        ({"ok": 12, "miss": 12}, {"ok": 10, "miss": 10}, "50.0%"),  # as many hits as misses
+        ({"ok": 10, "miss": 7}, {"ok": 4, "miss": 5}, "75.0%"),
+    ],
+)
+def test_top_hit_ratio_over_the_interval(now, before, ratio):
+    line = render(statsview._view(dict(now, pid=1), before, 1.0)).splitlines()[0]
+    assert f"hit ratio {ratio}" in line
+
+
+def test_top_header_columns_are_three_spaces_apart():
+    lines = render(statsview._view(FULL, None, 0.0)).splitlines()
+    first = max(len("mcbroker pid 4242"), len("workers 12"))
+    assert lines[0].index("ops/s") == lines[1].index("in flight") == first + 3
+
+
+def test_top_server_table_keeps_its_natural_width_and_alignment():
+    lines = render(statsview._view(FULL, None, 0.0)).splitlines()
+    rows = [ln for ln in lines if ln.startswith(("┃", "│"))]
+    assert all(len(ln) < 100 for ln in lines)  # not stretched to the 200-column console
+    header = rows[0].replace("┃", "│").split("│")[1:-1]
+    mc1 = rows[1].split("│")[1:-1]
+    assert header[0] == " server    " and mc1[0] == " mc1:11211 "  # names to the left
+    assert mc1[2].endswith(" 5 ") and mc1[2].startswith("   ")
+    assert mc1[1].endswith(" up ")
+
+
+def test_top_server_table_cells_do_not_wrap_on_a_narrow_terminal():
+    console = Console(file=io.StringIO(), width=60, color_system=None, highlight=False)
+    console.print(statsview._view(FULL, None, 0.0))
+    rows = [ln for ln in console.file.getvalue().splitlines() if ln.startswith("│")]  # type: ignore[attr-defined]
+    assert len(rows) == 2  # one line per server, cut short rather than wrapped
+
+
+class _FakeTime:
+    """statsview's clock and sleep: time passes only when top() sleeps or a poll takes time."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+class _SlowClient(_Client):
+    def __init__(self, answers: list[Any], clock: _FakeTime, poll_time: float) -> None:
+        super().__init__(answers)
+        self.clock, self.poll_time = clock, poll_time
+
+    def broker_stats(self) -> dict[str, Any]:
+        self.clock.now += self.poll_time
+        return super().broker_stats()
+
+
+@pytest.fixture
+def terminal(monkeypatch) -> io.StringIO:
+    """top()'s Console made a 120-column colour terminal writing here (it is built inside top())."""
+    import rich.console
+
+    out = io.StringIO()
+    real = rich.console.Console
+    monkeypatch.setattr(
+        rich.console, "Console",
+        lambda **kw: real(file=out, force_terminal=True, width=120, color_system="standard", **kw),
+    )
+    return out
+
+
+def test_top_on_a_terminal_draws_every_poll_at_once(monkeypatch, terminal):
+    clock = _FakeTime(100.0)
+    monkeypatch.setattr(statsview, "time", clock)
+    client = _Client([MemcacheServerError("broker gone"), {"pid": 31, "ops": 0}, {"pid": 32, "ops": 50}])
+    assert statsview.top(client, count=3) == 0
+    assert clock.slept == [1.0, 1.0]  # the default interval, no sleep after the last refresh
+    out = terminal.getvalue()
+    # each frame drawn when polled (auto refresh is off): the failure, the first and the second view
+    assert "MemcacheServerError: broker gone" in out
+    assert "pid 31" in out and "pid 32" in out  # plain numbers: no highlighting in colour
+    assert out.index("broker gone") < out.index("pid 31") < out.index("pid 32")
+    assert "refresh 1.0 s" in out  # the third poll is 1 s after the second
+    assert "ops/s \x1b[1m50.0\x1b[0m" in out  # 50 requests in that second, in bold
+
+
+def test_top_sleeps_what_is_left_of_the_interval(monkeypatch, terminal):
+    clock = _FakeTime(50.0)
+    monkeypatch.setattr(statsview, "time", clock)
+    client = _SlowClient([{"pid": 1}, {"pid": 1}, {"pid": 1}], clock, poll_time=0.1)
+    assert statsview.top(client, interval=0.25, count=3) == 0
+    assert clock.slept == [pytest.approx(0.15), pytest.approx(0.15)]
+    client = _SlowClient([{"pid": 1}, {"pid": 1}], clock, poll_time=0.5)
+    clock.slept.clear()
+    assert statsview.top(client, interval=0.25, count=2) == 0
+    assert clock.slept == [0.0]  # a poll slower than the interval: the next one at once
+
+
+def test_top_runs_until_ctrl_c_by_default(monkeypatch, terminal):
+    clock = _FakeTime(0.0)
+    monkeypatch.setattr(statsview, "time", clock)
+    client = _Client([{"pid": 1}, {"pid": 1}, {"pid": 1}, KeyboardInterrupt()])
+    assert statsview.top(client) == 0
+    assert client.calls == 4 and client.disconnected == 1
+    assert clock.slept == [1.0, 1.0, 1.0]
