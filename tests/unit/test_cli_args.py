@@ -415,3 +415,23 @@ def test_a_reader_that_leaves_is_not_an_error(monkeypatch):
     monkeypatch.setattr(cli, "cmd_ping", leaves)
     assert cli.main(["ping"]) == 0
     assert opened == [(os.devnull, os.O_WRONLY)] and duped == [(42, 99)]
+
+
+def test_check_config_an_error_without_a_source_has_no_prefix(monkeypatch, capsys):
+    # A problem check_file could not place (no file, not from a flag) is printed key first.
+    monkeypatch.setattr(cli.config_mod, "check_file", lambda path, overrides: [
+        cli.config_mod.ConfigError("timeout_ms", "must be an integer"),
+        cli.config_mod.ConfigError(None, "not valid TOML", source="c.toml"),
+    ])
+    assert cli.main(["check-config"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "invalid: timeout_ms: must be an integer", "invalid: c.toml: (file): not valid TOML",
+        "mcbroker: 2 errors in the defaults",
+    ]
+
+
+def test_curve_keygen_names_the_config_keys_to_set(tmp_path, capsys):
+    assert cli.main(["curve-keygen", str(tmp_path), "k"]) == 0
+    out = capsys.readouterr().out
+    assert "curve_secret_key_file" in out and "curve_allowed_clients" in out  # as config.py spells them
+    assert "None" not in out
