@@ -435,3 +435,52 @@ def test_curve_keygen_names_the_config_keys_to_set(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "curve_secret_key_file" in out and "curve_allowed_clients" in out  # as config.py spells them
     assert "None" not in out
+
+
+def _subparsers(parser: Any) -> dict[str, Any]:
+    import argparse
+
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_usage_names_every_command():
+    parser = cli.build_parser()
+    commands = set(_subparsers(parser))
+    assert commands == {"serve", "check-config", "curve-keygen", "stats", "top", "ping"}  # README "The broker"
+    usage = parser.format_usage()
+    listed = usage[usage.index("{") + 1:usage.index("}")].split(",")
+    assert sorted(listed) == sorted(commands), usage
+
+
+def test_usage_forms_are_the_readmes():
+    # README, "The broker": `mcbroker serve [--config FILE] [--listen URL]... [--server HOST:PORT]...
+    # [--hash rendezvous|ketama] [--log-level LEVEL]`, `check-config [FILE]` (or `--config FILE`),
+    # `curve-keygen DIR NAME`, and `--connect URL` for the admin commands.
+    subs = _subparsers(cli.build_parser())
+    usage = {name: " ".join(p.format_usage().split()) for name, p in subs.items()}
+    for form in ("[--config FILE]", "[--listen URL]", "[--server HOST:PORT]", "[--hash {rendezvous,ketama}]",
+                 "[--log-level {debug,info,warning,error,critical}]"):
+        assert form in usage["serve"], (form, usage["serve"])
+    for form in ("[--config FILE]", "[--listen URL]", "[--server HOST:PORT]", "[FILE]"):
+        assert form in usage["check-config"], (form, usage["check-config"])
+    assert usage["curve-keygen"].endswith(" DIR NAME")
+    for name in ("stats", "top", "ping"):
+        assert "[--connect URL]" in usage[name], usage[name]
+
+
+def test_every_command_and_option_says_what_it_does():
+    import argparse
+
+    parser = cli.build_parser()
+    assert "memcached connection broker for prefork Python servers" in parser.format_help()  # README's first line
+    [sub] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    described = {a.dest: a.help for a in sub._choices_actions}
+    assert set(described) == set(sub.choices)
+    for name, text in described.items():
+        assert isinstance(text, str) and text.strip(), name
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction) or not (action.option_strings or action.dest == "file"):
+                continue  # curve-keygen's DIR NAME are described by the command's own help
+            assert isinstance(action.help, str) and action.help.strip(), (name, action.dest)
