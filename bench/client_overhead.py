@@ -1,6 +1,9 @@
 """clientlib's own cost per get: `Client.get` against a raw DEALER sending the same frame.
 
-    python -m bench.client_overhead [--calls 5000] [--rounds 5] [--value-size 100]
+    python -m bench.client_overhead [--calls 5000] [--rounds 5] [--value-size 100] [--keys 1]
+
+With --keys N (N > 1) both paths read N keys per call (`Client.get_many` against a raw frame of N
+GET ops, unpacked), and every figure is per key.
 
 Starts its own memcached and broker (stopped by PID in a finally), stores one key, then in each
 round runs the two paths back to back on one thread, one call at a time:
@@ -91,8 +94,8 @@ class StubSocket:
         self.reply = b""
 
     def send(self, data: bytes, flags: int = 0, copy: bool = True) -> None:
-        rid = msgpack.unpackb(data)[1]
-        self.reply = msgpack.packb([VERSION, rid, 0, [[0, self.value, 0]]])
+        frame = msgpack.unpackb(data)
+        self.reply = msgpack.packb([VERSION, frame[1], 0, [[0, self.value, 0]] * len(frame[4])])
 
     def recv(self, flags: int = 0, copy: bool = True) -> bytes:
         return self.reply
@@ -101,28 +104,35 @@ class StubSocket:
         pass
 
 
-def python_only(url: str, value: bytes, calls: int, rounds: int) -> tuple[list[float], list[float]]:
-    """(client us, raw us) per get with the socket replaced by a StubSocket on both paths."""
+def python_only(url: str, value: bytes, calls: int, rounds: int, nkeys: int = 1) -> tuple[list[float], list[float]]:
+    """(client us, raw us) per key with the socket replaced by a StubSocket on both paths."""
     client = Client(url, timeout=2.0)
     transport = client._transport
     transport._socket()  # type: ignore[attr-defined]  # make this thread's state, then swap its socket
     stub = StubSocket(value)
     transport._state().sock = stub  # type: ignore[attr-defined]
     rid = [0]
-    op = [[int(Op.GET), b"bench:k"]]
+    names = key_names(nkeys)
+    op = [[int(Op.GET), k.encode()] for k in names]
 
     def raw_get() -> object:
         rid[0] += 1
         stub.send(msgpack.packb([VERSION, rid[0], 1950, 0, op]))
         return msgpack.unpackb(stub.recv())[3][0][1]
 
-    assert client.get("bench:k") == value and raw_get() == value
+    client_get = (lambda: client.get(names[0])) if nkeys == 1 else (lambda: client.get_many(names))
+    assert raw_get() == value
+    assert client_get() == (value if nkeys == 1 else dict.fromkeys(names, value))
     out_client: list[float] = []
     out_raw: list[float] = []
     for _ in range(rounds):
-        out_raw.append(measure(raw_get, calls)[2])
-        out_client.append(measure(lambda: client.get("bench:k"), calls)[2])
+        out_raw.append(measure(raw_get, calls)[2] / nkeys)
+        out_client.append(measure(client_get, calls)[2] / nkeys)
     return out_client, out_raw
+
+
+def key_names(n: int) -> list[str]:
+    return ["bench:k"] if n == 1 else [f"bench:k{i}" for i in range(n)]
 
 
 def summary(values: list[float]) -> str:
@@ -134,7 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=5000, help="gets per path per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--value-size", type=int, default=100)
+    p.add_argument("--keys", type=int, default=1, help="keys per call: 1 = get, N > 1 = get_many of N keys")
     args = p.parse_args(argv)
+    if not 1 <= args.keys <= 10_000:
+        p.error("--keys must be in 1..10000")
+    nkeys = args.keys
     if shutil.which("memcached") is None:
         print("memcached is not installed", file=sys.stderr)
         return 2
@@ -158,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         client = Client(url, timeout=2.0)
         wait_for(lambda: client.broker_ping() == "PONG", "the broker")
         value = b"v" * args.value_size
-        assert client.set("bench:k", value) is True and client.get("bench:k") == value
+        names = key_names(nkeys)
+        assert client.set_many(dict.fromkeys(names, value)) == [] and client.get(names[0]) == value
 
         ctx = zmq.Context.instance()
         raw = ctx.socket(zmq.DEALER)
@@ -166,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         raw.setsockopt(zmq.RCVTIMEO, 2000)
         raw.connect(url)
         rid = [0]
-        op = [[int(Op.GET), b"bench:k"]]
+        op = [[int(Op.GET), k.encode()] for k in names]
         packb, unpackb, send, recv = msgpack.packb, msgpack.unpackb, raw.send, raw.recv
 
         def raw_get() -> object:
@@ -176,10 +191,12 @@ def main(argv: list[str] | None = None) -> int:
             return reply[3][0][1]
 
         assert raw_get() == value
-        get = client.get
+        get, get_many = client.get, client.get_many
 
         def client_get() -> object:
-            return get("bench:k")
+            return get(names[0]) if nkeys == 1 else get_many(names)
+
+        assert client_get() == (value if nkeys == 1 else dict.fromkeys(names, value))
 
         paths = {"raw": raw_get, "client": client_get}
         for fn in paths.values():  # warm-up
@@ -189,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             # Alternate which path goes first, so neither always runs on a warmer machine.
             order = list(paths) if r % 2 == 0 else list(reversed(paths))
-            got = {name: measure(paths[name], args.calls) for name in order}
+            got = {name: tuple(x / nkeys for x in measure(paths[name], args.calls)) for name in order}
             for i, kind in enumerate(kinds):
                 for name in paths:
                     got_all[(name, kind)].append(got[name][i])
@@ -198,12 +215,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name} {got[name][0]:.1f} us wall, {got[name][1]:.1f} us cpu, {got[name][2]:.1f} us thread cpu"
                 for name in paths), file=sys.stderr)
         raw.close()
-        stub_client, stub_raw = python_only(url, value, args.calls, args.rounds)
+        stub_client, stub_raw = python_only(url, value, args.calls, args.rounds, nkeys)
         for name, values in (("client", stub_client), ("raw", stub_raw)):
             got_all[(f"{name} no I/O", "thread cpu")] = values
         got_all[("client-raw no I/O", "thread cpu")] = [c - r for c, r in zip(stub_client, stub_raw)]
 
-        print(f"{args.calls} gets x {args.rounds} rounds, {args.value_size}-byte value, one thread; us per get")
+        unit = "get" if nkeys == 1 else "key"
+        call = "gets" if nkeys == 1 else f"get_many({nkeys}) calls"
+        print(f"{args.calls} {call} x {args.rounds} rounds, {args.value_size}-byte value, one thread; us per {unit}")
         print(f"{'path':<24}{'median':>8} {'min':>8} {'max':>8}")
         for name in (*paths, "client-raw"):
             for kind in kinds:

@@ -280,7 +280,7 @@ class Router:
         if len(ops) == 1:
             queued = ops[0][0] == _GET and self._one_get(job, ops[0][1], now)
         else:
-            queued = self._all_gets(job, ops, now)
+            queued = frame.gets is not None and self._all_gets(job, frame.gets, now)
         if queued:
             heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
             return
@@ -438,7 +438,7 @@ class Router:
         self._gets_to(job, server, conn, None, [key], now)
         return True
 
-    def _all_gets(self, job: Job, ops: list[list[Any]], now: float) -> bool:
+    def _all_gets(self, job: Job, keys: list[bytes], now: float) -> bool:
         """A get_many, admitted, encoded and queued as a whole: the common multi-key frame
         without the per-op path, one batch per server (keys placed as the per-op path places
         them). Keys whose get is already in flight join it (read coalescing). False (nothing done)
@@ -447,11 +447,6 @@ class Router:
         per-op path then decides each op."""
         if self.down:
             return False
-        keys = []
-        for op in ops:
-            if op[0] != _GET:
-                return False
-            keys.append(op[1])
         n = len(keys)
         budget = self.budget
         if (
@@ -464,10 +459,8 @@ class Router:
         if single is not None:
             parts = [(single, None, keys)]
         else:
-            lookup = self.placement.lookup
             by: dict[int, tuple[list[int], list[bytes]]] = {}
-            for i, key in enumerate(keys):
-                s = lookup(key)
+            for i, (key, s) in enumerate(zip(keys, self.placement.lookup_many(keys))):
                 g = by.get(s)
                 if g is None:
                     by[s] = ([i], [key])

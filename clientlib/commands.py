@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Union
 
 from . import limits, serde as serde_mod, wire
 from .errors import MemcacheError, MemcacheIllegalInputError, MemcacheServerError, error_for
-from .keys import check_cas, check_int, check_key
+from .keys import check_cas, check_int, check_key, check_keys
 from .wire import Code, Op
 
 Key = Union[str, bytes]
@@ -170,9 +170,15 @@ def _finish_gets(c: "Commands", cmd: Command, results: list[Result]) -> Any:
 
 
 def _finish_many(c: "Commands", cmd: Command, results: list[Result]) -> dict[Any, Any]:
-    out: dict[Any, Any] = {}
-    deserialize = c.serde.deserialize
     with_cas = cmd.extra
+    if not with_cas and type(c.serde) is serde_mod.RawSerde:
+        # The default serde reads values back as they are stored: the dict in one comprehension,
+        # unless some key failed (then the loop below gathers the failures).
+        out = {key: r[1] for key, r in zip(cmd.key, results) if r[0] == _OK}
+        if len(out) == len(results) or not any(r[0] >= _FIRST_ERROR for r in results):
+            return out
+    out = {}
+    deserialize = c.serde.deserialize
     failed: dict[Any, MemcacheError] | None = None
     for key, r in zip(cmd.key, results):
         code = r[0]
@@ -371,9 +377,8 @@ class Commands:
 
     def _many(self, keys: Iterable[Any], op: int, with_cas: bool) -> Command:
         keys = list(keys)
-        check = self.check_key
-        ops = [[op, check(k)] for k in keys]
-        return Command(ops, _finish_many, keys, extra=with_cas, read=True, miss={})
+        full = check_keys(keys, prefix=self.key_prefix, allow_unicode_keys=self.allow_unicode_keys, encoding=self.encoding)
+        return Command([[op, k] for k in full], _finish_many, keys, extra=with_cas, read=True, miss={})
 
     def _lease_get(self, key: Any, lease_ttl: Any, recache_ttl: Any, expire: Any = 0) -> Command:
         k = self.check_key(key)
@@ -427,9 +432,9 @@ class Commands:
         return Command([[_DELETE, self.check_key(key)]], _finish_found, noreply=self._noreply(noreply))
 
     def _delete_many(self, keys: Iterable[Any], noreply: bool | None) -> Command:
-        check = self.check_key
-        ops = [[_DELETE, check(k)] for k in keys]
-        return Command(ops, _finish_all_ok, noreply=self._noreply(noreply))
+        full = check_keys(list(keys), prefix=self.key_prefix, allow_unicode_keys=self.allow_unicode_keys,
+                          encoding=self.encoding)
+        return Command([[_DELETE, k] for k in full], _finish_all_ok, noreply=self._noreply(noreply))
 
     def _arith(self, op: int, key: Any, value: Any, noreply: bool | None) -> Command:
         k = self.check_key(key)

@@ -17,7 +17,7 @@ from typing import Any
 
 from clientlib.errors import MemcacheIllegalInputError
 
-__all__ = ["MAX_KEY_LENGTH", "MAX_CAS", "check_key", "check_int", "check_cas"]
+__all__ = ["MAX_KEY_LENGTH", "MAX_CAS", "check_key", "check_keys", "check_int", "check_cas"]
 
 MAX_KEY_LENGTH = 250
 # memcached's cas unique is an unsigned 64-bit counter.
@@ -27,6 +27,8 @@ _MAX_CAS_DIGITS = len(str(MAX_CAS))
 # One regex call checks length and every byte in C; the per-rule diagnosis in
 # _key_error only runs on the rare rejected key.
 _valid_key = re.compile(rb"[\x21-\x7e\x80-\xff]{1,250}").fullmatch
+# check_keys: any byte a key may not hold. "!" joins the keys: a byte every key may hold.
+_bad_key_byte = re.compile(rb"[\x00-\x20\x7f]").search
 _cas_digits = re.compile(rb"[0-9]+").fullmatch
 
 # Longer keys are cut in error messages: a 1 MB key should not become a 1 MB
@@ -110,6 +112,41 @@ def check_key(
     if _valid_key(full) is None:
         raise _key_error(full)
     return full
+
+
+def check_keys(
+    keys: list[Any],
+    *,
+    prefix: bytes,
+    allow_unicode_keys: bool,
+    encoding: str = "ascii",
+) -> list[bytes]:
+    """``[check_key(k, ...) for k in keys]``, with the same result and the same error for the
+    first bad key, at a fraction of the cost for the common batch (get_many of str or bytes
+    keys): the keys are encoded in one pass and their bytes checked in one regex scan over
+    the lot, instead of one call per key. Anything unusual goes key by key through check_key."""
+    if not keys:
+        return []
+    kinds = set(map(type, keys))
+    raws: list[bytes] | None = None
+    if kinds == {str}:
+        try:
+            if allow_unicode_keys:
+                raws = [k.encode("utf-8") for k in keys]
+            elif "".join(keys).isascii():
+                raws = [k.encode(encoding) for k in keys]
+        except (UnicodeError, LookupError):
+            raws = None  # a lone surrogate, an odd codec: check_key names the key
+    elif kinds == {bytes}:
+        raws = keys
+    if raws is not None:
+        full = [prefix + r for r in raws] if prefix else list(raws)
+        if (
+            0 < min(map(len, full)) and max(map(len, full)) <= MAX_KEY_LENGTH
+            and _bad_key_byte(b"!".join(full)) is None
+        ):
+            return full
+    return [check_key(k, prefix=prefix, allow_unicode_keys=allow_unicode_keys, encoding=encoding) for k in keys]
 
 
 def check_int(

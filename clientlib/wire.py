@@ -165,6 +165,9 @@ class RequestFrame(NamedTuple):
     timeout_ms: int
     flags: int
     ops: list[list[Any]]
+    # The keys, when the frame holds two or more ops and every one is a plain get (a get_many):
+    # checked as a whole by decode_request, so the broker's get_many path need not look at each op.
+    gets: list[bytes] | None = None
 
     @property
     def noreply(self) -> bool:
@@ -326,18 +329,23 @@ def decode_request(data: bytes, max_frame: int = DEFAULT_MAX_FRAME, max_ops: int
         raise WireError(Code.BAD_REQUEST, f"unknown request flags {_show(flags)}", rid)
     if type(ops) is not list or not ops:
         raise WireError(Code.BAD_REQUEST, "ops must be a non-empty array", rid)
+    gets: list[bytes] | None = [] if len(ops) > 1 else None
     try:
         for op in ops:
-            # The common op, checked inline (a get_many of 100 keys is 100 of these).
+            # The common op, checked inline (a get_many of 100 keys is 100 of these), its key
+            # collected while every op is one.
             if type(op) is list and len(op) == 2 and type(op[0]) is int and op[0] == 1:
                 key = op[1]
                 if type(key) is bytes and 0 < len(key) <= MAX_KEY_LEN:
+                    if gets is not None:
+                        gets.append(key)
                     continue
             check_op(op)
+            gets = None
     except WireError as exc:
         exc.req_id = rid
         raise
-    return RequestFrame(rid, timeout_ms, flags, ops)
+    return RequestFrame(rid, timeout_ms, flags, ops, gets)
 
 
 @dataclass(frozen=True, slots=True)

@@ -159,3 +159,47 @@ def test_noreply_write_returns_true_without_waiting(url: str) -> None:
     c, sock = client_answering(url, always([Code.SERVER_ERROR, "never seen"]))
     assert c.set("k", b"v", noreply=True) is True
     assert sock.sent[-1][3] & 1
+
+
+# --- get_many: a dict of the keys found (pymemcache's get_many), the first failure raised ---------
+
+
+def by_key(table: dict[bytes, list[Any]]) -> Callable[[list[Any]], list[Any]]:
+    return lambda op: list(table[op[1]])
+
+
+class Upper:
+    """A serde that reads every value back upper-cased: the non-default path of get_many."""
+
+    def serialize(self, key: Any, value: Any) -> tuple[bytes, int]:
+        return value, 0
+
+    def deserialize(self, key: Any, value: bytes, flags: int) -> Any:
+        return value.upper()
+
+
+@pytest.mark.parametrize("serde", [None, Upper()], ids=["default serde", "own serde"])
+def test_get_many_keeps_hits_leaves_out_misses_and_keys_by_the_callers_keys(url: str, serde: Any) -> None:
+    table = {b"a": [Code.OK, b"va", 0], b"b": [Code.MISS], b"c": [Code.OK, b"vc", 0]}
+    c, _ = client_answering(url, by_key(table), serde=serde)
+    up = (lambda v: v.upper()) if serde else (lambda v: v)
+    assert c.get_many(["a", "b", "c"]) == {"a": up(b"va"), "c": up(b"vc")}
+    assert c.get_many([b"a", "a", b"b"]) == {b"a": up(b"va"), "a": up(b"va")}  # str and bytes stay apart
+    assert c.get_many(["b"]) == {}
+    assert c.get_many([]) == {}
+
+
+@pytest.mark.parametrize("serde", [None, Upper()], ids=["default serde", "own serde"])
+def test_get_many_raises_the_first_failure_with_the_answered_keys(url: str, serde: Any) -> None:
+    table = {
+        b"a": [Code.OK, b"va", 0], b"b": [Code.MISS], b"c": [Code.SERVER_DOWN, "c is down"],
+        b"d": [Code.TIMEOUT, "d timed out"],
+    }
+    c, _ = client_answering(url, by_key(table), serde=serde)
+    with pytest.raises(MemcacheError) as info:
+        c.get_many(["a", "b", "c", "d"])
+    assert type(info.value) is RAISES[Code.SERVER_DOWN] and "c is down" in str(info.value)
+    assert info.value.partial == {"a": b"VA" if serde else b"va"}  # type: ignore[attr-defined]
+    assert set(info.value.failed) == {"c", "d"}  # type: ignore[attr-defined]
+    c2, _ = client_answering(url, by_key(table), serde=serde, ignore_exc=True)
+    assert c2.get_many(["a", "b", "c", "d"]) == {"a": b"VA" if serde else b"va"}

@@ -27,7 +27,7 @@ from pymemcache.client.base import check_key_helper
 from pymemcache.exceptions import MemcacheIllegalInputError as PmIllegalInputError
 
 from clientlib.errors import MemcacheClientError, MemcacheError, MemcacheIllegalInputError
-from clientlib.keys import MAX_CAS, MAX_KEY_LENGTH, check_cas, check_int, check_key
+from clientlib.keys import MAX_CAS, MAX_KEY_LENGTH, check_cas, check_int, check_key, check_keys
 
 pytestmark = pytest.mark.unit
 
@@ -225,6 +225,62 @@ def test_bytes_keys_accepted_exactly_when_the_rule_says(key: bytes, prefix: byte
 @given(st.binary(min_size=1, max_size=250).filter(spec_valid))
 def test_valid_bytes_keys_round_trip_unchanged(key: bytes) -> None:
     assert ck(key) == key
+
+
+# --- check_keys: a batch checked as check_key checks each key -------------------------------
+
+def checked_one_by_one(batch: list[Any], prefix: bytes, uni: bool, encoding: str) -> list[bytes] | str:
+    """The rule for check_keys, written as its definition: check_key on each key in turn; the
+    first refusal's message stands for the batch."""
+    out = []
+    for key in batch:
+        try:
+            out.append(check_key(key, prefix=prefix, allow_unicode_keys=uni, encoding=encoding))
+        except MemcacheIllegalInputError as exc:
+            return str(exc)
+    return out
+
+
+@given(st.lists(keys, max_size=12), prefixes, st.booleans(), st.sampled_from(["ascii", "utf-8", "latin-1", "utf-16"]))
+def test_check_keys_is_check_key_on_each_key(batch: list[Any], prefix: bytes, uni: bool, encoding: str) -> None:
+    expected = checked_one_by_one(batch, prefix, uni, encoding)
+    try:
+        got: list[bytes] | str = check_keys(batch, prefix=prefix, allow_unicode_keys=uni, encoding=encoding)
+    except MemcacheIllegalInputError as exc:
+        got = str(exc)
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("batch", "prefix", "expected"),
+    [
+        (["a", "b"], b"", [b"a", b"b"]),
+        ([b"a", b"b"], b"p:", [b"p:a", b"p:b"]),
+        (["a", b"b", bytearray(b"c")], b"", [b"a", b"b", b"c"]),  # mixed types: key by key
+        ([], b"", []),
+        (["k" * 248], b"p:", [b"p:" + b"k" * 248]),  # 250 bytes with the prefix: the limit
+    ],
+)
+def test_check_keys_accepts(batch: list[Any], prefix: bytes, expected: list[bytes]) -> None:
+    assert check_keys(batch, prefix=prefix, allow_unicode_keys=False) == expected
+
+
+@pytest.mark.parametrize(
+    ("batch", "prefix", "words"),
+    [
+        (["ok", "bad key", "also bad\n"], b"", "whitespace 0x20"),  # the first bad key is named
+        (["ok", "bad key"], b"", "whitespace 0x20"),
+        ([b"ok", b"tab\tkey"], b"", "whitespace 0x09"),
+        (["ok", ""], b"", "empty"),
+        (["ok", "k" * 249], b"p:", "too long"),  # 251 bytes with the prefix
+        ([b"ok", b"a\x7f"], b"", "control byte 0x7f"),
+        (["ok", "caf\u00e9"], b"", "Non-ASCII"),
+        (["ok", 5], b"", "must be bytes or str"),
+    ],
+)
+def test_check_keys_refuses_the_first_bad_key(batch: list[Any], prefix: bytes, words: str) -> None:
+    with pytest.raises(MemcacheIllegalInputError, match=words):
+        check_keys(batch, prefix=prefix, allow_unicode_keys=False)
 
 
 def pymemcache_check(key: Any, prefix: bytes, uni: bool) -> bytes | None:

@@ -103,6 +103,24 @@ def test_a_value_over_the_limit_is_left_for_the_general_path_to_refuse() -> None
         p.next_items()
 
 
+def test_a_value_of_exactly_the_limit_is_taken() -> None:
+    p = ResponseParser(max_value_len=3)
+    p.feed(hit(b"abc", 1))
+    assert p.take_get_answers(1, 1, OK, MISS) == [[OK, b"abc", 0]]
+
+
+def test_nothing_is_taken_inside_a_stat_block() -> None:
+    # A `stats` answer is being read (STAT lines until END): a get answer cannot come before its
+    # END, so bytes that look like one are the general path's to refuse, never a result.
+    p = ResponseParser()
+    p.feed(b"STAT pid 1\r\n")
+    assert p.next_items() == []
+    p.feed(hit(b"x", 1))
+    assert p.take_get_answers(1, 1, OK, MISS) == []
+    with pytest.raises(ProtocolError, match="inside STAT block"):
+        p.next_items()
+
+
 def test_a_value_still_arriving_waits_and_is_taken_whole() -> None:
     value = b"v" * 10_000
     data = hit(value, 1)

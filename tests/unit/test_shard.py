@@ -100,6 +100,7 @@ def test_rendezvous_equals_hashclient(n: int, weight: int) -> None:
     mismatches = [k for k, g, e in zip(KEYS, got, expected) if g != e]
     assert len(got) == N_KEYS
     assert mismatches == []
+    assert placement.lookup_many([key.encode("utf-8") for key in KEYS]) == expected  # a get_many's way
     assert set(got) == set(range(n))  # the comparison covered every server
 
 
@@ -172,6 +173,7 @@ def test_rendezvous_score_tie_goes_to_the_greater_node_name_as_hashclient_places
     assert murmur3_32(b"mc14:11211-k") == 230625222
     for names in (["mc14:11211", *order], [*order, "mc14:11211"], [order[0], "mc14:11211", order[1]]):
         assert names[Rendezvous([(name, 1) for name in names]).lookup(b"k")] == "mc61399:11211"
+        assert names[Rendezvous([(name, 1) for name in names]).lookup_many([b"k", b"k"])[1]] == "mc61399:11211"
 
 
 def test_lookup_excluding_when_everything_is_down() -> None:
@@ -212,6 +214,15 @@ def test_lookup_is_deterministic_and_in_range(
         index = first.lookup(key)
         assert 0 <= index < len(servers)
         assert first.lookup(key) == index == second.lookup(key)
+
+
+@settings(max_examples=100, deadline=None)
+@given(kind=_kinds, names=_names, data=st.data(), keys=_key_lists | st.lists(st.text(min_size=1, max_size=20).map(str.encode)))
+def test_lookup_many_places_each_key_as_lookup(kind: str, names: list[str], data: st.DataObject, keys: list[bytes]) -> None:
+    # Weighted or not, ASCII, UTF-8 (pymemcache's low byte per code point) or any bytes.
+    equal = data.draw(st.booleans())
+    placement = make_placement(kind, [(name, 1 if equal else data.draw(_weights)) for name in names])
+    assert placement.lookup_many(keys) == [placement.lookup(key) for key in keys]
 
 
 @settings(max_examples=100, deadline=None)

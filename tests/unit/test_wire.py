@@ -98,6 +98,18 @@ def test_all_ops_in_one_frame_keep_their_order() -> None:
     assert frame.timeout_ms == 0 and frame.flags == 0
 
 
+def test_a_frame_of_plain_gets_carries_its_keys() -> None:
+    # `gets`: the keys, in order, when a frame of two or more ops holds only [GET, key] (a
+    # get_many); None for anything else, which the broker then reads op by op.
+    keys = [b"a", b"k" * 250, b"a"]
+    assert decode_request(encode_request(1, [[Op.GET, k] for k in keys])).gets == keys
+    assert decode_request(encode_request(1, [[Op.GET, b"a"]])).gets is None  # one op
+    assert decode_request(encode_request(1, [[Op.GET, b"a"], [Op.GETS, b"b"]])).gets is None
+    assert decode_request(encode_request(1, [[Op.GETS, b"a"], [Op.GET, b"b"]])).gets is None
+    assert decode_request(encode_request(1, [[Op.GET, b"a"], [Op.DELETE, b"b"], [Op.GET, b"c"]])).gets is None
+    assert decode_request(encode_request(1, [[Op.GET, b"a"], [Op.VERSION]])).gets is None
+
+
 @pytest.mark.parametrize("req_id", [0, 1, 2**32, U64_MAX])
 @pytest.mark.parametrize("timeout_ms", [0, 1, DAY_MS])
 def test_header_bounds_round_trip(req_id: int, timeout_ms: int) -> None:
