@@ -203,3 +203,15 @@ def test_get_many_raises_the_first_failure_with_the_answered_keys(url: str, serd
     assert set(info.value.failed) == {"c", "d"}  # type: ignore[attr-defined]
     c2, _ = client_answering(url, by_key(table), serde=serde, ignore_exc=True)
     assert c2.get_many(["a", "b", "c", "d"]) == {"a": b"VA" if serde else b"va"}
+
+
+@pytest.mark.parametrize("serde", [None, Upper()], ids=["default serde", "own serde"])
+@pytest.mark.parametrize("code", sorted(RAISES), ids=lambda c: c.name)
+def test_get_many_raises_any_failure_code_even_alone(url: str, serde: Any, code: Code) -> None:
+    # SERVER_ERROR is the lowest failure code (wire.FIRST_ERROR): a get_many whose only failure
+    # is that one must raise it too.
+    table = {b"a": [Code.OK, b"va", 0], b"b": [Code.MISS], b"c": [code, "c failed"]}
+    c, _ = client_answering(url, by_key(table), serde=serde)
+    with pytest.raises(RAISES[code], match="c failed") as info:
+        c.get_many(["a", "b", "c"])
+    assert info.value.failed.keys() == {"c"}  # type: ignore[attr-defined]

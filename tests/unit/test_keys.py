@@ -265,6 +265,39 @@ def test_check_keys_accepts(batch: list[Any], prefix: bytes, expected: list[byte
     assert check_keys(batch, prefix=prefix, allow_unicode_keys=False) == expected
 
 
+def test_check_keys_refuses_a_lone_surrogate_and_an_encoding_that_makes_a_bad_byte() -> None:
+    with pytest.raises(MemcacheIllegalInputError, match="not valid Unicode"):
+        check_keys(["ok", "\ud800"], prefix=b"", allow_unicode_keys=True)
+    # UTF-16 puts a BOM and NUL bytes into every key: check_key refuses each, and so must the batch.
+    with pytest.raises(MemcacheIllegalInputError, match="0x00"):
+        check_key("ab", prefix=b"", allow_unicode_keys=False, encoding="utf-16")
+    with pytest.raises(MemcacheIllegalInputError, match="0x00"):
+        check_keys(["ab", "cd"], prefix=b"", allow_unicode_keys=False, encoding="utf-16")
+
+
+@pytest.mark.parametrize(
+    ("batch", "uni"),
+    [
+        (["a", "b" * 250, "k:1"], False),  # str keys, the shortest and the longest
+        (["caf\u00e9", "k"], True),  # UTF-8
+        ([b"a", b"\x80" * 250], False),  # bytes keys, the longest
+    ],
+)
+def test_check_keys_takes_an_ordinary_batch_without_checking_key_by_key(
+    batch: list[Any], uni: bool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Not a result (key by key gives the same) but the point of check_keys: a batch of plain
+    # keys is encoded and checked in one pass, never one check_key call per key.
+    import clientlib.keys as keys_module
+
+    def refuse(*args: Any, **kwargs: Any) -> bytes:
+        raise AssertionError("check_key called for an ordinary batch")
+
+    expected = checked_one_by_one(batch, b"", uni, "ascii")
+    monkeypatch.setattr(keys_module, "check_key", refuse)
+    assert check_keys(batch, prefix=b"", allow_unicode_keys=uni) == expected
+
+
 @pytest.mark.parametrize(
     ("batch", "prefix", "words"),
     [

@@ -103,6 +103,7 @@ def test_a_frame_of_plain_gets_carries_its_keys() -> None:
     # get_many); None for anything else, which the broker then reads op by op.
     keys = [b"a", b"k" * 250, b"a"]
     assert decode_request(encode_request(1, [[Op.GET, k] for k in keys])).gets == keys
+    assert decode_request(encode_request(1, [[Op.GET, b"a"], [Op.GET, b"b"]])).gets == [b"a", b"b"]
     assert decode_request(encode_request(1, [[Op.GET, b"a"]])).gets is None  # one op
     assert decode_request(encode_request(1, [[Op.GET, b"a"], [Op.GETS, b"b"]])).gets is None
     assert decode_request(encode_request(1, [[Op.GETS, b"a"], [Op.GET, b"b"]])).gets is None
