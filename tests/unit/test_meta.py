@@ -322,8 +322,13 @@ def _bad_requests() -> Iterator[tuple[str, Any]]:
         yield f"ma mode {_short(mode)}", Arith(b"k", mode=mode)
     for args in [(b"",), (b"a b",), (b"x\r\n",), (b"\x00",), ("settings",), (1,), None, [b"settings"], b"settings"]:
         yield f"stats {_short(args)}", Stats(args)
+    # A known group whose later argument carries protocol text, a space or nothing: one request
+    # must stay one line (b"0\r\nflush_all" would be a second command).
+    for arg in (b"0\r\nflush_all", b"0 1", b"", b"\x7f"):
+        yield f"stats cachedump 1 {_short(arg)}", Stats((b"cachedump", b"1", arg))
     # Its PREFIX lines are no response the parser accepts: it would cost the connection.
     yield "stats detail dump", Stats((b"detail", b"dump"))
+    yield "stats detail dump x", Stats((b"detail", b"dump", b"x"))
     for delay in (-1, I32_MAX + 1, 1.0, True, "1"):
         yield f"flush_all {_short(delay)}", FlushAll(delay)
     # memcached answers MEMLIMIT_TOO_SMALL / MEMLIMIT_ADJUST_FAILED outside 8..1e9.
