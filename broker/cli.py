@@ -176,7 +176,7 @@ def cmd_curve_keygen(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mcbroker", description="memcached connection broker for prefork Python servers")
     p.add_argument("--version", action="version", version=f"mcbroker {version()}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,check-config,stats,top,ping}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{serve,check-config,curve-keygen,stats,top,ping}")
 
     def config_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", metavar="FILE", help="TOML config (default: built-in defaults, as etc/mcbroker.toml)")

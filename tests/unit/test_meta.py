@@ -322,8 +322,13 @@ def _bad_requests() -> Iterator[tuple[str, Any]]:
         yield f"ma mode {_short(mode)}", Arith(b"k", mode=mode)
     for args in [(b"",), (b"a b",), (b"x\r\n",), (b"\x00",), ("settings",), (1,), None, [b"settings"], b"settings"]:
         yield f"stats {_short(args)}", Stats(args)
+    # A known group whose later argument carries protocol text, a space or nothing: one request
+    # must stay one line (b"0\r\nflush_all" would be a second command).
+    for arg in (b"0\r\nflush_all", b"0 1", b"", b"\x7f"):
+        yield f"stats cachedump 1 {_short(arg)}", Stats((b"cachedump", b"1", arg))
     # Its PREFIX lines are no response the parser accepts: it would cost the connection.
     yield "stats detail dump", Stats((b"detail", b"dump"))
+    yield "stats detail dump x", Stats((b"detail", b"dump", b"x"))
     for delay in (-1, I32_MAX + 1, 1.0, True, "1"):
         yield f"flush_all {_short(delay)}", FlushAll(delay)
     # memcached answers MEMLIMIT_TOO_SMALL / MEMLIMIT_ADJUST_FAILED outside 8..1e9.
@@ -533,6 +538,8 @@ RESPONSES: list[tuple[str, bytes, Response]] = [
     ("ITEM cachedump", b"ITEM foo [3 b; 0 s]\r\nITEM bar [1 b; 0 s]\r\nEND\r\n",
      R(Status.STATS, stats={"foo": "[3 b; 0 s]", "bar": "[1 b; 0 s]"})),
     ("END", b"END\r\n", R(Status.STATS, stats={})),
+    ("flags at the letter bounds", b"HD A1 Z a z9\r\n", R(Status.OK, {"A": b"1", "Z": b"", "a": b"", "z": b"9"})),
+    ("VA flags at the letter bounds", b"VA 1 A Z2 a z\r\nx\r\n", R(Status.VALUE, {"A": b"", "Z": b"2", "a": b"", "z": b""}, b"x")),
 ]
 
 
@@ -677,6 +684,11 @@ MALFORMED: list[tuple[str, bytes]] = [
     ("VA data shorter than size", b"VA 4\r\nbar\r\nMN\r\n"),
     ("VA bad flag", b"VA 1 5\r\nx\r\n"),
     ("flag starting with a digit", b"HD 1\r\n"),
+    # protocol.txt: a flag is one letter (A-Z, a-z); the bytes just outside both ranges are not.
+    ("flag starting with @", b"HD @1\r\n"),
+    ("flag starting with [", b"HD [1\r\n"),
+    ("flag starting with `", b"EN `\r\n"),
+    ("flag starting with {", b"HD {\r\n"),
     ("flag starting with punctuation", b"EN -\r\n"),
     ("flag starting with a high byte", b"HD \xffx\r\n"),
     ("double space between flags", b"HD  O1\r\n"),

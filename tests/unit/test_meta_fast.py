@@ -3,7 +3,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from broker.meta import Arith, Delete, Get, RequestError, Set, encode, encode_get, encode_gets, encode_set, needs_encoding
+from broker.meta import Arith, Delete, Get, RequestError, Set, encode, encode_get, encode_gets, encode_set, is_plain_key, needs_encoding
 
 pytestmark = pytest.mark.unit
 
@@ -81,6 +81,18 @@ def test_needs_encoding_finds_any_key_that_cannot_go_as_it_is(keys: list[bytes],
 # --- issue 14's mutmut survivors: the hot-path encoders' edges ---------------------------------------
 # protocol.txt: `ms <key> <datalen> <flags>*`, F(token) client flags, T(token) TTL, O(token)
 # opaque (memcached 1.6 takes at most 32 bytes, the leading "O" counted); a key is at most 250 bytes.
+
+
+@pytest.mark.parametrize(
+    ("key", "plain"),
+    [(b"a", True), (b"k" * 250, True), (b"\x80\xff", True), (b"", False), (b"k" * 251, False),
+     (b"a b", False), (b"a\x7f", False), (b"\x00", False)],
+)
+def test_is_plain_key_is_a_key_of_1_to_250_bytes_none_a_space_or_control_byte(key: bytes, plain: bool) -> None:
+    # protocol.txt "Keys": up to 250 bytes, no control characters or whitespace; else the meta
+    # `b` flag (base64) carries it, which is not the plain path.
+    assert is_plain_key(key) is plain
+    assert needs_encoding([key]) is not plain
 
 
 @pytest.mark.parametrize(("client_flags", "ttl"), [(1, 0), (0, 1), (0, 30), (5, 30)])
