@@ -1,8 +1,11 @@
 """Client and AsyncClient result mapping against an in-process ZeroMQ ROUTER peer.
 
-The peer is not a broker: it decodes each frame with the wire schema (`wire.decode_request`) and
-answers every op with a scripted result (`wire.encode_reply`), so the real client, transport and
-wire code run unchanged. Expected return values are pymemcache's documented ones (its
+The peer is not a broker: it reads each frame as clientlib/wire.py's docstring lays the schema out
+(`[version, req_id, timeout_ms, flags, ops]`, msgpack) and answers every op with a scripted result
+(`[version, req_id, OK, results]`), so the real client, transport and wire code run unchanged. It
+decodes with msgpack itself rather than with clientlib.wire: an independent reading of the schema,
+and no code under test runs in its thread (mutmut's recording of which test reaches which function
+is not thread-safe: a peer thread calling mutated code crashed its stats run). Expected return values are pymemcache's documented ones (its
 Client.get / gets / gat / gats / get_many docstrings); the failure table is README "Errors".
 """
 
@@ -12,18 +15,26 @@ import asyncio
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
+import msgpack
 import pytest
 import zmq
 
 from clientlib import AsyncClient, Client
 from clientlib.errors import BrokerTimeout, MemcacheError, MemcacheServerError, ServerUnavailable
-from clientlib.wire import Code, Op, decode_request, encode_reply
+from clientlib.wire import Code, Op
 
 pytestmark = pytest.mark.unit
 
 Answer = Callable[[list[Any]], list[Any]]
+
+
+class Frame(NamedTuple):
+    req_id: int
+    timeout_ms: int
+    flags: int
+    ops: list[list[Any]]
 
 
 class Peer:
@@ -53,13 +64,16 @@ class Peer:
             if not self._sock.poll(50):
                 continue
             ident, data = self._sock.recv_multipart()
-            req = decode_request(data)
+            version, req_id, timeout_ms, flags, ops = msgpack.unpackb(data)
+            assert version == 1, version
+            req = Frame(req_id, timeout_ms, flags, ops)
             self.ops.extend(req.ops)
             self.frames.append(req)
             self.sizes.append(len(data))
             self.idents.append(ident)
-            if not req.flags & 1:
-                self._sock.send_multipart([ident, encode_reply(req.req_id, [self.answer(op) for op in req.ops])])
+            if not req.flags & 1:  # NOREPLY
+                reply = [1, req_id, 0, [[int(x) for x in r[:1]] + list(r[1:]) for r in map(self.answer, ops)]]
+                self._sock.send_multipart([ident, msgpack.packb(reply, use_bin_type=True)])
 
     def close(self) -> None:
         self._stop.set()
