@@ -25,13 +25,17 @@ import time
 from typing import Any, Callable, Iterable, Protocol
 
 from . import address, lease
+from . import commands as commands_module
 from .curve import CurveKeys, curve_keys
 from .commands import DEFAULT_MAX_FRAME, DEFAULT_TIMEOUT, Command, Commands, Key, raise_failure
 from .commands import _OK
 from .commands import _ADD, _APPEND, _CAS, _DECR, _GET, _GETS, _INCR, _PREPEND, _REPLACE, _SET
-from .errors import MemcacheIllegalInputError, error_for
+from .errors import MemcacheIllegalInputError, ProtocolMismatch, error_for
 from .lease import DEFAULT_LEASE_TTL, DEFAULT_WAIT
 from .transport import AsyncTransport, Transport
+
+# Where results are read: an IndexError raised there means a result too short for its op.
+_RESULT_READERS = frozenset({commands_module.__file__, __file__})
 
 __all__ = ["Client", "AsyncClient", "DEFAULT_TIMEOUT", "DEFAULT_MAX_FRAME", "error_for"]
 
@@ -64,6 +68,27 @@ def _broker_url(broker: str | None, curve: CurveKeys | None = None) -> str:
     # Checked here, once: a bad address must not surface later as a raw ZeroMQ error.
     remote = curve is not None
     return address.check_connect_url(broker, remote=remote) if broker else address.default_connect_url(remote)
+
+
+def _finished(client: Any, cmd: Command, results: list[Any]) -> Any:
+    """cmd.finish, with a result too short for its op (an OK get without its value, say) raised as
+    ProtocolMismatch: the wire schema's shapes are checked per frame, not per op, so the finisher
+    finds it. An IndexError from the caller's own serde, deeper down, stays what it is."""
+    try:
+        return cmd.finish(client, cmd, results)
+    except IndexError as exc:
+        if _short_result(exc):
+            raise ProtocolMismatch(f"malformed result from the broker: {results!r:.200}") from None
+        raise
+
+
+def _short_result(exc: IndexError) -> bool:
+    """The IndexError was raised reading a result in clientlib itself (not in a caller's serde)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename in _RESULT_READERS
+
 
 
 class Client(Commands):
@@ -137,7 +162,7 @@ class Client(Commands):
                                                   max_frame_bytes=self.max_frame_bytes) or []
             else:
                 results = []
-            return cmd.finish(self, cmd, results)
+            return _finished(self, cmd, results)
         except MemcacheIllegalInputError:
             raise
         except Exception:
@@ -160,9 +185,11 @@ class Client(Commands):
             if r[0] == _OK:
                 return self.serde.deserialize(key, r[1], r[2])
             raise_failure(r)
-        except Exception:
+        except Exception as exc:
             if self.ignore_exc:
                 return default
+            if type(exc) is IndexError and _short_result(exc):
+                raise ProtocolMismatch("malformed result from the broker: a get's result without its value") from None
             raise
         return default
 
@@ -413,7 +440,7 @@ class AsyncClient(Commands):
             if ops:
                 results = await self._transport.request(ops, self._timeout_ms, self._timeout,
                                                         max_frame_bytes=self.max_frame_bytes) or []
-            return cmd.finish(self, cmd, results)
+            return _finished(self, cmd, results)
         except MemcacheIllegalInputError:
             raise
         except Exception:

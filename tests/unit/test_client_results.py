@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from clientlib import Client
-from clientlib.errors import MemcacheError
+from clientlib.errors import MemcacheError, ProtocolMismatch
 from clientlib.wire import Code, Op, encode_error, encode_reply
 from test_transport import RAISES, FakeSocket, install
 
@@ -215,3 +215,43 @@ def test_get_many_raises_any_failure_code_even_alone(url: str, serde: Any, code:
     with pytest.raises(RAISES[code], match="c failed") as info:
         c.get_many(["a", "b", "c"])
     assert info.value.failed.keys() == {"c"}  # type: ignore[attr-defined]
+
+
+# --- a result too short for its op: ProtocolMismatch (client.py's module docstring), not IndexError ---
+
+
+@pytest.mark.parametrize(
+    "call, result",
+    [
+        (lambda c: c.get("k"), [Code.OK]),  # a hit without its value and flags
+        (lambda c: c.gets("k"), [Code.OK, b"v", 0]),  # without its cas
+        (lambda c: c.get_many(["a", "b"]), [Code.OK]),
+        (lambda c: c.incr("k", 1), [Code.OK]),  # without the new value
+    ],
+    ids=["get", "gets", "get_many", "incr"],
+)
+def test_a_result_too_short_for_its_op_is_a_protocol_mismatch(url: str, call: Callable[[Any], Any], result: list[Any]) -> None:
+    c, _ = client_answering(url, always(result))
+    with pytest.raises(ProtocolMismatch, match="malformed result"):
+        call(c)
+
+
+def test_a_short_result_to_a_read_with_ignore_exc_is_a_miss(url: str) -> None:
+    c, _ = client_answering(url, always([Code.OK]), ignore_exc=True)
+    assert c.get("k", default="d") == "d"
+
+
+class Picky:
+    """A serde whose own code raises IndexError: that is the caller's error, not the broker's."""
+
+    def serialize(self, key: Any, value: Any) -> tuple[bytes, int]:
+        return value, 0
+
+    def deserialize(self, key: Any, value: bytes, flags: int) -> Any:
+        return value[10]
+
+
+def test_an_index_error_from_the_callers_own_serde_is_not_turned_into_a_protocol_mismatch(url: str) -> None:
+    c, _ = client_answering(url, always([Code.OK, b"short", 0]), serde=Picky())
+    with pytest.raises(IndexError):
+        c.get("k")
