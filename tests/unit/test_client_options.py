@@ -4,7 +4,7 @@ frame itself is the point, through the in-process ROUTER peer of test_client_pee
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -12,24 +12,11 @@ import pytest
 from clientlib import Client, MockClient
 from clientlib.errors import MemcacheIllegalInputError, MemcacheServerError
 from clientlib.wire import Code, Op, encode_request
-from test_client_peer import Answer, Peer
+from test_client_peer import Answer, Peer, peer  # noqa: F401 - the peer fixture, shared
 
 pytestmark = pytest.mark.unit
 
 MIB = 1 << 20
-
-
-@pytest.fixture
-def peer() -> Iterator[Callable[[Answer], Peer]]:
-    peers: list[Peer] = []
-
-    def start(answer: Answer) -> Peer:
-        peers.append(Peer(answer))
-        return peers[-1]
-
-    yield start
-    for p in peers:
-        p.close()
 
 
 def failing(op: list[Any]) -> list[Any]:

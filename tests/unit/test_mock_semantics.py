@@ -13,31 +13,12 @@ import pytest
 from clientlib import MockClient
 from clientlib.errors import MemcacheClientError
 
+from test_mock import FakeClock, clock, mc  # noqa: F401 - the clock and the fixtures, shared
+
 pytestmark = pytest.mark.unit
 
 MIB = 1 << 20
 THIRTY_DAYS = 60 * 60 * 24 * 30  # protocol.txt: a longer TTL is a Unix time
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def mc(clock: FakeClock) -> MockClient:
-    return MockClient(clock=clock)
 
 
 def with_flags(clock: FakeClock) -> MockClient:
