@@ -74,6 +74,28 @@ if os.environ.get("MCB_MUTATION"):
                     item._id = collector._id.child(item.name)  # pytest 9: the node id follows the name
         return items
 
+    # mutmut 3.8.1's stats run (which tests reach which function) tracks callers in a ContextVar,
+    # set and reset around each call of mutated code. Run in-process by mutmut, the reset failed
+    # now and then inside test_client_peer (LookupError: the variable gone from the context; once
+    # a segfault in ContextVar.set), failing the stats run; the same tests pass under plain
+    # pytest with MUTANT_UNDER_TEST=stats. Only the caller bookkeeping is lost here: the hit that
+    # maps the test to the function is recorded before the set, and mutant runs do not use it.
+    try:
+        from mutmut.core import MutmutCallStack
+    except ImportError:  # not under mutmut
+        pass
+    else:
+        _ctx_var = MutmutCallStack._ctx
+
+        def _tolerant_reset(cls: Any, token: Any) -> None:
+            try:
+                _ctx_var.reset(token)
+            except (LookupError, ValueError, RuntimeError):
+                old = token.old_value
+                _ctx_var.set((None, 0) if old is token.MISSING else old)
+
+        MutmutCallStack.reset = classmethod(_tolerant_reset)  # type: ignore[method-assign, assignment]
+
 
 @pytest.fixture
 def memcached() -> Iterator[Memcached]:
