@@ -421,8 +421,9 @@ def test_a_blocked_send_waits_in_slices_growing_to_the_max_then_times_out(
     monkeypatch.setattr(sock, "poll", clock.poll)
     probes: list[float] = []
     monkeypatch.setattr(t._probe, "down_reason", lambda: probes.append(clock.now) and None)
-    with pytest.raises(BrokerTimeout, match="listens but took no request"):
+    with pytest.raises(BrokerTimeout, match="listens but took no request") as info:
         t.request1([Op.GET, b"a"], 900, 1.0)
+    assert str(info.value).endswith("before the call's deadline")  # no CURVE, no hint: nothing more to say
     ms = clock.polls
     assert ms[0] == PROBE_TTL * 1000 and max(ms) == PROBE_SLICE_MAX * 1000
     assert all(a <= b for a, b in zip(ms, ms[1:-1]))  # growing (the last one: what was left)
@@ -623,7 +624,7 @@ def test_async_calls_on_one_loop_share_one_socket_with_ids_one_apart(peer: Calla
 
     got = run(calls())
     assert got == [[[Code.OK, b"1", 3]]] * 20 + [[[Code.OK, b"2", 0]]]
-    assert len(set(p.idents)) == 1
+    assert len(set(p.idents)) == 1 and {f.timeout_ms for f in p.frames} == {900}
     ids = sorted(f.req_id for f in p.frames)
     assert ids == list(range(ids[0], ids[0] + 21)) and ids[0] <= (1 << 48)  # random 48-bit start, +1 per frame
 
@@ -814,3 +815,84 @@ def test_async_reader_hands_each_reply_to_the_call_waiting_for_its_id() -> None:
         assert not waiting.done() and waiters == {3: waiting}
 
     run(scenario())
+
+
+def test_closing_an_unused_async_transport_is_a_no_op() -> None:
+    async def close() -> None:
+        t = AsyncTransport("ipc:///nonexistent/mcbroker.sock")
+        await t.close()
+        await t.close()
+
+    run(close())
+
+
+def test_async_errors_name_the_broker_address_and_frames_carry_the_broker_timeout(
+    peer: Callable[[Answer], Peer],
+) -> None:
+    p = peer(store(VALUES))
+
+    async def calls() -> Any:
+        t = AsyncTransport(p.url)
+        got = await t.request([[Op.GET, b"a"], [Op.GET, b"b"]], 900, 5.0)
+        p._stop.set()  # silent from now on
+        p._thread.join(5)
+        with pytest.raises(BrokerTimeout) as info:
+            await t.request([[Op.GET, b"a"]], 900, 0.1)
+        leftover = dict(t._waiters)
+        await t.close()
+        return got, str(info.value), leftover
+
+    got, message, leftover = run(calls())
+    assert got == [[Code.OK, b"1", 3], [Code.OK, b"2", 0]]
+    assert p.url in message
+    assert leftover == {}  # a call that gave up leaves no waiter behind (its late reply answers nobody)
+    assert [f.timeout_ms for f in p.frames] == [900]
+
+
+def test_a_dropped_async_transport_closes_its_socket_at_once(peer: Callable[[Answer], Peer]) -> None:
+    # AsyncTransport._ensure: "a dropped AsyncClient is freed at once, and this closes its socket
+    # then, so its broker slot (max_clients) goes too."
+    p = peer(store(VALUES))
+
+    async def call() -> Any:
+        t = AsyncTransport(p.url)
+        await t.request([[Op.GET, b"a"]], 900, 5.0)
+        sock = t._sock
+        assert sock is not None and not sock.closed
+        del t
+        return sock.closed
+
+    gc.disable()
+    try:
+        assert run(call()) is True
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_a_reply_after_the_deadline_but_within_grace_is_taken(
+    peer: Callable[[Answer], Peer], monkeypatch: pytest.MonkeyPatch, client: str
+) -> None:
+    # transport.GRACE: "The broker answers TIMEOUT at the call's deadline; waiting a little longer
+    # lets that clear answer arrive." GRACE is widened here so that a loaded machine cannot blur
+    # the two sides: the reply comes 0.3 s after a 0.05 s deadline, well inside a 2 s grace.
+    monkeypatch.setattr(transport_mod, "GRACE", 2.0)
+
+    def late(op: list[Any]) -> list[Any]:
+        time.sleep(0.3)
+        return [Code.OK, b"late", 0]
+
+    p = peer(late)
+    if client == "sync":
+        t = Transport(p.url)
+        assert t.request1([Op.GET, b"a"], 900, 0.05) == [[Code.OK, b"late", 0]]
+        assert t.request([[Op.GET, b"a"]], 900, 0.05) == [[Code.OK, b"late", 0]]
+        t.close()
+    else:
+        async def call() -> Any:
+            t = AsyncTransport(p.url)
+            got = await t.request([[Op.GET, b"a"]], 900, 0.05)
+            await t.close()
+            return got
+
+        assert run(call()) == [[Code.OK, b"late", 0]]
