@@ -896,3 +896,210 @@ def test_a_reply_after_the_deadline_but_within_grace_is_taken(
             return got
 
         assert run(call()) == [[Code.OK, b"late", 0]]
+
+
+# --- more of the blocking transport: frames, errors, sockets ---------------------------------------
+
+
+class FlagSocket(EventsSocket):
+    """Records each send's flags and each (dis)connect's address."""
+
+    def __init__(self, responder: Any = None) -> None:
+        super().__init__(responder, connected=True)
+        self.flags: list[int] = []
+        self.addresses: list[tuple[str, str]] = []
+
+    def send(self, data: bytes, flags: int = 0, copy: bool = True) -> None:
+        self.flags.append(flags)
+        super().send(data, flags, copy)
+
+    def disconnect(self, url: str) -> None:
+        super().disconnect(url)
+        self.addresses.append(("disconnect", url))
+
+    def connect(self, url: str) -> None:
+        self.addresses.append(("connect", url))
+
+
+def test_sends_never_block_and_a_reconnect_is_to_the_brokers_address(
+    tmpdir_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The deadline bounds the call: every send is non-blocking (a blocking send on a socket
+    # whose connection dropped would wait past it).
+    url = f"ipc://{tmpdir_path}/b.sock"
+    t = Transport(url)
+    sock = install(t, FlagSocket(echo_hits))
+    monkeypatch.setattr(t._probe, "down_reason", lambda: None)
+    t._state().saw_down = True  # the last call found nobody; now something listens
+    sock.send_again = 2
+    assert t.request1([Op.GET, b"a"], 900, 1.0) == [[Code.OK, b"a", 0]]
+    sock.send_again = 1
+    assert t.request([[Op.GET, b"b"]], 900, 1.0) == [[Code.OK, b"b", 0]]
+    assert len(sock.flags) == 5 and all(f & zmq.NOBLOCK for f in sock.flags)
+    assert sock.addresses == [("disconnect", url), ("connect", url)]
+
+
+def test_request_frames_carry_the_broker_timeout_and_a_malformed_reply_for_them_fails(tmpdir_path: str) -> None:
+    t = Transport(f"ipc://{tmpdir_path}/b.sock")
+    sock = install(t, FakeSocket(lambda f: [msgpack.packb([1, f[1], 0, "not a list"])]))
+    with pytest.raises(ProtocolMismatch, match="malformed"):
+        t.request([[Op.GET, b"a"], [Op.GET, b"b"]], 750, 1.0)
+    with pytest.raises(ProtocolMismatch, match="malformed"):
+        t.request1([Op.GET, b"a"], 750, 1.0)
+    assert [f[2] for f in sock.sent] == [750, 750]
+
+
+def test_request_keeps_its_receive_timeout_across_calls(tmpdir_path: str) -> None:
+    t = Transport(f"ipc://{tmpdir_path}/b.sock")
+    sock = install(t, FakeSocket(echo_hits))
+    for _ in range(50):
+        t.request([[Op.GET, b"a"], [Op.GET, b"b"]], 900, 1.0)
+    assert sock.setsockopt_calls <= 2  # as request1 (test_transport.py): set once, kept
+
+
+def test_a_refused_frame_with_a_one_character_message_still_raises(tmpdir_path: str) -> None:
+    from clientlib.wire import encode_error
+
+    t = Transport(f"ipc://{tmpdir_path}/b.sock")
+    install(t, FakeSocket(lambda f: [encode_error(f[1], Code.SERVER_ERROR, "x")]))
+    with pytest.raises(MemcacheServerError):
+        t.request1([Op.GET, b"a"], 900, 1.0)
+
+
+def test_two_frames_gather_both(tmpdir_path: str) -> None:
+    t = Transport(f"ipc://{tmpdir_path}/b.sock")
+    sock = install(t, FakeSocket(echo_hits))
+    keys = [b"k%02d" % i for i in range(8)]
+    one = len(msgpack.packb([1, 1 << 40, 900, 0, [[int(Op.GET), k] for k in keys[:4]]]))
+    got = t.request([[Op.GET, k] for k in keys], 900, 1.0, max_frame_bytes=one + 2)
+    assert len(sock.sent) == 2 and got == [[Code.OK, k, 0] for k in keys]
+
+
+@pytest.mark.parametrize("client", ["sync", "async"])
+def test_a_silent_broker_times_out_at_the_deadline(peer: Callable[[Answer], Peer], client: str) -> None:
+    # A real socket, connected, never answered: BrokerTimeout within the deadline plus GRACE and
+    # the machine's tolerance (tests/timing.py).
+    p = peer(store({}))
+    p._stop.set()
+    p._thread.join(5)
+    timeout = 0.3
+    if client == "sync":
+        t = Transport(p.url)
+        for call in (lambda: t.request1([Op.GET, b"a"], 900, timeout),
+                     lambda: t.request([[Op.GET, b"a"], [Op.GET, b"b"]], 900, timeout)):
+            start = time.monotonic()
+            with pytest.raises(BrokerTimeout):
+                call()
+            assert time.monotonic() - start <= timeout + transport_mod.GRACE + LATE
+        t.close()
+    else:
+        async def call() -> float:
+            t = AsyncTransport(p.url)
+            start = time.monotonic()
+            with pytest.raises(BrokerTimeout):
+                await t.request([[Op.GET, b"a"]], 900, timeout)
+            await t.close()
+            return time.monotonic() - start
+
+        assert run(call()) <= timeout + transport_mod.GRACE + LATE
+
+
+def test_close_closes_this_threads_socket_and_each_close_renews_the_others(peer: Callable[[Answer], Peer]) -> None:
+    # Client.disconnect_all: "Close this process's sockets to the broker; the next call opens new
+    # ones" - every time it is called.
+    p = peer(store(VALUES))
+    t = Transport(p.url)
+    mine, _ = t._socket()
+    t.close()
+    assert mine.closed
+    theirs: list[Any] = []
+
+    def other_thread_call() -> None:
+        theirs.append(t._socket()[0])
+
+    for _ in range(3):
+        th = threading.Thread(target=other_thread_call)
+        th.start()
+        th.join(10)
+        t.close()
+    assert len(theirs) == 3 and len({id(s) for s in theirs}) == 3
+
+
+def test_a_socket_replaced_after_another_threads_close_is_closed(peer: Callable[[Answer], Peer]) -> None:
+    p = peer(store(VALUES))
+    t = Transport(p.url)
+    assert t.request1([Op.GET, b"a"], 900, 5.0) == [[Code.OK, b"1", 3]]
+    old, _ = t._socket()
+    th = threading.Thread(target=t.close)  # another thread's disconnect_all
+    th.start()
+    th.join(10)
+    assert not old.closed  # never closed from another thread ...
+    assert t.request1([Op.GET, b"a"], 900, 5.0) == [[Code.OK, b"1", 3]]
+    assert old.closed and t._socket()[0] is not old  # ... but by its own on its next call
+    t.close()
+
+
+def test_the_curve_hint_names_the_clients_public_key(tmpdir_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clientlib.curve import CurveKeys
+
+    server_public, _ = zmq.curve_keypair()
+    public, secret = zmq.curve_keypair()
+    clock = SlowClock()
+    monkeypatch.setattr(transport_mod, "time", clock)
+    t = Transport(f"ipc://{tmpdir_path}/b.sock", curve=CurveKeys(secret=secret, public=public, server=server_public))
+    sock = install(t, FakeSocket(echo_hits))
+    sock.send_again = 10**9
+    monkeypatch.setattr(sock, "poll", clock.poll)
+    monkeypatch.setattr(t._probe, "down_reason", lambda: None)
+    with pytest.raises(BrokerTimeout, match="curve_allowed_clients") as info:
+        t.request1([Op.GET, b"a"], 900, 0.1)
+    assert public.decode() in str(info.value)
+
+
+def test_ipc_probe_tells_a_stale_socket_file_from_a_busy_listener(tmpdir_path: str) -> None:
+    path = os.path.join(tmpdir_path, "b.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)  # the file a killed broker leaves behind: nothing listens
+    stale.close()
+    reason = _Probe(f"ipc://{path}").down_reason()
+    assert reason is not None and "nothing listens" in reason and os.strerror(errno.ECONNREFUSED).lower() in reason
+    os.unlink(path)
+    # A listener whose accept queue is full is there, only busy: the probe must not wait for it.
+    with socket.socket(socket.AF_UNIX) as busy:
+        busy.bind(path)
+        busy.listen(0)
+        queued = []
+        for _ in range(4):
+            c = socket.socket(socket.AF_UNIX)
+            c.setblocking(False)
+            if c.connect_ex(path) != 0:
+                c.close()
+                break
+            queued.append(c)
+        done: list[Any] = []
+        th = threading.Thread(target=lambda: done.append(_Probe(f"ipc://{path}").down_reason()), daemon=True)
+        th.start()
+        th.join(10)
+        for c in queued:
+            c.close()
+        assert done == [None]
+
+
+def test_no_asyncio_error_is_logged_for_a_timed_out_call(peer: Callable[[Answer], Peer],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    # AsyncTransport.request: "mark it read, or asyncio logs 'exception was never retrieved'".
+    p = peer(store({}))
+    p._stop.set()
+    p._thread.join(5)
+
+    async def call() -> None:
+        t = AsyncTransport(p.url)
+        with pytest.raises(BrokerTimeout):
+            await t.request([[Op.GET, b"a"], [Op.GET, b"b"]], 900, 0.1)
+        await asyncio.sleep(0.01)  # let done callbacks run
+        await t.close()
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        run(call())
+        gc.collect()
+    assert [r for r in caplog.records if r.name == "asyncio"] == []
