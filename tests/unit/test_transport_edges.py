@@ -276,8 +276,9 @@ def test_a_timeout_without_a_text_message_is_raised_unchanged(args: tuple[Any, .
     assert info.value is err and err.args == args
 
 
-@pytest.mark.parametrize("owner", [Owner(hint=""), Owner(fail=True)], ids=["empty-hint", "hint-fails"])
-def test_a_hint_never_replaces_or_changes_the_timeout_when_it_has_nothing(owner: Owner) -> None:
+@pytest.mark.parametrize("kind", [{"hint": ""}, {"fail": True}], ids=["empty-hint", "hint-fails"])
+def test_a_hint_never_replaces_or_changes_the_timeout_when_it_has_nothing(kind: dict[str, Any]) -> None:
+    owner = Owner(**kind)
     with pytest.raises(BrokerTimeout) as info:
         with _ErrorMap(URL, owner.on_timeout):
             raise BrokerTimeout("no reply")
