@@ -30,7 +30,7 @@ import zmq.asyncio
 from clientlib import transport as transport_mod
 from clientlib.errors import BrokerTimeout, BrokerUnavailable, MemcacheServerError, ProtocolMismatch
 from clientlib.transport import (
-    BACKOFF_RESET, PROBE_SLICE_MAX, PROBE_TTL, RECONNECT_IVL, RECONNECT_IVL_MAX, AsyncTransport, Transport,
+    BACKOFF_RESET, build_frames, PROBE_SLICE_MAX, PROBE_TTL, RECONNECT_IVL, RECONNECT_IVL_MAX, AsyncTransport, Transport,
     _Backoff, _ErrorMap, _Probe,
 )
 from clientlib.wire import Code, Op, encode_reply
@@ -108,7 +108,7 @@ def test_tcp_probe_tries_every_address_of_a_name(monkeypatch: pytest.MonkeyPatch
 
         def addresses(*ports: int) -> Callable[..., Any]:
             def fake(host: str, port: int, *args: Any, **kwargs: Any) -> Any:
-                assert kwargs.get("type") == socket.SOCK_STREAM
+                assert host == "broker.example" and port == 5555 and kwargs.get("type") == socket.SOCK_STREAM
                 return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p)) for p in ports]
             return fake
 
@@ -545,7 +545,10 @@ def test_one_context_per_process_replaced_when_closed_or_inherited(own_context: 
     a.term()
     b = transport_mod.context()  # "or after someone closed it"
     assert b is not a and not b.closed and own_context == []
-    monkeypatch.setattr(transport_mod, "_context_pid", os.getpid() + 1)  # as if made by the parent
+    # A child forked without Python's at-fork hooks (the pid check is the one place that must
+    # catch it): this process's pid changes under the module.
+    parent_pid = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: parent_pid + 1)
     c = transport_mod.context()  # "a new one after fork"
     assert c is not b and not c.closed
     assert own_context == [b] and not b.closed  # the parent's: kept, never touched
@@ -611,6 +614,7 @@ def test_async_request1_returns_the_one_result(peer: Callable[[Answer], Peer]) -
         return got
 
     assert run(call()) == [[Code.OK, b"1", 3]]
+    assert [(f.timeout_ms, f.ops) for f in p.frames] == [(900, [[Op.GET, b"a"]])]
 
 
 def test_async_calls_on_one_loop_share_one_socket_with_ids_one_apart(peer: Callable[[Answer], Peer]) -> None:
@@ -628,6 +632,7 @@ def test_async_calls_on_one_loop_share_one_socket_with_ids_one_apart(peer: Calla
     assert len(set(p.idents)) == 1 and {f.timeout_ms for f in p.frames} == {900}
     ids = sorted(f.req_id for f in p.frames)
     assert ids == list(range(ids[0], ids[0] + 21)) and ids[0] <= (1 << 48)  # random 48-bit start, +1 per frame
+    assert [f.req_id for f in p.frames] == ids  # in the order sent (as the blocking transport's)
 
 
 def test_async_transport_has_a_socket_per_loop_and_after_close(peer: Callable[[Answer], Peer]) -> None:
@@ -644,8 +649,9 @@ def test_async_transport_has_a_socket_per_loop_and_after_close(peer: Callable[[A
 
     async def twice() -> Any:
         a = await t.request([[Op.GET, b"a"]], 900, 5.0)
+        open_sock = t._sock
         await t.close()
-        assert t._sock is None
+        assert t._sock is None and open_sock is not None and open_sock.closed
         b = await t.request([[Op.GET, b"b"]], 900, 5.0)
         await t.close()
         return a, b
@@ -985,14 +991,16 @@ def test_a_silent_broker_times_out_at_the_deadline(peer: Callable[[Answer], Peer
     p._thread.join(5)
     timeout = 0.3
     if client == "sync":
-        t = Transport(p.url)
-        for call in (lambda: t.request1([Op.GET, b"a"], 900, timeout),
-                     lambda: t.request([[Op.GET, b"a"], [Op.GET, b"b"]], 900, timeout)):
+        for one in (True, False):  # each on a new socket (its first receive timeout)
+            t = Transport(p.url)
             start = time.monotonic()
             with pytest.raises(BrokerTimeout):
-                call()
+                if one:
+                    t.request1([Op.GET, b"a"], 900, timeout)
+                else:
+                    t.request([[Op.GET, b"a"], [Op.GET, b"b"]], 900, timeout)
             assert time.monotonic() - start <= timeout + transport_mod.GRACE + LATE
-        t.close()
+            t.close()
     else:
         async def call() -> float:
             t = AsyncTransport(p.url)
@@ -1013,16 +1021,13 @@ def test_close_closes_this_threads_socket_and_each_close_renews_the_others(peer:
     mine, _ = t._socket()
     t.close()
     assert mine.closed
+    from concurrent.futures import ThreadPoolExecutor
+
     theirs: list[Any] = []
-
-    def other_thread_call() -> None:
-        theirs.append(t._socket()[0])
-
-    for _ in range(3):
-        th = threading.Thread(target=other_thread_call)
-        th.start()
-        th.join(10)
-        t.close()
+    with ThreadPoolExecutor(max_workers=1) as other:  # one other thread, the same for each call
+        for _ in range(3):
+            theirs.append(other.submit(lambda: t._socket()[0]).result(10))
+            t.close()
     assert len(theirs) == 3 and len({id(s) for s in theirs}) == 3
 
 
@@ -1100,7 +1105,75 @@ def test_no_asyncio_error_is_logged_for_a_timed_out_call(peer: Callable[[Answer]
         await asyncio.sleep(0.01)  # let done callbacks run
         await t.close()
 
+    async def cancelled() -> None:
+        t = AsyncTransport(p.url)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(t.request([[Op.GET, b"a"], [Op.GET, b"b"]], 900, 5.0), 0.1)  # the caller's own
+        await asyncio.sleep(0.01)
+        await t.close()
+
     with caplog.at_level("ERROR", logger="asyncio"):
         run(call())
+        run(cancelled())
         gc.collect()
     assert [r for r in caplog.records if r.name == "asyncio"] == []
+
+
+def test_frames_split_at_the_limit_keep_the_timeout_and_flags_and_a_frame_may_be_exactly_the_limit() -> None:
+    from clientlib.wire import NOREPLY
+
+    ids = iter(range(1, 100))
+    ops = [[Op.SET, b"k%d" % i, b"x" * 100, 0, 0] for i in range(6)]
+    whole = build_frames(ops, 900, NOREPLY, 1 << 30, ids.__next__)
+    exact = len(whole[0][1])
+    assert [n for _, _, n in build_frames(ops, 900, NOREPLY, exact, ids.__next__)] == [6]  # "at most" the limit
+    split = build_frames(ops, 900, NOREPLY, exact // 2, ids.__next__)
+    assert len(split) > 1 and all(len(d) <= exact // 2 for _, d, _ in split)
+    for rid, data, n in split:
+        version, req_id, timeout_ms, flags, sent = msgpack.unpackb(data)
+        assert (req_id, timeout_ms, flags, len(sent)) == (rid, 900, NOREPLY, n)
+
+
+def test_a_later_op_alone_over_the_frame_limit_is_refused() -> None:
+    from clientlib.errors import MemcacheIllegalInputError
+
+    ops = [[Op.SET, b"small", b"x", 0, 0], [Op.SET, b"big", b"x" * 5000, 0, 0]]
+    with pytest.raises(MemcacheIllegalInputError, match="frame limit"):
+        build_frames(ops, 900, 0, 4000, iter(range(5)).__next__)
+
+
+def test_async_transport_replaces_a_reader_cancelled_on_its_loop(peer: Callable[[Answer], Peer]) -> None:
+    # A shutdown that cancels every task (a web server's) ends the reader; the transport is still
+    # usable: the next call gets a socket with a reader again.
+    p = peer(store(VALUES))
+
+    async def calls() -> Any:
+        t = AsyncTransport(p.url)
+        a = await t.request([[Op.GET, b"a"]], 900, 5.0)
+        assert t._reader is not None
+        t._reader.cancel()
+        await asyncio.sleep(0)
+        b = await t.request([[Op.GET, b"b"]], 900, 5.0)
+        await t.close()
+        return a, b
+
+    assert run(calls()) == ([[Code.OK, b"1", 3]], [[Code.OK, b"2", 0]])
+
+
+def test_async_transport_used_from_a_second_live_loop_gets_its_own_socket(peer: Callable[[Answer], Peer]) -> None:
+    # "a new one when the client is used from another loop": the first loop still open, its
+    # reader still pending there.
+    p = peer(store(VALUES))
+    t = AsyncTransport(p.url)
+    first, second = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        assert first.run_until_complete(t.request([[Op.GET, b"a"]], 900, 5.0)) == [[Code.OK, b"1", 3]]
+        assert second.run_until_complete(t.request([[Op.GET, b"b"]], 900, 5.0)) == [[Code.OK, b"2", 0]]
+        second.run_until_complete(t.close())
+    finally:
+        for loop in (first, second):
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.run_until_complete(asyncio.sleep(0))
+            loop.close()
+    assert len(set(p.idents)) == 2
