@@ -887,3 +887,104 @@ def test_empty_location_uses_clientlib_default(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("MCBROKER_URL", "memcached:11211")
     with pytest.raises(InvalidCacheBackendError, match="MCBROKER_URL"):
         BrokerCache("", {})
+
+
+# --- survivors of the first mutation run (docs/mutation.md) -------------------------------------
+
+
+def raw_view(cache: BrokerCache) -> MockClient:
+    """A client without serde on the same memory as `cache`'s: another program writing to the
+    same memcached (pymemcache writes bytes as they are, with flags 0)."""
+    inner = cache._cache
+    view = MockClient()
+    view._memory = inner._memory
+    view._memory_transport = inner._memory_transport
+    view._transport = inner._transport
+    return view
+
+
+def test_an_empty_item_with_flags_0_reads_as_a_miss(cache: BrokerCache) -> None:
+    # The module's rule: an empty item with client flags 0 is memcached's lease placeholder (a
+    # value being computed by get_or_set), so every read treats it as a miss.
+    raw_view(cache).set(":1:ph", b"")
+    assert cache.get("ph") is None
+    assert cache.get("ph", "dflt") == "dflt"
+    assert cache.has_key("ph") is False
+    assert cache.get_many(["ph"]) == {}
+    assert asyncio.run(cache.aget("ph", "dflt")) == "dflt"
+    assert asyncio.run(cache.aget_many(["ph"])) == {}
+    # Empty values with other flags are values (here: an empty str, flags 16).
+    cache.set("es", "")
+    assert cache.get("es", "dflt") == ""
+
+
+def test_stored_pickles_use_the_highest_protocol(cache: BrokerCache) -> None:
+    # As pymemcache's pickle_serde (DEFAULT_PICKLE_VERSION = pickle.HIGHEST_PROTOCOL), which
+    # Django's test_memcached_uses_highest_pickle_version checks for PyMemcacheCache.
+    cache.set("empty", b"")
+    cache.set("list", [1])
+    header = pickle.PROTO + bytes([pickle.HIGHEST_PROTOCOL])
+    assert raw_view(cache).get(":1:empty").startswith(header)
+    assert raw_view(cache).get(":1:list").startswith(header)
+
+
+class RecordingSerde:
+    """A user serde (OPTIONS["serde"]): records the keys it is given."""
+
+    def __init__(self) -> None:
+        self.keys: list[Any] = []
+
+    def serialize(self, key: Any, value: Any) -> tuple[bytes, int]:
+        self.keys.append(("out", key))
+        return pickle.dumps(value), 1
+
+    def deserialize(self, key: Any, value: bytes, flags: int) -> Any:
+        self.keys.append(("in", key))
+        return pickle.loads(value)
+
+
+def test_a_serde_option_gets_the_key(make: Callable[..., BrokerCache]) -> None:
+    # pymemcache's serde protocol: serialize(key, value) and deserialize(key, value, flags).
+    serde = RecordingSerde()
+    cache = make(OPTIONS={"serde": serde})
+    cache.set("k", [1])
+    assert cache.get("k") == [1]
+    assert [direction for direction, _ in serde.keys] == ["out", "in"]
+    assert all(key is not None and ":1:k" in (key.decode() if isinstance(key, bytes) else key)
+               for _, key in serde.keys)
+
+
+class UnhashableSerde(RecordingSerde):
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, UnhashableSerde)
+
+
+def test_options_are_told_apart_by_value_and_unhashable_ones_by_identity(make: Callable[..., BrokerCache]) -> None:
+    # One client per (address, OPTIONS): the same options share it, different values do not.
+    assert make(OPTIONS={"timeout": 2.0})._cache is not make(OPTIONS={"timeout": 3.0})._cache
+    assert make(OPTIONS={"timeout": 2.0})._cache.timeout == 2.0
+    assert make(OPTIONS={"timeout": 3.0})._cache.timeout == 3.0
+    first, second = UnhashableSerde(), UnhashableSerde()
+    a = make(OPTIONS={"serde": first})
+    assert make(OPTIONS={"serde": first})._cache is a._cache
+    b = make(OPTIONS={"serde": second})
+    assert b._cache is not a._cache
+    a.set("k", 1)
+    b.set("k2", 2)
+    assert len(first.keys) == 1 and len(second.keys) == 1  # each value went through its own serde
+
+
+def test_async_versions_of_delete_and_decr(cache: BrokerCache) -> None:
+    async def script() -> None:
+        await cache.aset("v", 5, version=2)
+        await cache.aset("v", 50)
+        assert await cache.adecr("v", version=2) == 4
+        assert await cache.adecr("v", 2, version=2) == 2
+        assert await cache.aget("v") == 50
+        assert await cache.adelete("v", version=2) is True
+        assert await cache.aget("v", version=2) is None
+        assert await cache.aget("v") == 50
+
+    asyncio.run(script())

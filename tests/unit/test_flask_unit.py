@@ -477,3 +477,28 @@ def test_broker_failures_are_raised(backend: BrokerCache, built: list[Any], mem:
     for call in calls:
         with pytest.raises(BrokerUnavailable):
             call()
+
+
+# --- survivors of the first mutation run (docs/mutation.md) -------------------------------------
+
+
+def test_negative_deltas_and_the_default_delta_on_an_existing_counter(backend: BrokerCache) -> None:
+    # cachelib's contract: inc(key, delta) adds delta, dec(key, delta) subtracts it, delta 1 by
+    # default; a negative delta goes the other way.
+    backend.set("n", 10)
+    assert backend.inc("n", -3) == 7
+    assert backend.dec("n") == 6
+    assert backend.inc("n") == 7
+    assert backend.dec("n", -4) == 11
+    assert backend.get("n") == 11
+
+
+def test_cache_args_are_not_silently_dropped(built: list[Any], mem: MockClient) -> None:
+    # Flask-Caching passes CACHE_ARGS positionally to the factory; this backend's first argument
+    # is the broker, which the factory already sets from CACHE_MCBROKER_URL: a CACHE_ARGS is
+    # refused, not ignored.
+    app = Flask(__name__)
+    app.config.update(CACHE_TYPE="clientlib.flask.BrokerCache", CACHE_MCBROKER_URL="tcp://127.0.0.1:1",
+                      CACHE_ARGS=["tcp://127.0.0.1:2"])
+    with pytest.raises(TypeError, match="broker"):
+        Cache(app)
