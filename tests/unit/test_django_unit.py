@@ -110,6 +110,23 @@ def cache(make: Callable[..., BrokerCache]) -> BrokerCache:
     return make()
 
 
+def raw_view(cache: BrokerCache) -> MockClient:
+    """A client without serde on the same memory as `cache`'s: another program writing to the
+    same memcached (pymemcache writes bytes as they are, with flags 0)."""
+    inner = cache._cache
+    view = MockClient()
+    view._memory = inner._memory
+    view._memory_transport = inner._memory_transport
+    view._transport = inner._transport
+    return view
+
+
+def stored(cache: BrokerCache, key: str) -> tuple[bytes, int]:
+    """(value bytes, client flags) of the item as the mock's memory holds it."""
+    item = cache._cache._memory.items[key.encode()]
+    return item.value, item.flags
+
+
 # --- the basics (Django's test_simple, test_add, test_non_existent, test_get_many, ...) --------
 
 
@@ -221,12 +238,7 @@ def test_values_are_stored_as_pymemcache_stores_them(cache: BrokerCache) -> None
     cache.set("s", "é")
     cache.set("i", 7)
     cache.set("l", [1])
-    raw = cache._cache
-    assert isinstance(raw, MockClient)
-    seen = {}
-    for key in ("b", "s", "i", "l"):
-        value, flags = raw._memory.items[f":1:{key}".encode()].value, raw._memory.items[f":1:{key}".encode()].flags
-        seen[key] = (value, flags)
+    seen = {key: stored(cache, f":1:{key}") for key in ("b", "s", "i", "l")}
     assert seen["b"] == (b"raw", 0)
     assert seen["s"] == ("é".encode(), 16)
     assert seen["i"] == (b"7", 2)
@@ -684,8 +696,8 @@ def test_empty_bytes_are_a_value_not_a_placeholder(cache: BrokerCache) -> None:
     assert cache.get_many(["empty"]) == {"empty": b""}
     assert cache.get_or_set("empty", lambda: pytest.fail("computed")) == b""
     # Stored pickled, so it cannot look like memcached's empty placeholder (flags 0, no bytes).
-    item = cache._cache._memory.items[b":1:empty"]
-    assert item.flags == 1 and pickle.loads(item.value) == b""
+    value, flags = stored(cache, ":1:empty")
+    assert flags == 1 and pickle.loads(value) == b""
     # Empty values of other types are values too.
     cache.set_many({"s": "", "z": 0, "n": b"\x00"})
     assert cache.get_many(["s", "z", "n"]) == {"s": "", "z": 0, "n": b"\x00"}
@@ -890,17 +902,6 @@ def test_empty_location_uses_clientlib_default(monkeypatch: pytest.MonkeyPatch) 
 
 
 # --- survivors of the first mutation run (docs/mutation.md) -------------------------------------
-
-
-def raw_view(cache: BrokerCache) -> MockClient:
-    """A client without serde on the same memory as `cache`'s: another program writing to the
-    same memcached (pymemcache writes bytes as they are, with flags 0)."""
-    inner = cache._cache
-    view = MockClient()
-    view._memory = inner._memory
-    view._memory_transport = inner._memory_transport
-    view._transport = inner._transport
-    return view
 
 
 def test_an_empty_item_with_flags_0_reads_as_a_miss(cache: BrokerCache) -> None:
