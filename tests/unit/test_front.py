@@ -7,6 +7,7 @@ Real ZeroMQ sockets over ipc in a temporary directory; DEALERs stand for workers
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import stat
@@ -385,3 +386,256 @@ def test_monitors_are_one_per_socket(rig: Rig) -> None:
 def test_front_module_names_its_limits() -> None:
     # The figures the README's flood section rests on.
     assert front_mod.SNDHWM == 1_000 and front_mod.LARGE_REPLY == 65536 and front_mod.PEER_REPLY_BYTES == 64 << 20
+
+
+# --- socket_group: the group of the socket and of its directory ------------------------------------
+
+
+def test_socket_group_is_given_to_the_socket_and_the_directory_it_creates(ctx: zmq.Context[Any], sockdir: Path) -> None:
+    # A numeric group needs no entry in /etc/group (as chgrp takes it); root may give any group.
+    r = Rig(ctx, sockdir, socket_group="4242")
+    try:
+        assert os.stat(r.path).st_gid == 4242
+        assert os.stat(r.path.parent).st_gid == 4242
+        assert stat.S_IMODE(os.stat(r.path).st_mode) == 0o660
+        assert os.stat(sockdir).st_gid != 4242  # a directory it did not create keeps its group
+    finally:
+        r.close()
+
+
+def test_nested_directories_it_creates_all_get_the_mode_and_group(ctx: zmq.Context[Any], sockdir: Path) -> None:
+    path = sockdir / "a" / "b" / "broker.sock"
+    f = Front(ctx, (f"ipc://{path}",), MAX_FRAME, socket_group="4242")
+    try:
+        for d in (sockdir / "a", sockdir / "a" / "b"):
+            st = os.stat(d)
+            assert (stat.S_IMODE(st.st_mode), st.st_gid) == (DIR_MODE, 4242)
+        assert f.created_dirs == [str(sockdir / "a" / "b"), str(sockdir / "a")]  # innermost first
+    finally:
+        f.close()
+    assert not (sockdir / "a").exists()
+
+
+def _reach_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "socket_group cannot reach" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "dir_mode, group, warned",
+    [
+        (0o700, "", True),  # nobody but the owner may enter
+        (0o701, "", False),  # others may enter
+        (0o710, "", False),  # the group may enter, and the socket keeps the directory's group
+        (0o710, "4242", True),  # the group may enter, but it is not the socket's group
+        (0o750, "4242", True),
+    ],
+)
+def test_a_directory_the_socket_group_cannot_enter_is_warned_about(
+    ctx: zmq.Context[Any], sockdir: Path, caplog: pytest.LogCaptureFixture, dir_mode: int, group: str, warned: bool
+) -> None:
+    run = sockdir / "run"
+    run.mkdir()
+    os.chmod(run, dir_mode)
+    with caplog.at_level(logging.WARNING, logger="mcbroker.front"):
+        f = Front(ctx, (f"ipc://{run / 'b.sock'}",), MAX_FRAME, socket_group=group)
+    f.close()
+    got = _reach_warnings(caplog)
+    if not warned:
+        assert got == []
+        return
+    gid = os.stat(run).st_gid
+    assert got == [
+        f"socket_group cannot reach {run / 'b.sock'}: its directory {run} is mode {dir_mode:04o} group {gid} (needs group x)"
+    ]
+
+
+def test_a_directory_of_the_socket_group_that_it_may_enter_is_fine(
+    ctx: zmq.Context[Any], sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = sockdir / "run"
+    run.mkdir()
+    os.chown(run, -1, 4242)
+    os.chmod(run, 0o710)
+    with caplog.at_level(logging.WARNING, logger="mcbroker.front"):
+        f = Front(ctx, (f"ipc://{run / 'b.sock'}",), MAX_FRAME, socket_group="4242")
+    f.close()
+    assert _reach_warnings(caplog) == []
+
+
+# --- tcp -----------------------------------------------------------------------------------------------
+
+
+def test_a_tcp_listener_serves_and_a_second_one_on_its_port_is_refused(ctx: zmq.Context[Any]) -> None:
+    f = Front(ctx, ("tcp://127.0.0.1:*",), MAX_FRAME)
+    try:
+        endpoint = f.sockets[0].getsockopt_string(zmq.LAST_ENDPOINT)
+        assert f.created_dirs == []
+        w = ctx.socket(zmq.DEALER)
+        w.setsockopt(zmq.IDENTITY, b"t")
+        w.setsockopt(zmq.LINGER, 0)
+        w.connect(endpoint)
+        w.send(b"over tcp")
+        got: list[tuple[bytes, bytes]] = []
+
+        def more() -> bool:
+            if f.sockets[0].poll(10, zmq.POLLIN):
+                got.extend(f.recv_batch(f.sockets[0], 10, 1 << 20))
+            return bool(got)
+
+        wait_for(more, "a frame over tcp")
+        assert got == [(b"t", b"over tcp")]
+        w.close(linger=0)
+        with pytest.raises(AddressInUse, match=f"^another process is already listening on {endpoint}$"):
+            Front(ctx, (endpoint,), MAX_FRAME)
+    finally:
+        f.close()
+
+
+# --- replies: the byte bounds of large replies, exactly --------------------------------------------
+
+
+class _Tracker:
+    def __init__(self) -> None:
+        self.done = False
+
+
+class _HeldSocket:
+    """A worker socket whose large replies ZeroMQ has not written yet (their trackers stay not
+    done until the test says so): only the arithmetic of the bounds is under test here."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, int]] = []
+        self.trackers: list[_Tracker] = []
+
+    def send(self, data: bytes, flags: int = 0, copy: bool = True, track: bool = False) -> _Tracker | None:
+        self.sent.append((data[:8], len(data)))
+        if track:
+            t = _Tracker()
+            self.trackers.append(t)
+            return t
+        return None
+
+
+def test_large_replies_are_bounded_per_worker_and_in_all_exactly(rig: Rig) -> None:
+    f = rig.front
+    n = LARGE_REPLY
+    f.peer_reply_limit = 3 * n
+    f.reply_limit = 5 * n
+    sock: Any = _HeldSocket()
+    big = b"v" * n
+    # Up to the bound itself is allowed; one byte more is not.
+    assert [f.send(sock, b"a", big) for _ in range(4)] == [True, True, True, False]
+    assert (f.reply_bytes, f._peer_bytes, f.replies_over_limit) == (3 * n, {b"a": 3 * n}, 1)
+    assert [f.send(sock, b"b", big) for _ in range(3)] == [True, True, False]  # 5 n in all
+    assert (f.reply_bytes, f._peer_bytes[b"b"], f.replies_over_limit) == (5 * n, 2 * n, 2)
+    # One of a's written: its bytes are free again, for a and in all.
+    sock.trackers[0].done = True
+    f.reap()
+    assert (f.reply_bytes, f._peer_bytes) == (4 * n, {b"a": 2 * n, b"b": 2 * n})
+    assert f.send(sock, b"a", big) is True
+    assert f._peer_bytes[b"a"] == 3 * n
+    for t in sock.trackers:
+        t.done = True
+    f.reap()
+    assert (f.reply_bytes, f._peer_bytes) == (0, {})
+    # A reply just under LARGE_REPLY is a small one: neither tracked nor counted.
+    assert f.send(sock, b"a", b"s" * (n - 1)) is True
+    assert f.reply_bytes == 0
+
+
+def test_a_large_reply_already_written_when_sent_is_not_counted(rig: Rig) -> None:
+    f = rig.front
+
+    class Written(_HeldSocket):
+        def send(self, data: bytes, flags: int = 0, copy: bool = True, track: bool = False) -> _Tracker | None:
+            t = super().send(data, flags, copy, track)
+            if t is not None:
+                t.done = True
+            return t
+
+    assert f.send(Written(), b"a", b"v" * LARGE_REPLY) is True  # type: ignore[arg-type]
+    assert (f.reply_bytes, f._peer_bytes, f._large) == (0, {}, [])
+
+
+# --- replies to workers that are gone or do not read ---------------------------------------------------
+
+
+def test_replies_to_a_worker_that_does_not_read_are_dropped_never_blocking(rig: Rig) -> None:
+    w = rig.worker(b"slow")
+    w.setsockopt(zmq.RCVHWM, 1)
+    w.send(b"ping")
+    rig.take(1)
+    # SNDHWM (1,000) replies wait for a worker; past that (and what the sockets buffer), dropped.
+    results = [rig.front.send(rig.sock, b"slow", b"r" * 1000) for _ in range(5000)]
+    assert results.count(False) > 0 and results[0] is True
+
+
+def test_a_reply_to_a_worker_that_is_gone_is_not_logged(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="mcbroker.front"):
+        assert rig.front.send(rig.sock, b"gone", b"reply") is False
+        assert rig.front.send(rig.sock, b"gone", b"v" * LARGE_REPLY) is False
+    assert [r for r in caplog.records if "reply dropped" in r.getMessage()] == []
+
+
+def test_every_bad_envelope_is_counted(rig: Rig) -> None:
+    w = rig.worker(b"w")
+    for i in range(3):
+        w.send_multipart([b"x%d" % i, b"y"])
+    w.send(b"good")
+    got = rig.take(1)
+    assert got == [(b"w", b"good")]
+    assert rig.front.bad_envelopes == 3
+
+
+# --- max_clients: refusals, logged once per interval ----------------------------------------------------
+
+
+def test_each_refusal_is_counted_and_logged_with_the_cap(
+    ctx: zmq.Context[Any], sockdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = Rig(ctx, sockdir, max_clients=1)
+    try:
+        r.worker(b"first")
+        wait_for(lambda: r.front.poll_workers() == 1, "the first worker")
+        with caplog.at_level(logging.WARNING, logger="mcbroker.front"):
+            for n in (2, 3):
+                r.worker(b"extra%d" % n)
+                wait_for(lambda: (r.front.poll_workers(), r.front._pending)[1], "a connection pending")
+                r.front.admit()
+        assert r.front.clients_refused == 2 and r.front.workers == 1
+        lines = [rec.getMessage() for rec in caplog.records if "max_clients" in rec.getMessage()]
+        # The second within the rate limit's interval is held back, not logged.
+        assert lines == [
+            "max_clients (1) reached: new worker connections are shut down, their calls time out; clients_refused 1"
+        ]
+        # Each refused connection's own disconnect is taken and leaves the served one counted.
+        wait_for(lambda: (r.front.poll_workers(), not r.front._refusing)[1], "the refused connections gone")
+        assert r.front.workers == 1
+    finally:
+        r.close()
+
+
+def test_an_admitted_connection_is_counted_until_it_leaves(ctx: zmq.Context[Any], sockdir: Path) -> None:
+    r = Rig(ctx, sockdir, max_clients=1)
+    try:
+        first = r.worker(b"first")
+        wait_for(lambda: r.front.poll_workers() == 1, "the first worker")
+        gone = r.worker(b"gone")
+        wait_for(lambda: (r.front.poll_workers(), len(r.front._pending) == 1)[1], "one pending")
+        later = r.worker(b"later")
+        wait_for(lambda: (r.front.poll_workers(), len(r.front._pending) == 2)[1], "two pending")
+        gone.close(linger=0)
+        r.workers.remove(gone)
+        first.close(linger=0)
+        r.workers.remove(first)
+        wait_for(lambda: (r.front.poll_workers(), not r.front._live)[1], "the first worker gone")
+        # The pending connection that closed leaves the queue with its disconnect event.
+        wait_for(lambda: (r.front.poll_workers(), len(r.front._pending) == 1)[1], "one pending left")
+        r.front.admit()
+        # The slot the first one freed goes to the one still waiting.
+        assert r.front.workers == 1 and r.front.clients_refused == 0
+        later.close(linger=0)
+        r.workers.remove(later)
+        wait_for(lambda: r.front.poll_workers() == 0, "no worker left")
+    finally:
+        r.close()
