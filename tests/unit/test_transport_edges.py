@@ -1182,3 +1182,19 @@ def test_async_transport_used_from_a_second_live_loop_gets_its_own_socket(peer: 
             loop.run_until_complete(asyncio.sleep(0))
             loop.close()
     assert len(set(p.idents)) == 2
+
+
+def test_a_new_async_socket_starts_at_a_random_48_bit_id(tmpdir_path: str) -> None:
+    # As the blocking transport's (test_transport.py): random, below 2**48; 20 sockets, so that a
+    # wider start is caught with certainty but for a 2**-20 chance.
+    async def starts() -> list[int]:
+        got = []
+        for _ in range(20):
+            t = AsyncTransport(f"ipc://{tmpdir_path}/b.sock")
+            t._ensure()
+            got.append(t._next_id)
+            await t.close()
+        return got
+
+    ids = run(starts())
+    assert all(0 <= i < 1 << 48 for i in ids) and len(set(ids)) > 1
