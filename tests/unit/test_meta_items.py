@@ -537,3 +537,36 @@ def test_next_items_gives_at_most_limit_items_across_both_loops(limit: int) -> N
     first = parser.next_items(limit)
     assert len(first) == limit
     assert first[0] == (Status.OK, None, b" O1")
+
+
+# protocol.txt, mg's flags: "s: return item size token". memcached writes the value's length
+# there (1.6.18's proto_meta: `it->nbytes - 2`), so in a VA answer it must equal the VA size,
+# wherever the token stands among the flags; a header that lost or gained a digit is refused
+# from the header alone, without waiting for a data block of the wrong length.
+S_DISAGREES = [
+    b"VA 2 s3 f0 O1\r\nab\r\n",  # s first
+    b"VA 2 f0 s3 O1\r\nab\r\n",
+    b"VA 2 f0 O1 s3\r\nab\r\n",  # s last
+    b"VA 2 s3\r\nab\r\n",  # s alone
+    b"VA 10 s1\r\n",  # the header alone
+    b"VA 1 s10 O1\r\n",
+]
+
+
+@pytest.mark.parametrize("data", S_DISAGREES)
+def test_a_va_whose_s_token_disagrees_with_its_size_is_rejected_however_fed(data: bytes) -> None:
+    assert reject(data) == []
+    parser = ResponseParser()
+    parser.feed(data)
+    with pytest.raises(ProtocolError, match="says s"):
+        parser.next_items()
+    parser = ResponseParser()
+    parser.feed(data)
+    with pytest.raises(ProtocolError, match="says s"):
+        parser.next_response()
+
+
+@pytest.mark.parametrize("data", [b"VA 2 s2 f0 O1\r\nab\r\n", b"VA 2 f0 O1 s2\r\nab\r\n", b"VA 2 s2\r\nab\r\n"])
+def test_a_va_whose_s_token_agrees_is_taken_wherever_it_stands(data: bytes) -> None:
+    flags = data[len(b"VA 2") : data.index(b"\r\n")]
+    assert parse(data) == [(Status.VALUE, b"ab", flags)]
