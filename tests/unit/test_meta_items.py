@@ -570,3 +570,21 @@ def test_a_va_whose_s_token_disagrees_with_its_size_is_rejected_however_fed(data
 def test_a_va_whose_s_token_agrees_is_taken_wherever_it_stands(data: bytes) -> None:
     flags = data[len(b"VA 2") : data.index(b"\r\n")]
     assert parse(data) == [(Status.VALUE, b"ab", flags)]
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_feed_copies_a_buffer_the_caller_reuses(kind: type) -> None:
+    # A reader that receives into one preallocated buffer (recv_into) feeds the parser a view of
+    # it and then overwrites it: what the parser holds, and the values it returns, must be bytes
+    # of their own.
+    buffer = bytearray(b"VA 3 f0 O1\r\nab")
+    parser = ResponseParser()
+    parser.feed(buffer if kind is bytearray else memoryview(buffer))
+    buffer[:] = b"c\r\nHD" + b"X" * (len(buffer) - 5)
+    parser.feed(buffer[:5] if kind is bytearray else memoryview(buffer)[:5])
+    parser.feed(b" O2\r\n")
+    buffer[:] = b"Y" * len(buffer)
+    items = parser.next_items()
+    assert items == [(Status.VALUE, b"abc", b" f0 O1"), (Status.OK, None, b" O2")]
+    assert all(type(item[1]) is bytes for item in items if item[1] is not None)
+    assert all(type(item[2]) is bytes for item in items)
