@@ -231,3 +231,16 @@ def test_server_weights_range_over_1_to_max_weight_inclusive() -> None:
         e = error_of({"hash": "ketama", "servers": [{"address": "a:1", "weight": weight}]})
         assert e.key == "servers[0].weight"
         assert e.problem == f"{weight} is out of range 1..{config.MAX_WEIGHT}"
+
+
+def test_what_is_not_a_table_or_has_non_string_keys_is_named() -> None:
+    assert error_of([1]).problem == "config must be a table, got list"  # type: ignore[arg-type]
+    e = error_of({1: 2})  # type: ignore[dict-item]
+    assert (e.key, e.problem) == ("1", "config keys must be strings")
+
+
+def test_an_unknown_key_is_named_with_the_nearest_known_one_if_any() -> None:
+    e = error_of({"timeout": 5})
+    assert e.key == "timeout" and "did you mean 'timeout_ms'" in e.problem
+    e = error_of({"zzzzzzzz": 5})
+    assert (e.key, e.problem) == ("zzzzzzzz", "unknown key")
