@@ -588,3 +588,13 @@ def test_feed_copies_a_buffer_the_caller_reuses(kind: type) -> None:
     assert items == [(Status.VALUE, b"abc", b" f0 O1"), (Status.OK, None, b" O2")]
     assert all(type(item[1]) is bytes for item in items if item[1] is not None)
     assert all(type(item[2]) is bytes for item in items)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_next_items_gives_at_most_limit_meta_responses(limit: int) -> None:
+    # The pipeline asks for at most what it has in flight (1 for a fence): no response past it.
+    expected = [(Status.OK, None, b" O1"), (Status.MISS, None, b" O2"), (Status.VALUE, b"x", b" O3"), (Status.NOT_FOUND, None, b" O4")]
+    parser = ResponseParser()
+    parser.feed(b"HD O1\r\nEN O2\r\nVA 1 O3\r\nx\r\nNF O4\r\n")
+    assert parser.next_items(limit) == expected[:limit]
+    assert parser.next_items() == expected[limit:]
