@@ -190,6 +190,14 @@ def run(args: argparse.Namespace) -> int:
         if entry["summaries"]:
             print(report.scenario_table(entry["summaries"], entry["unit"]), file=out)
     print("\n## Targets\n" + report.targets_table(targets), file=out)
+    checks = report.model_check(summaries)
+    if checks:
+        print("\ndesign bound: the best ratio this design could reach in this run if the broker's own work cost "
+              "nothing (a bare ZeroMQ echo in its place, plus the memcached CPU the broker path used); for the "
+              "worker CPU, a raw DEALER's; for the latencies, the ZeroMQ hop alone (echo minus direct). "
+              "Throughput model it rests on (cores / total CPU per op):", file=out)
+        for line in checks:
+            print(f"- {line}", file=out)
     print("\npaths: " + "; ".join(f"{k}: {v}" for k, v in PATH_HELP.items()), file=out)
     if failures:
         print("\n" + "\n".join(failures), file=out)

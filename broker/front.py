@@ -313,45 +313,56 @@ class Front:
         self.replies_over_limit = 0
         self.set_reply_limit(reply_limit, max_frame)
         gid = resolve_group(socket_group)
-        for url in urls:
-            path = url[len("ipc://"):] if url.startswith("ipc://") else None
+        try:
+            for url in urls:
+                self._listen(ctx, url, max_frame, socket_mode, gid, access)
+        except BaseException:
+            self.close()  # the addresses bound before the one that failed, and their ipc paths
+            raise
+
+    def _listen(
+        self, ctx: "zmq.Context[Any]", url: str, max_frame: int, socket_mode: int, gid: int | None,
+        access: Access | None,
+    ) -> None:
+        path = url[len("ipc://"):] if url.startswith("ipc://") else None
+        if path is not None:
+            # Before the directory is taken as this broker's: a live broker's path and its
+            # directory stay untouched.
+            _claim_ipc_path(path)
+            self.created_dirs += _make_dir(os.path.dirname(path) or ".", gid)
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, SNDHWM)
+        sock.setsockopt(zmq.RCVHWM, RCVHWM)
+        sock.setsockopt(zmq.LINGER, 0)
+        # ZeroMQ disconnects a peer that sends more than this; the decoder rejects frames
+        # above max_frame with an error reply, so leave room for that clear answer.
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_size(max_frame))
+        if access is not None:
+            # The ZAP handler: CURVE for tcp when configured (ipc stays guarded by the file
+            # system), and for every socket the moment where max_clients is enforced.
+            access.guard(sock, tcp=path is None)
+        try:
             if path is not None:
-                self.created_dirs += _make_dir(os.path.dirname(path) or ".", gid)
-                _claim_ipc_path(path)
-            sock = ctx.socket(zmq.ROUTER)
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-            sock.setsockopt(zmq.SNDHWM, SNDHWM)
-            sock.setsockopt(zmq.RCVHWM, RCVHWM)
-            sock.setsockopt(zmq.LINGER, 0)
-            # ZeroMQ disconnects a peer that sends more than this; the decoder rejects frames
-            # above max_frame with an error reply, so leave room for that clear answer.
-            sock.setsockopt(zmq.MAXMSGSIZE, max_message_size(max_frame))
-            if access is not None:
-                # The ZAP handler: CURVE for tcp when configured (ipc stays guarded by the file
-                # system), and for every socket the moment where max_clients is enforced.
-                access.guard(sock, tcp=path is None)
-            try:
-                if path is not None:
-                    # Born with the final mode (no moment where it is wider), then chmod/chown'd and
-                    # checked. Nothing else runs yet, so the process-wide umask is safe to borrow.
-                    old_umask = os.umask(0o777 & ~socket_mode)
-                    try:
-                        sock.bind(url)
-                    finally:
-                        os.umask(old_umask)
-                else:
+                # Born with the final mode (no moment where it is wider), then chmod/chown'd and
+                # checked. Nothing else runs yet, so the process-wide umask is safe to borrow.
+                old_umask = os.umask(0o777 & ~socket_mode)
+                try:
                     sock.bind(url)
-            except zmq.ZMQError as exc:
-                sock.close(linger=0)
-                self.close()  # the addresses bound before this one, and their ipc paths
-                if exc.errno == errno.EADDRINUSE:
-                    raise AddressInUse(f"another process is already listening on {url}") from None
-                raise
-            self.sockets.append(sock)
-            self._local.append(bound_address(sock.getsockopt_string(zmq.LAST_ENDPOINT)))
-            if path is not None:
-                _set_access(path, socket_mode, gid)
-            self._monitors.append(sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED))
+                finally:
+                    os.umask(old_umask)
+            else:
+                sock.bind(url)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUse(f"another process is already listening on {url}") from None
+            raise
+        self.sockets.append(sock)
+        self._local.append(bound_address(sock.getsockopt_string(zmq.LAST_ENDPOINT)))
+        if path is not None:
+            _set_access(path, socket_mode, gid)
+        self._monitors.append(sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED))
 
     def recv_batch(self, sock: "zmq.Socket[Any]", limit: int, max_bytes: int) -> list[tuple[bytes, bytes]]:
         """Up to `limit` (ident, frame) pairs that are ready now, stopping once `max_bytes` of

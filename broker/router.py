@@ -570,14 +570,28 @@ class Router:
         except meta.RequestError as exc:
             job.fail(i, Code.CLIENT_ERROR, str(exc))
             return
-        servers = self.servers
-        gather = Gather(job, i, [s.name for s in servers])
-        for n, server in enumerate(servers):
+        # (server name, connection or None, why there is none)
+        sends: list[tuple[str, Connection | None, str]] = []
+        for server in self.servers:
             if code == _FLUSH_ALL:
                 server.reads.clear()  # a get after flush_all must not share a read from before it
             conn = server.pick(None, now) if server.health.is_up else None
             if conn is None:
-                gather.fail(n, Code.SERVER_DOWN, f"no connection ({server.health.state.value})")
+                sends.append((server.name, None, f"no connection ({server.health.state.value})"))
+                continue
+            sends.append((server.name, conn, ""))
+            if code == _FLUSH_ALL:
+                # memcached keeps the order of requests on one connection only: a read the worker
+                # sends next may go out on the server's other connection and be answered before
+                # the flush. So each open connection gets the flush (memcached's cmd_flush counts
+                # one per connection) and whatever follows it there waits behind it.
+                for other in server.conns:
+                    if other is not conn and other.sock is not None:
+                        sends.append((server.name, other, ""))
+        gather = Gather(job, i, [name for name, _, _ in sends])
+        for n, (_, conn, why) in enumerate(sends):
+            if conn is None:
+                gather.fail(n, Code.SERVER_DOWN, why)
                 continue
             conn.seal()
             conn.push(Batch(gather, [n], [code], None, TEXT, TEXT_EXPECT[code]), data, now)

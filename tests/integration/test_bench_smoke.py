@@ -92,7 +92,7 @@ def test_targets_table_has_a_verdict_for_every_target(quick_run: dict) -> None:
     statuses = {t["target"]: t["status"] for t in quick_run["targets"]}
     assert list(statuses) == [t.what for t in TARGETS]
     for name, status in statuses.items():
-        assert status in ("pass", "FAIL", "pending broker support"), (name, status)
+        assert status in ("pass", "FAIL", "FAIL (bound misses too)", "pending broker support"), (name, status)
     assert "## Targets" in quick_run["_stdout"] and "QUICK MODE" in quick_run["_stdout"]
 
 

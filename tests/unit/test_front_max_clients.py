@@ -280,3 +280,76 @@ def test_peer_closed_counts_a_descriptor_that_is_not_a_connection_as_closed(tcp:
     finally:
         os.close(r)
         os.close(w)
+
+
+# --- is_accepted_on and peer_closed, directly -------------------------------------------------------
+
+
+def test_is_accepted_on_matches_the_port_too(tcp: Tcp) -> None:
+    other = Tcp()
+    try:
+        assert is_accepted_on(tcp.accepted, ("tcp", ("127.0.0.1", tcp.port))) is True
+        assert is_accepted_on(tcp.accepted, ("tcp", ("127.0.0.1", other.port))) is False
+        assert is_accepted_on(tcp.accepted, ("tcp", (None, other.port))) is False
+    finally:
+        other.close()
+
+
+def test_is_accepted_on_never_takes_a_datagram_socket() -> None:
+    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        u.bind(("127.0.0.1", 0))
+        u.connect(u.getsockname())  # it even has a peer
+        assert is_accepted_on(u, ("tcp", ("127.0.0.1", u.getsockname()[1]))) is False
+        assert is_accepted_on(u, ("tcp", (None, u.getsockname()[1]))) is False
+    finally:
+        u.close()
+
+
+def test_an_ipv4_connection_accepted_on_a_dual_stack_listener_matches_its_ipv4_address() -> None:
+    # An IPv6 socket that also takes IPv4 names its address "::ffff:127.0.0.1" (RFC 4291 2.5.5.2).
+    listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.bind(("::", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        accepted, _ = listener.accept()
+        try:
+            assert accepted.getsockname()[0] == "::ffff:127.0.0.1"
+            assert is_accepted_on(accepted, ("tcp", ("127.0.0.1", port))) is True
+            assert is_accepted_on(accepted, ("tcp", ("127.0.0.2", port))) is False
+            # An IPv6 address keeps its full form: "::ffff:127.0.0.1" is not "::1".
+            assert is_accepted_on(accepted, ("tcp", ("::1", port))) is False
+            assert is_accepted_on(accepted, ("tcp", ("::ffff:127.0.0.1", port))) is True
+            assert is_accepted_on(accepted, ("tcp", (None, port))) is True
+        finally:
+            accepted.close()
+            client.close()
+    finally:
+        listener.close()
+
+
+def test_an_abstract_ipc_connection_is_matched_by_its_name() -> None:
+    name = f"mcb-abstract-{os.getpid()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind("\0" + name)
+        listener.listen(4)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect("\0" + name)
+        accepted, _ = listener.accept()
+        try:
+            assert is_accepted_on(accepted, bound_address(f"ipc://@{name}")) is True
+            assert is_accepted_on(accepted, bound_address(f"ipc://@{name}-other")) is False
+        finally:
+            accepted.close()
+            client.close()
+    finally:
+        listener.close()
+
+
+def test_a_listener_counts_as_closed_for_peer_closed(tcp: Tcp) -> None:
+    # recv on a listener fails (ENOTCONN): not a connection, so closed.
+    assert peer_closed(tcp.listener.fileno()) is True

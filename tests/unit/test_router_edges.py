@@ -303,6 +303,41 @@ def test_flush_all_closes_the_reads_in_flight() -> None:
     assert mg_lines(rig, b"k") == 2
 
 
+@pytest.mark.parametrize("flags", [NOREPLY, 0], ids=["noreply", "reply"])
+def test_a_read_sent_after_flush_all_waits_behind_a_flush_on_its_own_connection(flags: int) -> None:
+    # memcached keeps the order of requests on one connection only, and a worker's next read may
+    # go out on either of the server's connections (the one with less in flight): so each of them
+    # carries the flush before anything sent after it.
+    rig = Rig(1, connections=2)
+    rig.frame([set_op(b"k", b"v")])
+    rig.serve()
+    flush = rig.frame([[Op.FLUSH_ALL, 0]], flags=flags)
+    get = rig.frame([[Op.GET, b"k"]])
+    streams = []
+    for conn in rig.servers[0].conns:
+        conn.flush(rig.now)
+        streams.append(bytes(conn.sock.written))  # type: ignore[union-attr]
+    # protocol.txt: "flush_all [delay]"; a delay of 0 is sent as none.
+    assert [s.startswith(b"flush_all\r\n") for s in streams] == [True, True]
+    assert sum(b"mg k " in s for s in streams) == 1
+    rig.serve()
+    assert rig.codes(get) == [Code.MISS]
+    if flags:
+        assert not [r for r in rig.replies if r.req_id == flush]
+    else:
+        # One result for the broadcast, once both flushes were answered.
+        assert rig.results(flush) == [[Code.OK, {rig.names[0]: True}]]
+
+
+def test_flush_all_goes_once_on_a_server_with_one_connection() -> None:
+    rig = Rig(1, connections=1)
+    rig.frame([[Op.FLUSH_ALL, 0]])
+    (conn,) = rig.servers[0].conns
+    conn.flush(rig.now)
+    written = bytes(conn.sock.written)  # type: ignore[union-attr]
+    assert written.startswith(b"flush_all\r\n") and written.count(b"flush_all") == 1
+
+
 def test_a_one_get_of_a_key_with_a_write_in_flight_follows_the_write() -> None:
     rig = Rig(1, connections=2)
     server = rig.servers[0]
@@ -592,12 +627,14 @@ def test_a_broadcast_answered_with_the_wrong_kind_of_reply_fails() -> None:
     for conn in rig.server(wrong).conns:
         conn.sock.far = far  # type: ignore[union-attr]
     r = rig.frame([[Op.FLUSH_ALL, 0]])
-    (carrier,) = [c.sock for c in rig.server(wrong).conns if c.pipeline.inflight]
+    # flush_all goes on each of the server's two connections, and each is answered wrongly.
+    carriers = [c.sock for c in rig.server(wrong).conns if c.pipeline.inflight]
+    assert len(carriers) == 2
     rig.serve()
     (res,) = rig.results(r)
     assert res[0] == Code.SERVER_ERROR and wrong in res[1]
     # Out of step (DESIGN.md, the memcached proxy's rule): the connection is reset, not reused.
-    assert carrier.closed  # type: ignore[union-attr]
+    assert all(carrier.closed for carrier in carriers)  # type: ignore[union-attr]
 
 
 def test_a_broadcast_waiting_on_a_server_counts_its_silence_from_when_it_was_sent() -> None:

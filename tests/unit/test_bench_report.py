@@ -1,0 +1,102 @@
+"""bench/report.py's design bounds: the best ratio the design could show in a run, from the same
+run's echo path (pure code: summaries in, numbers out)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench import report
+
+
+def _summary(scenario: str, path: str, **cols: Any) -> dict[str, Any]:
+    return {"scenario": scenario, "path": path, **cols}
+
+
+# One get-32 run, numbers shaped like a real one: us of CPU per op by process, and ops/s.
+GET32 = [
+    _summary("get-32", "direct", ops_median=43_000.0, worker_cpu_us=28.0, mc_cpu_us=18.0),
+    _summary("get-32", "twemproxy", ops_median=26_000.0, worker_cpu_us=34.0, twemproxy_cpu_us=26.0, mc_cpu_us=16.0),
+    _summary("get-32", "broker", ops_median=14_000.0, worker_cpu_us=73.0, broker_cpu_us=57.0, mc_cpu_us=7.0,
+             vs_direct=0.33, vs_twemproxy=0.54, **{"vs_zmq-echo": 0.56}),
+    _summary("get-32", "zmq-echo", ops_median=25_000.0, worker_cpu_us=53.0, echo_cpu_us=25.0),
+]
+RAN = {"get-32": {"workers": 32, "pending": False, "failed": None}}
+
+
+def _by(summaries: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(s["scenario"], s["path"]): s for s in summaries}
+
+
+def test_total_cpu_adds_every_process_of_a_path() -> None:
+    by = _by(GET32)
+    assert report.total_cpu(by, "get-32", "direct") == 28.0 + 18.0
+    assert report.total_cpu(by, "get-32", "twemproxy") == 34.0 + 26.0 + 16.0
+    assert report.total_cpu(by, "get-32", "zmq-echo") == 53.0 + 25.0
+    assert report.total_cpu(by, "get-32", "raw") is None
+
+
+def test_bound_is_the_reference_total_over_the_echo_total_plus_the_broker_paths_memcached_cpu() -> None:
+    rows = {t["target"]: t for t in report.evaluate_targets(GET32, RAN)}
+    echo_plus_mc = 53.0 + 25.0 + 7.0
+    assert rows["32 workers single get: broker / direct"]["bound"] == pytest.approx((28.0 + 18.0) / echo_plus_mc, abs=1e-3)
+    assert rows["same run: broker / twemproxy"]["bound"] == pytest.approx((34.0 + 26.0 + 16.0) / echo_plus_mc, abs=1e-3)
+    assert rows["same run: broker / bare ZeroMQ echo"]["bound"] == pytest.approx((53.0 + 25.0) / echo_plus_mc, abs=1e-3)
+    # A raw DEALER's CPU per get over direct's bounds the worker CPU target.
+    assert rows["worker CPU per single get (32 workers): broker path / direct"]["bound"] == pytest.approx(53.0 / 28.0, abs=1e-3)
+
+
+def test_a_target_its_bound_misses_says_so_and_one_within_reach_is_a_plain_fail() -> None:
+    rows = {t["target"]: t for t in report.evaluate_targets(GET32, RAN)}
+    # 46 / 85 = 0.54 < 0.6: even a broker that cost nothing would miss.
+    assert rows["32 workers single get: broker / direct"]["status"] == "FAIL (bound misses too)"
+    # 76 / 85 = 0.89 < 0.9 likewise; 78 / 85 = 0.92 >= 0.9 is within reach: a plain FAIL.
+    assert rows["same run: broker / twemproxy"]["status"] == "FAIL (bound misses too)"
+    assert rows["same run: broker / bare ZeroMQ echo"]["status"] == "FAIL"
+    # 53 / 28 = 1.89 > 1.5.
+    assert rows["worker CPU per single get (32 workers): broker path / direct"]["status"] == "FAIL (bound misses too)"
+
+
+def test_a_passing_target_passes_whatever_its_bound() -> None:
+    fast = [dict(s) for s in GET32]
+    fast[2]["vs_zmq-echo"] = 0.95
+    rows = {t["target"]: t for t in report.evaluate_targets(fast, RAN)}
+    assert rows["same run: broker / bare ZeroMQ echo"]["status"] == "pass"
+
+
+def test_no_echo_path_no_bound() -> None:
+    without_echo = [s for s in GET32 if s["path"] != "zmq-echo"]
+    rows = {t["target"]: t for t in report.evaluate_targets(without_echo, RAN)}
+    assert rows["32 workers single get: broker / direct"]["bound"] is None
+    assert rows["32 workers single get: broker / direct"]["status"] == "FAIL"
+
+
+def test_latency_bound_is_the_echo_hop_over_direct() -> None:
+    b2b = [
+        _summary("latency-b2b", "direct", p50_us=85.0, p99_us=187.0),
+        _summary("latency-b2b", "broker", p50_us=361.0, p99_us=616.0),
+        _summary("latency-b2b", "zmq-echo", p50_us=131.0, p99_us=284.0),
+    ]
+    rows = {t["target"]: t for t in report.evaluate_targets(b2b, {"latency-b2b": {"workers": 1}})}
+    p50 = rows["1 worker back to back: added p50 over direct"]
+    assert (p50["value"], p50["bound"], p50["status"]) == (361.0 - 85.0, 131.0 - 85.0, "FAIL")
+    p99 = rows["1 worker back to back: added p99 over direct"]
+    assert (p99["value"], p99["bound"]) == (616.0 - 187.0, 284.0 - 187.0)
+
+
+def test_model_check_sets_the_predicted_ratio_beside_the_measured_one() -> None:
+    lines = report.model_check(GET32)
+    # Predicted: direct's total over the path's total; measured: ops ratio (echo) or vs_direct.
+    assert lines == [
+        f"get-32: zmq-echo / direct predicted {46.0 / 78.0:.2f}, measured {25_000 / 43_000:.2f}; "
+        f"broker / direct predicted {46.0 / 137.0:.2f}, measured 0.33"
+    ]
+
+
+def test_the_table_shows_the_bound_column() -> None:
+    table = report.targets_table(report.evaluate_targets(GET32, RAN))
+    header = table.splitlines()[0]
+    assert "design bound" in header
+    row = next(line for line in table.splitlines() if line.startswith("| 32 workers single get: broker / direct"))
+    assert "0.54" in row and "FAIL (bound misses too)" in row
