@@ -53,6 +53,12 @@ def test_type_errors_name_the_type_given() -> None:
     e = error_of({"socket_group": "bad group!"})
     assert e.key == "socket_group" and "'bad group!' is not a group name" in e.problem
     assert "got list" in error_of({"metrics_listen": ["127.0.0.1:9150"]}).problem
+    assert error_of({"listen": ["ipc:///tmp/b.sock", 5]}).problem == "must be a string, got int"
+    assert error_of({"servers": "a:1"}).problem == "must be a list, got str"
+    assert error_of({"servers": [{"address": 5}]}).problem == "must be a string, got int"
+    assert error_of({"servers": ["a:1", None]}).problem == "must be a string, got NoneType"
+    assert error_of({"servers": [{"address": "a:1", "weight": 2.5}], "hash": "ketama"}).problem == "must be an integer, got float"
+    assert "got int" in error_of({"hash": 5}).problem
 
 
 def test_socket_modes_outside_the_rule_say_why() -> None:
@@ -184,3 +190,57 @@ def test_curve_key_files_are_absolute_paths() -> None:
     assert (e.key, e.problem) == ("curve_secret_key_file", "must be an absolute path, got 'broker.key'")
     e = error_of({"curve_allowed_clients": 5})
     assert e.key == "curve_allowed_clients" and "got int" in e.problem
+
+
+# --- issue 14's mutmut run of from_mapping, _server, _servers, _listen, _choice, _list -------------
+
+# etc/mcbroker.toml: "With CURVE, a tcp listen address may be any host (tcp://0.0.0.0:5555); without
+# it, a non-loopback address is refused at startup." and "Both keys or neither."
+CURVE = {
+    "curve_secret_key_file": "/etc/mcbroker/curve/broker.key_secret",
+    "curve_allowed_clients": "/etc/mcbroker/clients",
+}
+
+
+def test_with_curve_a_tcp_listener_may_be_any_host() -> None:
+    c = from_mapping({**CURVE, "listen": ["ipc:///tmp/b.sock", "tcp://0.0.0.0:5555"]})
+    assert c.listen == ("ipc:///tmp/b.sock", "tcp://0.0.0.0:5555")
+    e = error_of({"listen": ["ipc:///tmp/b.sock", "tcp://0.0.0.0:5555"]})
+    assert e.key == "listen[1]" and "loopback" in e.problem
+
+
+def test_curve_takes_both_key_settings_and_names_the_missing_one() -> None:
+    e = error_of({"curve_secret_key_file": CURVE["curve_secret_key_file"]})
+    assert e.key == "curve_allowed_clients" and "both" in e.problem
+    e = error_of({"curve_allowed_clients": CURVE["curve_allowed_clients"]})
+    assert e.key == "curve_secret_key_file" and "both" in e.problem
+
+
+def test_a_server_table_without_a_weight_weighs_1() -> None:
+    # README: `servers` lists `host:port`, `unix:/path`, or `{ address = "host:port", weight = 2 }`;
+    # a table that gives no weight is an unweighted server, which rendezvous takes.
+    c = from_mapping({"servers": [{"address": "a:1"}, "b:2"]})
+    assert [(s.address.name, s.weight) for s in c.servers] == [("a:1", 1), ("b:2", 1)]
+
+
+def test_server_weights_range_over_1_to_max_weight_inclusive() -> None:
+    for weight in (1, config.MAX_WEIGHT):
+        c = from_mapping({"hash": "ketama", "servers": [{"address": "a:1", "weight": weight}]})
+        assert c.servers[0].weight == weight
+    for weight in (0, config.MAX_WEIGHT + 1):
+        e = error_of({"hash": "ketama", "servers": [{"address": "a:1", "weight": weight}]})
+        assert e.key == "servers[0].weight"
+        assert e.problem == f"{weight} is out of range 1..{config.MAX_WEIGHT}"
+
+
+def test_what_is_not_a_table_or_has_non_string_keys_is_named() -> None:
+    assert error_of([1]).problem == "config must be a table, got list"  # type: ignore[arg-type]
+    e = error_of({1: 2})  # type: ignore[dict-item]
+    assert (e.key, e.problem) == ("1", "config keys must be strings")
+
+
+def test_an_unknown_key_is_named_with_the_nearest_known_one_if_any() -> None:
+    e = error_of({"timeout": 5})
+    assert e.key == "timeout" and "did you mean 'timeout_ms'" in e.problem
+    e = error_of({"zzzzzzzz": 5})
+    assert (e.key, e.problem) == ("zzzzzzzz", "unknown key")

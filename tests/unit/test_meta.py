@@ -498,6 +498,8 @@ RESPONSES: list[tuple[str, bytes, Response]] = [
     ("VA crlf in data", b"VA %d O1\r\n%b\r\n" % (len(MID_DATA), MID_DATA), R(Status.VALUE, {"O": b"1"}, MID_DATA)),
     ("VA only crlf", b"VA 2\r\n\r\n\r\n", R(Status.VALUE, value=b"\r\n")),
     ("VA binary", b"VA 256 f0\r\n" + bytes(range(256)) + b"\r\n", R(Status.VALUE, {"f": b"0"}, bytes(range(256)))),
+    # 20 digits, the length of the largest 64-bit size, is still a size (21 is refused, below).
+    ("VA 20 digit size", b"VA " + b"0" * 19 + b"3\r\nabc\r\n", R(Status.VALUE, value=b"abc")),
     ("VA key", b"VA 1 kfoo\r\nx\r\n", R(Status.VALUE, {"k": b"foo"}, b"x")),
     ("VA base64 key", b"VA 1 kYSBi b\r\nx\r\n", R(Status.VALUE, {"k": b"YSBi", "b": b""}, b"x")),
     ("VA win", b"VA 0 W\r\n\r\n", R(Status.VALUE, {"W": b""}, b"")),

@@ -469,3 +469,132 @@ def test_a_broken_stream_stays_broken() -> None:
     for _ in range(3):
         with pytest.raises(ProtocolError):
             parser.next_items()
+
+
+# --- next_items, the pipeline's call: a value in pieces, and its limit ----------------------------
+
+
+def _items_in_pieces(data: bytes, cut: int, step: int, limit: int = 1 << 62) -> tuple[list[Item], int]:
+    """`data[:cut]` first, then the rest `step` bytes at a time, calling next_items after each."""
+    parser = ResponseParser()
+    parser.feed(data[:cut])
+    items = parser.next_items(limit)
+    rest = data[cut:]
+    for i in range(0, len(rest), step):
+        parser.feed(rest[i : i + step])
+        items += parser.next_items(limit)
+    return items, parser.buffered
+
+
+def test_next_items_gives_a_value_as_soon_as_the_piece_ending_its_crlf_arrives() -> None:
+    # protocol.txt: `VA <size> <flags>*\r\n<data block>\r\n`; the response is whole when the
+    # CRLF after the data block is in, and must come out then, not after one more byte.
+    value = bytes(range(40)) * 3
+    data = b"VA %d f0 O1\r\n" % len(value) + value + b"\r\n"
+    for cut in range(1, len(data)):
+        for step in (1, 2, 7, len(data)):
+            items, left = _items_in_pieces(data, cut, step)
+            assert items == [(Status.VALUE, value, b" f0 O1")], f"cut {cut}, pieces of {step}"
+            assert left == 0
+
+
+def test_next_items_gives_the_value_and_what_follows_when_a_piece_runs_past_it() -> None:
+    value = b"v" * 50
+    data = b"VA 50 f3 O1\r\n" + value + b"\r\nHD O2\r\n"
+    for cut in range(1, len(data)):
+        items, left = _items_in_pieces(data, cut, len(data))
+        assert items == [(Status.VALUE, value, b" f3 O1"), (Status.OK, None, b" O2")], f"cut {cut}"
+        assert left == 0
+
+
+# Responses that are not meta lines (errors, text replies) take next_items' slower loop.
+NOT_META = [
+    (b"ERROR\r\n", Response(Status.ERROR, {}, text=b"")),
+    (b"SERVER_ERROR out of memory\r\n", Response(Status.SERVER_ERROR, {}, text=b"out of memory")),
+    (b"VERSION 1.6.18\r\n", Response(Status.VERSION, {}, text=b"1.6.18")),
+    (b"OK\r\n", Response(Status.TEXT_OK, {})),
+    (b"CLIENT_ERROR bad data chunk\r\n", Response(Status.CLIENT_ERROR, {}, text=b"bad data chunk")),
+]
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 4])
+def test_next_items_gives_at_most_limit_items_on_the_slower_loop_too(limit: int) -> None:
+    stream = b"".join(data for data, _ in NOT_META)
+    parser = ResponseParser()
+    parser.feed(stream)
+    batches = []
+    while batch := parser.next_items(limit):
+        batches.append(batch)
+    assert [len(b) for b in batches[:-1]] == [limit] * (len(batches) - 1)
+    assert 1 <= len(batches[-1]) <= limit
+    assert [item for b in batches for item in b] == [expected for _, expected in NOT_META]
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_next_items_gives_at_most_limit_items_across_both_loops(limit: int) -> None:
+    parser = ResponseParser()
+    parser.feed(b"HD O1\r\nERROR\r\nEN O2\r\nSERVER_ERROR busy\r\n")
+    first = parser.next_items(limit)
+    assert len(first) == limit
+    assert first[0] == (Status.OK, None, b" O1")
+
+
+# protocol.txt, mg's flags: "s: return item size token". memcached writes the value's length
+# there (1.6.18's proto_meta: `it->nbytes - 2`), so in a VA answer it must equal the VA size,
+# wherever the token stands among the flags; a header that lost or gained a digit is refused
+# from the header alone, without waiting for a data block of the wrong length.
+S_DISAGREES = [
+    b"VA 2 s3 f0 O1\r\nab\r\n",  # s first
+    b"VA 2 f0 s3 O1\r\nab\r\n",
+    b"VA 2 f0 O1 s3\r\nab\r\n",  # s last
+    b"VA 2 s3\r\nab\r\n",  # s alone
+    b"VA 10 s1\r\n",  # the header alone
+    b"VA 1 s10 O1\r\n",
+]
+
+
+@pytest.mark.parametrize("data", S_DISAGREES)
+def test_a_va_whose_s_token_disagrees_with_its_size_is_rejected_however_fed(data: bytes) -> None:
+    assert reject(data) == []
+    parser = ResponseParser()
+    parser.feed(data)
+    with pytest.raises(ProtocolError, match="says s"):
+        parser.next_items()
+    parser = ResponseParser()
+    parser.feed(data)
+    with pytest.raises(ProtocolError, match="says s"):
+        parser.next_response()
+
+
+@pytest.mark.parametrize("data", [b"VA 2 s2 f0 O1\r\nab\r\n", b"VA 2 f0 O1 s2\r\nab\r\n", b"VA 2 s2\r\nab\r\n"])
+def test_a_va_whose_s_token_agrees_is_taken_wherever_it_stands(data: bytes) -> None:
+    flags = data[len(b"VA 2") : data.index(b"\r\n")]
+    assert parse(data) == [(Status.VALUE, b"ab", flags)]
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+def test_feed_copies_a_buffer_the_caller_reuses(kind: type) -> None:
+    # A reader that receives into one preallocated buffer (recv_into) feeds the parser a view of
+    # it and then overwrites it: what the parser holds, and the values it returns, must be bytes
+    # of their own.
+    buffer = bytearray(b"VA 3 f0 O1\r\nab")
+    parser = ResponseParser()
+    parser.feed(buffer if kind is bytearray else memoryview(buffer))
+    buffer[:] = b"c\r\nHD" + b"X" * (len(buffer) - 5)
+    parser.feed(buffer[:5] if kind is bytearray else memoryview(buffer)[:5])
+    parser.feed(b" O2\r\n")
+    buffer[:] = b"Y" * len(buffer)
+    items = parser.next_items()
+    assert items == [(Status.VALUE, b"abc", b" f0 O1"), (Status.OK, None, b" O2")]
+    assert all(type(item[1]) is bytes for item in items if item[1] is not None)
+    assert all(type(item[2]) is bytes for item in items)
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_next_items_gives_at_most_limit_meta_responses(limit: int) -> None:
+    # The pipeline asks for at most what it has in flight (1 for a fence): no response past it.
+    expected = [(Status.OK, None, b" O1"), (Status.MISS, None, b" O2"), (Status.VALUE, b"x", b" O3"), (Status.NOT_FOUND, None, b" O4")]
+    parser = ResponseParser()
+    parser.feed(b"HD O1\r\nEN O2\r\nVA 1 O3\r\nx\r\nNF O4\r\n")
+    assert parser.next_items(limit) == expected[:limit]
+    assert parser.next_items() == expected[limit:]

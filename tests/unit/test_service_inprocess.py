@@ -10,6 +10,7 @@ is started; what needs a live memcached is tested through broker processes elsew
 from __future__ import annotations
 
 import heapq
+import re
 import logging
 import os
 import resource
@@ -347,3 +348,107 @@ def test_the_loop_answers_then_drains_on_sigterm_and_refuses_what_comes_after(ma
     assert b.router.draining is True
     assert b.ctx.closed is True
     assert not os.path.exists(made.url[len("ipc://"):])
+
+
+# --- the snapshot against the README's Stats table, and the signals' notices -------------------------
+
+
+def _documented_stats() -> tuple[set[str], set[str]]:
+    """The field names of the README's "## Stats" table: (broker-wide, per server)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("\n## Stats\n", 1)[1].split("\n## ", 1)[0]
+    top: set[str] = set()
+    per_server: set[str] = set()
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        first_cell = line.split("|")[1]
+        for name in re.findall(r"`([^`]+)`", first_cell):
+            if name.startswith("servers.<host:port>."):
+                per_server.add(name[len("servers.<host:port>."):])
+            elif name.startswith("."):
+                per_server.add(name[1:])
+            else:
+                top.add(name)
+    return top, per_server
+
+
+def test_the_snapshot_has_exactly_the_fields_the_readme_documents(made: Made) -> None:
+    top, per_server = _documented_stats()
+    s = made.broker.snapshot()
+    assert set(s) - {"servers"} == top
+    (server,) = s["servers"].values()
+    assert set(server) == per_server
+
+
+def test_snapshot_values_follow_their_definitions(made: Made) -> None:
+    b = made.broker
+    server = next(iter(b.servers.values()))
+    server.stats.writes, server.stats.written = 4, 10
+    b.front.bad_envelopes, b.front.reply_bytes, b.front.replies_over_limit = 3, 70000, 2
+    b.front.clients_refused = 5
+    s = b.snapshot()
+    assert (s["backend_writes"], s["requests_written"], s["requests_per_write"]) == (4, 10, 2.5)
+    server.stats.writes, server.stats.written = 3, 10
+    assert b.snapshot()["requests_per_write"] == 3.33  # rounded to 2 places
+    assert (s["bad_envelopes"], s["reply_bytes_pending"], s["replies_over_limit"], s["clients_refused"]) == (3, 70000, 2, 5)
+    assert (s["curve_accepted"], s["curve_refused"]) == (b.access.accepted, b.access.refused) == (0, 0)
+    assert 0 <= s["uptime"] < 60 and s["uptime"] == round(s["uptime"], 3)
+    assert s["version"] == service.VERSION
+
+
+@pytest.fixture
+def notify(monkeypatch: pytest.MonkeyPatch, workdir: Path) -> Iterator[socket.socket]:
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(workdir / "notify"))
+    rx.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(workdir / "notify"))
+    yield rx
+    rx.close()
+
+
+def _datagrams(rx: socket.socket) -> list[bytes]:
+    out = []
+    rx.setblocking(False)
+    try:
+        while True:
+            out.append(rx.recv(4096))
+    except BlockingIOError:
+        return out
+    finally:
+        rx.settimeout(5)
+
+
+def test_sigterm_tells_systemd_stopping_and_logs_the_drain(
+    made: Made, notify: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    b = made.broker
+    b.budget.inflight = 3
+    with caplog.at_level(logging.INFO, logger="mcbroker"):
+        b._signals.append(signal.SIGTERM)
+        b._handle_signals(10.0)
+        b._signals.append(signal.SIGINT)
+        b._handle_signals(11.0)
+    b.budget.inflight = 0
+    assert _datagrams(notify) == [b"STOPPING=1"]  # sd_notify(3): once, when the drain starts
+    lines = [r.getMessage() for r in caplog.records]
+    assert "SIGTERM: draining 3 requests in flight, then exiting" in lines
+    assert "second SIGINT: exiting now" in lines
+
+
+def test_reload_tells_systemd_reloading_then_ready(made: Made, notify: socket.socket) -> None:
+    made.write(timeout_ms=1500)
+    made.broker.reload()
+    got = _datagrams(notify)
+    # sd_notify(3): RELOADING=1 with MONOTONIC_USEC (the time of the reload), then READY=1.
+    assert len(got) == 2 and got[1] == b"READY=1"
+    first = got[0].split(b"\n")
+    assert first[0] == b"RELOADING=1" and first[1].startswith(b"MONOTONIC_USEC=")
+    usec = int(first[1].split(b"=")[1])
+    assert abs(usec - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 60_000_000
+
+
+def test_a_rejected_reload_tells_systemd_nothing(made: Made, notify: socket.socket) -> None:
+    made.write(hash="no-such-hash")
+    made.broker.reload()
+    assert _datagrams(notify) == []
