@@ -395,12 +395,20 @@ def test_socket_group_is_given_to_the_socket_and_the_directory_it_creates(ctx: z
     # A numeric group needs no entry in /etc/group (as chgrp takes it); root may give any group.
     r = Rig(ctx, sockdir, socket_group="4242")
     try:
-        assert os.stat(r.path).st_gid == 4242
-        assert os.stat(r.path.parent).st_gid == 4242
+        assert (os.stat(r.path).st_gid, os.stat(r.path).st_uid) == (4242, os.getuid())  # the owner stays
+        assert (os.stat(r.path.parent).st_gid, os.stat(r.path.parent).st_uid) == (4242, os.getuid())
         assert stat.S_IMODE(os.stat(r.path).st_mode) == 0o660
         assert os.stat(sockdir).st_gid != 4242  # a directory it did not create keeps its group
     finally:
         r.close()
+
+
+def test_every_directory_it_created_is_removed_on_close(ctx: zmq.Context[Any], sockdir: Path) -> None:
+    urls = (f"ipc://{sockdir / 'one' / 'a.sock'}", f"ipc://{sockdir / 'two' / 'b.sock'}")
+    f = Front(ctx, urls, MAX_FRAME)
+    assert sorted(f.created_dirs) == [str(sockdir / "one"), str(sockdir / "two")]
+    f.close()
+    assert sorted(os.listdir(sockdir)) == []
 
 
 def test_nested_directories_it_creates_all_get_the_mode_and_group(ctx: zmq.Context[Any], sockdir: Path) -> None:

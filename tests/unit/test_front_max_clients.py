@@ -353,3 +353,13 @@ def test_an_abstract_ipc_connection_is_matched_by_its_name() -> None:
 def test_a_listener_counts_as_closed_for_peer_closed(tcp: Tcp) -> None:
     # recv on a listener fails (ENOTCONN): not a connection, so closed.
     assert peer_closed(tcp.listener.fileno()) is True
+
+
+def test_is_accepted_on_needs_the_transport_it_was_bound_with(tcp: Tcp, sockdir: Path) -> None:
+    u = Unix(str(sockdir / "b.sock"))
+    try:
+        assert is_accepted_on(tcp.accepted, ("ipc", str(sockdir / "b.sock"))) is False
+        assert is_accepted_on(u.accepted, ("tcp", (None, tcp.port))) is False
+        assert is_accepted_on(u.accepted, ("ipc", str(sockdir / "b.sock"))) is True
+    finally:
+        u.close()
