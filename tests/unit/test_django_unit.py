@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import pickle
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -30,8 +29,20 @@ from django.core.cache.backends.memcached import PyMemcacheCache
 
 from clientlib import Client
 from clientlib.django import BrokerCache
-from clientlib.errors import MemcacheClientError, MemcacheServerError
+from clientlib.errors import MemcacheServerError
 from clientlib.mock import MockClient
+
+# Cases shared with the other backend test module (tests/django_cases.py): collected here, with
+# this module's `cache` fixture.
+from django_cases import (  # noqa: F401
+    test_add_is_atomic_and_never_overwrites,
+    test_has_key_and_contains,
+    test_incr_decr_of_non_number,
+    test_longest_valid_keys_work,
+    test_no_warnings_for_valid_keys,
+    test_pickle_error_on_set_propagates,
+    test_set_none_is_a_value,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -140,26 +151,6 @@ def test_set_get_delete(cache: BrokerCache) -> None:
     assert cache.get("key") is None
 
 
-def test_set_none_is_a_value(cache: BrokerCache) -> None:
-    cache.set("k", None)
-    assert cache.get("k", "dflt") is None
-    assert cache.has_key("k") is True
-
-
-def test_add_is_atomic_and_never_overwrites(cache: BrokerCache) -> None:
-    assert cache.add("addkey1", "value") is True
-    assert cache.add("addkey1", "newvalue") is False
-    assert cache.get("addkey1") == "value"
-
-
-def test_has_key_and_contains(cache: BrokerCache) -> None:
-    cache.set("hello1", "goodbye1")
-    assert cache.has_key("hello1") is True
-    assert "hello1" in cache
-    assert cache.has_key("goodbye1") is False
-    assert "goodbye1" not in cache
-
-
 def test_get_many_set_many_delete_many(cache: BrokerCache) -> None:
     assert cache.set_many({"a": "a", "b": "b", "c": "c", "d": "d"}) == []
     assert cache.get_many(["a", "c", "d"]) == {"a": "a", "c": "c", "d": "d"}
@@ -219,17 +210,6 @@ def test_data_types_and_unicode(cache: BrokerCache) -> None:
     assert cache.get_many(list(unicode)) == unicode
 
 
-def test_pickle_error_on_set_propagates(cache: BrokerCache) -> None:
-    class Unpicklable:
-        def __getstate__(self) -> Any:
-            raise pickle.PickleError()
-
-    with pytest.raises(pickle.PickleError):
-        cache.set("unpicklable", Unpicklable())
-    with pytest.raises(pickle.PickleError):
-        cache.add("unpicklable", Unpicklable())
-
-
 def test_values_are_stored_as_pymemcache_stores_them(cache: BrokerCache) -> None:
     # PyMemcacheCache's serde (pymemcache's pickle_serde): bytes as is (flags 0), str as UTF-8
     # text (16), int as decimal text (2), anything else pickled (1). Read raw from the mock with
@@ -272,16 +252,6 @@ def test_incr_decr_missing_key_is_value_error(cache: BrokerCache) -> None:
     with pytest.raises(ValueError, match="^Key ':1:does_not_exist' not found$"):
         cache.decr("does_not_exist")
     assert cache.get("does_not_exist") is None
-
-
-def test_incr_decr_of_non_number(cache: BrokerCache) -> None:
-    # Django's incr_decr_type_error for pymemcache is MemcacheClientError, as here.
-    cache.set("abc", "abc")
-    with pytest.raises(MemcacheClientError):
-        cache.incr("abc")
-    with pytest.raises(MemcacheClientError):
-        cache.decr("abc")
-    assert cache.get("abc") == "abc"
 
 
 # --- timeouts -----------------------------------------------------------------------------------
@@ -533,22 +503,6 @@ def test_key_errors_match_djangos_memcached_backends() -> None:
     with pytest.raises(InvalidCacheKey):
         ours.validate_key("é" * 126)
     ours.validate_key("é" * 125)  # 250 bytes: allowed
-
-
-def test_longest_valid_keys_work(cache: BrokerCache) -> None:
-    key = "k" * (250 - len(":1:"))
-    cache.set(key, "v")
-    assert cache.get(key) == "v"
-    wide = "é" * ((250 - 3) // 2)  # 246 bytes + ":1:" = 249
-    cache.set(wide, "w")
-    assert cache.get(wide) == "w"
-
-
-def test_no_warnings_for_valid_keys(cache: BrokerCache) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        cache.set("fine-key_1.2", 1)
-        assert cache.get("fine-key_1.2") == 1
 
 
 def test_versioning(make: Callable[..., BrokerCache]) -> None:
