@@ -31,6 +31,7 @@ from clientlib import Client
 from clientlib.django import BrokerCache
 from clientlib.errors import MemcacheServerError
 from clientlib.mock import MockClient
+from test_mock import FakeClock
 
 # Cases shared with the other backend test module (tests/django_cases.py): collected here, with
 # this module's `cache` fixture.
@@ -48,20 +49,6 @@ pytestmark = pytest.mark.unit
 
 MONTH = 60 * 60 * 24 * 30  # memcached's limit for a relative expiry (protocol.txt)
 BIG = "x" * (2 << 20)  # larger than the mock's item size limit (memcached's default -I 1m)
-
-
-class FakeClock:
-    """The mock's clock; starts at the real time, because the backend turns timeouts past 30
-    days into Unix times with time.time(), as Django's memcached backends do."""
-
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class AsyncFace:
@@ -88,7 +75,9 @@ def custom_key_func(key: str, key_prefix: str, version: int) -> str:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    # test_mock's clock, started at the real time: the backend turns timeouts past 30 days into
+    # Unix times with time.time(), as Django's memcached backends do.
+    return FakeClock(float(int(time.time())))
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from flask_caching.backends.simplecache import SimpleCache
 import clientlib.flask
 from clientlib.flask import BrokerCache
 from clientlib.mock import MockClient
+from test_mock import FakeClock
 
 pytestmark = pytest.mark.unit
 
@@ -32,23 +33,11 @@ MONTH = 60 * 60 * 24 * 30  # memcached's limit for a relative expiry (protocol.t
 BIG = "x" * (2 << 20)  # larger than the mock's item size limit (memcached's default -I 1m)
 
 
-class FakeClock:
-    """The mock's clock; starts at the real time, because the backend turns timeouts past 30
-    days into Unix times with time.time()."""
-
-    def __init__(self) -> None:
-        self.now = float(int(time.time()))
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    # test_mock's clock, started at the real time: the backend turns timeouts past 30 days into
+    # Unix times with time.time().
+    return FakeClock(float(int(time.time())))
 
 
 @pytest.fixture
