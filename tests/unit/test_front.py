@@ -92,6 +92,20 @@ class Rig:
         wait_for(more, f"{n} frames")
         return got
 
+    def settle(self, cond: Callable[[], Any], what: str) -> None:
+        """Wait until `cond` holds, taking ZeroMQ's accept and disconnect events before each look."""
+
+        def check() -> Any:
+            self.front.poll_workers()
+            return cond()
+
+        wait_for(check, what)
+
+    def drop(self, w: zmq.Socket[Any]) -> None:
+        """A worker leaves: its socket closed, no longer the rig's to close."""
+        w.close(linger=0)
+        self.workers.remove(w)
+
     def close(self) -> None:
         for w in self.workers:
             w.close(linger=0)
@@ -335,8 +349,7 @@ def test_workers_are_counted_as_they_connect_and_leave(rig: Rig) -> None:
     a = rig.worker(b"a")
     rig.worker(b"b")
     wait_for(lambda: rig.front.poll_workers() == 2, "two workers")
-    a.close(linger=0)
-    rig.workers.remove(a)
+    rig.drop(a)
     wait_for(lambda: rig.front.poll_workers() == 1, "one worker left")
     assert rig.front.workers == 1
 
@@ -349,14 +362,13 @@ def test_past_max_clients_a_new_connection_is_refused_when_admitted(ctx: zmq.Con
         assert r.take(1) == [(b"first", b"hello")]
         wait_for(lambda: r.front.poll_workers() == 1, "the first worker")
         second = r.worker(b"second")
-        wait_for(lambda: (r.front.poll_workers(), r.front._pending)[1], "the second connection pending")
+        r.settle(lambda: r.front._pending, "the second connection pending")
         r.front.admit()
         assert r.front.clients_refused == 1 and r.front.workers == 1
         # The served worker still gets its replies.
         assert r.front.send(r.sock, b"first", b"reply") is True
         assert first.poll(int(WAIT * 1000)) and first.recv() == b"reply"
-        second.close(linger=0)
-        r.workers.remove(second)
+        r.drop(second)
     finally:
         r.close()
 
@@ -367,11 +379,10 @@ def test_a_pending_connection_gets_a_slot_freed_before_admit(ctx: zmq.Context[An
         first = r.worker(b"first")
         wait_for(lambda: r.front.poll_workers() == 1, "the first worker")
         r.worker(b"second")
-        wait_for(lambda: (r.front.poll_workers(), r.front._pending)[1], "the second connection pending")
-        first.close(linger=0)
-        r.workers.remove(first)
+        r.settle(lambda: r.front._pending, "the second connection pending")
+        r.drop(first)
         # The first one's disconnect comes before admit() settles the second: it takes the slot.
-        wait_for(lambda: (r.front.poll_workers(), not r.front._live)[1], "the first worker gone")
+        r.settle(lambda: not r.front._live, "the first worker gone")
         r.front.admit()
         assert r.front.clients_refused == 0 and r.front.workers == 1
     finally:
@@ -608,7 +619,7 @@ def test_each_refusal_is_counted_and_logged_with_the_cap(
         with caplog.at_level(logging.WARNING, logger="mcbroker.front"):
             for n in (2, 3):
                 r.worker(b"extra%d" % n)
-                wait_for(lambda: (r.front.poll_workers(), r.front._pending)[1], "a connection pending")
+                r.settle(lambda: r.front._pending, "a connection pending")
                 r.front.admit()
         assert r.front.clients_refused == 2 and r.front.workers == 1
         lines = [rec.getMessage() for rec in caplog.records if "max_clients" in rec.getMessage()]
@@ -617,7 +628,7 @@ def test_each_refusal_is_counted_and_logged_with_the_cap(
             "max_clients (1) reached: new worker connections are shut down, their calls time out; clients_refused 1"
         ]
         # Each refused connection's own disconnect is taken and leaves the served one counted.
-        wait_for(lambda: (r.front.poll_workers(), not r.front._refusing)[1], "the refused connections gone")
+        r.settle(lambda: not r.front._refusing, "the refused connections gone")
         assert r.front.workers == 1
     finally:
         r.close()
@@ -629,21 +640,18 @@ def test_an_admitted_connection_is_counted_until_it_leaves(ctx: zmq.Context[Any]
         first = r.worker(b"first")
         wait_for(lambda: r.front.poll_workers() == 1, "the first worker")
         gone = r.worker(b"gone")
-        wait_for(lambda: (r.front.poll_workers(), len(r.front._pending) == 1)[1], "one pending")
+        r.settle(lambda: len(r.front._pending) == 1, "one pending")
         later = r.worker(b"later")
-        wait_for(lambda: (r.front.poll_workers(), len(r.front._pending) == 2)[1], "two pending")
-        gone.close(linger=0)
-        r.workers.remove(gone)
-        first.close(linger=0)
-        r.workers.remove(first)
-        wait_for(lambda: (r.front.poll_workers(), not r.front._live)[1], "the first worker gone")
+        r.settle(lambda: len(r.front._pending) == 2, "two pending")
+        r.drop(gone)
+        r.drop(first)
+        r.settle(lambda: not r.front._live, "the first worker gone")
         # The pending connection that closed leaves the queue with its disconnect event.
-        wait_for(lambda: (r.front.poll_workers(), len(r.front._pending) == 1)[1], "one pending left")
+        r.settle(lambda: len(r.front._pending) == 1, "one pending left")
         r.front.admit()
         # The slot the first one freed goes to the one still waiting.
         assert r.front.workers == 1 and r.front.clients_refused == 0
-        later.close(linger=0)
-        r.workers.remove(later)
+        r.drop(later)
         wait_for(lambda: r.front.poll_workers() == 0, "no worker left")
     finally:
         r.close()
