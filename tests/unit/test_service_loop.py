@@ -26,7 +26,7 @@ import zmq
 
 from broker import config as config_mod
 from broker.connection import Connection
-from broker.service import Broker
+from broker.service import IDLE_POLL_MS, Broker
 from clientlib.wire import Code, Op, ReplyFrame, decode_reply, encode_request
 from harness import Memcached
 from test_service_inprocess import Made, _datagrams, closed_port, notify, restore_signals, workdir  # noqa: F401 - fixtures, shared
@@ -153,6 +153,9 @@ def test_the_loop_stores_and_reads_through_memcached(workdir: Path, mc: Memcache
         seen["many"] = [r[0] for r in many.payload]
         wait_for(connected(w, mc.address), message="both connections open")
         seen["stats"] = w.stats()
+        # Nothing in flight, connecting, down or retiring: the loop polls at its idle interval.
+        wait_for(lambda: not m.broker._timers_busy, message="the timers idle")
+        seen["idle_poll_ms"] = m.broker._poll_timeout(time.monotonic())
 
     run_loop(m, script)
     assert seen["get"][0] == Code.OK and seen["get"][1] == b"v1" and seen["get"][2] == 5
@@ -165,6 +168,27 @@ def test_the_loop_stores_and_reads_through_memcached(workdir: Path, mc: Memcache
     assert s["requests_written"] >= 4 and s["backend_writes"] >= 1 and server["requests"] >= 4
     assert s["ok"] >= 2 and s["miss"] >= 2 and s["internal_errors"] == 0
     assert s["inflight"] == 0
+    assert seen["idle_poll_ms"] == IDLE_POLL_MS
+
+
+def test_a_connection_silent_for_io_timeout_ms_is_reset(workdir: Path, mc1: Memcached, restore_signals: None) -> None:
+    m = make(workdir, [mc1.address], io_timeout_ms=1000, failure_limit=10)
+    got: dict[str, Any] = {}
+
+    def script(w: Worker) -> None:
+        wait_for(connected(w, mc1.address), message="both connections open")
+        mc1.pause()
+        start = time.monotonic()
+        got["held"] = w.call([[Op.GET, b"k"]], timeout_ms=60_000)
+        got["at"] = time.monotonic() - start
+        got["stats"] = w.stats()
+        mc1.resume()
+
+    run_loop(m, script)
+    r = hit(got["held"])
+    assert r == [Code.TIMEOUT, f"{mc1.address} silent for 1.0s with requests in flight"]
+    assert 1.0 <= got["at"] < 1.0 + TOLERANCE
+    assert got["stats"]["servers"][mc1.address]["resets"] >= 1
 
 
 def test_a_request_past_its_deadline_gets_timeout(workdir: Path, mc1: Memcached, restore_signals: None) -> None:
