@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import signal
 import socket
 import time
 import urllib.error
@@ -347,3 +348,52 @@ def test_ready_names_the_servers_that_answered_and_those_that_did_not(
         f"mcbroker ready: listening on {made.url}; memcached answered: {answered}; "
         f"not answering: {silent}; pid {os.getpid()}"
     )
+
+
+# --- the open-files limit's edges, and signals queued together ------------------------------------------
+
+
+def test_a_soft_limit_exactly_what_is_needed_is_enough(nofile: tuple[int, int], caplog: pytest.LogCaptureFixture) -> None:
+    _, hard = nofile
+    need = 500 + 4 + service.FD_HEADROOM
+    if hard != resource.RLIM_INFINITY and hard <= need:
+        pytest.fail(f"this test needs a hard open-files limit above {need}, the machine has {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    with caplog.at_level(logging.WARNING, logger="mcbroker"):
+        service.ensure_fd_limit(500, 4)
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (need, hard)
+    assert caplog.records == []
+
+
+def test_the_fd_limit_warning_says_the_hard_limit_and_what_to_do(
+    nofile: tuple[int, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    _, hard = nofile
+    if hard == resource.RLIM_INFINITY:
+        pytest.fail("this test needs a finite hard open-files limit")
+    with caplog.at_level(logging.WARNING, logger="mcbroker"):
+        service.ensure_fd_limit(hard, 2)
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg == (
+        f"max_clients {hard} needs about {hard + 2 + service.FD_HEADROOM} open files, the limit is {hard} "
+        f"(hard {hard}): raise LimitNOFILE= (systemd) or ulimit -n, or lower max_clients"
+    )
+
+
+def test_signals_queued_together_are_handled_in_the_order_they_came(
+    made: Made, notify: socket.socket, caplog: pytest.LogCaptureFixture
+) -> None:
+    b = made.broker
+    made.write(timeout_ms=1700)
+    b._signals.extend([signal.SIGHUP, signal.SIGTERM, signal.SIGINT])
+    with caplog.at_level(logging.INFO, logger="mcbroker"):
+        b._handle_signals(100.0)
+    assert b._signals == []
+    assert b.config.timeout_ms == 1700  # reloaded
+    assert b.router.draining is True and b._drain_deadline == 100.0 + b.config.drain_timeout_ms / 1000
+    assert b._stop is True
+    got = _datagrams(notify)
+    assert [d.split(b"\n")[0] for d in got] == [b"RELOADING=1", b"READY=1", b"STOPPING=1"]
+    msgs = [r.getMessage() for r in caplog.records]
+    drain = f"SIGTERM: draining {b.budget.inflight} requests in flight, then exiting"
+    assert msgs.index(drain) < msgs.index("second SIGINT: exiting now")
