@@ -330,22 +330,27 @@ def test_ready_waits_while_a_server_is_still_connecting(workdir: Path, notify: s
 
 @pytest.mark.parametrize("answering", [True, False], ids=["all-answered", "none-answered"])
 def test_ready_names_the_servers_that_answered_and_those_that_did_not(
-    made: Made, notify: socket.socket, caplog: pytest.LogCaptureFixture, answering: bool
+    workdir: Path, notify: socket.socket, caplog: pytest.LogCaptureFixture, answering: bool
 ) -> None:
-    b = made.broker
-    (name,) = b.servers
-    server = b.servers[name]
-    if answering:
-        server.conns[0].state = READY  # as once its connect completed
-    else:
-        server.conns[0].attempt = 1  # as once its connect failed
-    with caplog.at_level(logging.INFO, logger="mcbroker"):
-        b._check_ready()
-    assert b._ready is True and _datagrams(notify) == [b"READY=1"]
+    urls = [f"ipc://{workdir}/run/a.sock", f"ipc://{workdir}/run/b.sock"]
+    m = Made(workdir, listen=urls)
+    b = m.broker
+    try:
+        (name,) = b.servers
+        server = b.servers[name]
+        if answering:
+            server.conns[0].state = READY  # as once its connect completed
+        else:
+            server.conns[0].attempt = 1  # as once its connect failed
+        with caplog.at_level(logging.INFO, logger="mcbroker"):
+            b._check_ready()
+        assert b._ready is True and _datagrams(notify) == [b"READY=1"]
+    finally:
+        b.close()
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mcbroker ready")]
     answered, silent = (name, "none") if answering else ("none", name)
     assert line == (
-        f"mcbroker ready: listening on {made.url}; memcached answered: {answered}; "
+        f"mcbroker ready: listening on {urls[0]}, {urls[1]}; memcached answered: {answered}; "
         f"not answering: {silent}; pid {os.getpid()}"
     )
 
