@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -322,6 +323,8 @@ def test_sighup_adds_and_removes_servers_and_keeps_a_bad_config_out(
         reload(w, servers=[a.address, b_mc.address])
         wait_for(connected(w, b_mc.address), message="b added, both its connections open")
         got["both"] = sorted(w.stats()["servers"])
+        # The signal's wake-up byte was read (else the poll would return at once on every turn).
+        got["wake_pending"] = select.select([m.broker._wake_r], [], [], 0)[0]
         reload(w, servers=[b_mc.address])
         wait_for(lambda: list(w.stats()["servers"]) == [b_mc.address], message="a removed")
         wait_for(lambda: not m.broker.retiring, message="a closed once nothing was in flight on it")
@@ -335,6 +338,7 @@ def test_sighup_adds_and_removes_servers_and_keeps_a_bad_config_out(
     with caplog.at_level(logging.INFO, logger="mcbroker"):
         run_loop(m, script)
     assert got["both"] == sorted([a.address, b_mc.address])
+    assert got["wake_pending"] == []
     assert got["a_closed"] is True
     assert got["after_bad"] == [b_mc.address]
     assert b_mc.stats()["curr_items"] == "1" and a.stats()["curr_items"] == "0"
@@ -395,7 +399,8 @@ def test_ready_once_every_server_was_tried_and_watchdog_pings(
     monkeypatch.setenv("WATCHDOG_USEC", "200000")  # a ping every 0.1 s
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     dead = f"127.0.0.1:{closed_port()}"
-    m = make(workdir, [mc.address, dead])
+    second = f"ipc://{workdir}/run/second.sock"
+    m = make(workdir, [mc.address, dead], listen=[f"ipc://{workdir}/run/b.sock", second], hash="ketama")
     got: list[bytes] = []
 
     def script(w: Worker) -> None:
@@ -412,9 +417,13 @@ def test_ready_once_every_server_was_tried_and_watchdog_pings(
     assert got.count(b"READY=1") == 1
     assert got.count(b"WATCHDOG=1") >= 3
     assert set(got) == {b"READY=1", b"WATCHDOG=1"}
-    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mcbroker ready")]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == (
+        f"mcbroker starting: listening on {m.url}, {second}; memcached {mc.address}, {dead}; hash ketama; pid {os.getpid()}"
+    )
+    (line,) = [text for text in lines if text.startswith("mcbroker ready")]
     assert line == (
-        f"mcbroker ready: listening on {m.url}; memcached answered: {mc.address}; "
+        f"mcbroker ready: listening on {m.url}, {second}; memcached answered: {mc.address}; "
         f"not answering: {dead}; pid {os.getpid()}"
     )
 

@@ -402,3 +402,24 @@ def test_signals_queued_together_are_handled_in_the_order_they_came(
     msgs = [r.getMessage() for r in caplog.records]
     drain = f"SIGTERM: draining {b.budget.inflight} requests in flight, then exiting"
     assert msgs.index(drain) < msgs.index("second SIGINT: exiting now")
+
+
+def test_reload_names_every_listen_address_it_keeps(workdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    urls = [f"ipc://{workdir}/run/a.sock", f"ipc://{workdir}/run/b.sock"]
+    m = Made(workdir, listen=urls)
+    try:
+        m.write(listen=[f"ipc://{workdir}/run/c.sock"])
+        with caplog.at_level(logging.WARNING, logger="mcbroker"):
+            m.broker.reload()
+    finally:
+        m.broker.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"listen addresses change only on restart; keeping {urls[0]}, {urls[1]}"
+    ]
+
+
+def test_uptime_is_seconds_since_start_to_the_millisecond(made: Made) -> None:
+    b = made.broker
+    b.started = time.time() - 1.2345  # as if started that long ago
+    uptime = b.snapshot()["uptime"]
+    assert 1.234 <= uptime < 1.234 + 60 and uptime == round(uptime, 3) and type(uptime) is float
