@@ -162,8 +162,13 @@ class Job:
                 stats.by_code[c] += 1
         if self.noreply:
             stats.noreply += 1
-            return
-        router.reply(self.peer, self.ident, encode_reply(self.req_id, self.results))
+        else:
+            router.reply(self.peer, self.ident, encode_reply(self.req_id, self.results))
+        # The deadline heap keeps this job until it reaches the top: behind a frame that waits for
+        # a silent server, that is up to a deadline later. It must not keep the values with it.
+        # (Nothing touches a done job's slots: every late answer or failure checks `done` first.)
+        self.results = []
+        self.where = []
 
 
 class Gather:
