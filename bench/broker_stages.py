@@ -12,6 +12,8 @@ bench's "broker CPU per key" carries beyond ZeroMQ (compare the zmq-echo's CPU p
 Then each stage of it alone, on the same frames and answers, beside a floor: the least any CPython
 code must spend on that stage, measured the same way.
 
+    sockets  the send and the reads the connection makes       (the same system calls on a
+             for the frame                                     socketpair, nothing else)
     decode   wire.decode_request: unpack + check every op      floor: msgpack.unpackb alone
     encode   meta.needs_encoding + meta.encode_gets            floor: one b"".join of the keys
     parse    ResponseParser.feed + take_get_answers            floor: one regex match and one
@@ -19,8 +21,8 @@ code must spend on that stage, measured the same way.
     reply    wire.encode_reply of the results                  floor: (it is one C call)
     reads    the coalescing table (published, then cleared),   (total with coalescing on minus
              per key                                           total with it off)
-    rest     the whole path with coalescing off, less the four stages above: routing, the batch
-             and its FIFO entry, the pipeline's proof and delivery, the two socket calls
+    rest     the whole path with coalescing off, less the five stages above: routing, the batch
+             and its FIFO entry, the pipeline's proof and delivery
 
 CPU is this process's (time.process_time), the median of --rounds runs; figures are per key.
 Nothing here needs a network, a memcached or a broker process.
@@ -179,13 +181,44 @@ def stages(keys: list[bytes], value: bytes, number: int) -> dict[str, tuple[floa
             got.append(stream[end:stop])
             pos = stop + 2
 
+    sockets = socket_calls(meta.encode_gets(keys, 1) + b"mg _mcbroker_fence_ O%d\r\n" % (n + 1),
+                           stream + b"EN O%d\r\n" % (n + 1), number) / n
     return {
+        "sockets": (sockets, None),
         "decode": (per_key(lambda: decode_request(frame), n, number), per_key(lambda: msgpack.unpackb(frame), n, number)),
         "encode": (per_key(lambda: meta.needs_encoding(keys) or meta.encode_gets(keys, 1), n, number),
                    per_key(lambda: b"".join(keys), n, number)),
         "parse": (per_key(parse, n, number), per_key(parse_floor, n, number)),
         "reply": (per_key(lambda: encode_reply(1, results), n, number), None),
     }
+
+
+def socket_calls(requests: bytes, answers: bytes, number: int) -> float:
+    """CPU seconds per frame of what the whole path asks of its socket: one send of `requests`
+    and the reads of `answers` (until the socket has no more), timed as whole_path times (two
+    timed spans per frame), so the timer's own cost cancels when the two are compared."""
+    near, far = socket.socketpair()
+    near.setblocking(False)
+    far.setblocking(False)
+    buf = bytearray(256 * 1024)
+    spent = 0.0
+    try:
+        for _ in range(number):
+            t0 = time.process_time()
+            near.send(requests)
+            spent += time.process_time() - t0
+            got = 0
+            while got < len(requests):
+                got += len(far.recv(1 << 20))
+            far.sendall(answers)
+            t0 = time.process_time()
+            while near.recv_into(buf) == len(buf):
+                pass
+            spent += time.process_time() - t0
+    finally:
+        near.close()
+        far.close()
+    return spent / number
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,17 +245,19 @@ def main(argv: list[str] | None = None) -> int:
     off = statistics.median(offs)
     reads = statistics.median(a - b for a, b in zip(ons, offs))
     us = 1e6
-    print(f"get_many({args.keys}), {args.value_size}-byte hits, CPU per key in this process (median of {args.rounds}):")
+    what = "single gets" if args.keys == 1 else f"get_many({args.keys})"
+    print(f"{what}, {args.value_size}-byte hits, CPU per key in this process (median of {args.rounds}):")
     print(f"| stage | us per key | floor us per key | share of the whole path |\n|---|---:|---:|---:|")
     print(f"| whole path (handle, flush, on_readable) | {total * us:.2f} | | 100% |")
-    for name in ("decode", "encode", "parse", "reply"):
+    for name in ("sockets", "decode", "encode", "parse", "reply"):
         cost = statistics.median(r[name][0] for r in runs)
         floors = [r[name][1] for r in runs]
         floor = "" if floors[0] is None else f"{statistics.median(f for f in floors if f is not None) * us:.2f}"
         print(f"| {name} | {cost * us:.2f} | {floor} | {cost / total:.0%} |")
     print(f"| reads (coalescing on minus off) | {reads * us:.2f} | | {reads / total:.0%} |")
-    rest = off - sum(statistics.median(r[name][0] for r in runs) for name in ("decode", "encode", "parse", "reply"))
-    print(f"| the rest: routing, batches, the pipeline's bookkeeping, socket calls | {rest * us:.2f} | | {rest / total:.0%} |")
+    named = ("sockets", "decode", "encode", "parse", "reply")
+    rest = off - sum(statistics.median(r[name][0] for r in runs) for name in named)
+    print(f"| the rest: routing, batches, the pipeline's bookkeeping | {rest * us:.2f} | | {rest / total:.0%} |")
     print(f"| whole path, coalescing off | {off * us:.2f} | | |")
     return 0
 
