@@ -608,6 +608,40 @@ def test_answered_frames_let_go_of_their_values_while_an_older_frame_waits_for_i
     assert not any(x.req_id == stuck for x in rig.replies)
 
 
+def test_answered_frames_behind_long_waits_are_swept_and_the_waiting_ones_still_time_out() -> None:
+    # Answered frames stay on the deadline heap until they reach its top; behind frames that wait
+    # long they would pile up without end. The heap is swept of them when it passes SWEEP_MIN
+    # (then twice what a sweep left), and a sweep must keep every frame still waiting, in order.
+    from broker.router import SWEEP_MIN
+
+    rig = Rig(2, timeout=5.0)
+    keys = [f"w-{i}" for i in range(400)]
+    where = owners(rig.names, keys)
+    fast_key = next(k.encode() for k in keys if where[k] == rig.names[0])
+    slow_keys = [k.encode() for k in keys if where[k] == rig.names[1]][:3]
+    fast = rig.server(rig.names[0])
+    waiting = {rig.frame([[Op.GET, k]], timeout_ms=ms): ms for k, ms in zip(slow_keys, (3000, 1000, 2000))}
+    longest = 0
+    for _ in range(3 * SWEEP_MIN):
+        r = rig.frame([[Op.GET, fast_key]], timeout_ms=4000)
+        for conn in fast.conns:
+            conn.flush(rig.now)
+            wire = conn.sock
+            wire.inbox += wire.far.answer(wire.written)  # type: ignore[union-attr]
+            del wire.written[:]  # type: ignore[union-attr]
+            conn.on_readable(rig.now)
+        assert rig.codes(r) == [Code.MISS]
+        longest = max(longest, len(rig.router._deadlines))
+    assert longest <= SWEEP_MIN + 1, longest
+    rig.replies.clear()
+    # The three still wait, and time out at their own deadlines, earliest first.
+    for r, ms in sorted(waiting.items(), key=lambda item: item[1]):
+        assert rig.router.next_deadline() == pytest.approx(rig.now + ms / 1000)
+        rig.router.expire(rig.now + ms / 1000)
+        assert rig.codes(r) == [Code.TIMEOUT]
+    assert rig.router.next_deadline() is None
+
+
 def test_frame_without_a_timeout_takes_the_brokers_default() -> None:
     rig = Rig(timeout=0.75)
     rig.frame([[Op.GET, b"k"]])
