@@ -423,3 +423,34 @@ def test_uptime_is_seconds_since_start_to_the_millisecond(made: Made) -> None:
     b.started = time.time() - 1.2345  # as if started that long ago
     uptime = b.snapshot()["uptime"]
     assert 1.234 <= uptime < 1.234 + 60 and uptime == round(uptime, 3) and type(uptime) is float
+
+
+def test_timers_stay_busy_while_a_connection_is_connecting(workdir: Path) -> None:
+    # A listener that never accepts: the connects stay pending (CONNECTING) until the loop sees them.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    m = Made(workdir, servers=[f"127.0.0.1:{listener.getsockname()[1]}"])
+    b = m.broker
+    try:
+        (server,) = b.servers.values()
+        assert server.health.is_up and b.retiring == []
+        b._timers(time.monotonic())
+        assert b._timers_busy is True
+        assert b._poll_timeout(time.monotonic()) == round(service.TIMER_INTERVAL * 5 * 1000)
+    finally:
+        b.close()
+        listener.close()
+
+
+def test_a_failed_notify_is_logged_once_in_full(
+    monkeypatch: pytest.MonkeyPatch, workdir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = str(workdir / "nobody")
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    monkeypatch.setattr(service, "_notify_warned", False)
+    with caplog.at_level(logging.WARNING, logger="mcbroker"):
+        assert service.sd_notify("READY=1") is False
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert msg.startswith(f"sd_notify to {path} failed: ") and "No such file or directory" in msg
+    assert msg.endswith(" (further failures are not logged)")
