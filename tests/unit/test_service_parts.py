@@ -333,22 +333,22 @@ def test_ready_names_the_servers_that_answered_and_those_that_did_not(
     workdir: Path, notify: socket.socket, caplog: pytest.LogCaptureFixture, answering: bool
 ) -> None:
     urls = [f"ipc://{workdir}/run/a.sock", f"ipc://{workdir}/run/b.sock"]
-    m = Made(workdir, listen=urls)
+    m = Made(workdir, listen=urls, servers=[f"127.0.0.1:{closed_port()}", f"127.0.0.1:{closed_port()}"])
     b = m.broker
     try:
-        (name,) = b.servers
-        server = b.servers[name]
-        if answering:
-            server.conns[0].state = READY  # as once its connect completed
-        else:
-            server.conns[0].attempt = 1  # as once its connect failed
+        names = ", ".join(b.servers)
+        for server in b.servers.values():
+            if answering:
+                server.conns[0].state = READY  # as once its connect completed
+            else:
+                server.conns[0].attempt = 1  # as once its connect failed
         with caplog.at_level(logging.INFO, logger="mcbroker"):
             b._check_ready()
         assert b._ready is True and _datagrams(notify) == [b"READY=1"]
     finally:
         b.close()
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mcbroker ready")]
-    answered, silent = (name, "none") if answering else ("none", name)
+    answered, silent = (names, "none") if answering else ("none", names)
     assert line == (
         f"mcbroker ready: listening on {urls[0]}, {urls[1]}; memcached answered: {answered}; "
         f"not answering: {silent}; pid {os.getpid()}"
