@@ -139,6 +139,17 @@ def connected(w: Worker, name: str, n: int = 2) -> Callable[[], bool]:
     return lambda: w.stats()["servers"].get(name, {}).get("connections") == n
 
 
+def settled(w: Worker, name: str) -> Callable[[], bool]:
+    """Both connections open and nothing in flight (each new connection's `stats settings`
+    answered), so what is in flight after this is the test's own."""
+
+    def check() -> bool:
+        s = w.stats()
+        return s["inflight"] == 0 and s["servers"].get(name, {}).get("connections") == 2
+
+    return check
+
+
 # --- serving ---------------------------------------------------------------------------------------
 
 
@@ -177,7 +188,7 @@ def test_a_connection_silent_for_io_timeout_ms_is_reset(workdir: Path, mc1: Memc
     got: dict[str, Any] = {}
 
     def script(w: Worker) -> None:
-        wait_for(connected(w, mc1.address), message="both connections open")
+        wait_for(settled(w, mc1.address), message="both connections open, nothing in flight")
         mc1.pause()
         start = time.monotonic()
         got["held"] = w.call([[Op.GET, b"k"]], timeout_ms=60_000)
@@ -199,7 +210,7 @@ def test_a_request_past_its_deadline_gets_timeout(workdir: Path, mc1: Memcached,
     got: dict[str, Any] = {}
 
     def script(w: Worker) -> None:
-        wait_for(connected(w, mc1.address), message="both connections open")
+        wait_for(settled(w, mc1.address), message="both connections open, nothing in flight")
         mc1.pause()
         start = time.monotonic()
         own = w.send([[Op.GET, b"a"]], timeout_ms=1000)
@@ -232,7 +243,7 @@ def test_sigterm_answers_what_is_in_flight_refuses_new_frames_then_exits(
 
     def script(w: Worker) -> None:
         assert hit(w.call([[Op.SET, b"held", b"value", 0, 0]]))[0] == Code.OK
-        wait_for(connected(w, mc1.address), message="both connections open")
+        wait_for(settled(w, mc1.address), message="both connections open, nothing in flight")
         mc1.pause()
         held = w.send([[Op.GET, b"held"]], timeout_ms=60_000)
         wait_for(lambda: w.stats()["inflight"] == 1, message="the get in flight")
@@ -263,7 +274,7 @@ def test_the_drain_ends_at_drain_timeout_ms_and_what_is_left_gets_shutting_down(
     got: dict[str, Any] = {}
 
     def script(w: Worker) -> None:
-        wait_for(connected(w, mc1.address), message="both connections open")
+        wait_for(settled(w, mc1.address), message="both connections open, nothing in flight")
         mc1.pause()
         held = w.send([[Op.GET, b"held"]], timeout_ms=60_000)
         wait_for(lambda: w.stats()["inflight"] == 1, message="the get in flight")
@@ -287,7 +298,7 @@ def test_a_second_sigterm_exits_at_once_without_waiting_for_the_drain(
     got: dict[str, Any] = {}
 
     def script(w: Worker) -> None:
-        wait_for(connected(w, mc1.address), message="both connections open")
+        wait_for(settled(w, mc1.address), message="both connections open, nothing in flight")
         mc1.pause()
         held = w.send([[Op.GET, b"held"]], timeout_ms=60_000)
         wait_for(lambda: w.stats()["inflight"] == 1, message="the get in flight")
@@ -369,6 +380,7 @@ def test_a_removed_server_finishes_its_requests_in_flight_before_it_closes(
                 break
             b_mc.flush_all()
         assert key is not None, "no key of 64 landed on a"
+        wait_for(settled(w, a.address), message="nothing in flight")
         a.pause()
         held = w.send([[Op.GET, key]], timeout_ms=60_000)
         wait_for(lambda: w.stats()["inflight"] == 1, message="the get in flight")
