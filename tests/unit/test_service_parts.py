@@ -454,3 +454,23 @@ def test_a_failed_notify_is_logged_once_in_full(
     (msg,) = [r.getMessage() for r in caplog.records]
     assert msg.startswith(f"sd_notify to {path} failed: ") and "No such file or directory" in msg
     assert msg.endswith(" (further failures are not logged)")
+
+
+def test_a_closed_connection_leaves_the_poll_set(workdir: Path) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    m = Made(workdir, servers=[f"127.0.0.1:{listener.getsockname()[1]}"])
+    b = m.broker
+    try:
+        (server,) = b.servers.values()
+        fds = [c.fd for c in server.conns]
+        polled = {obj for obj, _ in b.poller.sockets}
+        assert all(fd in polled and b._fds[fd] is c for fd, c in zip(fds, server.conns))
+        for c in server.conns:
+            c.close()
+        polled = {obj for obj, _ in b.poller.sockets}
+        assert not any(fd in polled or fd in b._fds for fd in fds)  # a closed fd left there would wake every poll
+    finally:
+        b.close()
+        listener.close()
