@@ -168,6 +168,10 @@ def test_the_loop_stores_and_reads_through_memcached(workdir: Path, mc: Memcache
         # Nothing in flight, connecting, down or retiring: the loop polls at its idle interval.
         wait_for(lambda: not m.broker._timers_busy, message="the timers idle")
         seen["idle_poll_ms"] = m.broker._poll_timeout(time.monotonic())
+        # An idle connection is polled for reading only (a writable socket polled for POLLOUT
+        # would wake every poll at once).
+        conns = m.broker.servers[mc.address].conns
+        seen["idle_flags"] = [flags for obj, flags in m.broker.poller.sockets if obj in {c.fd for c in conns}]
 
     run_loop(m, script)
     assert seen["get"][0] == Code.OK and seen["get"][1] == b"v1" and seen["get"][2] == 5
@@ -181,6 +185,7 @@ def test_the_loop_stores_and_reads_through_memcached(workdir: Path, mc: Memcache
     assert s["ok"] >= 2 and s["miss"] >= 2 and s["internal_errors"] == 0
     assert s["inflight"] == 0
     assert seen["idle_poll_ms"] == IDLE_POLL_MS
+    assert seen["idle_flags"] == [zmq.POLLIN, zmq.POLLIN]
 
 
 def test_a_connection_silent_for_io_timeout_ms_is_reset(workdir: Path, mc1: Memcached, restore_signals: None) -> None:
