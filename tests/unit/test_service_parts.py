@@ -5,7 +5,7 @@ closed once empty, WATCHDOG=1 once per interval, the metrics published once a se
 its log line, and close() releasing the metrics endpoint.
 
 The memcached servers are closed loopback ports (no process); the loop itself is not run here (see
-test_service_loop.py for the loop in front of real memcached).
+test_service_running.py for the loop in front of real memcached).
 """
 
 from __future__ import annotations
