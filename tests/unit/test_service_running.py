@@ -139,13 +139,13 @@ def connected(w: Worker, name: str, n: int = 2) -> Callable[[], bool]:
     return lambda: w.stats()["servers"].get(name, {}).get("connections") == n
 
 
-def settled(w: Worker, name: str) -> Callable[[], bool]:
+def settled(w: Worker, name: str, n: int = 2) -> Callable[[], bool]:
     """Both connections open and nothing in flight (each new connection's `stats settings`
     answered), so what is in flight after this is the test's own."""
 
     def check() -> bool:
         s = w.stats()
-        return s["inflight"] == 0 and s["servers"].get(name, {}).get("connections") == 2
+        return s["inflight"] == 0 and s["servers"].get(name, {}).get("connections") == n
 
     return check
 
@@ -515,10 +515,10 @@ def test_an_exception_on_a_memcached_connection_resets_that_connection_only(
     got: dict[str, Any] = {}
 
     def script(w: Worker) -> None:
-        wait_for(connected(w, mc.address, 1), message="the connection open")
+        wait_for(settled(w, mc.address, 1), message="the connection open, its settings answered")
         armed.append(True)
         got["first"] = w.call([[Op.GET, b"k"]])
-        wait_for(connected(w, mc.address, 1), message="the connection open again")
+        wait_for(settled(w, mc.address, 1), message="the connection open again, its settings answered")
         armed.append(True)
         got["second"] = w.call([[Op.GET, b"k"]])
         wait_for(connected(w, mc.address, 1), message="the connection open again")
