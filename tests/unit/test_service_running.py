@@ -335,9 +335,10 @@ def test_sighup_adds_and_removes_servers_and_keeps_a_bad_config_out(
         os.kill(os.getpid(), signal.SIGHUP)
 
     def script(w: Worker) -> None:
-        wait_for(connected(w, a.address), message="a's connections open")
+        wait_for(settled(w, a.address), message="a's connections open")
         reload(w, servers=[a.address, b_mc.address])
-        wait_for(connected(w, b_mc.address), message="b added, both its connections open")
+        # (and nothing in flight anywhere, so a is removed with 0 requests in flight)
+        wait_for(settled(w, b_mc.address), message="b added, both its connections open")
         got["both"] = sorted(w.stats()["servers"])
         # The signal's wake-up byte was read (else the poll would return at once on every turn).
         got["wake_pending"] = select.select([m.broker._wake_r], [], [], 0)[0]
