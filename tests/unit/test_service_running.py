@@ -163,7 +163,7 @@ def test_the_loop_stores_and_reads_through_memcached(workdir: Path, mc: Memcache
         seen["miss"] = hit(w.call([[Op.GET, b"nope"]]))
         many = w.call([[Op.GET, b"k1"], [Op.GET, b"nope"]])
         seen["many"] = [r[0] for r in many.payload]
-        wait_for(connected(w, mc.address), message="both connections open")
+        wait_for(settled(w, mc.address), message="both connections open, nothing in flight")
         seen["stats"] = w.stats()
         # Nothing in flight, connecting, down or retiring: the loop polls at its idle interval.
         wait_for(lambda: not m.broker._timers_busy, message="the timers idle")
