@@ -153,8 +153,8 @@ def settled(w: Worker, name: str, n: int = 2) -> Callable[[], bool]:
 # --- serving ---------------------------------------------------------------------------------------
 
 
-def test_the_loop_stores_and_reads_through_memcached(workdir: Path, mc: Memcached, restore_signals: None) -> None:
-    m = make(workdir, [mc.address])
+def test_the_loop_stores_and_reads_through_memcached(workdir: Path, mc1: Memcached, restore_signals: None) -> None:
+    m = make(workdir, [mc1.address])
     seen: dict[str, Any] = {}
 
     def script(w: Worker) -> None:
@@ -163,23 +163,23 @@ def test_the_loop_stores_and_reads_through_memcached(workdir: Path, mc: Memcache
         seen["miss"] = hit(w.call([[Op.GET, b"nope"]]))
         many = w.call([[Op.GET, b"k1"], [Op.GET, b"nope"]])
         seen["many"] = [r[0] for r in many.payload]
-        wait_for(settled(w, mc.address), message="both connections open, nothing in flight")
+        wait_for(settled(w, mc1.address), message="both connections open, nothing in flight")
         seen["stats"] = w.stats()
         # Nothing in flight, connecting, down or retiring: the loop polls at its idle interval.
         wait_for(lambda: not m.broker._timers_busy, message="the timers idle")
         seen["idle_poll_ms"] = m.broker._poll_timeout(time.monotonic())
         # An idle connection is polled for reading only (a writable socket polled for POLLOUT
         # would wake every poll at once).
-        conns = m.broker.servers[mc.address].conns
+        conns = m.broker.servers[mc1.address].conns
         seen["idle_flags"] = [flags for obj, flags in m.broker.poller.sockets if obj in {c.fd for c in conns}]
 
     run_loop(m, script)
     assert seen["get"][0] == Code.OK and seen["get"][1] == b"v1" and seen["get"][2] == 5
     assert seen["miss"][0] == Code.MISS
     assert seen["many"] == [Code.OK, Code.MISS]
-    assert mc.stats()["curr_items"] == "1"  # the set reached memcached itself
+    assert mc1.stats()["curr_items"] == "1"  # the set reached memcached itself (a server of its own: flush_all leaves curr_items)
     s = seen["stats"]
-    server = s["servers"][mc.address]
+    server = s["servers"][mc1.address]
     assert (server["state"], server["connections"]) == ("up", 2)
     assert s["requests_written"] >= 4 and s["backend_writes"] >= 1 and server["requests"] >= 4
     assert s["ok"] >= 2 and s["miss"] >= 2 and s["internal_errors"] == 0
