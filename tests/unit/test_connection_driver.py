@@ -568,6 +568,7 @@ def test_eof_with_requests_in_flight_fails_them_and_counts_a_failure(peer: Peer)
     read_until(rig, far, rb"mg _mcbroker_fence_ O\d+\r\n")
     far.close()
     rig.pump(lambda: conn.sock is None, "EOF seen")
+    assert not conn.marks and conn.sent_n == conn.answered_n == 0  # no latency from a dead write
     message = f"{peer.address} closed the connection"
     assert rig.reply(g).payload == [[Code.CONNECTION_ERROR, message]] * 2
     assert rig.server.health.failures == 1 and rig.server.stats.errors == 1 and rig.server.stats.resets == 1
@@ -626,19 +627,24 @@ def test_garbage_from_the_server_resets_the_connection_and_counts_a_failure(peer
     rig = Rig(peer.address)
     far = accept_ready(rig, peer, item_size_max="1048576")
     conn = rig.conn
-    g = rig.frame([[Op.GET, b"a"], [Op.GET, b"b"]])
+    g = rig.frame([[Op.GET, b"a"], [Op.GET, b"b"], [Op.GET, b"c"]])
     rig.loop.turn(rig.now, 0)
-    read_until(rig, far, rb"mg _mcbroker_fence_ O\d+\r\n")
-    far.sendall(b"WHAT IS THIS\r\n")
+    written = read_until(rig, far, rb"mg _mcbroker_fence_ O\d+\r\n")
+    first = int(re.search(rb"mg a v f s O(\d+)", written)[1])  # type: ignore[index]
+    # Two answers in step, then garbage: the first is proven by the second, which nothing proves.
+    far.sendall(b"EN O%d\r\nEN O%d\r\nWHAT IS THIS\r\n" % (first, first + 1))
     rig.pump(lambda: conn.sock is None, "reset")
     results = rig.reply(g).payload
-    assert [r[0] for r in results] == [Code.CONNECTION_ERROR] * 2
+    assert [r[0] for r in results] == [Code.MISS, Code.CONNECTION_ERROR, Code.CONNECTION_ERROR]
+    results = results[1:]
     assert results[0][1].startswith(f"{peer.address}: protocol error") and results[0][1].endswith("; pipeline reset")
     assert rig.server.health.failures == 1 and conn.attempt == 1
     rig.assert_nothing_in_flight()
 
 
-def test_an_error_answer_that_spoils_the_stream_reconnects_at_once_uncounted(peer: Peer) -> None:
+def test_an_error_answer_that_spoils_the_stream_reconnects_at_once_uncounted(
+    peer: Peer, caplog: pytest.LogCaptureFixture,
+) -> None:
     # CLIENT_ERROR to ms: the request's own answer (the server answered), nothing after it trusted.
     rig = Rig(peer.address)
     far = accept_ready(rig, peer, item_size_max="1048576")
@@ -647,7 +653,10 @@ def test_an_error_answer_that_spoils_the_stream_reconnects_at_once_uncounted(pee
     rig.loop.turn(rig.now, 0)
     read_until(rig, far, rb"mg _mcbroker_fence_ O\d+\r\n")
     far.sendall(b"CLIENT_ERROR bad data chunk\r\n")
-    rig.pump(lambda: conn.sock is None, "reset")
+    with caplog.at_level(logging.INFO, logger="mcbroker.pipeline"):
+        rig.pump(lambda: conn.sock is None, "reset")
+    # Not counted, but requests failed with it: a warning, not the idle close's info line.
+    assert [r.levelno for r in caplog.records if "closing connection" in r.message] == [logging.WARNING]
     first, second = rig.reply(g).payload
     assert first[0] == Code.CLIENT_ERROR and "bad data chunk" in first[1]
     assert second[0] == Code.CONNECTION_ERROR and second[1].endswith("; pipeline reset")
@@ -836,8 +845,10 @@ def test_any_answer_to_the_probe_proves_the_server_alive(peer: Peer) -> None:
     far = peer.accept()
     w = read_until(rig, far, rb"mg _mcbroker_fence_ O\d+\r\n")
     far.sendall(b"SERVER_ERROR out of memory\r\n" + fence_answers(w))
+    rig.now += 0.5  # read later than the probe started
     rig.pump(lambda: rig.server.state is State.UP, "probe answered")
     assert not conn.probe and conn.state == READY
+    assert rig.server.health.up_since == rig.now  # back up when the answer was read
     assert rig.server.item_size_max is None  # an error is no settings
     assert rig.downs == [State.DOWN, State.UP]
 
@@ -866,3 +877,262 @@ def test_a_failure_line_per_server_per_interval(caplog: pytest.LogCaptureFixture
         f"{name}: closing connection: refused (1 in flight)",
         f"{name}: closing connection: refused (1 in flight); 2 more failures like it in the last 10s",
     ]
+
+
+# --- counters and the snapshot ------------------------------------------------------------------
+
+
+def bucket_us(seconds: float) -> float:
+    """The README's latency percentile: the smallest bucket bound (1 us, each 10% above the last)
+    at or above the sample, in microseconds to 0.1."""
+    bound = 1e-6
+    while bound < seconds:
+        bound *= 1.1
+    return round(bound * 1e6, 1)
+
+
+def test_the_snapshot_names_each_counter_as_the_readme_does(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    rig = Rig("127.0.0.1:11211")
+    conn = rig.plug(a)
+    quiet = rig.server.snapshot()
+    assert quiet == {
+        "state": "up", "connections": 1, "depth": 0, "item_size_max": 1024 * 1024, "requests": 0, "errors": 0,
+        "timeouts": 0, "resets": 0, "ejections": 0, "writes": 0, "requests_written": 0, "requests_per_write": 0.0,
+        "latency_avg_us": 0.0, "latency_p50_us": None, "latency_p99_us": None, "latency_p999_us": None,
+        "latency_samples": 0,
+    }
+    g = rig.frame([[Op.GET, b"a"], [Op.GET, b"b"], [Op.GET, b"c"]])
+    rig.loop.turn(rig.now, 0)
+    assert rig.server.snapshot()["depth"] == 3
+    (written_at, mark), = conn.marks
+    assert mark == 3
+    written = b""
+    while not written.endswith(b"_mcbroker_fence_ O4\r\n"):
+        written += b.recv(65536)
+    b.sendall(b"EN O1\r\nEN O2\r\nEN O3\r\nEN O4\r\n")
+    rig.now = written_at + 0.0015  # the answers read 1.5 ms after the write
+    rig.pump(lambda: len(rig.replies) == 1, "answers")
+    assert rig.results(g) == [[Code.MISS]] * 3
+    assert not conn.marks
+    p = bucket_us(0.0015)
+    assert rig.server.latency_snapshot(rig.now) == {
+        "latency_p50_us": p, "latency_p99_us": p, "latency_p999_us": p, "latency_samples": 1,
+    }
+    snap = rig.server.snapshot()  # at the real clock: the sample is recent
+    assert snap == {
+        "state": "up", "connections": 1, "depth": 0, "item_size_max": 1024 * 1024, "requests": 3, "errors": 0,
+        "timeouts": 0, "resets": 0, "ejections": 0, "writes": 1, "requests_written": 3, "requests_per_write": 3.0,
+        "latency_avg_us": 1500.0, "latency_p50_us": p, "latency_p99_us": p, "latency_p999_us": p,
+        "latency_samples": 1,
+    }
+    # Nothing recorded for a whole window: no percentiles (the lifetime average stays).
+    later = rig.server.latency_snapshot(rig.now + 25.0)
+    assert later == {"latency_p50_us": None, "latency_p99_us": None, "latency_p999_us": None, "latency_samples": 0}
+
+
+def test_the_snapshot_of_a_server_marked_down(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    rig = Rig("127.0.0.1:11211", failure_limit=1)
+    rig.plug(a)
+    b.close()
+    rig.conn.on_readable(rig.now)  # idle EOF: not counted
+    assert rig.server.snapshot()["state"] == "up" and rig.server.snapshot()["resets"] == 1
+    rig.conn.failed(rig.now, "refused", Code.CONNECTION_ERROR)
+    snap = rig.server.snapshot()
+    assert (snap["state"], snap["connections"], snap["errors"], snap["ejections"], snap["resets"]) == (
+        "down", 0, 1, 1, 1,
+    )
+
+
+def test_silent_for_is_the_shortest_wait_of_the_connections_with_requests(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    c, d = socket.socketpair()
+    try:
+        rig = Rig("127.0.0.1:11211", connections=3)
+        first, second, idle = rig.server.conns
+        rig.plug(a, first)
+        rig.plug(c, second)
+        assert rig.server.silent_for(rig.now) == 0.0  # nothing waits
+        rig.frame([[Op.GET, b"a"]])
+        rig.frame([[Op.GET, b"b"]])  # a new turn: the idle connection
+        rig.loop.turn(rig.now, 0)
+        assert first.pipeline.inflight == second.pipeline.inflight == 1 and not idle.pipeline.inflight
+        first.since, second.since, idle.since = 10.0, 12.0, 13.0
+        assert rig.server.silent_for(20.0) == 8.0
+    finally:
+        c.close()
+        d.close()
+
+
+def test_pick_reopens_a_closed_connection_only_when_its_time_has_come() -> None:
+    rig = Rig(f"127.0.0.1:{closed_port()}", connections=2)
+    first, second = rig.server.conns
+    first.reconnect_at, second.reconnect_at = rig.now + 1.0, rig.now + 2.0
+    assert rig.server.pick(None, rig.now + 0.5) is None
+    assert first.sock is None and second.sock is None
+    assert rig.server.pick(b"k", rig.now + 1.0) is first
+    assert first.state == CONNECTING and second.sock is None
+    assert rig.server.pinned == {b"k": [first, 1]}
+    # The same key follows; another key takes the turn's connection.
+    assert rig.server.pick(b"k", rig.now + 1.0) is first and rig.server.pinned[b"k"][1] == 2
+    rig.server.batch_conn = None
+    assert rig.server.pick(b"j", rig.now + 5.0) is first  # the open one, before any reopen
+    assert second.sock is None
+
+
+# --- more of connect, write and read -------------------------------------------------------------
+
+
+def test_a_tcp_connection_is_non_blocking_with_nodelay_and_keepalive(peer: Peer) -> None:
+    rig = Rig(peer.address)
+    rig.conn.open(rig.now)
+    sock = rig.conn.sock
+    assert sock is not None and sock.family == socket.AF_INET
+    assert sock.getblocking() is False
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert rig.conn.fd == sock.fileno() and rig.loop.conns == {sock.fileno(): rig.conn}
+
+
+def test_an_ipv6_server_is_reached_over_ipv6() -> None:
+    listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    try:
+        rig = Rig(f"[::1]:{listener.getsockname()[1]}")
+        rig.conn.open(rig.now)
+        assert rig.conn.sock is not None and rig.conn.sock.family == socket.AF_INET6
+        listener.settimeout(WAIT)
+        far, _ = listener.accept()
+        far.close()
+    finally:
+        listener.close()
+
+
+def test_a_connect_refused_at_once_fails_at_once() -> None:
+    rig = Rig("unix:/nonexistent-mcbroker-dir/mc.sock")
+    rig.server.start(rig.now)
+    assert rig.conn.sock is None and not rig.loop.conns
+    assert rig.server.health.last_error == "connect to unix:/nonexistent-mcbroker-dir/mc.sock: ENOENT"
+    assert rig.server.health.failures == 1 and rig.conn.attempt == 1
+    rig.assert_nothing_in_flight()
+
+
+def test_a_server_that_accepts_and_closes_at_once_is_failing(peer: Peer) -> None:
+    rig = Rig(peer.address)
+    rig.conn.open(rig.now)
+    peer.accept().close()  # before answering `stats settings`: not an idle close
+    rig.pump(lambda: rig.conn.sock is None, "EOF seen")
+    assert rig.server.health.failures == 1 and rig.conn.attempt == 1
+    assert rig.server.health.last_error == f"{peer.address} closed the connection"
+
+
+def test_a_full_socket_buffer_writes_nothing_and_waits(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    rig = Rig("127.0.0.1:11211")
+    conn = rig.plug(a)
+    filler = b"x" * 65536
+    while True:  # fill the socket until it takes nothing
+        try:
+            a.send(filler)
+        except BlockingIOError:
+            break
+    rig.frame([[Op.GET, b"a"]])
+    rig.loop.turn(rig.now, 0)
+    assert conn.sock is a and conn.want_write and rig.loop.wants_write(conn)
+    assert rig.server.stats.writes == 0 and rig.server.stats.written == 0 and not conn.marks
+    assert rig.budget.buffered == len(conn.pipeline.out) > 0
+
+
+def test_a_later_write_does_not_restart_the_silence_of_earlier_requests(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    rig = Rig("127.0.0.1:11211")
+    conn = rig.plug(a)
+    rig.frame([[Op.GET, b"a"]])
+    rig.loop.turn(rig.now, 0)
+    since = conn.since
+    rig.frame([[Op.GET, b"b"]])
+    rig.loop.turn(rig.now, 0)
+    assert rig.server.stats.writes == 2 and len(conn.marks) == 2
+    assert conn.since == since  # the first request still waits since its own write
+    conn.check_timers(since + 2.001, 1.0, 2.0)
+    assert conn.sock is None
+    # Answers to the first write only would have taken one sample: both failed, none taken.
+    assert not conn.marks and conn.sent_n == conn.answered_n == 0
+
+
+def test_each_writes_latency_is_taken_when_its_last_answer_is_read(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    rig = Rig("127.0.0.1:11211")
+    conn = rig.plug(a)
+    rig.frame([[Op.GET, b"a"], [Op.GET, b"b"]])  # opaques 1, 2, fence 3
+    rig.loop.turn(rig.now, 0)
+    rig.frame([[Op.GET, b"c"]])  # opaque 4, fence 5
+    rig.loop.turn(rig.now, 0)
+    (t1, m1), (t2, m2) = conn.marks
+    assert (m1, m2) == (2, 3)
+    b.sendall(b"EN O1\r\n")
+    rig.now = t1 + 0.001
+    rig.pump(lambda: conn.answered_n == 1, "one answer")
+    assert rig.server.latency.count == 0  # the first write is not all answered
+    b.sendall(b"EN O2\r\nEN O3\r\n")
+    rig.now = t1 + 0.002
+    rig.pump(lambda: rig.server.latency.count == 1, "first write answered")
+    assert rig.server.latency.total == pytest.approx(0.002, abs=1e-9)
+    b.sendall(b"EN O4\r\nEN O5\r\n")
+    rig.now = t2 + 0.004
+    rig.pump(lambda: rig.server.latency.count == 2, "second write answered")
+    assert rig.server.latency.total == pytest.approx(0.006, abs=1e-9)
+    assert not conn.marks and conn.answered_n == conn.sent_n == 3
+
+
+def test_a_large_answer_is_read_whole_in_one_event(pair: tuple[socket.socket, socket.socket]) -> None:
+    a, b = pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    rig = Rig("127.0.0.1:11211")
+    conn = rig.plug(a)
+    g = rig.frame([[Op.GET, b"big"]])  # opaque 1, fence 2
+    rig.loop.turn(rig.now, 0)
+    value = bytes(range(256)) * 3000  # 768,000 bytes: three reads of 256 KiB
+    b.sendall(b"VA %d f0 s%d O1\r\n%s\r\nEN O2\r\n" % (len(value), len(value), value))
+    conn.on_readable(rig.now)  # one readiness event
+    assert rig.results(g) == [[Code.OK, value, 0]]
+    assert conn.pipeline.inflight == 0
+
+
+def test_the_server_close_fails_everything_in_flight_with_its_reason(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    rig = Rig("127.0.0.1:11211")
+    conn = rig.plug(a)
+    g = rig.frame([[Op.GET, b"a"]])
+    rig.loop.turn(rig.now, 0)
+    rig.server.close("server removed", Code.SHUTTING_DOWN)
+    assert conn.sock is None and not rig.loop.conns and conn.state == DISCONNECTED
+    assert rig.reply(g).payload == [[Code.SHUTTING_DOWN, "server removed"]]
+    assert rig.server.health.failures == 0 and rig.server.stats.resets == 0
+    rig.assert_nothing_in_flight()
+
+
+def test_a_server_back_up_logs_its_next_failure_at_once(peer: Peer, caplog: pytest.LogCaptureFixture) -> None:
+    rig = Rig(peer.address, failure_limit=1)
+    with caplog.at_level(logging.WARNING, logger="mcbroker.pipeline"):
+        rig.conn.open(rig.now)
+        rig.conn.failed(rig.now, "first", Code.CONNECTION_ERROR)
+        peer.accept().close()
+        rig.now = rig.server.health.probe_at
+        rig.server.tick(rig.now, 1.0, 5.0)
+        far = peer.accept()
+        w = read_until(rig, far, rb"mg _mcbroker_fence_ O\d+\r\n")
+        far.sendall(settings_answer() + fence_answers(w))
+        rig.pump(lambda: rig.server.state is State.UP, "probe answered")
+        rig.conn.failed(rig.now + 1.0, "second", Code.CONNECTION_ERROR)  # within 10 s of the first line
+    lines = [r.message for r in caplog.records if "closing connection" in r.message]
+    assert [line.split(": closing connection: ")[1].split(" ")[0] for line in lines] == ["first", "second"]
