@@ -378,10 +378,11 @@ def test_a_probe_brings_a_server_marked_down_back(mc: Memcached, caplog: pytest.
     rig.now = health.probe_at
     with caplog.at_level(logging.WARNING, logger="mcbroker.pipeline"):
         rig.server.tick(rig.now, 1.0, 5.0)
-        assert health.state is State.PROBING and rig.conn.probe
+        assert health.state is State.PROBING and rig.conn.probe and rig.conn.connect_started == rig.now
         assert rig.server.conns[1].sock is None  # one connection probes
         rig.pump(lambda: health.state is State.UP, "probe answered")
-    assert f"{rig.server.name} is back up" in caplog.text
+    assert [r.message for r in caplog.records if "back up" in r.message] == [f"{rig.server.name} is back up"]
+    assert rig.server.conns[1].connect_started == rig.now
     assert rig.downs == [State.DOWN, State.UP]
     assert not rig.conn.probe and health.failures == 0
     # Back up: every connection is opened again, with no backoff left over.
@@ -420,6 +421,7 @@ def test_a_refused_connect_seen_as_writable_names_the_errno() -> None:
     rig = Rig(f"127.0.0.1:{port}")
     conn = rig.conn
     conn.open(rig.now)
+    g = rig.frame([[Op.GET, b"k"]])
     sock = conn.sock
     assert sock is not None
     # Wait for the refusal without reading the socket, then let on_writable find it (SO_ERROR).
@@ -429,6 +431,7 @@ def test_a_refused_connect_seen_as_writable_names_the_errno() -> None:
     conn.on_writable(rig.now)
     assert conn.sock is None and conn.state == DISCONNECTED
     assert rig.server.health.last_error == f"connect to 127.0.0.1:{port}: ECONNREFUSED"
+    assert rig.reply(g).payload == [[Code.CONNECTION_ERROR, f"connect to 127.0.0.1:{port}: ECONNREFUSED"]]
     assert rig.server.health.failures == 1 and conn.attempt == 1
     rig.assert_nothing_in_flight()
 
@@ -444,6 +447,7 @@ def test_reconnects_back_off_with_jitter_until_a_data_answer(peer: Peer) -> None
             assert conn.sock is None
             rig.now = conn.reconnect_at
             rig.server.tick(rig.now, 1.0, 5.0)
+            assert conn.connect_started == rig.now
         else:
             rig.server.start(rig.now)
         assert conn.sock is not None
@@ -451,7 +455,7 @@ def test_reconnects_back_off_with_jitter_until_a_data_answer(peer: Peer) -> None
         lo, hi = backoff_bounds(attempt)
         assert conn.attempt == attempt
         assert rig.now + lo <= conn.reconnect_at <= rig.now + hi, (attempt, conn.reconnect_at - rig.now)
-    assert rig.server.health.failures == 9 and rig.server.stats.errors == 9
+    assert rig.server.health.failures == 9 and rig.server.stats.errors == 9 and rig.server.stats.resets == 9
     # Now to a peer that answers: `stats settings` alone does not reset the backoff or the failures
     # (a server that answers it and garbles every request must still go down); a data answer does.
     rig.server.address = parse_server(peer.address)
@@ -529,10 +533,11 @@ def test_a_connection_silent_past_the_io_timeout_with_requests_in_flight_is_rese
     conn.check_timers(rig.now + 1000.0, 1.0, 2.0)
     assert conn.state == READY
     g = rig.frame([[Op.GET, b"k"]])
+    before = time.monotonic()
     rig.loop.turn(rig.now, 0)
     read_until(rig, far, rb"mg _mcbroker_fence_ O\d+\r\n")  # read, never answered
     since = conn.since
-    assert since >= rig.now  # the write's time: the silence starts there
+    assert before <= since <= time.monotonic()  # the write's time: the silence starts there
     conn.check_timers(since + 2.0, 1.0, 2.0)
     assert conn.state == READY and rig.replies == []
     conn.check_timers(since + 2.25, 1.0, 2.0)
@@ -589,12 +594,21 @@ def test_an_idle_connection_closed_by_memcached_reconnects_at_once_uncounted(
     far.close()
     with caplog.at_level(logging.INFO, logger="mcbroker.pipeline"):
         rig.pump(lambda: conn.sock is None, "EOF seen")
-    assert [r.levelno for r in caplog.records if "closing connection" in r.message] == [logging.INFO]
-    assert rig.server.health.failures == 0 and rig.server.stats.errors == 0
-    assert rig.server.stats.resets == 1
-    assert conn.attempt == 0 and conn.reconnect_at == rig.now
-    rig.server.tick(rig.now, 1.0, 5.0)  # the next timer turn reconnects
-    assert conn.state == CONNECTING and conn.sock is not None
+        assert rig.server.health.failures == 0 and rig.server.stats.errors == 0
+        assert rig.server.stats.resets == 1
+        assert conn.attempt == 0 and conn.reconnect_at == rig.now
+        rig.server.tick(rig.now, 1.0, 5.0)  # the next timer turn reconnects
+        assert conn.state == CONNECTING and conn.sock is not None and conn.connect_started == rig.now
+        # Routine, so never held back: a second idle close a moment later is logged too.
+        far = peer.accept()
+        w = read_until(rig, far, rb"mg _mcbroker_fence_ O\d+\r\n")
+        far.sendall(settings_answer() + fence_answers(w))
+        rig.pump(lambda: conn.state == READY and not conn.pipeline.queue, "settings answered")
+        far.close()
+        rig.pump(lambda: conn.sock is None, "second EOF seen")
+    lines = [(r.levelno, r.message) for r in caplog.records if "closing connection" in r.message]
+    line = f"{peer.address}: closing connection: {peer.address} closed the connection (0 in flight)"
+    assert lines == [(logging.INFO, line)] * 2
 
 
 def test_a_reset_connection_fails_in_flight_requests_as_a_read_error(peer: Peer) -> None:
@@ -705,8 +719,10 @@ def test_settings_are_logged_when_they_change(peer: Peer, caplog: pytest.LogCapt
         accept_ready(rig, peer, item_size_max="4096")
         rig.conn.close()
         accept_ready(rig, peer, item_size_max="4096")
+        rig.conn.close()
+        accept_ready(rig, peer, item_size_max="8192")  # memcached restarted with another -I
     lines = [r.message for r in caplog.records if "item_size_max" in r.message]
-    assert lines == [f"{peer.address}: item_size_max 4096 bytes"]
+    assert lines == [f"{peer.address}: item_size_max 4096 bytes", f"{peer.address}: item_size_max 8192 bytes"]
 
 
 # --- writes -------------------------------------------------------------------------------------
@@ -793,7 +809,7 @@ def test_one_write_per_turn_counts_its_requests_once(pair: tuple[socket.socket, 
 # --- health: mark-down, probes ------------------------------------------------------------------
 
 
-def test_a_mark_down_fails_every_connections_requests_and_unpins(peer: Peer) -> None:
+def test_a_mark_down_fails_every_connections_requests_and_unpins(peer: Peer, caplog: pytest.LogCaptureFixture) -> None:
     rig = Rig(peer.address, connections=2, failure_limit=1)
     accept_ready(rig, peer, item_size_max="1048576")
     second = rig.server.conns[1]
@@ -807,7 +823,11 @@ def test_a_mark_down_fails_every_connections_requests_and_unpins(peer: Peer) -> 
     rig.loop.turn(rig.now, 0)
     pinned_conn = rig.server.pinned[b"pinned"][0]
     other = next(c for c in rig.server.conns if c is not pinned_conn)
-    other.failed(rig.now, "test failure", Code.CONNECTION_ERROR)
+    with caplog.at_level(logging.ERROR, logger="mcbroker.pipeline"):
+        other.failed(rig.now, "test failure", Code.CONNECTION_ERROR)
+    assert [r.message for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"{peer.address} marked down after 1 consecutive failures: test failure"
+    ]
     assert rig.server.state is State.DOWN and rig.downs == [State.DOWN]
     assert all(c.sock is None for c in rig.server.conns) and not rig.loop.conns
     (result,) = rig.reply(s).payload
@@ -888,15 +908,15 @@ def test_a_failure_line_per_server_per_interval(caplog: pytest.LogCaptureFixture
 def bucket_us(seconds: float) -> float:
     """The README's latency percentile: the smallest bucket bound (1 us, each 10% above the last)
     at or above the sample, in microseconds to 0.1."""
-    bound = 1e-6
-    while bound < seconds:
-        bound *= 1.1
-    return round(bound * 1e6, 1)
+    i = 0
+    while 1e-6 * 1.1**i < seconds:
+        i += 1
+    return round(1e-6 * 1.1**i * 1e6, 1)
 
 
 def test_the_snapshot_names_each_counter_as_the_readme_does(pair: tuple[socket.socket, socket.socket]) -> None:
     a, b = pair
-    rig = Rig("127.0.0.1:11211")
+    rig = Rig("127.0.0.1:11211", connections=1)
     conn = rig.plug(a)
     quiet = rig.server.snapshot()
     assert quiet == {
@@ -905,33 +925,38 @@ def test_the_snapshot_names_each_counter_as_the_readme_does(pair: tuple[socket.s
         "latency_avg_us": 0.0, "latency_p50_us": None, "latency_p99_us": None, "latency_p999_us": None,
         "latency_samples": 0,
     }
-    g = rig.frame([[Op.GET, b"a"], [Op.GET, b"b"], [Op.GET, b"c"]])
+    g1 = rig.frame([[Op.GET, b"a"], [Op.GET, b"b"]])  # opaques 1, 2, fence 3
     rig.loop.turn(rig.now, 0)
-    assert rig.server.snapshot()["depth"] == 3
-    (written_at, mark), = conn.marks
-    assert mark == 3
-    written = b""
-    while not written.endswith(b"_mcbroker_fence_ O4\r\n"):
-        written += b.recv(65536)
-    b.sendall(b"EN O1\r\nEN O2\r\nEN O3\r\nEN O4\r\n")
-    rig.now = written_at + 0.0015  # the answers read 1.5 ms after the write
-    rig.pump(lambda: len(rig.replies) == 1, "answers")
-    assert rig.results(g) == [[Code.MISS]] * 3
-    assert not conn.marks
-    p = bucket_us(0.0015)
+    assert rig.server.snapshot()["depth"] == 2
+    g2 = rig.frame([[Op.GET, b"c"]])  # 4, fence 5
+    rig.loop.turn(rig.now, 0)
+    g3 = rig.frame([[Op.GET, b"d"]])  # 6, fence 7
+    rig.loop.turn(rig.now, 0)
+    (t1, _), (t2, _), (t3, _) = conn.marks
+    # Write 1 answered 0.1 s after it, write 2 0.14691356 s after it; write 3 never.
+    b.sendall(b"EN O1\r\nEN O2\r\nEN O3\r\n")
+    rig.now = t1 + 0.1
+    rig.pump(lambda: rig.server.latency.count == 1, "first write answered")
+    b.sendall(b"EN O4\r\nEN O5\r\n")
+    rig.now = t2 + 0.14691356
+    rig.pump(lambda: rig.server.latency.count == 2, "second write answered")
+    assert rig.results(g1) == [[Code.MISS]] * 2 and rig.results(g2) == [[Code.MISS]]
+    assert [r.req_id for r in rig.replies] == [g1, g2]
+    low, high = bucket_us(0.1), bucket_us(0.14691356)
     assert rig.server.latency_snapshot(rig.now) == {
-        "latency_p50_us": p, "latency_p99_us": p, "latency_p999_us": p, "latency_samples": 1,
+        "latency_p50_us": low, "latency_p99_us": high, "latency_p999_us": high, "latency_samples": 2,
     }
-    snap = rig.server.snapshot()  # at the real clock: the sample is recent
+    snap = rig.server.snapshot()  # at the real clock: the samples are recent
     assert snap == {
-        "state": "up", "connections": 1, "depth": 0, "item_size_max": 1024 * 1024, "requests": 3, "errors": 0,
-        "timeouts": 0, "resets": 0, "ejections": 0, "writes": 1, "requests_written": 3, "requests_per_write": 3.0,
-        "latency_avg_us": 1500.0, "latency_p50_us": p, "latency_p99_us": p, "latency_p999_us": p,
-        "latency_samples": 1,
+        "state": "up", "connections": 1, "depth": 1, "item_size_max": 1024 * 1024, "requests": 4, "errors": 0,
+        "timeouts": 0, "resets": 0, "ejections": 0, "writes": 3, "requests_written": 4, "requests_per_write": 1.33,
+        "latency_avg_us": 123456.8, "latency_p50_us": low, "latency_p99_us": high, "latency_p999_us": high,
+        "latency_samples": 2,
     }
     # Nothing recorded for a whole window: no percentiles (the lifetime average stays).
     later = rig.server.latency_snapshot(rig.now + 25.0)
     assert later == {"latency_p50_us": None, "latency_p99_us": None, "latency_p999_us": None, "latency_samples": 0}
+    assert g3 not in [r.req_id for r in rig.replies]
 
 
 def test_the_snapshot_of_a_server_marked_down(pair: tuple[socket.socket, socket.socket]) -> None:
@@ -977,7 +1002,7 @@ def test_pick_reopens_a_closed_connection_only_when_its_time_has_come() -> None:
     assert rig.server.pick(None, rig.now + 0.5) is None
     assert first.sock is None and second.sock is None
     assert rig.server.pick(b"k", rig.now + 1.0) is first
-    assert first.state == CONNECTING and second.sock is None
+    assert first.state == CONNECTING and second.sock is None and first.connect_started == rig.now + 1.0
     assert rig.server.pinned == {b"k": [first, 1]}
     # The same key follows; another key takes the turn's connection.
     assert rig.server.pick(b"k", rig.now + 1.0) is first and rig.server.pinned[b"k"][1] == 2
@@ -1151,3 +1176,70 @@ def test_a_server_that_never_answers_stats_settings_is_reset_by_the_io_timeout(p
     conn.check_timers(conn.since + 2.001, 1.0, 2.0)
     assert conn.sock is None and rig.server.health.failures == 1
     assert rig.server.health.last_error.startswith(f"{peer.address} silent for 2.0s")
+
+
+def test_tick_applies_the_connect_and_io_timeouts_to_open_connections(peer: Peer) -> None:
+    rig = Rig(peer.address, connections=2, failure_limit=10)
+    first, second = rig.server.conns
+    far = accept_ready(rig, peer, item_size_max="1048576")
+    rig.frame([[Op.GET, b"k"]])
+    rig.loop.turn(rig.now, 0)
+    read_until(rig, far, rb"mg k v f s O\d+\r\nmg _mcbroker_fence_ O\d+\r\n")  # never answered
+    second.open(rig.now)  # never completes: the loop is not turned again
+    # Each timer by its own timeout: io 3 s from the write, connect 1 s from the start.
+    rig.server.tick(first.since + 2.9, 1.0, 3.0)
+    assert first.state == READY and second.state == DISCONNECTED
+    assert rig.server.health.last_error == f"connect to {peer.address} timed out"
+    rig.server.tick(first.since + 3.001, 1.0, 3.0)
+    assert first.sock is None
+    assert rig.server.health.last_error.startswith(f"{peer.address} silent for 3.0s")
+    assert rig.server.health.failures == 2
+
+
+def test_a_pin_is_released_by_the_answer_of_its_last_request(peer: Peer) -> None:
+    rig = Rig(peer.address)
+    far = accept_ready(rig, peer, item_size_max="1048576")  # a pipeline made by open()
+    s1 = rig.frame([[Op.SET, b"k", b"1", 0, 0]])
+    s2 = rig.frame([[Op.SET, b"k", b"2", 0, 0]])  # follows the first onto its connection
+    assert rig.server.pinned == {b"k": [rig.conn, 2]}
+    rig.loop.turn(rig.now, 0)
+    written = read_until(rig, far, rb"ms k .*\r\n2\r\nmg _mcbroker_fence_ O\d+\r\n")
+    o = [int(x) for x in re.findall(rb"O(\d+)\r\n", written)]
+    far.sendall(b"HD O%d\r\n" % o[-3])  # the first set's answer (held until the next proves it)
+    rig.pump(lambda: rig.conn.pipeline.inflight == 1, "first set answered")
+    assert rig.server.pinned == {b"k": [rig.conn, 1]}  # the second still holds it
+    far.sendall(b"HD O%d\r\nEN O%d\r\n" % (o[-2], o[-1]))
+    rig.pump(lambda: len(rig.replies) == 2, "both answered")
+    assert rig.results(s1) == [[Code.OK]] and rig.results(s2) == [[Code.OK]]
+    assert rig.server.pinned == {}
+
+
+def test_reads_joined_across_connections_get_their_own_keys_answer(peer: Peer) -> None:
+    # Both connections made by open(): the same opaques on each, the reads tagged per connection.
+    rig = Rig(peer.address, connections=2)
+    first, second = rig.server.conns
+    far1 = accept_ready(rig, peer, item_size_max="1048576")
+    second.open(rig.now)
+    far2 = peer.accept()
+    w = read_until(rig, far2, rb"mg _mcbroker_fence_ O\d+\r\n")
+    far2.sendall(settings_answer() + fence_answers(w))
+    rig.pump(lambda: second.state == READY and not second.pipeline.queue, "second ready")
+    ga = rig.frame([[Op.GET, b"a"]])  # idle first: the first connection
+    gb = rig.frame([[Op.GET, b"b"]])  # the idle one: the second
+    rig.loop.turn(rig.now, 0)
+    w1 = read_until(rig, far1, rb"mg a v f s O\d+\r\nmg _mcbroker_fence_ O\d+\r\n")
+    w2 = read_until(rig, far2, rb"mg b v f s O\d+\r\nmg _mcbroker_fence_ O\d+\r\n")
+    oa = re.search(rb"mg a v f s O(\d+)", w1)[1]  # type: ignore[index]
+    ob = re.search(rb"mg b v f s O(\d+)", w2)[1]  # type: ignore[index]
+    assert oa == ob  # the same opaque on both connections
+    assert set(rig.server.reads) == {b"a", b"b"}  # in the server's table, which joins use
+    gb2 = rig.frame([[Op.GET, b"b"]])  # joins b's read in flight: nothing more written
+    gets_written = rig.server.stats.written
+    far1.sendall(b"VA 1 f0 s1 O%s\r\nA\r\n" % oa + fence_answers(w1))
+    rig.pump(lambda: len(rig.replies) == 1, "a answered")
+    assert rig.results(ga) == [[Code.OK, b"A", 0]]
+    far2.sendall(b"VA 1 f0 s1 O%s\r\nB\r\n" % ob + fence_answers(w2))
+    rig.pump(lambda: len(rig.replies) == 3, "b answered")
+    assert rig.results(gb) == [[Code.OK, b"B", 0]]
+    assert rig.results(gb2) == [[Code.OK, b"B", 0]]
+    assert rig.server.stats.written == gets_written and rig.server.reads == {}
