@@ -559,7 +559,7 @@ def test_any_read_restarts_the_silence(peer: Peer) -> None:
     far.sendall(b"EN O%s\r\n" % first)  # half of the answers
     rig.now += 1.5
     rig.pump(lambda: conn.since == rig.now, "read")
-    assert conn.pipeline.inflight == 1
+    assert conn.pipeline.inflight == 1 and rig.budget.inflight == 1 and rig.server.inflight == 1
     conn.check_timers(rig.now + 2.0, 1.0, 2.0)
     assert conn.state == READY
 
@@ -748,6 +748,9 @@ def test_a_write_the_socket_takes_in_part_keeps_the_rest_and_waits_for_pollout(
     assert rig.budget.buffered == left  # only what still waits counts against the budget
     stats = rig.server.stats
     assert stats.writes == 1 and stats.written == 1
+    # Already waiting for POLLOUT: a request added now asks for no flush of its own.
+    g = rig.frame([[Op.GET, b"after"]])
+    assert rig.loop.dirty_conns == []
     got = b""
     end = time.monotonic() + WAIT
     while conn.pipeline.out:
@@ -759,7 +762,7 @@ def test_a_write_the_socket_takes_in_part_keeps_the_rest_and_waits_for_pollout(
         rig.loop.turn(rig.now, 0.05)
     assert not conn.want_write and not rig.loop.wants_write(conn)
     assert rig.budget.buffered == 0
-    assert stats.writes > 1 and stats.written == 1  # one request, however many sends it took
+    assert stats.writes > 1 and stats.written == 2  # each request once, however many sends it took
     while not got.endswith(b"\r\n") or b"_mcbroker_fence_" not in got:
         try:
             got += b.recv(1 << 20)
@@ -768,11 +771,11 @@ def test_a_write_the_socket_takes_in_part_keeps_the_rest_and_waits_for_pollout(
     head, rest = got.split(b"\r\n", 1)
     assert re.fullmatch(rb"ms big 262144 .*O(\d+)", head), head
     assert rest[: len(value)] == value
-    assert re.fullmatch(rb"\r\nmg _mcbroker_fence_ O\d+\r\n", rest[len(value):])
+    assert re.fullmatch(rb"\r\nmg _mcbroker_fence_ O\d+\r\nmg after v f s O\d+\r\nmg _mcbroker_fence_ O\d+\r\n", rest[len(value):])
     opaques = re.findall(rb"O(\d+)", head + rest[len(value):])
-    b.sendall(b"HD O%s\r\nEN O%s\r\n" % (opaques[0], opaques[-1]))
-    rig.pump(lambda: len(rig.replies) == 1, "answer")
-    assert rig.results(s) == [[Code.OK]]
+    b.sendall(b"HD O%s\r\nEN O%s\r\nEN O%s\r\nEN O%s\r\n" % tuple(opaques))
+    rig.pump(lambda: len(rig.replies) == 2, "answer")
+    assert rig.results(s) == [[Code.OK]] and rig.results(g) == [[Code.MISS]]
     rig.assert_nothing_in_flight()
 
 
@@ -1243,3 +1246,16 @@ def test_reads_joined_across_connections_get_their_own_keys_answer(peer: Peer) -
     assert rig.results(gb) == [[Code.OK, b"B", 0]]
     assert rig.results(gb2) == [[Code.OK, b"B", 0]]
     assert rig.server.stats.written == gets_written and rig.server.reads == {}
+
+
+def test_a_wrong_answer_to_stats_settings_resets_the_connection(peer: Peer) -> None:
+    rig = Rig(peer.address)
+    conn = rig.conn
+    conn.open(rig.now)
+    far = peer.accept()
+    w = read_until(rig, far, rb"stats settings\r\nmg _mcbroker_fence_ O\d+\r\n")
+    far.sendall(b"VERSION 1.6.18\r\n" + fence_answers(w))
+    rig.pump(lambda: conn.sock is None, "reset")
+    assert rig.server.item_size_max is None
+    assert rig.server.health.last_error == f"{peer.address}: unexpected VERSION for a text command; pipeline reset"
+    assert rig.server.health.failures == 1 and conn.attempt == 1
