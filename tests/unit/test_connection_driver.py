@@ -297,7 +297,9 @@ def test_a_new_connection_asks_stats_settings_first_and_follows_item_size_max(
 ) -> None:
     (mc,) = memcached_factory(1, ["-I", "3m"])  # after the harness's own -I 2m
     rig = Rig(mc.address, connections=2)
-    assert rig.server.item_size_max is None and rig.server.item_limit == 1024 * 1024  # memcached's default
+    # memcached's defaults until the server says otherwise: -I 1m, CAS on.
+    assert rig.server.item_size_max is None and rig.server.item_limit == 1024 * 1024
+    assert rig.server.cas_enabled is True
     rig.ready()
     limit = 3 * 1024 * 1024
     assert rig.server.item_size_max == limit and rig.server.item_limit == limit
