@@ -10,7 +10,8 @@ Config::
 
 `CACHE_MCBROKER_URL` is the broker's address, not memcached's (the memcached servers are in the
 broker's config); unset or empty means clientlib's default ($MCBROKER_URL, else the broker's
-default ipc socket). Values are pickled as Flask-Caching's memcached backends store them
+default ipc socket). `CACHE_ARGS` is refused with a TypeError naming these two keys: the only
+positional argument, the address, comes from CACHE_MCBROKER_URL. Values are pickled as Flask-Caching's memcached backends store them
 (`clientlib.serde.pickle_serde`: bytes, str and int as themselves, anything else pickled).
 
 Semantics are Flask-Caching's (cachelib's BaseCache contract):
@@ -73,7 +74,13 @@ class BrokerCache(BaseCache):
     @classmethod
     def factory(cls, app: Flask, config: dict[str, Any], args: list[Any], kwargs: dict[str, Any]) -> BrokerCache:
         """What Flask-Caching calls for CACHE_TYPE = "clientlib.flask.BrokerCache": `kwargs` holds
-        default_timeout, ignore_delete_many_errors and CACHE_OPTIONS."""
+        default_timeout, ignore_delete_many_errors and CACHE_OPTIONS; `args`, CACHE_ARGS, must be
+        empty (TypeError otherwise)."""
+        if args:
+            raise TypeError(
+                f"{cls.__module__}.{cls.__qualname__} takes no CACHE_ARGS (got {len(args)}): set the broker's "
+                "address with CACHE_MCBROKER_URL and clientlib.Client options with CACHE_OPTIONS"
+            )
         kwargs.update(broker=config.get("CACHE_MCBROKER_URL"), key_prefix=config.get("CACHE_KEY_PREFIX"))
         return cls(*args, **kwargs)
 

@@ -140,7 +140,9 @@ def test_top_in_a_pty_for_two_refreshes_then_ctrl_c(busy_broker):
         try:
             fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
             argv = [sys.executable, "-m", "broker", "top", "--connect", busy_broker.url, "--interval", "0.5"]
-            os.execve(sys.executable, argv, {**os.environ, "COLUMNS": "100", "LINES": "40", "TERM": "xterm"})
+            # PYTHONFAULTHANDLER: if top ever hangs, SIGABRT below prints where (seen once, under heavy load).
+            env = {**os.environ, "COLUMNS": "100", "LINES": "40", "TERM": "xterm", "PYTHONFAULTHANDLER": "1"}
+            os.execve(sys.executable, argv, env)
         finally:
             os._exit(127)
     out = b""
@@ -162,7 +164,16 @@ def test_top_in_a_pty_for_two_refreshes_then_ctrl_c(busy_broker):
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 break
-            assert time.monotonic() < deadline, "top did not exit on Ctrl-C"
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGABRT)  # faulthandler writes every thread's stack to the pty
+                end = time.monotonic() + 3
+                while time.monotonic() < end and select.select([fd], [], [], 0.2)[0]:
+                    try:
+                        out += os.read(fd, 65536)
+                    except OSError:
+                        break
+                raise AssertionError("top did not exit on Ctrl-C within 10 s; its stacks:\n"
+                                     + out.decode(errors="replace")[-6000:])
             ready, _, _ = select.select([fd], [], [], 0.1)
             if ready:
                 try:

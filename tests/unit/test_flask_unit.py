@@ -485,9 +485,10 @@ def test_negative_deltas_and_the_default_delta_on_an_existing_counter(backend: B
 def test_cache_args_are_not_silently_dropped(built: list[Any], mem: MockClient) -> None:
     # Flask-Caching passes CACHE_ARGS positionally to the factory; this backend's first argument
     # is the broker, which the factory already sets from CACHE_MCBROKER_URL: a CACHE_ARGS is
-    # refused, not ignored.
+    # refused, not ignored, with a message naming the keys to use instead.
     app = Flask(__name__)
     app.config.update(CACHE_TYPE="clientlib.flask.BrokerCache", CACHE_MCBROKER_URL="tcp://127.0.0.1:1",
                       CACHE_ARGS=["tcp://127.0.0.1:2"])
-    with pytest.raises(TypeError, match="broker"):
+    with pytest.raises(TypeError, match=r"takes no CACHE_ARGS \(got 1\): .*CACHE_MCBROKER_URL.*CACHE_OPTIONS"):
         Cache(app)
+    assert built == []
