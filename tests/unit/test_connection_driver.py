@@ -363,7 +363,10 @@ def test_a_unix_socket_server(memcached_factory: MemcachedFactory) -> None:
     assert rig.results(s) == [[Code.OK]] and rig.results(g) == [[Code.OK, b"v", 0]]
 
 
-def test_a_probe_brings_a_server_marked_down_back(mc: Memcached, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_probe_brings_a_server_marked_down_back(
+    memcached_factory: MemcachedFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    (mc,) = memcached_factory(1)  # its own: stopped and started again on the same port
     rig = Rig(mc.address, connections=2, failure_limit=1)
     mc.stop()
     try:
