@@ -37,6 +37,9 @@ SMALL_OP_BYTES = 4096
 SMALL_RESERVE_BYTES = 1 << 20
 # A deadline missed while the server had answered nothing for this long is a failure of the server.
 SILENT_FAILURE = 0.1
+# The deadline heap is swept of answered frames when it passes this size (or twice what the last
+# sweep left): answered frames kept behind a long wait cost memory, not correctness.
+SWEEP_MIN = 4096
 _GET = int(Op.GET)
 _GETS = int(Op.GETS)
 _SET = int(Op.SET)
@@ -162,8 +165,13 @@ class Job:
                 stats.by_code[c] += 1
         if self.noreply:
             stats.noreply += 1
-            return
-        router.reply(self.peer, self.ident, encode_reply(self.req_id, self.results))
+        else:
+            router.reply(self.peer, self.ident, encode_reply(self.req_id, self.results))
+        # The deadline heap keeps this job until it reaches the top: behind a frame that waits for
+        # a silent server, that is up to a deadline later. It must not keep the values with it.
+        # (Nothing touches a done job's slots: every late answer or failure checks `done` first.)
+        self.results = []
+        self.where = []
 
 
 class Gather:
@@ -234,6 +242,7 @@ class Router:
         self.down: frozenset[int] = frozenset()
         self.draining = False
         self._deadlines: list[tuple[float, int, Job]] = []
+        self._sweep_at = SWEEP_MIN
         self._seq = itertools.count()
 
     def set_servers(self, servers: list[Server], placement: Any) -> None:
@@ -282,7 +291,7 @@ class Router:
         else:
             queued = frame.gets is not None and self._all_gets(job, frame.gets, now)
         if queued:
-            heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
+            self._watch(job)
             return
         # The frame's requests bound for one connection go as one batch: one join, one FIFO entry.
         groups: dict[Connection, _Group] = {}
@@ -407,7 +416,18 @@ class Router:
         self._push(job, groups, now)
         # A job whose every op was answered on the spot (refused, local) has already replied.
         if not job.done:
-            heapq.heappush(self._deadlines, (job.deadline, next(self._seq), job))
+            self._watch(job)
+
+    def _watch(self, job: Job) -> None:
+        """Put `job` on the deadline heap. A job answered stays there until it reaches the top,
+        so behind one that waits long (a slow server, a long timeout) answered jobs pile up: when
+        the heap has grown to twice what it held after the last sweep, the answered ones go."""
+        heap = self._deadlines
+        heapq.heappush(heap, (job.deadline, next(self._seq), job))
+        if len(heap) > self._sweep_at:
+            heap[:] = [entry for entry in heap if not entry[2].done]
+            heapq.heapify(heap)
+            self._sweep_at = max(SWEEP_MIN, 2 * len(heap))
 
     def _one_get(self, job: Job, key: bytes, now: float) -> bool:
         """A frame of one plain get (the commonest frame) on its own short path: it joins the get

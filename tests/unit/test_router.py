@@ -564,6 +564,84 @@ def test_deadline_answers_timeout_for_what_is_pending_and_keeps_what_arrived() -
     assert rig.budget.inflight == 0
 
 
+def test_answered_frames_let_go_of_their_values_while_an_older_frame_waits_for_its_deadline() -> None:
+    # The deadline heap keeps a frame until its deadline, or until it reaches the top answered: a
+    # frame stuck on a silent server holds every later frame in the heap. Those must not hold
+    # their values (nor their result lists): at 3,500 get_many(100) frames a second of 100-byte
+    # values, a 5 s deadline would otherwise keep about 350 MB alive for the collector to walk.
+    import tracemalloc
+
+    rig = Rig(2, timeout=5.0)
+    keys = [f"r-{i}" for i in range(200)]
+    where = owners(rig.names, keys)
+    fast_keys = [k.encode() for k in keys if where[k] == rig.names[0]][:50]
+    slow_key = next(k.encode() for k in keys if where[k] == rig.names[1])
+    value = b"v" * 10_000
+    fast = rig.server(rig.names[0])
+    rig.far[rig.names[0]].store.update({k: (value, 0) for k in fast_keys})
+    stuck = rig.frame([[Op.GET, slow_key]])  # its server never answers: it stays at the heap's top
+
+    def answer_fast() -> None:
+        for conn in fast.conns:
+            conn.flush(rig.now)
+            wire = conn.sock
+            wire.inbox += wire.far.answer(wire.written)  # type: ignore[union-attr]
+            del wire.written[:]  # type: ignore[union-attr]
+            conn.on_readable(rig.now)
+
+    rig.frame([[Op.GET, k] for k in fast_keys])  # warm up: tables and buffers reach their size
+    answer_fast()
+    rig.replies.clear()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(100):  # 100 frames x 50 values x 10 KB = 50 MB if each frame kept its values
+            r = rig.frame([[Op.GET, k] for k in fast_keys])
+            answer_fast()
+            assert rig.results(r) == [[Code.OK, value, 0]] * len(fast_keys)
+            rig.replies.clear()  # what the worker took away
+            assert rig.router.next_deadline() == pytest.approx(rig.now + 5.0)  # the stuck one still waits
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 2_000_000, f"{kept} bytes kept by 100 answered frames"
+    assert not any(x.req_id == stuck for x in rig.replies)
+
+
+def test_answered_frames_behind_long_waits_are_swept_and_the_waiting_ones_still_time_out() -> None:
+    # Answered frames stay on the deadline heap until they reach its top; behind frames that wait
+    # long they would pile up without end. The heap is swept of them when it passes SWEEP_MIN
+    # (then twice what a sweep left), and a sweep must keep every frame still waiting, in order.
+    from broker.router import SWEEP_MIN
+
+    rig = Rig(2, timeout=5.0)
+    keys = [f"w-{i}" for i in range(400)]
+    where = owners(rig.names, keys)
+    fast_key = next(k.encode() for k in keys if where[k] == rig.names[0])
+    slow_keys = [k.encode() for k in keys if where[k] == rig.names[1]][:3]
+    fast = rig.server(rig.names[0])
+    waiting = {rig.frame([[Op.GET, k]], timeout_ms=ms): ms for k, ms in zip(slow_keys, (3000, 1000, 2000))}
+    longest = 0
+    for _ in range(3 * SWEEP_MIN):
+        r = rig.frame([[Op.GET, fast_key]], timeout_ms=4000)
+        for conn in fast.conns:
+            conn.flush(rig.now)
+            wire = conn.sock
+            wire.inbox += wire.far.answer(wire.written)  # type: ignore[union-attr]
+            del wire.written[:]  # type: ignore[union-attr]
+            conn.on_readable(rig.now)
+        assert rig.codes(r) == [Code.MISS]
+        longest = max(longest, len(rig.router._deadlines))
+    assert longest <= SWEEP_MIN + 1, longest
+    rig.replies.clear()
+    # The three still wait, and time out at their own deadlines, earliest first.
+    for r, ms in sorted(waiting.items(), key=lambda item: item[1]):
+        assert rig.router.next_deadline() == pytest.approx(rig.now + ms / 1000)
+        rig.router.expire(rig.now + ms / 1000)
+        assert rig.codes(r) == [Code.TIMEOUT]
+    assert rig.router.next_deadline() is None
+
+
 def test_frame_without_a_timeout_takes_the_brokers_default() -> None:
     rig = Rig(timeout=0.75)
     rig.frame([[Op.GET, b"k"]])

@@ -1,0 +1,42 @@
+"""bench/broker_stages.py: it runs the broker's real objects end to end and says so only when every
+reply was right; here a short run, checked for its rows and for numbers that can be true (never a
+timing bound)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bench import broker_stages
+from broker import meta
+
+pytestmark = pytest.mark.integration
+
+
+def test_the_fake_memcached_answers_as_protocol_txt_says() -> None:
+    # Meta Get with v f s O: "VA <size> <flags>*\r\n<data block>\r\n", a miss "EN"; opaque echoed.
+    sent = meta.encode_gets([b"a", b"bb"], 7) + b"mg _mcbroker_fence_ O9\r\n"
+    assert broker_stages.answers(sent, b"xyz") == b"VA 3 f0 s3 O7\r\nxyz\r\nVA 3 f0 s3 O8\r\nxyz\r\nEN O9\r\n"
+
+
+def test_a_short_run_prints_every_stage_with_plausible_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert broker_stages.main(["--keys", "20", "--frames", "30", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^\| ([^|]+?) \| (-?[0-9.]+) \|", out, re.M))
+    assert set(rows) == {
+        "whole path (handle, flush, on_readable)", "decode", "encode", "parse", "reply",
+        "reads (coalescing on minus off)", "the rest: routing, batches, the pipeline's bookkeeping, socket calls",
+        "whole path, coalescing off",
+    }, out
+    for name in ("whole path (handle, flush, on_readable)", "decode", "encode", "parse", "reply", "whole path, coalescing off"):
+        assert float(rows[name]) > 0, (name, out)
+    floors = dict(re.findall(r"^\| (decode|encode|parse) \| [0-9.]+ \| ([0-9.]+) \|", out, re.M))
+    assert set(floors) == {"decode", "encode", "parse"} and all(float(v) > 0 for v in floors.values()), out
+
+
+def test_a_wrong_reply_stops_the_run() -> None:
+    # The whole-path figure counts only runs whose every reply was right: a value that memcached
+    # did not send must raise, not be timed.
+    with pytest.raises(RuntimeError, match="wrong reply"):
+        broker_stages.whole_path([b"k"], 2, b"v", True, answer=lambda sent, value: broker_stages.answers(sent, b"w"))
