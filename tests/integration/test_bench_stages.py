@@ -25,11 +25,11 @@ def test_a_short_run_prints_every_stage_with_plausible_numbers(capsys: pytest.Ca
     out = capsys.readouterr().out
     rows = dict(re.findall(r"^\| ([^|]+?) \| (-?[0-9.]+) \|", out, re.M))
     assert set(rows) == {
-        "whole path (handle, flush, on_readable)", "decode", "encode", "parse", "reply",
-        "reads (coalescing on minus off)", "the rest: routing, batches, the pipeline's bookkeeping, socket calls",
+        "whole path (handle, flush, on_readable)", "sockets", "decode", "encode", "parse", "reply",
+        "reads (coalescing on minus off)", "the rest: routing, batches, the pipeline's bookkeeping",
         "whole path, coalescing off",
     }, out
-    for name in ("whole path (handle, flush, on_readable)", "decode", "encode", "parse", "reply", "whole path, coalescing off"):
+    for name in ("whole path (handle, flush, on_readable)", "sockets", "decode", "encode", "parse", "reply", "whole path, coalescing off"):
         assert float(rows[name]) > 0, (name, out)
     floors = dict(re.findall(r"^\| (decode|encode|parse) \| [0-9.]+ \| ([0-9.]+) \|", out, re.M))
     assert set(floors) == {"decode", "encode", "parse"} and all(float(v) > 0 for v in floors.values()), out
