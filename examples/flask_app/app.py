@@ -17,6 +17,9 @@ app.config.update(
     CACHE_KEY_PREFIX="flaskexample:",
     CACHE_DEFAULT_TIMEOUT=300,
 )
+# Settings from FLASK_* variables (Flask parses each value as JSON), e.g. a longer deadline for
+# each cache call than clientlib's 1 s: FLASK_CACHE_OPTIONS='{"timeout": 2.5}'.
+app.config.from_prefixed_env()
 cache = Cache(app)
 
 

@@ -371,6 +371,10 @@ def test_max_clients_is_reloadable_and_an_async_client_refused_times_out_then_is
         assert holder.set("cap:k", b"v") is True
         with pytest.raises(BrokerTimeout):
             waiting.get("cap:k")
+        # Refused, its socket goes on retrying in the background: left open, it races the
+        # AsyncClient for the one slot the holder frees below (and won that race now and then on a
+        # loaded machine, so the AsyncClient was never served). Its next call opens a new socket.
+        waiting.disconnect_all()
 
         async def refused_then_served() -> tuple[float, str, bytes | None]:
             c = AsyncClient(broker.url, timeout=0.5)

@@ -139,6 +139,11 @@ def test_top_in_a_pty_for_two_refreshes_then_ctrl_c(busy_broker):
     if pid == 0:  # the child must never return into pytest
         try:
             fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+            # As a shell starts a job in the foreground of a terminal: Ctrl-C's default action.
+            # A suite started in the background (`cmd &` without job control, as CI may) inherits
+            # SIGINT ignored; exec keeps that, Python then installs no KeyboardInterrupt handler,
+            # and top never saw the Ctrl-C below (every such run hung here; this was the hang).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             argv = [sys.executable, "-m", "broker", "top", "--connect", busy_broker.url, "--interval", "0.5"]
             # PYTHONFAULTHANDLER: if top ever hangs, SIGABRT below prints where (seen once, under heavy load).
             env = {**os.environ, "COLUMNS": "100", "LINES": "40", "TERM": "xterm", "PYTHONFAULTHANDLER": "1"}
