@@ -145,7 +145,7 @@ def test_top_in_a_pty_for_two_refreshes_then_ctrl_c(busy_broker):
             # and top never saw the Ctrl-C below (every such run hung here; this was the hang).
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             argv = [sys.executable, "-m", "broker", "top", "--connect", busy_broker.url, "--interval", "0.5"]
-            # PYTHONFAULTHANDLER: if top ever hangs, SIGABRT below prints where (seen once, under heavy load).
+            # PYTHONFAULTHANDLER: should top ever hang again, SIGABRT below prints where it is.
             env = {**os.environ, "COLUMNS": "100", "LINES": "40", "TERM": "xterm", "PYTHONFAULTHANDLER": "1"}
             os.execve(sys.executable, argv, env)
         finally:
