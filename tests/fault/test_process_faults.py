@@ -180,7 +180,20 @@ def _stalled_get(url: str, key: str) -> None:
 
 def test_worker_killed_in_the_middle_of_a_call(memcached, broker_factory):
     broker = broker_factory([memcached.address], timeout_ms=1000)
-    Client(broker.url).set("mid-call", b"v")
+    setter = Client(broker.url)
+    setter.set("mid-call", b"v")
+    setter.disconnect_all()
+    # One socket that stays: the broker's count of worker sockets, read through it, is 1 once every
+    # other socket it has seen has closed (ZeroMQ's disconnect events come a little later).
+    watcher = Client(broker.url, timeout=2.0)
+
+    def only_the_watcher_left() -> None:
+        deadline = time.monotonic() + 10
+        while watcher.broker_stats()["connected_workers"] != 1:
+            assert time.monotonic() < deadline, "the broker never saw the other worker sockets close"
+            time.sleep(0.05)
+
+    only_the_watcher_left()
     before = broker.stats()
     memcached.pause()  # the worker's get is written to memcached and waits there
     ctx = multiprocessing.get_context("fork")
@@ -193,7 +206,10 @@ def test_worker_killed_in_the_middle_of_a_call(memcached, broker_factory):
             time.sleep(0.01)
         os.kill(victim.pid, signal.SIGKILL)
         victim.join(10)
-        time.sleep(0.5)  # ZeroMQ notices the closed socket
+        # Until the broker has seen the victim's socket close (a fixed 0.5 s was not always enough
+        # on a loaded machine: the answer then went out to a peer ZeroMQ still counted as there).
+        only_the_watcher_left()
+        time.sleep(0.2)  # the ROUTER drops the peer's pipe in the same turn of ZeroMQ's I/O thread
     finally:
         memcached.resume()
     # The answer comes back for a worker that is gone: dropped and counted, never delivered to
@@ -203,6 +219,7 @@ def test_worker_killed_in_the_middle_of_a_call(memcached, broker_factory):
         assert time.monotonic() < deadline
         time.sleep(0.01)
     mid = broker.stats()
+    watcher.disconnect_all()
     d = delta(before, mid)
     # Between the snapshots: the victim's frame, the polling stats frames (each answered).
     polls = d["frames"] - 1 - 1
