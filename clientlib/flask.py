@@ -10,9 +10,10 @@ Config::
 
 `CACHE_MCBROKER_URL` is the broker's address, not memcached's (the memcached servers are in the
 broker's config); unset or empty means clientlib's default ($MCBROKER_URL, else the broker's
-default ipc socket). `CACHE_ARGS` is refused with a TypeError naming these two keys: the only
-positional argument, the address, comes from CACHE_MCBROKER_URL. Values are pickled as Flask-Caching's memcached backends store them
-(`clientlib.serde.pickle_serde`: bytes, str and int as themselves, anything else pickled).
+default ipc socket). `CACHE_ARGS` is refused with a TypeError that names CACHE_MCBROKER_URL and
+CACHE_OPTIONS: the backend's only positional argument, the address, comes from the first. Values
+are pickled as Flask-Caching's memcached backends store them (`clientlib.serde.pickle_serde`:
+bytes, str and int as themselves, anything else pickled).
 
 Semantics are Flask-Caching's (cachelib's BaseCache contract):
 
@@ -82,7 +83,7 @@ class BrokerCache(BaseCache):
                 "address with CACHE_MCBROKER_URL and clientlib.Client options with CACHE_OPTIONS"
             )
         kwargs.update(broker=config.get("CACHE_MCBROKER_URL"), key_prefix=config.get("CACHE_KEY_PREFIX"))
-        return cls(*args, **kwargs)
+        return cls(**kwargs)
 
     # --- keys and timeouts ------------------------------------------------------------------------
 
