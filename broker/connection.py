@@ -114,7 +114,7 @@ class _Settings:
 class Connection:
     __slots__ = (
         "server", "sock", "state", "pipeline", "since", "connect_started", "reconnect_at", "attempt",
-        "want_write", "probe", "sample_t", "no", "marks", "sent_n", "answered_n",
+        "want_write", "probe", "no", "marks", "sent_n", "answered_n",
     )
 
     def __init__(self, server: "Server", no: int = 0) -> None:
@@ -129,7 +129,6 @@ class Connection:
         self.attempt = 0
         self.want_write = False
         self.probe = False
-        self.sample_t = 0.0  # when the pipeline last went from idle to busy
         # Latency per write (pipeline batch): (time written, requests written through it); a
         # write's latency is taken when the answers count reaches its mark (FIFO order).
         self.marks: deque[tuple[float, int]] = deque()
@@ -238,7 +237,6 @@ class Connection:
         if not reserved:
             if not pipeline.inflight:
                 self.since = now
-                self.sample_t = now
             server.budget.inflight += n
             server.inflight_n += n
         pipeline.submit(batch, data, reserved=reserved)

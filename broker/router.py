@@ -393,7 +393,7 @@ class Router:
             pipeline.seq = opaque
             # Counted in flight now, so the bounds above see this frame's earlier requests.
             if not pipeline.inflight:
-                conn.since = conn.sample_t = now
+                conn.since = now
             pipeline.inflight += 1
             server.inflight_n += 1
             budget.inflight += 1
@@ -542,7 +542,7 @@ class Router:
         first = pipeline.seq + 1
         pipeline.seq += m
         if not pipeline.inflight:
-            conn.since = conn.sample_t = now
+            conn.since = now
         pipeline.inflight += m
         joinable: list[bytes | None] | None = None
         if coalesce:
