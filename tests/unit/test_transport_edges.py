@@ -18,6 +18,7 @@ import socket
 import tempfile
 import threading
 import time
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -969,7 +970,9 @@ def test_request_frames_carry_the_broker_timeout_and_a_malformed_reply_for_them_
     assert [f[2] for f in sock.sent] == [750, 750]
 
 
-def test_request_keeps_its_receive_timeout_across_calls(tmpdir_path: str) -> None:
+def test_request_keeps_its_receive_timeout_across_calls(tmpdir_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A still clock, as in test_transport.py's request1 case: the machine's pauses are not counted.
+    monkeypatch.setattr(transport_mod, "time", types.SimpleNamespace(monotonic=lambda: 1000.0))
     t = Transport(f"ipc://{tmpdir_path}/b.sock")
     sock = install(t, FakeSocket(echo_hits))
     for _ in range(50):
