@@ -589,3 +589,45 @@ def test_frames_waiting_when_close_starts_get_shutting_down(workdir: Path, mc: M
     for r in replies:
         assert r.code == Code.SHUTTING_DOWN and r.payload == "broker is shutting down", r
     assert m.broker.router.stats.replies == 2
+
+
+# --- a connection writing a long batch still reads its answers -------------------------------------
+
+
+def test_a_connection_still_writing_reads_the_answers_memcached_already_sends(
+    workdir: Path, mc1: Memcached, restore_signals: None
+) -> None:
+    # One connection, one frame: 8 gets of 1 MB values, then 12 sets of 1 MB. memcached answers the
+    # gets while the broker is still writing the sets; once its replies fill both socket buffers
+    # it stops reading (it waits to write), so a broker that polled a writing connection only for
+    # POLLOUT would never finish its write and never read: stuck until the frame's deadline.
+    # Sizes: the replies (8 MB) and the sets (12 MB) each exceed the loopback buffers in their
+    # direction (tcp_wmem's 4 MB cap plus a receive window that grows only while read).
+    size = 1_000_000
+    n_get, n_set = 8, 12
+    m = make(
+        workdir, [mc1.address], connections_per_server=1, max_frame_bytes=64 << 20,
+        io_timeout_ms=120_000, failure_limit=10,
+    )
+    got: dict[str, Any] = {}
+
+    def value(i: int) -> bytes:
+        return bytes([65 + i % 26]) * size
+
+    def script(w: Worker) -> None:
+        for i in range(n_get):
+            assert hit(w.call([[Op.SET, f"big{i}".encode(), value(i), 0, 0]]))[0] == Code.OK
+        wait_for(settled(w, mc1.address, 1), message="the connection open, nothing in flight")
+        ops = [[Op.GET, f"big{i}".encode()] for i in range(n_get)]
+        ops += [[Op.SET, f"new{i}".encode(), value(i), 0, 0] for i in range(n_set)]
+        got["r"] = w.call(ops, timeout_ms=10_000)  # a stuck connection: TIMEOUT after 10 s, within WAIT
+        got["stats"] = w.stats()
+
+    run_loop(m, script)
+    r = got["r"]
+    assert r.code == Code.OK, r
+    codes = [res[0] for res in r.payload]
+    assert codes == [Code.OK] * (n_get + n_set), codes
+    assert [res[1] for res in r.payload[:n_get]] == [value(i) for i in range(n_get)]
+    assert mc1.stats()["curr_items"] == str(n_get + n_set)
+    assert got["stats"]["servers"][mc1.address]["resets"] == 0
