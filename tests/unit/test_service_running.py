@@ -321,6 +321,23 @@ def test_a_second_sigterm_exits_at_once_without_waiting_for_the_drain(
     assert "second SIGINT: exiting now" in [r.getMessage() for r in caplog.records]
 
 
+def test_keys_of_a_server_marked_down_go_to_the_others_with_remap(workdir: Path, mc1: Memcached, restore_signals: None) -> None:
+    # on_server_down = "remap": once a server is marked down (failure_limit 1: its first refused
+    # connect), the router places its keys on the servers left, so every set below is stored on
+    # the live one. (20 keys: the chance that none would have landed on the dead server is 2**-20.)
+    dead = f"127.0.0.1:{closed_port()}"
+    m = make(workdir, [mc1.address, dead], on_server_down="remap", failure_limit=1)
+    got: dict[str, Any] = {}
+
+    def script(w: Worker) -> None:
+        wait_for(lambda: w.stats()["servers"][dead]["state"] == "down", message="the dead server marked down")
+        got["codes"] = [hit(w.call([[Op.SET, f"key{i}".encode(), b"v", 0, 0]]))[0] for i in range(20)]
+
+    run_loop(m, script)
+    assert got["codes"] == [Code.OK] * 20
+    assert mc1.stats()["curr_items"] == "20"
+
+
 # --- SIGHUP: reload in the loop --------------------------------------------------------------------
 
 
