@@ -502,3 +502,16 @@ def test_the_loop_polls_exactly_its_sockets_each_for_what_it_waits_on(workdir: P
     finally:
         b.close()
         listener.close()
+
+
+def test_the_ipc_listener_gets_the_configured_mode_and_group(workdir: Path) -> None:
+    # socket_mode and socket_group reach the front: the socket file's permissions say who may
+    # connect (README, "Configuration"). A group other than ours, given by number, so no group
+    # database is needed; root (these tests' user) may give any.
+    gid = os.getgid() + 1 if os.geteuid() == 0 else os.getgid()
+    m = Made(workdir, socket_mode="0600", socket_group=str(gid))
+    try:
+        st = os.stat(m.url[len("ipc://"):])
+        assert (st.st_mode & 0o777, st.st_gid) == (0o600, gid)
+    finally:
+        m.broker.close()
