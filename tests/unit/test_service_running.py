@@ -338,6 +338,28 @@ def test_keys_of_a_server_marked_down_go_to_the_others_with_remap(workdir: Path,
     assert mc1.stats()["curr_items"] == "20"
 
 
+def test_a_worker_past_max_clients_is_refused(workdir: Path, mc: Memcached, restore_signals: None) -> None:
+    # max_clients = 1: the broker's listener asks its ZAP handler about each connection, which
+    # shuts the second one down before its handshake ends; the first is served all along.
+    m = make(workdir, [mc.address], max_clients=1)
+    got: dict[str, Any] = {}
+
+    def script(w: Worker) -> None:
+        assert w.call([[Op.PING]]).code == Code.OK  # the one slot, taken
+        second = Worker(m.url)
+        try:
+            second.send([[Op.PING]])
+            wait_for(lambda: w.stats()["clients_refused"] >= 1, message="the second worker refused")
+            got["second_answered"] = bool(second.sock.poll(500))
+        finally:
+            second.close()
+        got["first"] = w.call([[Op.PING]]).code
+
+    run_loop(m, script)
+    assert got["second_answered"] is False
+    assert got["first"] == Code.OK
+
+
 # --- SIGHUP: reload in the loop --------------------------------------------------------------------
 
 
