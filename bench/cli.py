@@ -27,7 +27,7 @@ from .paths import PATH_HELP
 from .procs import ROOT, BenchError
 from .scenarios import BY_NAME, SCENARIOS, Scenario, environment, quick, run_round
 
-QUICK_SECONDS = 0.3
+QUICK_SECONDS = 0.15
 
 
 def say(line: str) -> None:

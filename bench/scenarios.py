@@ -56,14 +56,14 @@ class Scenario:
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("get-1", "single get (100-byte hit), 1 worker", workers=1),
     Scenario("get-8", "single get, 8 workers", workers=8),
-    Scenario("get-32", "single get, 32 workers", workers=32, quick_workers=16),
-    Scenario("get-64", "single get, 64 workers", workers=64, quick_workers=16),
+    Scenario("get-32", "single get, 32 workers", workers=32, quick_workers=8),
+    Scenario("get-64", "single get, 64 workers", workers=64, quick_workers=8),
     Scenario("set-8", "set (100 bytes, noreply=False), 8 workers", op="set", workers=8,
              paths=("direct", "twemproxy", "broker")),
     Scenario("getmany-8", "get_many(100), 8 workers; raw = one socket pipelining 100 mg per write",
              op="get_many", workers=8, batch=100, paths=(*GET_PATHS, "raw")),
     Scenario("getmany-32", "get_many(100), 32 workers", op="get_many", workers=32, batch=100,
-             paths=(*GET_PATHS, "raw"), quick_workers=16),
+             paths=(*GET_PATHS, "raw"), quick_workers=8),
     Scenario("latency-b2b", "1 worker, single gets back to back; latency percentiles", latency=True),
     Scenario("latency-paced", "1 worker, one single get per ms; latency percentiles", pace_ms=1.0, latency=True),
     Scenario("rtt1ms-16", "single get, 16 workers, every round trip to memcached +1 ms (delay proxy)",
@@ -75,9 +75,9 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("rss-256", "broker RSS with 256 connected idle workers (DEALERs: connect, one PING, idle)",
              op="rss", workers=256, paths=("broker",), quick_workers=32),
     Scenario("hotkey-32", "32 workers reading one key; coalescing on / off", workers=32, keyset="hot",
-             paths=("direct", "twemproxy", *COALESCE_PATHS), quick_workers=16),
+             paths=("direct", "twemproxy", *COALESCE_PATHS), quick_workers=8),
     Scenario("zipf-32", "32 workers, Zipf s=1.0 over 10,000 keys; coalescing on / off", workers=32,
-             keyset="zipf", keys=10_000, paths=("direct", "twemproxy", *COALESCE_PATHS), quick_workers=16),
+             keyset="zipf", keys=10_000, paths=("direct", "twemproxy", *COALESCE_PATHS), quick_workers=8),
 )
 BY_NAME = {s.name: s for s in SCENARIOS}
 

@@ -293,15 +293,18 @@ class Front:
         # Directories this broker created for its sockets, removed again by close().
         self.created_dirs: list[str] = []
         # Worker connections served now, from ZeroMQ's socket monitor (accepted minus
-        # disconnected, less the refused ones): their file descriptors, at most max_clients.
+        # disconnected, less the refused ones): (socket, file descriptor), at most max_clients.
+        # The socket is part of the key because each listening socket has its own monitor: a
+        # descriptor closed on one and reused by an accept on another can be read in either
+        # order, and keyed by descriptor alone the late disconnect took the new connection's slot.
         self.workers = 0
         self.max_clients = max_clients
         self.clients_refused = 0
-        self._live: set[int] = set()
-        # Connections accepted while max_clients were served, waiting for admit(): fd -> socket.
-        self._pending: dict[int, int] = {}
+        self._live: set[tuple[int, int]] = set()
+        # Connections accepted while max_clients were served, waiting for admit(), oldest first.
+        self._pending: dict[tuple[int, int], None] = {}
         # Connections shut down past max_clients whose disconnect event has not come yet.
-        self._refusing: set[int] = set()
+        self._refusing: set[tuple[int, int]] = set()
         self._refusals = RateLimit()
         self._monitors: list["zmq.Socket[Any]"] = []
         # Per socket, the address its accepted connections have (bound_address).
@@ -405,20 +408,24 @@ class Front:
         for i, mon in enumerate(self._monitors):
             while int(mon.getsockopt(_EVENTS)) & _POLLIN:
                 event = zmq_monitor.recv_monitor_message(mon, _NOBLOCK)
-                kind = event["event"]
-                fd = int(event["value"])
-                if kind == zmq.EVENT_ACCEPTED:
-                    if len(self._live) < self.max_clients:
-                        self._live.add(fd)
-                    else:
-                        self._pending[fd] = i
-                elif kind == zmq.EVENT_DISCONNECTED:
-                    # In exactly one of these, or none (a pending one whose peer had closed).
-                    self._live.discard(fd)
-                    self._pending.pop(fd, None)
-                    self._refusing.discard(fd)
-        self.workers = len(self._live)
+                self.connection_event(i, event["event"], int(event["value"]))
         return self.workers
+
+    def connection_event(self, socket_index: int, kind: int, fd: int) -> None:
+        """Count one monitor event of the listening socket `socket_index` (its place in `urls`):
+        zmq.EVENT_ACCEPTED or zmq.EVENT_DISCONNECTED of the connection on descriptor `fd`."""
+        conn = (socket_index, fd)
+        if kind == zmq.EVENT_ACCEPTED:
+            if len(self._live) < self.max_clients:
+                self._live.add(conn)
+            else:
+                self._pending[conn] = None
+        elif kind == zmq.EVENT_DISCONNECTED:
+            # In exactly one of these, or none (a pending one whose peer had closed).
+            self._live.discard(conn)
+            self._pending.pop(conn, None)
+            self._refusing.discard(conn)
+        self.workers = len(self._live)
 
     def admit(self) -> None:
         """Serve or refuse the connections waiting for a slot (the ZAP handler calls this before
@@ -433,20 +440,20 @@ class Front:
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
-        for fd, i in pending.items():
-            if peer_closed(fd):
+        for conn in pending:
+            if peer_closed(conn[1]):
                 continue
             if len(self._live) < self.max_clients:
-                self._live.add(fd)
+                self._live.add(conn)
             else:
-                self._refuse(fd, self._local[i])
+                self._refuse(conn)
         self.workers = len(self._live)
 
-    def _refuse(self, fd: int, local: tuple[str, object]) -> None:
+    def _refuse(self, conn: tuple[int, int]) -> None:
         # Remembered even when it was gone already (refuse_connection False): its disconnect
         # event is still to come and must not free a served connection's slot.
-        self._refusing.add(fd)
-        refuse_connection(fd, local)
+        self._refusing.add(conn)
+        refuse_connection(conn[1], self._local[conn[0]])
         self.clients_refused += 1
         held = self._refusals.allow("max_clients", time.monotonic())
         if held is not None:

@@ -57,7 +57,7 @@ class BrokerProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 10.0, *, ping: bool = True) -> "BrokerProcess":
+    def start(self, timeout: float = 30.0, *, ping: bool = True) -> "BrokerProcess":
         """Start and wait until it answers a ping; with ping=False, until it logs that it is
         ready (then its counters hold only what others sent it)."""
         seen = self._ready_lines()
@@ -86,7 +86,7 @@ class BrokerProcess:
         except OSError:
             return 0
 
-    def wait_ready(self, timeout: float = 10.0) -> None:
+    def wait_ready(self, timeout: float = 30.0) -> None:
         from clientlib import Client
         from clientlib.errors import MemcacheError
 

@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from brokerproc import BrokerProcess
-from clientlib import Client, wire
+from clientlib import Client, transport, wire
 from clientlib.errors import BrokerTimeout, MemcacheError, ServerUnavailable
 from clientlib.wire import Code, Op
 from harness import Memcached, MemcachedFactory
@@ -102,9 +102,16 @@ def test_get_many_fans_out_to_four_servers(memcached_factory: MemcachedFactory, 
         assert 0 < stats[a]["latency_avg_us"] < 1e6
 
 
-def test_stopped_server_costs_only_its_own_keys(memcached_factory: MemcachedFactory, broker_factory: Callable[..., BrokerProcess]) -> None:
+def test_stopped_server_costs_only_its_own_keys(
+    memcached_factory: MemcachedFactory, broker_factory: Callable[..., BrokerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SIGSTOP one of four: the others' keys still come back at the deadline, the stopped server's
     keys read TIMEOUT. failure_limit is high so the server stays in rotation throughout."""
+    # The broker answers at the deadline and the client waits GRACE (50 ms) more for that answer.
+    # A loaded machine once delivered it later than that, and the lenient call below then timed
+    # out as a whole ({}): right for the client, but not what is tested here, which is how the
+    # broker's per-key answer reaches the caller. So the client waits up to LATE for it.
+    monkeypatch.setattr(transport, "GRACE", LATE)
     servers, broker, where = _fanout_setup(memcached_factory, broker_factory, failure_limit=1000, io_timeout_ms=30000)
     stopped = servers[1]
     theirs = {k for k in FAN_KEYS if where[k] == stopped.address}
@@ -136,9 +143,10 @@ def test_stopped_server_costs_only_its_own_keys(memcached_factory: MemcachedFact
         with pytest.raises(BrokerTimeout):
             strict.get_many(FAN_KEYS)
         assert time.monotonic() - start <= 1.0 + LATE
-        # A key on a healthy server is unaffected meanwhile.
+        # A key on a healthy server is unaffected meanwhile (a deadline of its own, not the one
+        # the stopped server's keys are timed against: this call's speed is not what is tested).
         healthy_key = next(iter(others))
-        assert strict.get(healthy_key) == others[healthy_key]
+        assert Client(broker.url, timeout=5.0).get(healthy_key) == others[healthy_key]
 
         s = server_stats(broker, stopped.address)
         assert s["timeouts"] == 3 * len(theirs)

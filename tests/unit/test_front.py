@@ -389,6 +389,27 @@ def test_a_pending_connection_gets_a_slot_freed_before_admit(ctx: zmq.Context[An
         r.close()
 
 
+def test_a_descriptor_reused_on_another_socket_keeps_its_slot_whatever_order_the_monitors_are_read(rig: Rig) -> None:
+    # Each listening socket has its own monitor. A worker on the ipc socket (0) closes; its
+    # descriptor 7 is reused at once by a worker accepted on the tcp socket (1); poll_workers can
+    # read socket 1's accept before socket 0's disconnect. Seen once in test_max_clients: a late
+    # disconnect keyed by the descriptor alone freed the served worker's slot, and a ninth worker
+    # past max_clients = 8 was served.
+    f = rig.front
+    f.connection_event(0, zmq.EVENT_ACCEPTED, 7)
+    f.connection_event(1, zmq.EVENT_ACCEPTED, 7)
+    f.connection_event(0, zmq.EVENT_DISCONNECTED, 7)
+    assert f.workers == 1
+    # The usual order counts the same.
+    f.connection_event(0, zmq.EVENT_ACCEPTED, 8)
+    f.connection_event(0, zmq.EVENT_DISCONNECTED, 8)
+    f.connection_event(1, zmq.EVENT_ACCEPTED, 8)
+    assert f.workers == 2
+    f.connection_event(1, zmq.EVENT_DISCONNECTED, 7)
+    f.connection_event(1, zmq.EVENT_DISCONNECTED, 8)
+    assert f.workers == 0
+
+
 def test_monitors_are_one_per_socket(rig: Rig) -> None:
     assert len(rig.front.monitors) == len(rig.front.sockets) == 1
     assert isinstance(rig.front.monitors, tuple)
