@@ -474,3 +474,44 @@ def test_a_closed_connection_leaves_the_poll_set(workdir: Path) -> None:
     finally:
         b.close()
         listener.close()
+
+
+def test_the_loop_polls_exactly_its_sockets_each_for_what_it_waits_on(workdir: Path) -> None:
+    # The loop wakes for: a frame on each listener, a handshake on the ZAP socket, an accept or
+    # disconnect on each listener's monitor, a signal's byte on the wake-up socket (all POLLIN),
+    # and each memcached connection: POLLIN, plus POLLOUT while it connects or has bytes to write.
+    # Anything polled for POLLOUT that is always writable (a ROUTER, stdout) would make every poll
+    # return at once; anything missing would leave its events waiting for some other wake-up.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    urls = [f"ipc://{workdir}/run/a.sock", f"ipc://{workdir}/run/b.sock"]
+    m = Made(workdir, listen=urls, servers=[f"127.0.0.1:{listener.getsockname()[1]}"])
+    b = m.broker
+    try:
+        (server,) = b.servers.values()
+        assert len(b.front.sockets) == 2 and len(b.front.monitors) == 2
+        expected: dict[Any, int] = {sock: zmq.POLLIN for sock in b.front.sockets}
+        expected[b.access.zap] = zmq.POLLIN
+        expected.update({mon: zmq.POLLIN for mon in b.front.monitors})
+        expected[b._wake_r.fileno()] = zmq.POLLIN
+        # The connects are pending (the listener never accepts): read and write.
+        expected.update({c.fd: zmq.POLLIN | zmq.POLLOUT for c in server.conns})
+        assert len(b.poller.sockets) == len(expected)
+        assert dict(b.poller.sockets) == expected
+    finally:
+        b.close()
+        listener.close()
+
+
+def test_the_ipc_listener_gets_the_configured_mode_and_group(workdir: Path) -> None:
+    # socket_mode and socket_group reach the front: the socket file's permissions say who may
+    # connect (README, "Configuration"). A group other than ours, given by number, so no group
+    # database is needed; root (these tests' user) may give any.
+    gid = os.getgid() + 1 if os.geteuid() == 0 else os.getgid()
+    m = Made(workdir, socket_mode="0600", socket_group=str(gid))
+    try:
+        st = os.stat(m.url[len("ipc://"):])
+        assert (st.st_mode & 0o777, st.st_gid) == (0o600, gid)
+    finally:
+        m.broker.close()

@@ -26,6 +26,7 @@ import pytest
 import zmq
 
 from broker import config as config_mod
+from broker import service as service_mod
 from broker.connection import Connection
 from broker.service import IDLE_POLL_MS, Broker
 from clientlib.wire import Code, Op, ReplyFrame, decode_reply, encode_request
@@ -291,7 +292,7 @@ def test_the_drain_ends_at_drain_timeout_ms_and_what_is_left_gets_shutting_down(
 
     run_loop(m, script)
     r = got["held"]
-    assert r.code == Code.OK and r.payload[0][0] == Code.SHUTTING_DOWN and "shutting down" in r.payload[0][1], r
+    assert r.code == Code.OK and r.payload[0] == [Code.SHUTTING_DOWN, "broker is shutting down"], r
     assert 1.0 <= got["at"] < 1.0 + TOLERANCE
 
 
@@ -318,6 +319,45 @@ def test_a_second_sigterm_exits_at_once_without_waiting_for_the_drain(
     r = got["held"]
     assert r.code == Code.OK and r.payload[0][0] == Code.SHUTTING_DOWN, r
     assert "second SIGINT: exiting now" in [r.getMessage() for r in caplog.records]
+
+
+def test_keys_of_a_server_marked_down_go_to_the_others_with_remap(workdir: Path, mc1: Memcached, restore_signals: None) -> None:
+    # on_server_down = "remap": once a server is marked down (failure_limit 1: its first refused
+    # connect), the router places its keys on the servers left, so every set below is stored on
+    # the live one. (20 keys: the chance that none would have landed on the dead server is 2**-20.)
+    dead = f"127.0.0.1:{closed_port()}"
+    m = make(workdir, [mc1.address, dead], on_server_down="remap", failure_limit=1)
+    got: dict[str, Any] = {}
+
+    def script(w: Worker) -> None:
+        wait_for(lambda: w.stats()["servers"][dead]["state"] == "down", message="the dead server marked down")
+        got["codes"] = [hit(w.call([[Op.SET, f"key{i}".encode(), b"v", 0, 0]]))[0] for i in range(20)]
+
+    run_loop(m, script)
+    assert got["codes"] == [Code.OK] * 20
+    assert mc1.stats()["curr_items"] == "20"
+
+
+def test_a_worker_past_max_clients_is_refused(workdir: Path, mc: Memcached, restore_signals: None) -> None:
+    # max_clients = 1: the broker's listener asks its ZAP handler about each connection, which
+    # shuts the second one down before its handshake ends; the first is served all along.
+    m = make(workdir, [mc.address], max_clients=1)
+    got: dict[str, Any] = {}
+
+    def script(w: Worker) -> None:
+        assert w.call([[Op.PING]]).code == Code.OK  # the one slot, taken
+        second = Worker(m.url)
+        try:
+            second.send([[Op.PING]])
+            wait_for(lambda: w.stats()["clients_refused"] >= 1, message="the second worker refused")
+            got["second_answered"] = bool(second.sock.poll(500))
+        finally:
+            second.close()
+        got["first"] = w.call([[Op.PING]]).code
+
+    run_loop(m, script)
+    assert got["second_answered"] is False
+    assert got["first"] == Code.OK
 
 
 # --- SIGHUP: reload in the loop --------------------------------------------------------------------
@@ -589,3 +629,162 @@ def test_frames_waiting_when_close_starts_get_shutting_down(workdir: Path, mc: M
     for r in replies:
         assert r.code == Code.SHUTTING_DOWN and r.payload == "broker is shutting down", r
     assert m.broker.router.stats.replies == 2
+
+
+def handshake(b: Broker, w: Worker) -> None:
+    """The worker's handshake done and one frame served by hand (the loop is not run), so a frame it
+    sends later reaches the broker's socket at once."""
+    req = w.send([[Op.PING]])
+    sock = b.front.sockets[0]
+
+    def served() -> bool:
+        b.access.on_zap()
+        b.front.poll_workers()
+        for ident, data in b.front.recv_batch(sock, 10, 1 << 20):
+            b.router.handle(sock, ident, data, time.monotonic())
+        return req in w.early or bool(w.sock.poll(0))
+
+    wait_for(served, message="the handshake and a PING served")
+    assert hit(w.reply(req)) == [Code.OK, "PONG"]
+
+
+def test_close_answers_frames_until_none_came_for_close_quiet_ms(
+    workdir: Path, mc: Memcached, restore_signals: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No frame waits when close() starts; one comes while it waits, and another once that one is
+    # answered: each gets "broker is shutting down" (the quiet time starts again at each frame), and
+    # close() ends about CLOSE_QUIET_MS after the last, long before CLOSE_LINGER_MS.
+    quiet = 0.9
+    monkeypatch.setattr(service_mod, "CLOSE_QUIET_MS", int(quiet * 1000))
+    monkeypatch.setattr(service_mod, "CLOSE_LINGER_MS", 30_000)
+    m = make(workdir, [mc.address])
+    b = m.broker
+    w = Worker(m.url)
+    got: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            wait_for(lambda: b.router.draining, message="close() started")
+            got["first"] = w.call([[Op.PING]])
+            got["second"] = w.call([[Op.GET, b"k"]])
+            got["last_at"] = time.monotonic()
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    try:
+        handshake(b, w)
+        t = threading.Thread(target=worker)
+        t.start()
+        try:
+            b.close()
+            closed_at = time.monotonic()
+        finally:
+            t.join(WAIT * 2)
+    finally:
+        w.close()
+    assert not t.is_alive()
+    if errors:
+        raise errors[0]
+    for name in ("first", "second"):
+        r = got[name]
+        assert r.code == Code.SHUTTING_DOWN and r.payload == "broker is shutting down", r
+    assert closed_at - got["last_at"] < quiet + TOLERANCE
+
+
+def test_close_with_no_frame_coming_ends_after_close_quiet_ms(workdir: Path, mc: Memcached, restore_signals: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service_mod, "CLOSE_QUIET_MS", 200)
+    monkeypatch.setattr(service_mod, "CLOSE_LINGER_MS", 30_000)
+    b = make(workdir, [mc.address]).broker
+    start = time.monotonic()
+    b.close()
+    assert time.monotonic() - start < 0.2 + TOLERANCE  # not CLOSE_LINGER_MS
+
+
+def test_close_ends_at_close_linger_ms_while_frames_keep_coming(
+    workdir: Path, mc: Memcached, restore_signals: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker that keeps sending (a frame every 50 ms, never quiet for CLOSE_QUIET_MS) does not
+    # keep close() from ending once CLOSE_LINGER_MS has passed since it started.
+    linger = 2.0
+    monkeypatch.setattr(service_mod, "CLOSE_QUIET_MS", 500)
+    monkeypatch.setattr(service_mod, "CLOSE_LINGER_MS", int(linger * 1000))
+    m = make(workdir, [mc.address])
+    b = m.broker
+    w = Worker(m.url)
+    done = threading.Event()
+    answered: list[ReplyFrame] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            wait_for(lambda: b.router.draining, message="close() started")
+            end = time.monotonic() + WAIT  # bounded: 300 frames at most
+            while not done.is_set() and time.monotonic() < end:
+                w.send([[Op.PING]])
+                while w.sock.poll(0):
+                    answered.append(decode_reply(w.sock.recv()))
+                done.wait(0.05)
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    try:
+        handshake(b, w)
+        t = threading.Thread(target=worker)
+        t.start()
+        try:
+            start = time.monotonic()
+            b.close()
+            took = time.monotonic() - start
+        finally:
+            done.set()
+            t.join(WAIT * 2)
+    finally:
+        w.close()
+    assert not t.is_alive()
+    if errors:
+        raise errors[0]
+    assert took < linger + TOLERANCE
+    assert answered and all(r.code == Code.SHUTTING_DOWN for r in answered)
+
+
+# --- a connection writing a long batch still reads its answers -------------------------------------
+
+
+def test_a_connection_still_writing_reads_the_answers_memcached_already_sends(
+    workdir: Path, mc1: Memcached, restore_signals: None
+) -> None:
+    # One connection, one frame: 8 gets of 1 MB values, then 12 sets of 1 MB. memcached answers the
+    # gets while the broker is still writing the sets; once its replies fill both socket buffers
+    # it stops reading (it waits to write), so a broker that polled a writing connection only for
+    # POLLOUT would never finish its write and never read: stuck until the frame's deadline.
+    # Sizes: the replies (8 MB) and the sets (12 MB) each exceed the loopback buffers in their
+    # direction (tcp_wmem's 4 MB cap plus a receive window that grows only while read).
+    size = 1_000_000
+    n_get, n_set = 8, 12
+    m = make(
+        workdir, [mc1.address], connections_per_server=1, max_frame_bytes=64 << 20,
+        io_timeout_ms=120_000, failure_limit=10,
+    )
+    got: dict[str, Any] = {}
+
+    def value(i: int) -> bytes:
+        return bytes([65 + i % 26]) * size
+
+    def script(w: Worker) -> None:
+        for i in range(n_get):
+            assert hit(w.call([[Op.SET, f"big{i}".encode(), value(i), 0, 0]]))[0] == Code.OK
+        wait_for(settled(w, mc1.address, 1), message="the connection open, nothing in flight")
+        ops = [[Op.GET, f"big{i}".encode()] for i in range(n_get)]
+        ops += [[Op.SET, f"new{i}".encode(), value(i), 0, 0] for i in range(n_set)]
+        got["r"] = w.call(ops, timeout_ms=10_000)  # a stuck connection: TIMEOUT after 10 s, within WAIT
+        got["stats"] = w.stats()
+
+    run_loop(m, script)
+    r = got["r"]
+    assert r.code == Code.OK, r
+    codes = [res[0] for res in r.payload]
+    assert codes == [Code.OK] * (n_get + n_set), codes
+    assert [res[1] for res in r.payload[:n_get]] == [value(i) for i in range(n_get)]
+    assert mc1.stats()["curr_items"] == str(n_get + n_set)
+    assert got["stats"]["servers"][mc1.address]["resets"] == 0
