@@ -97,8 +97,11 @@ def scripts() -> dict[str, list[Step]]:
         ("prepend 6 (joined too large)", lambda c, st: c.prepend("k", b"y" * 6)),
         ("append 5 (fits)", lambda c, st: c.append("k", b"y" * 5)),
         ("get joined", lambda c, st: len(c.get("k"))),
-        ("set_many with one too large", lambda c, st: c.set_many({"a": b"1", "k": b"x" * (MIB + 1), "b": b"2"})),
-        ("get_many after", lambda c, st: c.get_many(["a", "k", "b"])),
+        # The too-large item goes last: pymemcache raises at memcached's SERVER_ERROR and closes
+        # its socket, so whether memcached still read a set queued behind it is a race (seen once
+        # beside another suite: "b" after it was not stored), which is no rule to compare with.
+        ("set_many with one too large", lambda c, st: c.set_many({"a": b"1", "b": b"2", "k": b"x" * (MIB + 1)})),
+        ("get_many after", lambda c, st: c.get_many(["a", "b", "k"])),
     ]
     return out
 
