@@ -61,7 +61,9 @@ class Tally:
     frame_codes: Counter[int] = field(default_factory=Counter)  # replies refusing a whole frame
     # The same per broker generation: `gen` is a shared counter a test (or the soak) bumps right
     # after it killed the broker, so every reply received after the bump came from its successor.
-    # by_gen[g] counts frames, replies, ok, miss, errors, timeouts.
+    # by_gen[g] counts frames, replies, ok, miss, errors, timeouts. A frame sent before the bump
+    # and answered after it reached the successor (ZeroMQ held it while no broker listened, within
+    # its deadline): it is moved to the generation that answered it and counted there as crossed.
     by_gen: dict[int, Counter[str]] = field(default_factory=dict)
     outcomes: Counter[str] = field(default_factory=Counter)  # what the calls returned or raised
     misdelivered: list[str] = field(default_factory=list)
@@ -105,6 +107,7 @@ class _Wire:
         self.gen = gen
         self.lock = threading.Lock()
         self.sent: set[int] = set()
+        self.sent_gen: dict[int, int] = {}  # request id -> the generation it was sent in
         self.answered: set[int] = set()
         self.unsent_ids: set[int] = set()
         self.local = threading.local()  # this thread's last request id
@@ -120,6 +123,7 @@ class _Wire:
         self.local.rid = req_id
         with self.lock:
             self.sent.add(req_id)
+            self.sent_gen[req_id] = self._g()
             self.tally.frames += 1
             self.tally.ops += len(ops)
             self._gen()["frames"] += 1
@@ -134,11 +138,16 @@ class _Wire:
                 self.unsent_ids.add(rid)
                 self.tally.frames -= 1
                 self.tally.unsent += 1
-                self._gen()["frames"] -= 1
-                self._gen()["unsent"] += 1
+                sent_in = self._gen(self.sent_gen[rid])
+                sent_in["frames"] -= 1
+                sent_in["unsent"] += 1
 
-    def _gen(self) -> Counter[str]:
-        g = 0 if self.gen is None else int(self.gen.value)
+    def _g(self) -> int:
+        return 0 if self.gen is None else int(self.gen.value)
+
+    def _gen(self, g: int | None = None) -> Counter[str]:
+        if g is None:
+            g = self._g()
         c = self.tally.by_gen.get(g)
         if c is None:
             c = self.tally.by_gen[g] = Counter()
@@ -157,6 +166,11 @@ class _Wire:
                 t.dup_replies += 1
             else:
                 self.answered.add(rid)
+                sent_in = self.sent_gen[rid]
+                if sent_in != self._g():
+                    self._gen(sent_in)["frames"] -= 1
+                    per_gen["frames"] += 1
+                    per_gen["crossed"] += 1
                 if code == Code.OK:
                     for r in payload:
                         t.codes[classify(r[0])] += 1
