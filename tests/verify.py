@@ -207,7 +207,10 @@ class _Thread:
         self.seq = 0
         self.possible: dict[str, set[int]] = {k: {ABSENT} for k in keys}
         self.since: dict[str, float] = {k: time.monotonic() for k in keys}
-        self.lock = threading.Lock()  # tally is shared by the process's threads
+        # The tally is shared by the process's threads, so its lock is too: the wire's, which
+        # guards the same tally. (A lock per thread let two threads' `outcomes[x] += 1` race, and
+        # test_toxics once counted 2 calls more than outcomes.)
+        self.lock = wire.lock if wire is not None else threading.Lock()
 
     def note(self, outcome: str, what: str, took: float) -> None:
         with self.lock:
