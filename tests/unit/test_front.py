@@ -410,6 +410,30 @@ def test_a_descriptor_reused_on_another_socket_keeps_its_slot_whatever_order_the
     assert f.workers == 0
 
 
+def test_admit_skips_a_pending_connection_whose_peer_closed_and_still_settles_the_next(ctx: zmq.Context[Any], sockdir: Path) -> None:
+    # Two connections wait for admit() with every slot taken: the older one's peer has closed
+    # (its disconnect event not read yet), the newer one is open. The closed one is skipped and
+    # the open one is still refused: it must not be left unsettled behind the closed one.
+    r = Rig(ctx, sockdir, max_clients=1)
+    closed_a, closed_b = socket.socketpair()
+    open_a, open_b = socket.socketpair()
+    try:
+        closed_b.close()
+        f = r.front
+        f.connection_event(0, zmq.EVENT_ACCEPTED, 1_000_000)  # the served one (no such descriptor)
+        f.connection_event(0, zmq.EVENT_ACCEPTED, closed_a.fileno())
+        f.connection_event(0, zmq.EVENT_ACCEPTED, open_a.fileno())
+        assert list(f._pending) == [(0, closed_a.fileno()), (0, open_a.fileno())]
+        f.admit()
+        # Refused (counted; the socketpair is not accepted on the listener, so it is not shut down).
+        assert f.clients_refused == 1 and f.workers == 1 and not f._pending
+        assert open_b.send(b"x") == 1
+    finally:
+        for s in (closed_a, open_a, open_b):
+            s.close()
+        r.close()
+
+
 def test_monitors_are_one_per_socket(rig: Rig) -> None:
     assert len(rig.front.monitors) == len(rig.front.sockets) == 1
     assert isinstance(rig.front.monitors, tuple)
