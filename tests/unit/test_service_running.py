@@ -244,6 +244,16 @@ def test_a_request_past_its_deadline_gets_timeout(workdir: Path, mc1: Memcached,
 # --- SIGTERM: the drain ----------------------------------------------------------------------------
 
 
+def hold_a_get(w: Worker, mc: Memcached) -> int:
+    """memcached paused with one get (of b"held", a 60 s deadline) in flight to it, once both
+    connections were open and idle; returns the get's request id."""
+    wait_for(settled(w, mc.address), message="both connections open, nothing in flight")
+    mc.pause()
+    held = w.send([[Op.GET, b"held"]], timeout_ms=60_000)
+    wait_for(lambda: w.stats()["inflight"] == 1, message="the get in flight")
+    return held
+
+
 def test_sigterm_answers_what_is_in_flight_refuses_new_frames_then_exits(
     workdir: Path, mc1: Memcached, restore_signals: None, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -253,10 +263,7 @@ def test_sigterm_answers_what_is_in_flight_refuses_new_frames_then_exits(
 
     def script(w: Worker) -> None:
         assert hit(w.call([[Op.SET, b"held", b"value", 0, 0]]))[0] == Code.OK
-        wait_for(settled(w, mc1.address), message="both connections open, nothing in flight")
-        mc1.pause()
-        held = w.send([[Op.GET, b"held"]], timeout_ms=60_000)
-        wait_for(lambda: w.stats()["inflight"] == 1, message="the get in flight")
+        held = hold_a_get(w, mc1)
         os.kill(os.getpid(), signal.SIGTERM)
         got["refused"] = w.call([[Op.PING]])
         got["refused_set"] = w.call([[Op.SET, b"late", b"x", 0, 0]])
@@ -284,10 +291,7 @@ def test_the_drain_ends_at_drain_timeout_ms_and_what_is_left_gets_shutting_down(
     got: dict[str, Any] = {}
 
     def script(w: Worker) -> None:
-        wait_for(settled(w, mc1.address), message="both connections open, nothing in flight")
-        mc1.pause()
-        held = w.send([[Op.GET, b"held"]], timeout_ms=60_000)
-        wait_for(lambda: w.stats()["inflight"] == 1, message="the get in flight")
+        held = hold_a_get(w, mc1)
         start = time.monotonic()
         os.kill(os.getpid(), signal.SIGTERM)
         got["held"] = w.reply(held, 1.0 + TOLERANCE)
@@ -308,10 +312,7 @@ def test_a_second_sigterm_exits_at_once_without_waiting_for_the_drain(
     got: dict[str, Any] = {}
 
     def script(w: Worker) -> None:
-        wait_for(settled(w, mc1.address), message="both connections open, nothing in flight")
-        mc1.pause()
-        held = w.send([[Op.GET, b"held"]], timeout_ms=60_000)
-        wait_for(lambda: w.stats()["inflight"] == 1, message="the get in flight")
+        held = hold_a_get(w, mc1)
         os.kill(os.getpid(), signal.SIGTERM)
         assert w.call([[Op.PING]]).code == Code.SHUTTING_DOWN
         os.kill(os.getpid(), signal.SIGINT)
