@@ -7,6 +7,7 @@
 | twemproxy | pymemcache `Client`, one connection per worker | nutcracker (2 server connections each) |
 | broker, broker-coalesce-on/off | `clientlib.Client` | mcbroker (2 connections per server) |
 | zmq-echo | a raw DEALER sending clientlib's frame | nothing: bench/echo.py answers with a reply-sized blob |
+| floor | `clientlib.Client` | bench/floor.py: the least Python a broker of this design runs (2 connections) |
 | raw | one socket pipelining `mg <key> v` batches | nothing: the ceiling of one memcached connection |
 
 Every value read is checked against the one the bench stored (`value_for`); a wrong value raises
@@ -22,7 +23,7 @@ from typing import Any
 
 CALL_TIMEOUT_S = 2.0
 BROKER_PATHS = ("broker", "broker-coalesce-on", "broker-coalesce-off")
-PATHS = ("direct", "hashclient", "twemproxy", *BROKER_PATHS, "zmq-echo", "raw")
+PATHS = ("direct", "hashclient", "twemproxy", *BROKER_PATHS, "floor", "zmq-echo", "raw")
 PATH_HELP = {
     "direct": "pymemcache Client, one connection per worker, straight to memcached",
     "hashclient": "pymemcache HashClient over all servers (its default rendezvous hashing)",
@@ -30,6 +31,8 @@ PATH_HELP = {
     "broker": "clientlib.Client through mcbroker (2 connections per server; coalesce_reads not set)",
     "broker-coalesce-on": "clientlib.Client through mcbroker with coalesce_reads = true",
     "broker-coalesce-off": "clientlib.Client through mcbroker with coalesce_reads = false",
+    "floor": "limit: clientlib.Client through bench/floor.py, the least Python any broker of this design runs "
+             "(plain gets only; no opaques, fences, deadlines, bounds, coalescing or stats; 2 connections)",
     "zmq-echo": "limit: raw ZeroMQ DEALER sending clientlib's frame to a bare ROUTER echo (no memcached)",
     "raw": "limit: one raw socket per worker pipelining `mg <key> v` for a whole batch",
 }
@@ -48,7 +51,7 @@ def value_for(key: str, size: int, tag: str = "") -> bytes:
 @dataclass(frozen=True)
 class WorkerSpec:
     path: str
-    targets: tuple[str, ...]   # memcached / twemproxy host:port, or a broker / echo ipc URL
+    targets: tuple[str, ...]   # memcached / twemproxy host:port, or a broker / floor / echo ipc URL
     op: str                    # get | get_many | set
     keys: tuple[str, ...]      # this worker's key sequence (get/set) or the flat batches (get_many)
     batch: int
@@ -212,7 +215,7 @@ def open_path(spec: WorkerSpec) -> tuple[Op, Callable[[], None], Callable[[], No
         return _echo_ops(spec)
     if spec.path == "raw":
         return _raw_ops(spec)
-    if spec.path in BROKER_PATHS:
+    if spec.path in BROKER_PATHS or spec.path == "floor":
         from clientlib import Client
 
         client: Any = Client(spec.targets[0], timeout=CALL_TIMEOUT_S)

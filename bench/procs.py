@@ -407,7 +407,7 @@ class Nutcracker:
         self.proc.stop()
 
 
-# --- the delay proxy and the ZeroMQ echo server (programs in this package) ----------------------
+# --- the delay proxy, the ZeroMQ echo server and the floor (programs in this package) ----------
 
 
 class DelayProxy:
@@ -448,6 +448,26 @@ class EchoServer:
         if line != "READY":
             self.proc.stop()
             raise BenchError(f"echo server did not start ({line!r}):\n{self.proc.log_tail()}")
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+class FloorServer:
+    """bench/floor.py: the least Python a broker of this design runs, in front of the servers."""
+
+    def __init__(self, tmpdir: Path, upstreams: Sequence[str], connections: int = 2) -> None:
+        self.url = f"ipc://{tmpdir}/floor.sock"
+        self.connections = connections * len(upstreams)
+        argv = [sys.executable, "-m", "bench.floor", "--url", self.url, "--connections", str(connections)]
+        for up in upstreams:
+            argv += ["--server", up]
+        self.proc = Proc("floor", argv, tmpdir / "floor.log", cwd=ROOT, stdout_pipe=True)
+        self.pid = self.proc.pid
+        line = self.proc.read_line(START_TIMEOUT_S)
+        if line != "READY":
+            self.proc.stop()
+            raise BenchError(f"floor did not start ({line!r}):\n{self.proc.log_tail()}")
 
     def stop(self) -> None:
         self.proc.stop()

@@ -21,7 +21,7 @@ from typing import Any
 
 from .paths import BROKER_PATHS, WorkerSpec, batches_of, value_for
 from .procs import (
-    BenchError, Broker, BrokerRejectedConfig, DelayProxy, EchoServer, Nutcracker, Proc, StatsConn,
+    BenchError, Broker, BrokerRejectedConfig, DelayProxy, EchoServer, FloorServer, Nutcracker, Proc, StatsConn,
     cpu_seconds, ensure_nutcracker, rss_bytes, start_memcached,
 )
 from .workers import hold_dealers, run_workers
@@ -32,7 +32,7 @@ LATENCY_SAMPLE_CAP = 400_000
 ZIPF_DRAWS = 20_000
 BATCHES_PER_WORKER = 64
 SET_KEYS_PER_WORKER = 100
-GET_PATHS = ("direct", "twemproxy", "broker", "zmq-echo")
+GET_PATHS = ("direct", "twemproxy", "broker", "floor", "zmq-echo")
 COALESCE_PATHS = ("broker-coalesce-on", "broker-coalesce-off")
 
 
@@ -67,11 +67,11 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("latency-b2b", "1 worker, single gets back to back; latency percentiles", latency=True),
     Scenario("latency-paced", "1 worker, one single get per ms; latency percentiles", pace_ms=1.0, latency=True),
     Scenario("rtt1ms-16", "single get, 16 workers, every round trip to memcached +1 ms (delay proxy)",
-             workers=16, delay_ms=1.0, paths=("direct", "twemproxy", "broker"), quick_workers=8),
+             workers=16, delay_ms=1.0, paths=("direct", "twemproxy", "broker", "floor"), quick_workers=8),
     Scenario("multi4-0ms", "4 memcached servers, get_many(100), 8 workers", op="get_many", workers=8, batch=100,
-             servers=4, paths=("hashclient", "twemproxy", "broker")),
+             servers=4, paths=("hashclient", "twemproxy", "broker", "floor")),
     Scenario("multi4-1ms", "4 memcached servers, get_many(100), 8 workers, +1 ms round trip", op="get_many",
-             workers=8, batch=100, servers=4, delay_ms=1.0, paths=("hashclient", "twemproxy", "broker")),
+             workers=8, batch=100, servers=4, delay_ms=1.0, paths=("hashclient", "twemproxy", "broker", "floor")),
     Scenario("rss-256", "broker RSS with 256 connected idle workers (DEALERs: connect, one PING, idle)",
              op="rss", workers=256, paths=("broker",), quick_workers=32),
     Scenario("hotkey-32", "32 workers reading one key; coalescing on / off", workers=32, keyset="hot",
@@ -111,6 +111,7 @@ class Env:
     proxy: DelayProxy | None = None
     nutcracker: Nutcracker | None = None
     brokers: dict[str, Broker] = field(default_factory=dict)
+    floor: FloorServer | None = None
     paths: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
     proxy_account: dict[str, Any] = field(default_factory=dict)
@@ -127,6 +128,8 @@ class Env:
     def pools(self) -> dict[str, int]:
         """Connections each proxy holds to memcached now (broker stats, twemproxy stats)."""
         out = {name: b.connections() for name, b in self.brokers.items()}
+        if self.floor is not None:
+            out["floor"] = self.floor.connections
         if self.nutcracker is not None:
             out["twemproxy"] = self.nutcracker.server_connections()
         return out
@@ -199,6 +202,9 @@ def environment(sc: Scenario, value_size: int, coalesce: str, say: Callable[[str
                     break
                 stack.callback(broker.stop)
                 env.brokers[p] = broker
+        if "floor" in paths:
+            env.floor = FloorServer(tmpdir, env.upstreams)
+            stack.callback(env.floor.stop)
         for p in paths:
             if p == "broker" and p not in env.brokers:
                 broker = Broker(tmpdir, p, env.upstreams, {})
@@ -218,6 +224,9 @@ def _specs(env: Env, sc: Scenario, path: str, rnd: int, seconds: float, value_si
     elif path == "twemproxy":
         assert env.nutcracker is not None
         targets = (env.nutcracker.address,)
+    elif path == "floor":
+        assert env.floor is not None
+        targets = (env.floor.url,)
     elif path == "zmq-echo":
         targets = (echo_url,)
     elif path == "hashclient":
@@ -278,7 +287,8 @@ def run_round(env: Env, path: str, rnd: int, seconds: float, value_size: int) ->
             echo = EchoServer(env.tmpdir, str(rnd), reply_bytes)
         specs = _specs(env, sc, path, rnd, seconds, value_size, echo.url if echo else "", reply_bytes)
         pids = {
-            "broker": env.brokers[path].pid if path in env.brokers else None,
+            # The floor's CPU goes in the broker column of its row: it stands where the broker does.
+            "broker": env.brokers[path].pid if path in env.brokers else env.floor.pid if path == "floor" and env.floor else None,
             "twemproxy": env.nutcracker.pid if env.nutcracker and path == "twemproxy" else None,
             "echo": echo.pid if echo else None,
             "proxy": env.proxy.pid if env.proxy else None,

@@ -100,3 +100,67 @@ def test_the_table_shows_the_bound_column() -> None:
     assert "design bound" in header
     row = next(line for line in table.splitlines() if line.startswith("| 32 workers single get: broker / direct"))
     assert "0.54" in row and "FAIL (bound misses too)" in row
+
+
+# The floor path (bench/floor.py): the least Python any broker of this design runs, in the same run.
+GETMANY8 = [
+    _summary("getmany-8", "direct", ops_median=555_000.0, worker_cpu_us=3.0, mc_cpu_us=0.6),
+    _summary("getmany-8", "twemproxy", ops_median=486_000.0, worker_cpu_us=3.0, twemproxy_cpu_us=0.5, mc_cpu_us=0.6),
+    _summary("getmany-8", "broker", ops_median=310_000.0, worker_cpu_us=1.9, broker_cpu_us=2.6, mc_cpu_us=0.8,
+             vs_direct=0.56, vs_twemproxy=0.64),
+    _summary("getmany-8", "floor", ops_median=452_000.0, worker_cpu_us=1.6, broker_cpu_us=1.6, mc_cpu_us=0.9,
+             vs_direct=0.81, vs_twemproxy=0.93),
+    _summary("getmany-8", "zmq-echo", ops_median=2_250_000.0, worker_cpu_us=0.6, echo_cpu_us=0.3),
+]
+RAN8 = {"getmany-8": {"workers": 8, "pending": False, "failed": None}}
+
+
+def test_a_target_the_floor_misses_too_says_so() -> None:
+    rows = {t["target"]: t for t in report.evaluate_targets(GETMANY8, RAN8)}
+    direct = rows["8 workers get_many(100): broker / direct"]
+    # The echo bound (3.6 / (0.9 + 0.8) = 2.1) is within reach; the floor's 0.81 is not.
+    assert (direct["value"], direct["floor"]) == (0.56, 0.81)
+    assert direct["bound"] == pytest.approx(3.6 / (0.6 + 0.3 + 0.8), abs=1e-3)
+    assert direct["status"] == "FAIL (floor misses too)"
+    assert rows["8 workers get_many(100): broker / twemproxy"]["status"] == "FAIL (floor misses too)"
+    # The floor's own CPU per key (its process stands where the broker does) meets 2 us: a plain FAIL.
+    cpu = rows["broker CPU per key in get_many(100), 8 workers"]
+    assert (cpu["value"], cpu["floor"], cpu["status"]) == (2.6, 1.6, "FAIL")
+
+
+def test_a_bound_that_misses_is_said_before_the_floor() -> None:
+    rows = {t["target"]: t for t in report.evaluate_targets(GET32 + [
+        _summary("get-32", "floor", ops_median=20_000.0, worker_cpu_us=60.0, broker_cpu_us=30.0, mc_cpu_us=6.0,
+                 vs_direct=0.46)], RAN)}
+    row = rows["32 workers single get: broker / direct"]
+    assert (row["floor"], row["status"]) == (0.46, "FAIL (bound misses too)")
+    # The floor's worker runs clientlib as the broker's does: 60 / 28.
+    assert rows["worker CPU per single get (32 workers): broker path / direct"]["floor"] == pytest.approx(60.0 / 28.0, abs=1e-3)
+
+
+def test_no_floor_path_no_floor_value() -> None:
+    rows = {t["target"]: t for t in report.evaluate_targets([s for s in GETMANY8 if s["path"] != "floor"], RAN8)}
+    row = rows["8 workers get_many(100): broker / direct"]
+    assert (row["floor"], row["status"]) == (None, "FAIL")
+
+
+def test_summaries_give_the_floor_its_ratios_and_the_broker_its_ratio_to_the_floor() -> None:
+    rounds = [
+        {"scenario": "get-8", "path": path, "round": rnd, "ops_per_s": ops, "calls": 10, "workers": 8}
+        for rnd, (d, b, f) in enumerate([(70_000.0, 12_000.0, 15_000.0), (60_000.0, 12_600.0, 15_750.0)])
+        for path, ops in (("direct", d), ("broker", b), ("floor", f))
+    ]
+    by = {s["path"]: s for s in report.summarize(rounds)}
+    # The median of the per-round ratios: (12/15, 12.6/15.75) = (0.8, 0.8); (15/70, 15.75/60).
+    assert by["broker"]["vs_floor"] == pytest.approx(0.8, abs=1e-3)
+    assert by["floor"]["vs_direct"] == pytest.approx((15 / 70 + 15.75 / 60) / 2, abs=1e-3)
+    assert "vs_floor" not in by["floor"] and "vs_broker" not in by["floor"]
+    assert "vs_direct" not in by["direct"]
+
+
+def test_the_table_shows_the_floor_column() -> None:
+    table = report.targets_table(report.evaluate_targets(GETMANY8, RAN8))
+    header = [h.strip() for h in table.splitlines()[0].strip("|").split("|")]
+    assert header.index("floor") == header.index("design bound") + 1
+    row = next(line for line in table.splitlines() if line.startswith("| 8 workers get_many(100): broker / direct"))
+    assert "0.81" in row and "FAIL (floor misses too)" in row

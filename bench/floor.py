@@ -1,0 +1,228 @@
+"""The Python limit: the least work any broker of this design does for a get, in a process of its own.
+
+    python -m bench.floor --url ipc:///tmp/x/floor.sock --server 127.0.0.1:11211 [--server ...]
+                          [--connections 2]
+
+mcbroker's design fixes the transport (ZeroMQ, msgpack frames), the language (CPython) and the
+shape of the hop (one loop that batches every worker's gets into pipelined `mg` writes). This
+program is that design with nothing else: a `zmq.Poller` loop, a ROUTER answered with plain
+send/recv, each frame unpacked with one `msgpack.unpackb`, its gets written as `mg <key> v f` with
+one join per server, each turn's frames given to the least busy of `--connections` connections to
+each memcached, keys placed by Python's own `hash` (the cheapest placement there is; the bench
+stores every key on every server), answers matched first in, first out with one precompiled regex
+match and one slice per answer, and one `msgpack.packb` per reply. Workers talk to it with
+clientlib, as to the broker.
+
+What it leaves out is what mcbroker adds for its guarantees and its operations: opaques and the
+fence that prove each answer belongs to its request, `s` checked on every hit, deadlines and
+timeouts, bounds on what is in flight and buffered, key checks, pins, read coalescing, a placement
+that matches other clients', reconnects, statistics, access control. It handles only frames of
+plain gets; it is a measuring stick (bench/README.md, "Paths"), not a product: a wrong answer from
+memcached or a lost connection ends it with an error, it never recovers.
+
+Every broker of this design must do at least this work per frame and per key, so a figure this
+program misses on a machine, no CPython broker of this design can meet there. Prints READY once
+bound and connected; SIGTERM/SIGINT only set a flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import msgpack  # type: ignore[import-untyped]
+import zmq
+
+GET = 1      # clientlib.wire.Op.GET
+OK, MISS, BAD_REQUEST = 0, 1, 23   # clientlib.wire.Code
+VERSION = 1
+# memcached's answer to `mg <key> v f`: a hit with its size and client flags, or a miss.
+_ANSWER = re.compile(rb"VA (\d+) f(\d+)\r\n|EN\r\n")
+
+
+class Upstream:
+    """One connection to memcached: bytes to write, frames waiting for answers in order."""
+
+    __slots__ = ("buf", "fd", "out", "results", "sock", "waiting")
+
+    def __init__(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=5.0)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        self.out = bytearray()
+        # Per frame (or part of a frame, with several servers) sent, oldest first: (ident, req_id,
+        # keys, part); `results` holds the oldest's answers so far. part: None for a whole frame,
+        # else (the frame's Split, the positions of these keys in it).
+        self.waiting: collections.deque[tuple[bytes, int, int, Any]] = collections.deque()
+        self.buf = b""
+        self.results: list[Any] = []
+
+    def flush(self) -> bool:
+        """Write what is queued; True when some is left (wait for POLLOUT)."""
+        if self.out:
+            try:
+                n = self.sock.send(self.out)
+            except BlockingIOError:
+                n = 0
+            del self.out[:n]
+        return bool(self.out)
+
+    def answers(self, router: Any, sndmore: int, noblock: int) -> None:
+        """Read what memcached sent and reply to every frame now fully answered."""
+        data = self.sock.recv(1 << 18)
+        if not data:
+            raise ConnectionError("memcached closed the connection")
+        buf = self.buf + data if self.buf else data
+        pos = 0
+        end = len(buf)
+        match = _ANSWER.match
+        waiting = self.waiting
+        results = self.results
+        while waiting:
+            ident, req_id, n, part = waiting[0]
+            while len(results) < n:
+                m = match(buf, pos)
+                if m is None:
+                    if buf.find(b"\r\n", pos) >= 0:
+                        raise ConnectionError(f"unexpected answer from memcached: {buf[pos:pos + 80]!r}")
+                    break
+                size = m[1]
+                if size is None:
+                    results.append([MISS])
+                    pos = m.end()
+                    continue
+                start = m.end()
+                stop = start + int(size)
+                if stop + 2 > end:
+                    break  # the value is not all here yet: read it again with the rest
+                results.append([OK, buf[start:stop], int(m[2])])
+                pos = stop + 2
+            if len(results) < n:
+                break
+            waiting.popleft()
+            if part is not None:
+                split, where = part
+                whole = split.results
+                for i, r in zip(where, results):
+                    whole[i] = r
+                split.parts -= 1
+                reply: list[Any] | None = whole if not split.parts else None
+            else:
+                reply = results
+            if reply is not None:
+                try:
+                    router.send(ident, sndmore | noblock)
+                    router.send(msgpack.packb([VERSION, req_id, OK, reply]), noblock)
+                except zmq.Again:
+                    pass  # a worker that went away or stopped reading: drop, as a ROUTER does
+            results = self.results = []
+        self.buf = buf[pos:]
+
+
+class Split:
+    """A frame whose keys live on several servers: its results, and how many parts are still out."""
+
+    __slots__ = ("parts", "results")
+
+    def __init__(self, n: int, parts: int) -> None:
+        self.results: list[Any] = [None] * n
+        self.parts = parts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", required=True)
+    p.add_argument("--server", required=True, action="append",
+                   help="memcached host:port; repeat for several (keys placed by Python's hash(key) %% n)")
+    p.add_argument("--connections", type=int, default=2, help="per server")
+    p.add_argument("--max-seconds", type=float, default=3600.0)
+    args = p.parse_args(argv)
+    if not args.url.startswith(("ipc://", "tcp://127.0.0.1:")):
+        p.error("--url must be ipc:// or tcp://127.0.0.1:PORT")
+    if not 1 <= args.connections <= 8:
+        p.error("--connections must be 1..8")
+    stop = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    servers = [[Upstream(a) for _ in range(args.connections)] for a in args.server]
+    nservers = len(servers)
+    by_fd = {u.fd: u for ups in servers for u in ups}
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(args.url)
+    poller = zmq.Poller()
+    poller.register(router, zmq.POLLIN)
+    for fd in by_fd:
+        poller.register(fd, zmq.POLLIN)
+    noblock, sndmore = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+    unpackb, packb = msgpack.unpackb, msgpack.packb
+    print("READY", flush=True)
+    end = time.monotonic() + args.max_seconds
+    try:
+        while not stop and time.monotonic() < end:
+            for obj, ev in poller.poll(100):
+                if obj is router:
+                    # This turn's frames all go to each server's connection with the fewest waiting.
+                    turn = [min(ups, key=lambda u: len(u.waiting)) for ups in servers]
+                    up = turn[0]
+                    for _ in range(4096):
+                        try:
+                            ident = router.recv(noblock)
+                        except zmq.Again:
+                            break
+                        frame = unpackb(router.recv(noblock))
+                        req_id, ops = frame[1], frame[4]
+                        keys = [op[1] for op in ops if op[0] == GET]
+                        if len(keys) != len(ops) or not keys:
+                            router.send(ident, sndmore | noblock)
+                            router.send(packb([VERSION, req_id, BAD_REQUEST, "the floor serves plain gets only"]), noblock)
+                            continue
+                        if nservers == 1:
+                            up.out += b"mg " + b" v f\r\nmg ".join(keys) + b" v f\r\n"
+                            up.waiting.append((ident, req_id, len(keys), None))
+                            continue
+                        groups: dict[int, tuple[list[int], list[bytes]]] = {}
+                        for i, key in enumerate(keys):
+                            g = groups.get(s := hash(key) % nservers)
+                            if g is None:
+                                groups[s] = ([i], [key])
+                            else:
+                                g[0].append(i)
+                                g[1].append(key)
+                        split = Split(len(keys), len(groups))
+                        for s, (where, ks) in groups.items():
+                            u = turn[s]
+                            u.out += b"mg " + b" v f\r\nmg ".join(ks) + b" v f\r\n"
+                            u.waiting.append((ident, req_id, len(ks), (split, where)))
+                    for u in turn:
+                        if u.flush():
+                            poller.modify(u.fd, zmq.POLLIN | zmq.POLLOUT)
+                    continue
+                up = by_fd[obj]
+                if ev & zmq.POLLIN:
+                    up.answers(router, sndmore, noblock)
+                if ev & zmq.POLLOUT and not up.flush():
+                    poller.modify(up.fd, zmq.POLLIN)
+    finally:
+        ctx.destroy(0)
+        for u in by_fd.values():
+            u.sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
