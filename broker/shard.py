@@ -1,6 +1,9 @@
 """Key -> server placement: rendezvous (pymemcache HashClient) and ketama (uhashring/twemproxy).
 
-Pure and precomputed: every table is built in __init__, nothing is cached per key.
+Pure and precomputed: every table is built in __init__. With several servers, make_placement wraps
+the placement in a `Memo` of the answers for the last keys seen (at most MEMO_KEYS), because a
+rendezvous lookup hashes the key once per server (1 us per key at 4 servers, 3.4 us at 20) and a
+ketama lookup costs 0.8 us, where a dict lookup costs 0.03 us.
 Servers are given as a sequence of (canonical name, weight); lookups return an index into it.
 """
 
@@ -18,7 +21,11 @@ import mmh3
 
 _mmh3_32 = mmh3.hash
 
-__all__ = ["Placement", "Rendezvous", "Ketama", "make_placement", "murmur3_32", "pymemcache_node_name"]
+__all__ = ["Placement", "Rendezvous", "Ketama", "Memo", "make_placement", "murmur3_32", "pymemcache_node_name"]
+
+# Keys whose server a Memo remembers. Each entry keeps its key alive: at most 16,384 keys of at most
+# 250 bytes, about 6 MB (README, "Bounded memory").
+MEMO_KEYS = 16_384
 
 
 
@@ -197,9 +204,74 @@ class Ketama:
         return None  # every server still up has no points (weight too small for a point)
 
 
+class Memo:
+    """`inner`'s answers for the keys it was asked about lately: the same answers, without hashing
+    a key again while it is remembered. At most `capacity` keys: when full, it forgets them all
+    at once (no per-lookup bookkeeping), so a working set larger than that costs one dict lookup
+    and one insert per key (about 0.1 us) on top of the placement itself. lookup_excluding, used
+    only while a server is down, is not remembered. A placement never changes: a new server list
+    is a new placement, with a new Memo."""
+
+    __slots__ = ("inner", "_seen", "_capacity")
+
+    def __init__(self, inner: Placement, capacity: int = MEMO_KEYS) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        self.inner = inner
+        self._seen: dict[bytes, int] = {}
+        self._capacity = capacity
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def lookup(self, key: bytes) -> int:
+        server = self._seen.get(key)
+        if server is None:
+            server = self.inner.lookup(key)
+            if len(self._seen) >= self._capacity:
+                self._seen.clear()
+            self._seen[key] = server
+        return server
+
+    def lookup_many(self, keys: list[bytes]) -> list[int]:
+        seen = self._seen
+        out: list[int | None] = list(map(seen.get, keys))
+        misses = out.count(None)
+        if not misses:
+            return out  # type: ignore[return-value]  # no None in it
+        if misses == len(keys):
+            placed = self.inner.lookup_many(keys)
+            self._remember(keys, placed)
+            return placed
+        # Some remembered, some not: the others are placed in one call.
+        where = [i for i, s in enumerate(out) if s is None]
+        missing = [keys[i] for i in where]
+        placed = self.inner.lookup_many(missing)
+        for i, server in zip(where, placed):
+            out[i] = server
+        self._remember(missing, placed)
+        return out  # type: ignore[return-value]  # every None was replaced above
+
+    def _remember(self, keys: list[bytes], servers: list[int]) -> None:
+        seen = self._seen
+        if len(seen) + len(keys) > self._capacity:
+            seen.clear()
+            if len(keys) > self._capacity:
+                return
+        seen.update(zip(keys, servers))
+
+    def lookup_excluding(self, key: bytes, down: frozenset[int]) -> int | None:
+        return self.inner.lookup_excluding(key, down)
+
+
 def make_placement(kind: str, servers: Sequence[tuple[str, int]]) -> Placement:
+    """The placement `kind` ("rendezvous" or "ketama") over `servers`, wrapped in a Memo when
+    there are several (with one, every lookup is 0 without hashing)."""
+    inner: Placement
     if kind == "rendezvous":
-        return Rendezvous(servers)
-    if kind == "ketama":
-        return Ketama(servers)
-    raise ValueError(f"unknown placement kind {kind!r} (expected 'rendezvous' or 'ketama')")
+        inner = Rendezvous(servers)
+    elif kind == "ketama":
+        inner = Ketama(servers)
+    else:
+        raise ValueError(f"unknown placement kind {kind!r} (expected 'rendezvous' or 'ketama')")
+    return Memo(inner) if len(servers) > 1 else inner

@@ -17,7 +17,7 @@ from pymemcache.client.hash import HashClient
 from pymemcache.client.murmur3 import murmur3_32 as pymemcache_murmur3_32
 from uhashring import HashRing
 
-from broker.shard import Ketama, Rendezvous, make_placement, murmur3_32, pymemcache_node_name
+from broker.shard import MEMO_KEYS, Ketama, Memo, Rendezvous, make_placement, murmur3_32, pymemcache_node_name
 
 pytestmark = pytest.mark.unit
 
@@ -137,6 +137,11 @@ def test_weighted_rendezvous_shifts_load() -> None:
 def test_make_placement_kinds_and_errors() -> None:
     assert isinstance(make_placement("rendezvous", [("a:1", 1)]), Rendezvous)
     assert isinstance(make_placement("ketama", [("a:1", 1)]), Ketama)
+    # Several servers: the placement behind a Memo of MEMO_KEYS keys.
+    for kind, cls in (("rendezvous", Rendezvous), ("ketama", Ketama)):
+        placement = make_placement(kind, [("a:1", 1), ("b:1", 1)])
+        assert isinstance(placement, Memo) and isinstance(placement.inner, cls)
+        assert placement._capacity == MEMO_KEYS == 16_384
     with pytest.raises(ValueError, match="unknown placement kind"):
         make_placement("modulo", [("a:1", 1)])
     for kind in ("rendezvous", "ketama"):
@@ -381,3 +386,97 @@ def _decodes_as_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+# --- Memo: remembered answers are the placement's answers, in bounded memory ----------------------
+
+
+class _Counting:
+    """A placement that counts the keys it is asked to place (rendezvous underneath)."""
+
+    def __init__(self, servers: list[tuple[str, int]]) -> None:
+        self.real = Rendezvous(servers)
+        self.asked: list[bytes] = []
+
+    def lookup(self, key: bytes) -> int:
+        self.asked.append(key)
+        return self.real.lookup(key)
+
+    def lookup_many(self, keys: list[bytes]) -> list[int]:
+        self.asked.extend(keys)
+        return self.real.lookup_many(keys)
+
+    def lookup_excluding(self, key: bytes, down: frozenset[int]) -> int | None:
+        self.asked.append(key)
+        return self.real.lookup_excluding(key, down)
+
+
+SERVERS4 = [(name, 1) for name in SERVER_LISTS[10][:4]]
+
+
+@settings(max_examples=100, deadline=None)
+@given(kind=_kinds, names=_names, capacity=st.integers(1, 12),
+       calls=st.lists(st.tuples(st.booleans(), st.lists(st.sampled_from([b"k%d" % i for i in range(30)]), min_size=1, max_size=20)),
+                      min_size=1, max_size=12))
+def test_memo_answers_what_the_placement_answers_whatever_it_remembers(
+    kind: str, names: list[str], capacity: int, calls: list[tuple[bool, list[bytes]]]
+) -> None:
+    servers = [(name, 1) for name in names]
+    plain = make_placement(kind, servers)
+    inner = plain.inner if isinstance(plain, Memo) else plain
+    memo = Memo(inner, capacity)
+    for many, keys in calls:
+        if many:
+            assert memo.lookup_many(keys) == inner.lookup_many(keys)
+        else:
+            assert [memo.lookup(k) for k in keys] == [inner.lookup(k) for k in keys]
+        assert len(memo) <= capacity
+
+
+def test_memo_places_a_remembered_key_without_asking_the_placement_again() -> None:
+    counting = _Counting(SERVERS4)
+    memo = Memo(counting)
+    keys = [b"key:%d" % i for i in range(100)]
+    first = memo.lookup_many(keys)
+    assert counting.asked == keys
+    counting.asked.clear()
+    # Remembered: answered from the memo alone, one by one or as a get_many's batch.
+    assert memo.lookup_many(keys) == first and [memo.lookup(k) for k in keys] == first
+    assert counting.asked == []
+    # Half remembered: only the new half is placed, in one call, and the answers stay in order.
+    mixed = [k for pair in zip(keys[:50], (b"new:%d" % i for i in range(50))) for k in pair]
+    assert memo.lookup_many(mixed) == counting.real.lookup_many(mixed)
+    assert counting.asked == [b"new:%d" % i for i in range(50)]
+
+
+def test_memo_forgets_everything_when_full_and_never_holds_more_than_its_capacity() -> None:
+    counting = _Counting(SERVERS4)
+    memo = Memo(counting, capacity=10)
+    for i in range(10):
+        memo.lookup(b"k%d" % i)
+    assert len(memo) == 10
+    memo.lookup(b"k10")  # the 11th key: the ten are forgotten, this one remembered
+    assert len(memo) == 1
+    counting.asked.clear()
+    memo.lookup(b"k0")
+    assert counting.asked == [b"k0"]
+    # A batch that would overflow clears first; a batch larger than the capacity is not remembered.
+    memo.lookup_many([b"m%d" % i for i in range(9)])  # 2 held + 9 > 10: cleared, then the 9
+    assert len(memo) == 9
+    big = [b"b%d" % i for i in range(25)]
+    assert memo.lookup_many(big) == counting.real.lookup_many(big)
+    assert len(memo) == 0
+
+
+def test_memo_does_not_remember_lookups_that_exclude_down_servers() -> None:
+    counting = _Counting(SERVERS4)
+    memo = Memo(counting)
+    key = b"some:key"
+    home = memo.lookup(key)
+    elsewhere = memo.lookup_excluding(key, frozenset({home}))
+    assert elsewhere is not None and elsewhere != home
+    assert elsewhere == counting.real.lookup_excluding(key, frozenset({home}))
+    # The key's remembered server is still its home, not the server it went to while home was down.
+    assert memo.lookup(key) == home
+    with pytest.raises(ValueError, match="capacity"):
+        Memo(counting.real, 0)
