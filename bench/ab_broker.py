@@ -2,10 +2,11 @@
 with --many N, get_many of N keys).
 
     python -m bench.ab_broker --before DIR [--after DIR] [--rounds 8] [--seconds 1.5] [--workers 32] [--many N]
+                              [--servers N]
 
 DIR is a checkout (or `git archive REV | tar -x -C DIR`) whose `broker` package is run as
 `python -m broker serve` with DIR as its working directory; --after defaults to this checkout. One
-memcached, one broker per tree, the same forked workers (this checkout's clientlib), and rounds in
+memcached (or --servers N), one broker per tree, the same forked workers (this checkout's clientlib), and rounds in
 ABBA order (before/after, after/before, ...), so drift and noise on a shared machine fall on both.
 Each round reports gets/s (keys/s with --many) and the broker's CPU per get (per key with
 --many; /proc utime+stime); the summary gives the
@@ -59,13 +60,15 @@ def _worker(conn: Any) -> None:
         conn.send(n)
 
 
-def _start_broker(tmp: Path, tag: str, tree: Path, server: str) -> tuple[Proc, str]:
+def _start_broker(tmp: Path, tag: str, tree: Path, servers: list[str]) -> tuple[Proc, str]:
     from clientlib import Client
     from clientlib.errors import MemcacheError
 
     url = f"ipc://{tmp}/{tag}.sock"
-    proc = Proc(f"broker-{tag}", [sys.executable, "-m", "broker", "serve", "--listen", url, "--server", server],
-                tmp / f"broker-{tag}.log", cwd=tree)
+    argv = [sys.executable, "-m", "broker", "serve", "--listen", url]
+    for server in servers:
+        argv += ["--server", server]
+    proc = Proc(f"broker-{tag}", argv, tmp / f"broker-{tag}.log", cwd=tree)
     client = Client(url, timeout=0.5)
     deadline = time.monotonic() + 30
     while True:
@@ -89,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=1.5, help="seconds per path per round (default 1.5)")
     p.add_argument("--workers", type=int, default=32)
     p.add_argument("--many", type=int, default=0, help="get_many of this many keys per call (default: single gets)")
+    p.add_argument("--servers", type=int, default=1, help="memcached servers (default 1)")
     args = p.parse_args(argv)
+    if not 1 <= args.servers <= 16:
+        p.error("--servers must be 1..16")
     for tree in (args.before, args.after):
         if not (tree / "broker" / "__main__.py").is_file():
             p.error(f"{tree} has no broker package")
@@ -98,11 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     ctx = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="mcb-ab-") as tmpdir, ExitStack() as stack:
         tmp = Path(tmpdir)
-        mc, address = start_memcached(tmp, "ab")
-        stack.callback(mc.stop)
+        addresses = []
+        for i in range(args.servers):
+            mc, address = start_memcached(tmp, f"ab{i}")
+            stack.callback(mc.stop)
+            addresses.append(address)
         brokers: dict[str, tuple[Proc, str]] = {}
         for tag, tree in (("before", args.before), ("after", args.after)):
-            brokers[tag] = _start_broker(tmp, tag, tree.resolve(), address)
+            brokers[tag] = _start_broker(tmp, tag, tree.resolve(), addresses)
             stack.callback(brokers[tag][0].stop)
         loader = Client(brokers["after"][1], timeout=5.0)
         loader.set_many({"ab%d" % i: b"v" * 100 for i in range(max(KEYS, args.many))})
