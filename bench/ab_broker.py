@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--many", type=int, default=0, help="get_many of this many keys per call (default: single gets)")
     p.add_argument("--servers", type=int, default=1, help="memcached servers (default 1)")
     args = p.parse_args(argv)
-    if not 1 <= args.servers <= 16:
-        p.error("--servers must be 1..16")
+    if not 1 <= args.servers <= 32:
+        p.error("--servers must be 1..32")
     for tree in (args.before, args.after):
         if not (tree / "broker" / "__main__.py").is_file():
             p.error(f"{tree} has no broker package")
