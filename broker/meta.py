@@ -535,6 +535,17 @@ class ResponseParser:
     def set_max_value_len(self, limit: int) -> None:
         self._max_value = limit
 
+    def take_exact(self, response: bytes) -> bool:
+        """Consume `response` if the next buffered bytes are exactly it (the hot path for an
+        answer known in advance, such as the fence's `EN O<n>`); False, consuming nothing,
+        otherwise (another answer, or not all here yet), leaving every check to `next_items`."""
+        if self._error is not None or self._stats is not None or self._need:
+            return False
+        if not self._buf.startswith(response, self._pos):
+            return False
+        self._pos += len(response)
+        return True
+
     @property
     def failed(self) -> bool:
         """next_items found bad bytes after the responses it returned; the next call raises."""

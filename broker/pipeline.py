@@ -214,6 +214,13 @@ class Pipeline:
                         limit = len(batch.indices) - self.head
                         if batch.gets and self._take_gets(batch, limit):
                             continue
+                        if batch.ops[0] == _FENCE_OP and parser.take_exact(b"EN O%d\r\n" % batch.first):
+                            # The fence's usual answer, whole and in its place: as in _match, it
+                            # proves everything held before it.
+                            self.proven = len(self.held)
+                            self.risky = False
+                            queue.popleft()
+                            continue
                     # Everything else, and what the fast path left (an error, a lease flag, an
                     # opaque out of turn, a response not yet whole), with every check; at most
                     # the head batch's responses, so the next batch may take the fast path.

@@ -207,3 +207,48 @@ def test_fast_then_general_reads_any_stream_as_the_general_path_alone(stream: tu
             for r in p.take_get_answers(first + len(got), 8, OK, MISS):
                 got.append(norm_fast(r, first + len(got)))
         assert got + [norm(i) for i in outcome(p)] == expected, chunks
+
+
+# --- take_exact: an answer known in advance (the fence's `EN O<n>`) --------------------------------
+
+
+def test_take_exact_consumes_the_expected_answer_only_once_it_is_whole_fed_every_way() -> None:
+    data = miss(12) + hit(b"next", 13)
+    for chunks in feedings(data):
+        p = ResponseParser()
+        taken = False
+        for chunk in chunks:
+            p.feed(chunk)
+            if not taken:
+                taken = p.take_exact(b"EN O12\r\n")
+        assert taken, chunks
+        # What follows is left exactly as it was, for the other paths.
+        assert p.take_get_answers(13, 1, OK, MISS) == [[OK, b"next", 0]], chunks
+        assert p.buffered == 0
+
+
+@pytest.mark.parametrize("other", [b"HD O12\r\n", b"EN O13\r\n", b"EN O120\r\n", b"EN O12 k\r\n", b"SERVER_ERROR out of memory\r\n"])
+def test_take_exact_leaves_any_other_answer_to_next_items(other: bytes) -> None:
+    p = ResponseParser()
+    p.feed(other)
+    assert not p.take_exact(b"EN O12\r\n")
+    assert p.buffered == len(other)
+    items = p.next_items()
+    assert len(items) == 1  # read by the general path, which checks and explains it
+
+
+def test_take_exact_takes_nothing_while_a_value_is_incomplete_or_an_error_is_pending() -> None:
+    p = ResponseParser()
+    p.feed(b"VA 5 f0 s5 O1\r\nab")  # a value still arriving
+    assert p.next_items() == []
+    assert not p.take_exact(b"EN O2\r\n")
+    p.feed(b"cde\r\nEN O2\r\n")
+    assert not p.take_exact(b"EN O2\r\n")  # the value comes first
+    assert [i[0] for i in p.next_items(1)] == [Status.VALUE]
+    assert p.take_exact(b"EN O2\r\n") and p.buffered == 0
+    bad = ResponseParser()
+    bad.feed(miss(1) + b"BOGUS\r\n" + miss(2))
+    assert len(bad.next_items()) == 1 and bad.failed
+    assert not bad.take_exact(b"EN O2\r\n")  # the error found first is raised first
+    with pytest.raises(ProtocolError):
+        bad.next_items()
