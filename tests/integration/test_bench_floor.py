@@ -1,0 +1,150 @@
+"""bench/floor.py as a user meets it: its help, large values in pieces, several servers, frames it
+does not serve, and a memcached that goes away. Real memcached processes, the floor as the bench
+starts it (bench.procs.FloorServer), clientlib and a raw DEALER as its workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import harness  # noqa: E402
+from bench.procs import FloorServer  # noqa: E402
+
+from clientlib import Client  # noqa: E402
+
+BAD_REQUEST = 23  # clientlib.wire.Code.BAD_REQUEST
+
+
+@pytest.fixture
+def servers() -> Iterator[list[harness.Memcached]]:
+    started = [harness.Memcached().start(["-I", "4m"]) for _ in range(3)]
+    try:
+        yield started
+    finally:
+        for s in started:
+            s.cleanup()
+
+
+@pytest.fixture
+def floor(servers: list[harness.Memcached], tmp_path: Path) -> Iterator[FloorServer]:
+    f = FloorServer(tmp_path, [s.address for s in servers])
+    try:
+        yield f
+    finally:
+        f.stop()
+
+
+def _store_everywhere(servers: list[harness.Memcached], items: dict[str, bytes]) -> None:
+    from pymemcache.client.base import Client as PmcClient
+
+    for s in servers:
+        host, _, port = s.address.rpartition(":")
+        c = PmcClient((host, int(port)), timeout=5)
+        try:
+            for k, v in items.items():
+                assert c.set(k, v, noreply=False)
+        finally:
+            c.close()
+
+
+def test_help_runs_and_names_every_option() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.floor", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for option in ("--url", "--server", "--connections", "--max-seconds"):
+        assert option in proc.stdout
+
+
+@pytest.mark.timeout(60)
+def test_large_values_in_pieces_and_values_holding_crlf_across_servers(
+    servers: list[harness.Memcached], floor: FloorServer
+) -> None:
+    big = os.urandom(3_000_000)  # arrives in many reads
+    items = {f"k{i}": b"v%d" % i for i in range(300)}
+    items["big"] = big
+    items["crlf"] = b"a\r\nEN\r\nVA 3 f0\r\nxyz\r\n"  # looks like answers
+    _store_everywhere(servers, items)
+    client = Client(floor.url, timeout=10)
+    try:
+        assert client.get("big") == big
+        assert client.get("crlf") == items["crlf"]
+        keys = list(items) + ["never-stored"]
+        got = client.get_many(keys)
+        assert got == items  # every value right, the miss left out
+    finally:
+        client.disconnect_all()
+
+
+@pytest.mark.timeout(60)
+def test_frames_it_does_not_serve_get_a_clear_error_and_it_keeps_serving(
+    servers: list[harness.Memcached], floor: FloorServer
+) -> None:
+    _store_everywhere(servers, {"k": b"v"})
+    client = Client(floor.url, timeout=5)
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, 5000)
+    dealer.connect(floor.url)
+    try:
+        with pytest.raises(Exception, match="plain gets only"):
+            client.set("x", b"y", noreply=False)
+        # Frames with a request id: each gets BAD_REQUEST back.
+        for req_id, frame in enumerate([
+            [1, 7, 0, 0, [[1]]],               # a GET without its key
+            [1, 8, 0, 0, [[1, "str key"]]],    # a key that is not bytes
+            [1, 9, 0, 0, []],                  # no ops
+            [1, 10, 0, 0],                     # no ops field
+            [1, 11, 0, 0, [[3, b"k", b"v", 0, 0]]],  # a set
+        ], start=7):
+            dealer.send(msgpack.packb(frame))
+            try:
+                reply = msgpack.unpackb(dealer.recv())
+            except zmq.Again:
+                pytest.fail(f"no reply to {frame!r}; alive: {floor.proc.alive()}; log:\n{floor.proc.log_tail()}")
+            assert reply[:3] == [1, req_id, BAD_REQUEST], (frame, reply)
+        # Frames with nothing to answer to (not msgpack, not an array): dropped, not a crash.
+        for junk in (b"\xc1not msgpack", msgpack.packb({"a": 1}), msgpack.packb(5)):
+            dealer.send(junk)
+        assert floor.proc.alive(), floor.proc.log_tail()
+        assert client.get("k") == b"v"
+        assert floor.proc.alive(), floor.proc.log_tail()
+    finally:
+        dealer.close()
+        ctx.term()
+        client.disconnect_all()
+
+
+@pytest.mark.timeout(60)
+def test_a_memcached_that_goes_away_ends_the_floor_with_its_reason(
+    servers: list[harness.Memcached], floor: FloorServer
+) -> None:
+    _store_everywhere(servers, {"k": b"v"})
+    servers[1].stop()
+    client = Client(floor.url, timeout=1)
+    try:
+        # A get_many touches every server; its connection to the stopped one reads end of file.
+        with pytest.raises(Exception):
+            client.get_many([f"k{i}" for i in range(50)])
+        deadline = time.monotonic() + 10
+        while floor.proc.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not floor.proc.alive(), "the floor kept running without one of its servers"
+        assert floor.proc.popen.returncode != 0
+        assert "memcached closed the connection" in floor.proc.log_tail()
+    finally:
+        client.disconnect_all()
