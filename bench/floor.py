@@ -184,30 +184,40 @@ def main(argv: list[str] | None = None) -> int:
                             ident = router.recv(noblock)
                         except zmq.Again:
                             break
-                        frame = unpackb(router.recv(noblock))
-                        req_id, ops = frame[1], frame[4]
-                        keys = [op[1] for op in ops if op[0] == GET]
-                        if len(keys) != len(ops) or not keys:
-                            router.send(ident, sndmore | noblock)
-                            router.send(packb([VERSION, req_id, BAD_REQUEST, "the floor serves plain gets only"]), noblock)
+                        data = router.recv(noblock)
+                        req_id = None
+                        try:
+                            # A frame the floor cannot serve (not msgpack, not a request, not plain
+                            # gets of bytes keys) raises here, before anything is queued upstream.
+                            frame = unpackb(data)
+                            req_id = frame[1]
+                            ops = frame[4]
+                            keys = [op[1] for op in ops if op[0] == GET]
+                            if len(keys) != len(ops) or not keys:
+                                raise ValueError("not plain gets")
+                            if nservers == 1:
+                                up.out += b"mg " + b" v f\r\nmg ".join(keys) + b" v f\r\n"
+                                up.waiting.append((ident, req_id, len(keys), None))
+                                continue
+                            groups: dict[int, tuple[list[int], list[bytes]]] = {}
+                            for i, key in enumerate(keys):
+                                g = groups.get(s := hash(key) % nservers)
+                                if g is None:
+                                    groups[s] = ([i], [key])
+                                else:
+                                    g[0].append(i)
+                                    g[1].append(key)
+                            reqs = [(turn[s], b"mg " + b" v f\r\nmg ".join(ks) + b" v f\r\n", where)
+                                    for s, (where, ks) in groups.items()]
+                        except Exception:  # noqa: BLE001 - any malformed frame: answer it, never die
+                            if type(req_id) is int:
+                                router.send(ident, sndmore | noblock)
+                                router.send(packb([VERSION, req_id, BAD_REQUEST, "the floor serves plain gets only"]), noblock)
                             continue
-                        if nservers == 1:
-                            up.out += b"mg " + b" v f\r\nmg ".join(keys) + b" v f\r\n"
-                            up.waiting.append((ident, req_id, len(keys), None))
-                            continue
-                        groups: dict[int, tuple[list[int], list[bytes]]] = {}
-                        for i, key in enumerate(keys):
-                            g = groups.get(s := hash(key) % nservers)
-                            if g is None:
-                                groups[s] = ([i], [key])
-                            else:
-                                g[0].append(i)
-                                g[1].append(key)
-                        split = Split(len(keys), len(groups))
-                        for s, (where, ks) in groups.items():
-                            u = turn[s]
-                            u.out += b"mg " + b" v f\r\nmg ".join(ks) + b" v f\r\n"
-                            u.waiting.append((ident, req_id, len(ks), (split, where)))
+                        split = Split(len(keys), len(reqs))
+                        for u, req, where in reqs:
+                            u.out += req
+                            u.waiting.append((ident, req_id, len(where), (split, where)))
                     for u in turn:
                         if u.flush():
                             poller.modify(u.fd, zmq.POLLIN | zmq.POLLOUT)
@@ -217,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                     up.answers(router, sndmore, noblock)
                 if ev & zmq.POLLOUT and not up.flush():
                     poller.modify(up.fd, zmq.POLLIN)
+    except ConnectionError as exc:
+        print(f"floor: {exc}", file=sys.stderr, flush=True)
+        return 1
     finally:
         ctx.destroy(0)
         for u in by_fd.values():
