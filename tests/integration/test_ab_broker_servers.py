@@ -1,0 +1,45 @@
+"""bench.ab_broker with --servers N against a tree that places keys otherwise.
+
+A "before" tree is any checkout; with several servers its placement may differ from this one's
+(here: a copy of this tree whose default hash is ketama). The loader must store every key where
+either broker will look, and a worker that fails must end the run with its reason, not hang it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT_S = 120
+
+
+def _ketama_tree(dest: Path) -> Path:
+    for pkg in ("broker", "clientlib"):
+        shutil.copytree(ROOT / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    config = dest / "broker" / "config.py"
+    text = config.read_text()
+    assert '"hash": "rendezvous",' in text
+    config.write_text(text.replace('"hash": "rendezvous",', '"hash": "ketama",', 1))
+    return dest
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 30)
+@pytest.mark.parametrize("many", [0, 20])
+def test_several_servers_and_a_before_tree_that_places_keys_otherwise(tmp_path: Path, many: int) -> None:
+    before = _ketama_tree(tmp_path / "before")
+    argv = [sys.executable, "-m", "bench.ab_broker", "--before", str(before), "--servers", "3",
+            "--rounds", "1", "--seconds", "0.3", "--workers", "2", "--many", str(many)]
+    try:
+        proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        # subprocess.run kills the child on timeout; its forked workers are daemonic and die with it
+        # when their pipes close.
+        pytest.fail(f"ab_broker still running after {RUN_TIMEOUT_S} s:\n{(exc.stderr or b'')[-3000:]!r}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| before |" in proc.stdout and "| after |" in proc.stdout, proc.stdout
