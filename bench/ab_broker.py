@@ -99,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     for tree in (args.before, args.after):
         if not (tree / "broker" / "__main__.py").is_file():
             p.error(f"{tree} has no broker package")
-    from clientlib import Client
 
     ctx = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="mcb-ab-") as tmpdir, ExitStack() as stack:
@@ -113,9 +112,19 @@ def main(argv: list[str] | None = None) -> int:
         for tag, tree in (("before", args.before), ("after", args.after)):
             brokers[tag] = _start_broker(tmp, tag, tree.resolve(), addresses)
             stack.callback(brokers[tag][0].stop)
-        loader = Client(brokers["after"][1], timeout=5.0)
-        loader.set_many({"ab%d" % i: b"v" * 100 for i in range(max(KEYS, args.many))})
-        loader.disconnect_all()
+        # Every key on every server, so both trees find it whatever their placement.
+        from pymemcache.client.base import Client as PmcClient
+
+        names = ["ab%d" % i for i in range(max(KEYS, args.many))]
+        for address in addresses:
+            host, _, port = address.rpartition(":")
+            loader = PmcClient((host, int(port)), connect_timeout=5.0, timeout=5.0)
+            try:
+                for i in range(0, len(names), 100):
+                    if loader.set_many({k: b"v" * 100 for k in names[i:i + 100]}, noreply=False):
+                        raise BenchError(f"{address} did not store the preloaded keys")
+            finally:
+                loader.close()
         pipes, procs = [], []
         for _ in range(args.workers):
             a, b = ctx.Pipe()
