@@ -11,12 +11,12 @@ carries the same bytes both ways. Prints READY once bound; SIGTERM/SIGINT only s
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 import time
-from typing import Any
 
 import zmq
+
+from .serving import StopFlag, bound_router, check_url
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,20 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reply-bytes", type=int, required=True)
     p.add_argument("--max-seconds", type=float, default=3600.0)
     args = p.parse_args(argv)
-    if not args.url.startswith(("ipc://", "tcp://127.0.0.1:")):
-        p.error("--url must be ipc:// or tcp://127.0.0.1:PORT")
-    stop = False
-
-    def on_signal(signum: int, frame: Any) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    check_url(p, args.url)
+    stop = StopFlag()
     ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(args.url)
+    router = bound_router(ctx, args.url)
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
     reply = b"\x00" * max(1, args.reply_bytes)
@@ -46,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     print("READY", flush=True)
     end = time.monotonic() + args.max_seconds
     try:
-        while not stop and time.monotonic() < end:
+        while not stop.set and time.monotonic() < end:
             if not poller.poll(100):
                 continue
             for _ in range(4096):  # one turn drains a bounded batch, as the broker's does

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import collections
 import re
-import signal
 import socket
 import sys
 import time
@@ -38,6 +37,8 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 import zmq
+
+from .serving import StopFlag, bound_router, check_url
 
 GET = 1      # clientlib.wire.Op.GET
 OK, MISS, BAD_REQUEST = 0, 1, 23   # clientlib.wire.Code
@@ -145,25 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=2, help="per server")
     p.add_argument("--max-seconds", type=float, default=3600.0)
     args = p.parse_args(argv)
-    if not args.url.startswith(("ipc://", "tcp://127.0.0.1:")):
-        p.error("--url must be ipc:// or tcp://127.0.0.1:PORT")
+    check_url(p, args.url)
     if not 1 <= args.connections <= 8:
         p.error("--connections must be 1..8")
-    stop = False
-
-    def on_signal(signum: int, frame: Any) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = StopFlag()
     servers = [[Upstream(a) for _ in range(args.connections)] for a in args.server]
     nservers = len(servers)
     by_fd = {u.fd: u for ups in servers for u in ups}
     ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    router.bind(args.url)
+    router = bound_router(ctx, args.url)
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
     for fd in by_fd:
@@ -173,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print("READY", flush=True)
     end = time.monotonic() + args.max_seconds
     try:
-        while not stop and time.monotonic() < end:
+        while not stop.set and time.monotonic() < end:
             for obj, ev in poller.poll(100):
                 if obj is router:
                     # This turn's frames all go to each server's connection with the fewest waiting.

@@ -410,6 +410,17 @@ class Nutcracker:
 # --- the delay proxy, the ZeroMQ echo server and the floor (programs in this package) ----------
 
 
+def _start_ready(name: str, argv: list[str], log_path: Path) -> Proc:
+    """Start one of this package's programs and wait (bounded) for the READY line it prints once
+    it serves; BenchError, with its log, when it does not."""
+    proc = Proc(name, argv, log_path, cwd=ROOT, stdout_pipe=True)
+    line = proc.read_line(START_TIMEOUT_S)
+    if line != "READY":
+        proc.stop()
+        raise BenchError(f"{name} did not start ({line!r}):\n{proc.log_tail()}")
+    return proc
+
+
 class DelayProxy:
     """bench/delayproxy.py: one single-threaded process in front of every memcached server."""
 
@@ -419,12 +430,8 @@ class DelayProxy:
         argv = [sys.executable, "-m", "bench.delayproxy", "--delay-ms", str(delay_ms), "--stats-file", str(self.stats_path)]
         for front, up in zip(self.listen, upstreams):
             argv += ["--map", f"{front}={up}"]
-        self.proc = Proc("delayproxy", argv, tmpdir / "delayproxy.log", cwd=ROOT, stdout_pipe=True)
+        self.proc = _start_ready("delayproxy", argv, tmpdir / "delayproxy.log")
         self.pid = self.proc.pid
-        line = self.proc.read_line(START_TIMEOUT_S)
-        if line != "READY":
-            self.proc.stop()
-            raise BenchError(f"delay proxy did not start ({line!r}):\n{self.proc.log_tail()}")
 
     def stop(self) -> dict[str, Any]:
         """Stop it and return its own account: chunks, bytes, measured added delay."""
@@ -441,13 +448,9 @@ class EchoServer:
 
     def __init__(self, tmpdir: Path, tag: str, reply_bytes: int) -> None:
         self.url = f"ipc://{tmpdir}/echo-{tag}.sock"
-        self.proc = Proc("echo", [sys.executable, "-m", "bench.echo", "--url", self.url, "--reply-bytes", str(reply_bytes)],
-                         tmpdir / f"echo-{tag}.log", cwd=ROOT, stdout_pipe=True)
+        argv = [sys.executable, "-m", "bench.echo", "--url", self.url, "--reply-bytes", str(reply_bytes)]
+        self.proc = _start_ready("echo", argv, tmpdir / f"echo-{tag}.log")
         self.pid = self.proc.pid
-        line = self.proc.read_line(START_TIMEOUT_S)
-        if line != "READY":
-            self.proc.stop()
-            raise BenchError(f"echo server did not start ({line!r}):\n{self.proc.log_tail()}")
 
     def stop(self) -> None:
         self.proc.stop()
@@ -462,12 +465,8 @@ class FloorServer:
         argv = [sys.executable, "-m", "bench.floor", "--url", self.url, "--connections", str(connections)]
         for up in upstreams:
             argv += ["--server", up]
-        self.proc = Proc("floor", argv, tmpdir / "floor.log", cwd=ROOT, stdout_pipe=True)
+        self.proc = _start_ready("floor", argv, tmpdir / "floor.log")
         self.pid = self.proc.pid
-        line = self.proc.read_line(START_TIMEOUT_S)
-        if line != "READY":
-            self.proc.stop()
-            raise BenchError(f"floor did not start ({line!r}):\n{self.proc.log_tail()}")
 
     def stop(self) -> None:
         self.proc.stop()
