@@ -653,6 +653,28 @@ def handshake(b: Broker, w: Worker) -> None:
     assert hit(w.reply(req)) == [Code.OK, "PONG"]
 
 
+def close_beside(b: Broker, w: Worker, worker: Callable[[], None], stop: threading.Event | None = None) -> tuple[float, float]:
+    """Run b.close() while `worker` (which records its own errors) talks to it from a thread, after
+    the handshake; `stop` is set once close() returns. Returns close()'s start and end (monotonic);
+    the worker's socket is closed and the thread has ended (asserted)."""
+    try:
+        handshake(b, w)
+        t = threading.Thread(target=worker)
+        t.start()
+        try:
+            start = time.monotonic()
+            b.close()
+            end = time.monotonic()
+        finally:
+            if stop is not None:
+                stop.set()
+            t.join(WAIT * 2)
+    finally:
+        w.close()
+    assert not t.is_alive()
+    return start, end
+
+
 def test_close_answers_frames_until_none_came_for_close_quiet_ms(
     workdir: Path, mc: Memcached, restore_signals: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -677,18 +699,7 @@ def test_close_answers_frames_until_none_came_for_close_quiet_ms(
         except BaseException as exc:  # reported by the test
             errors.append(exc)
 
-    try:
-        handshake(b, w)
-        t = threading.Thread(target=worker)
-        t.start()
-        try:
-            b.close()
-            closed_at = time.monotonic()
-        finally:
-            t.join(WAIT * 2)
-    finally:
-        w.close()
-    assert not t.is_alive()
+    _, closed_at = close_beside(b, w, worker)
     if errors:
         raise errors[0]
     for name in ("first", "second"):
@@ -733,20 +744,8 @@ def test_close_ends_at_close_linger_ms_while_frames_keep_coming(
         except BaseException as exc:  # reported by the test
             errors.append(exc)
 
-    try:
-        handshake(b, w)
-        t = threading.Thread(target=worker)
-        t.start()
-        try:
-            start = time.monotonic()
-            b.close()
-            took = time.monotonic() - start
-        finally:
-            done.set()
-            t.join(WAIT * 2)
-    finally:
-        w.close()
-    assert not t.is_alive()
+    start, end = close_beside(b, w, worker, stop=done)
+    took = end - start
     if errors:
         raise errors[0]
     assert took < linger + TOLERANCE
