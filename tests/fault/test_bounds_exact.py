@@ -10,6 +10,7 @@ import zmq
 
 from clientlib.wire import Code, Op, decode_reply, encode_request
 from fakemc import pause_fully
+from pool import wait_for
 
 pytestmark = pytest.mark.fault
 
@@ -32,7 +33,15 @@ def test_one_frame_of_gets_past_the_bound_gets_exactly_128_timeouts_and_the_rest
         max_inflight_total=total, max_inflight_per_server=total, max_inflight_per_connection=LIMIT,
         failure_limit=1000, io_timeout_ms=60000,
     )
-    broker.stats()  # connected and serving before the servers stop answering
+    # Connected and serving before the servers stop answering: every connection open and nothing
+    # of the broker's own in flight (each new connection asks `stats settings`, which takes a slot
+    # of max_inflight_total until answered; under load one was still waiting when the servers
+    # stopped, and the frame got 126 slots, not 128).
+    def settled() -> bool:
+        st = broker.stats()
+        return st["inflight"] == 0 and all(v["connections"] == 2 for v in st["servers"].values())
+
+    wait_for(settled, 10.0, "every broker connection open and idle")
     for s in servers:
         pause_fully(s)  # SIGSTOP is asynchronous: wait until memcached really answers nothing
     sock = zmq.Context.instance().socket(zmq.DEALER)
