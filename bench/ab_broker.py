@@ -2,7 +2,7 @@
 with --many N, get_many of N keys).
 
     python -m bench.ab_broker --before DIR [--after DIR] [--rounds 8] [--seconds 1.5] [--workers 32] [--many N]
-                              [--servers N]
+                              [--servers N] [--own-keys]
 
 DIR is a checkout (or `git archive REV | tar -x -C DIR`) whose `broker` package is run as
 `python -m broker serve` with DIR as its working directory; --after defaults to this checkout. One
@@ -13,6 +13,10 @@ Each round reports gets/s (keys/s with --many) and the broker's CPU per get (per
 median of the per-pair ratios after/before. Issue 11 asks that the stats work cost at most 3% of
 this throughput; on a loaded 2-vCPU machine single pairs scatter by +-25%, so read the median of
 many rounds, and the CPU per get (steadier) beside it.
+
+Workers ask the same keys by default, so with --many their gets overlap and read coalescing joins
+many of them (the broker parses fewer answers than keys it serves); with --own-keys each worker asks
+keys of its own (the bench's get_many scenarios), so every key is read from memcached.
 
 Every worker loop is bounded by time and call count; memcached and both brokers are stopped by PID.
 """
@@ -43,12 +47,12 @@ def _worker(conn: Any) -> None:
         msg = conn.recv()
         if msg is None:
             return
-        url, seconds, many = msg
+        url, seconds, many, base = msg
         client = clients.get(url) or clients.setdefault(url, Client(url, timeout=5.0))
         n = 0
         end = time.monotonic() + seconds
         if many:
-            keys = ["ab%d" % i for i in range(many)]
+            keys = ["ab%d" % (base + i) for i in range(many)]
             while n < MAX_CALLS and time.monotonic() < end:
                 if len(client.get_many(keys)) != many:
                     raise BenchError("a preloaded key read as a miss")
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=32)
     p.add_argument("--many", type=int, default=0, help="get_many of this many keys per call (default: single gets)")
     p.add_argument("--servers", type=int, default=1, help="memcached servers (default 1)")
+    p.add_argument("--own-keys", action="store_true", help="with --many: each worker asks keys of its own (no read coalescing)")
     args = p.parse_args(argv)
     if not 1 <= args.servers <= 32:
         p.error("--servers must be 1..32")
@@ -115,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         # Every key on every server, so both trees find it whatever their placement.
         from pymemcache.client.base import Client as PmcClient
 
-        names = ["ab%d" % i for i in range(max(KEYS, args.many))]
+        span = args.many * (args.workers if args.own_keys else 1)
+        names = ["ab%d" % i for i in range(max(KEYS, span))]
+        bases = [w * args.many if args.own_keys else 0 for w in range(args.workers)]
         for address in addresses:
             host, _, port = address.rpartition(":")
             loader = PmcClient((host, int(port)), connect_timeout=5.0, timeout=5.0)
@@ -146,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 
         stack.callback(stop_workers)
         for tag in ("before", "after"):  # connect every worker to both, untimed
-            for a in pipes:
-                a.send((brokers[tag][1], 0.05, args.many))
+            for a, base in zip(pipes, bases):
+                a.send((brokers[tag][1], 0.05, args.many, base))
             for a in pipes:
                 a.recv()
         unit = "key" if args.many else "get"
@@ -156,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             for tag in (("before", "after") if r % 2 == 0 else ("after", "before")):
                 proc, url = brokers[tag]
                 c0, t0 = cpu_seconds(proc.pid), time.monotonic()
-                for a in pipes:
-                    a.send((url, args.seconds, args.many))
+                for a, base in zip(pipes, bases):
+                    a.send((url, args.seconds, args.many, base))
                 n = sum(a.recv() for a in pipes)
                 dt, c1 = time.monotonic() - t0, cpu_seconds(proc.pid)
                 rows[tag].append((n / dt, (c1 - c0) / max(n, 1) * 1e6))

@@ -18,7 +18,7 @@ import binascii
 import enum
 import re
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 from typing import Any, Union
 
 MAX_KEY_LEN = 250
@@ -446,6 +446,16 @@ _FLAG_TOKEN = re.compile(rb" ([A-Za-z])([\x21-\x7e]*)")
 # error line, a header that lost or gained a digit) does not match and goes the general way.
 # Opaques are never 0 and never written with a leading zero: one that is is out of turn.
 _GET_ANSWER = re.compile(rb"VA (\d{1,20}) f(\d{1,10}) s\1 O([1-9]\d{0,19})\r\n|EN O([1-9]\d{0,19})\r\n")
+# A run of such hits is also taken in bulk (ResponseParser._take_hit_run): the flags of its headers
+# are read with this, then the headers are rebuilt from the template below and compared whole.
+_RUN_FLAGS = re.compile(rb"f(\d{1,10}) s")
+_RUN_HEADER = b"\nVA %d f%b s%d O%d"
+# From this many answers wanted, a run of hits is tried in bulk first (fewer cost more that way).
+RUN_MIN = 8
+# The first guess of a run's bytes per answer (then learned): the bulk read splits a bounded
+# region, so a buffer holding many batches is not copied again for each of them.
+_RUN_GUESS = 160
+_RUN_OPAQUE_END = 10**20  # _GET_ANSWER's opaques have at most 20 digits
 MetaItem = tuple[Status, Union[bytes, None], bytes]
 
 
@@ -495,7 +505,7 @@ def _parse_flags(tokens: list[bytes]) -> dict[str, bytes]:
 class ResponseParser:
     """Incremental parser: feed any slices of the byte stream, pull whole responses."""
 
-    __slots__ = ("_buf", "_pos", "_max_value", "_stats", "_error", "_chunks", "_chunked", "_need")
+    __slots__ = ("_buf", "_pos", "_max_value", "_stats", "_error", "_chunks", "_chunked", "_need", "_per_answer", "run_min")
 
     def __init__(self, max_value_len: int = DEFAULT_MAX_VALUE_LEN) -> None:
         self._buf = b""
@@ -506,6 +516,8 @@ class ResponseParser:
         self._max_value = max_value_len
         self._stats: dict[str, str] | None = None
         self._error: ProtocolError | None = None
+        self._per_answer = _RUN_GUESS
+        self.run_min = RUN_MIN  # tests set it past any limit to check the bulk read against the loop
 
     def feed(self, data: bytes) -> None:
         if type(data) is not bytes:
@@ -557,9 +569,12 @@ class ResponseParser:
         and `miss` itself for a miss. It stops, leaving the bytes for `next_items`, at the first
         response that is not exactly such an answer with the next opaque in turn, or is not yet
         whole, so every check and every error stays on the general path; it never raises."""
-        out: list[Any] = []
         if self._error is not None or self._stats is not None or self._need:
-            return out
+            return []
+        out = self._take_hit_run(first, limit, hit) if limit >= self.run_min else []
+        if out:
+            first += len(out)
+            limit -= len(out)
         append = out.append
         buf = self._buf
         pos = self._pos
@@ -590,6 +605,58 @@ class ResponseParser:
             expect += 1
         self._pos = pos
         return out
+
+    def _take_hit_run(self, first: int, limit: int, hit: Any) -> list[Any]:
+        """The leading hits of `take_get_answers`, taken in bulk with C-level passes instead of a
+        Python step per answer (about 0.5 against 0.9 us per answer), or [] (nothing taken) when
+        fewer than run_min of them are here or any of them is not exactly in shape.
+
+        The region is split at CRLF into header, data block, header, ...; the headers are joined by
+        LF and must equal, byte for byte, the headers rebuilt from the template with each data
+        block's real length (as VA's size and `s`), the flags read from them, and the opaques in
+        turn. Equality proves each header whole and in shape, the data block after it exactly its
+        size with CRLF after it (data holding CRLF splits short and fails it), and no LF in a
+        header (the rebuilt ones have n - 1): what the loop would read, answer by answer."""
+        buf = self._buf
+        pos = self._pos
+        avail = len(buf) - pos
+        guess = limit * self._per_answer
+        while True:
+            # A bounded region: splitting all of a buffer that holds many batches would copy the
+            # rest of it once per batch.
+            whole = guess >= avail
+            region = (buf if not pos else buf[pos:]) if whole else buf[pos : pos + guess]
+            parts = region.split(b"\r\n", 2 * limit)
+            if len(parts) > 2 * limit or whole:
+                break
+            guess *= 4
+        n = min(limit, (len(parts) - 1) >> 1)
+        if n < self.run_min or not 0 < first < _RUN_OPAQUE_END - n:
+            return []
+        heads = parts[0 : 2 * n : 2]
+        joined = b"\n" + b"\n".join(heads)
+        at = joined.find(b"\nEN O")
+        if at >= 0:
+            # A miss ends the run (the loop takes it and what follows).
+            n = joined.count(b"\n", 0, at)
+            if n < self.run_min:
+                return []
+            heads = heads[:n]
+            joined = joined[:at]
+        flags = _RUN_FLAGS.findall(joined)
+        if len(flags) != n:
+            return []
+        data = parts[1 : 2 * n : 2]
+        sizes = list(map(len, data))
+        if max(sizes) > self._max_value:
+            return []
+        rebuilt = (_RUN_HEADER * n) % tuple(chain.from_iterable(zip(sizes, flags, sizes, range(first, first + n))))
+        if rebuilt != joined:
+            return []
+        taken = len(joined) + 3 * n + sum(sizes)  # each header's LF stands for its CRLF, each block has one
+        self._pos = pos + taken
+        self._per_answer = taken // n + 64
+        return list(map(list, zip(repeat(hit), data, map(int, flags))))
 
     def next_items(self, limit: int = 1 << 62) -> list[MetaItem | Response]:
         """Every complete response buffered now (at most `limit`), in order (empty when more bytes

@@ -1,0 +1,176 @@
+"""broker/meta.py `ResponseParser._take_hit_run`: a run of hits to the broker's plain gets taken in
+bulk (split at CRLF, headers rebuilt and compared whole) ahead of `take_get_answers`' loop:
+
+    VA <size> f<flags> s<size> O<n>\\r\\n<data>\\r\\n   (doc/protocol.txt "Meta Get")
+
+The bulk read must take exactly what the loop would, answer by answer, and leave the rest exactly
+where the loop would: every stream here is read both ways (run_min past any limit turns the bulk
+read off) and compared, fed whole, split at each offset, byte by byte, or in drawn pieces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from broker.meta import RUN_MIN, ProtocolError, ResponseParser
+
+pytestmark = pytest.mark.unit
+
+OK = 0
+MISS = ["miss"]
+OFF = 1 << 62  # run_min: the bulk read never runs
+
+
+def hit(value: bytes, opaque: int, flags: int = 0) -> bytes:
+    return b"VA %d f%d s%d O%d\r\n%b\r\n" % (len(value), flags, len(value), opaque, value)
+
+
+def miss(opaque: int) -> bytes:
+    return b"EN O%d\r\n" % opaque
+
+
+def read(chunks: list[bytes], first: int, limit: int, run_min: int, max_value: int = 1 << 20) -> tuple[list[Any], int, ResponseParser]:
+    """Feed the chunks, taking after each; the results, the bytes left, the parser."""
+    p = ResponseParser(max_value_len=max_value)
+    p.run_min = run_min
+    got: list[Any] = []
+    for chunk in chunks:
+        p.feed(chunk)
+        got += p.take_get_answers(first + len(got), limit - len(got), OK, MISS)
+    return got, p.buffered, p
+
+
+def test_a_run_of_hits_is_taken_in_bulk_with_each_value_and_its_flags() -> None:
+    data = b"".join(hit(b"v%d" % i, i, flags=i * 3) for i in range(1, 21)) + miss(21)
+    p = ResponseParser()
+    p.feed(data)
+    assert p._take_hit_run(1, 20, OK) == [[OK, b"v%d" % i, i * 3] for i in range(1, 21)]
+    assert p.buffered == len(miss(21))
+    assert p.take_get_answers(21, 1, OK, MISS) == [MISS]
+
+
+def test_the_run_stops_at_a_miss_and_the_loop_takes_it_and_what_follows() -> None:
+    data = b"".join(hit(b"x", i) for i in range(1, 11)) + miss(11) + hit(b"y", 12)
+    p = ResponseParser()
+    p.feed(data)
+    assert p._take_hit_run(1, 12, OK) == [[OK, b"x", 0]] * 10
+    p2 = ResponseParser()
+    p2.feed(data)
+    assert p2.take_get_answers(1, 12, OK, MISS) == [[OK, b"x", 0]] * 10 + [MISS, [OK, b"y", 0]]
+    assert p2.buffered == 0
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        hit(b"a\r\nVA 1 f0 s1 O6\r\nb", 5),  # a data block holding CRLF and a header-like line
+        b"VA 03 f0 s03 O5\r\nabc\r\n",  # a size with a leading zero: the loop's to take
+        b"VA 3 f0 s4 O5\r\nabc\r\n",  # s disagrees
+        b"VA 3 f0 s3 O05\r\nabc\r\n",  # an opaque with a leading zero is out of turn
+        b"VA 3 f12345678901 s3 O5\r\nabc\r\n",  # 11 digits of flags
+        b"VA 3 f0 s3 Z O5\r\nabc\r\n",  # a lease flag
+        b"VA 3 f0 s3 O5\nVA 3 f0 s3 O5\r\nabc\r\n",  # an LF inside a header
+        b"VA 3 f0 s3 O5\r\nabcd\r\n",  # the block is longer than its size
+    ],
+)
+def test_an_answer_out_of_shape_inside_a_run_is_read_as_the_loop_reads_it(odd: bytes) -> None:
+    data = b"".join(hit(b"v", i) for i in range(1, 5)) + odd + b"".join(hit(b"w", i) for i in range(6, 16))
+    for chunks in ([data], [data[:40], data[40:]], [data[i : i + 1] for i in range(len(data))]):
+        bulk, left, _ = read(chunks, 1, 15, 1)
+        loop, loop_left, _ = read(chunks, 1, 15, OFF)
+        assert (bulk, left) == (loop, loop_left), chunks
+
+
+def test_every_split_of_a_run_reads_as_the_loop_reads_it() -> None:
+    data = b"".join(hit(b"val\r\n%d" % i, i, flags=i) for i in range(1, 13)) + b"VA 9 f0 s9 O13\r\npart"
+    ways = [[data]] + [[data[:i], data[i:]] for i in range(1, len(data))] + [[data[i : i + 1] for i in range(len(data))]]
+    for chunks in ways:
+        bulk, left, _ = read(chunks, 1, 13, RUN_MIN)
+        assert (bulk, left) == read(chunks, 1, 13, OFF)[:2], chunks
+        assert len(bulk) == 12
+
+
+def test_a_buffer_of_several_batches_is_read_batch_by_batch_with_growing_regions() -> None:
+    # Values far larger than the first guess of bytes per answer: the region grows until it holds
+    # the run, and each batch is read from where the last one ended.
+    batches = [[b"%d" % b * (300 + 40 * i) for i in range(20)] for b in range(3)]
+    data = b"".join(hit(v, 1 + 20 * b + i) for b, vals in enumerate(batches) for i, v in enumerate(vals))
+    p = ResponseParser()
+    p.feed(data)
+    for b, vals in enumerate(batches):
+        assert p._take_hit_run(1 + 20 * b, 20, OK) == [[OK, v, 0] for v in vals]
+    assert p.buffered == 0
+
+
+def test_values_over_the_limit_are_left_to_the_loop() -> None:
+    data = b"".join(hit(b"x" * (5 if i != 9 else 50), i) for i in range(1, 13))
+    bulk, left, _ = read([data], 1, 12, 1, max_value=10)
+    assert (bulk, left) == read([data], 1, 12, OFF, max_value=10)[:2]
+    assert len(bulk) == 8
+
+
+def test_opaques_past_twenty_digits_are_left_to_the_loop() -> None:
+    first = 10**20 - 5
+    data = b"".join(hit(b"x", first + i) for i in range(10))
+    bulk, left, _ = read([data], first, 10, 1)
+    assert (bulk, left) == read([data], first, 10, OFF)[:2]
+    assert len(bulk) == 5
+
+
+_ODD = [
+    b"a\r\nb", b"\r\n", b"\r\nEN O3\r\n", b"\r\nVA 1 f0 s1 O4\r\nz", b"VA 2 f0 s2 O9\r\n", b"\n", b"\r",
+    b"EN O", b"x" * 400,
+]
+
+
+@st.composite
+def streams(draw: Any) -> tuple[list[bytes], int, int, int]:
+    """Long runs of hits, some data blocks made to look like answers or to hold CRLF, some misses,
+    some answers out of turn or out of shape, a tail cut anywhere; fed in drawn pieces."""
+    first = draw(st.sampled_from([1, 2, 7, 10**20 - 30]))
+    noisy = draw(st.booleans())  # else hits in turn only (their data blocks may still be odd)
+    out = []
+    for n in range(draw(st.integers(0, 40))):
+        opaque = first + n if not noisy or draw(st.integers(0, 30)) else draw(st.integers(1, 60))
+        kind = draw(st.sampled_from(["hit"] * 12 + ["miss", "odd", "other"])) if noisy else "hit"
+        if kind == "hit":
+            value = draw(st.binary(max_size=8)) if draw(st.integers(0, 5)) else draw(st.sampled_from(_ODD))
+            out.append(hit(value, opaque, draw(st.sampled_from([0, 1, 2**32 - 1, 9999999999]))))
+        elif kind == "miss":
+            out.append(miss(opaque))
+        elif kind == "odd":
+            out.append(hit(draw(st.sampled_from(_ODD)), opaque))
+        else:
+            out.append(draw(st.sampled_from([
+                b"VA 1 f0 s2 O%d\r\nx\r\n" % opaque, b"VA 01 f0 s01 O%d\r\nx\r\n" % opaque,
+                b"SERVER_ERROR busy\r\n", b"VA 1 f0 s1 O%d\nx\r\n" % opaque, b"HD O%d\r\n" % opaque,
+            ])))
+    data = b"".join(out)
+    data = data[: draw(st.integers(0, len(data)))] if draw(st.booleans()) else data
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=4)))
+    chunks = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+    return chunks, first, draw(st.integers(0, 45)), draw(st.sampled_from([1, 4, RUN_MIN]))
+
+
+@settings(max_examples=600, deadline=None)
+@given(streams())
+def test_bulk_then_loop_reads_any_stream_as_the_loop_alone(stream: tuple[list[bytes], int, int, int]) -> None:
+    chunks, first, limit, run_min = stream
+    bulk, left, p = read(chunks, first, limit, run_min, max_value=300)
+    loop, loop_left, q = read(chunks, first, limit, OFF, max_value=300)
+    assert (bulk, left) == (loop, loop_left)
+    assert rest(p) == rest(q)
+
+
+def rest(p: ResponseParser) -> list[Any]:
+    """What the general path reads from what was left: items until more bytes are needed, or the
+    error it raises."""
+    out: list[Any] = []
+    try:
+        while items := p.next_items():
+            out += [repr(i) for i in items]
+    except ProtocolError as exc:
+        out.append(("error", str(exc)))
+    return out
