@@ -620,6 +620,8 @@ class ResponseParser:
         buf = self._buf
         pos = self._pos
         avail = len(buf) - pos
+        if limit > avail:
+            limit = avail  # an answer has more than one byte; and split's count is a C ssize_t
         guess = limit * self._per_answer
         while True:
             # A bounded region: splitting all of a buffer that holds many batches would copy the
@@ -637,11 +639,12 @@ class ResponseParser:
         joined = b"\n" + b"\n".join(heads)
         at = joined.find(b"\nEN O")
         if at >= 0:
-            # A miss ends the run (the loop takes it and what follows).
+            # A miss ends the run (the loop takes it and what follows). The LF found must be the
+            # one put before a header, not one inside a header (then the LFs before it are not
+            # n headers and the cut header would be read with the block after the whole line).
             n = joined.count(b"\n", 0, at)
-            if n < self.run_min:
+            if n < self.run_min or at != n + sum(map(len, heads[:n])):
                 return []
-            heads = heads[:n]
             joined = joined[:at]
         flags = _RUN_FLAGS.findall(joined)
         if len(flags) != n:

@@ -174,3 +174,89 @@ def rest(p: ResponseParser) -> list[Any]:
     except ProtocolError as exc:
         out.append(("error", str(exc)))
     return out
+
+
+# --- found in review: a header holding LF before `EN O`, a limit past any count --------------------
+
+
+def test_a_header_holding_lf_then_en_o_is_not_cut_into_a_hit_and_a_miss() -> None:
+    # The miss search found `\nEN O` inside the eighth header and cut the run there: the header's
+    # part before the LF was rebuilt as a hit (O8) and given the data block that follows the whole
+    # line, where the loop does not read that line as an answer at all.
+    data = b"".join(hit(b"x", i) for i in range(1, 8)) + b"VA 1 f0 s1 O8\nEN O9\r\ny\r\n" + hit(b"z", 10)
+    bulk, left, p = read([data], 1, 10, RUN_MIN)
+    loop, loop_left, q = read([data], 1, 10, OFF)
+    assert loop == [[OK, b"x", 0]] * 7
+    assert (bulk, left) == (loop, loop_left)
+    assert rest(p) == rest(q)
+
+
+def test_lfs_inside_a_header_before_en_o_do_not_count_as_answers() -> None:
+    # More LFs before the `\nEN O` than headers: the count of answers ran past the data blocks and
+    # the rebuilding raised TypeError (take_get_answers never raises).
+    data = b"\n".join([b"f1 s"] * 10) + b"\nEN O1\r\nd\r\n" + b"".join(hit(b"x", i) for i in range(2, 10))
+    for limit in (8, 9, 12):
+        bulk, left, p = read([data], 1, limit, RUN_MIN)
+        assert (bulk, left) == read([data], 1, limit, OFF)[:2] == ([], len(data))
+        assert rest(p)[0][0] == "error"
+
+
+def test_a_limit_past_any_count_of_answers_is_a_limit_like_any_other() -> None:
+    data = b"".join(hit(b"v%d" % i, i) for i in range(1, 21)) + miss(21)
+    for limit in (1 << 62, (1 << 63) - 1, 1 << 80):
+        bulk, left, _ = read([data], 1, limit, RUN_MIN)
+        assert (bulk, left) == read([data], 1, limit, OFF)[:2]
+        assert len(bulk) == 21 and left == 0
+
+
+_PIECES = [b"a", b"\r", b"\n", b"\r\n", b" ", b"0", b"EN O", b"VA ", b" f1 s", b"f1 s"]
+_INSIDE = [b"\n", b"\r", b"\r\n", b" ", b"\nEN O", b"\n\n", b"0", b""]
+
+
+@st.composite
+def header_streams(draw: Any) -> tuple[list[bytes], int, int, int]:
+    """Streams built from the pieces of the answers themselves: whole hits and misses in turn,
+    headers cut short or ended by LF, CR or nothing, `EN O<n>` and `VA ...` inside headers and
+    data blocks, stray CR, LF and CRLF, so that the split at CRLF lands anywhere in a header."""
+    first = draw(st.sampled_from([1, 3, 10**20 - 12]))
+    nxt = first
+    out: list[bytes] = []
+    ends = st.sampled_from([b"\r\n", b"\n", b"\r", b"", b"\n\r\n", b"\r\r\n"])
+    for _ in range(draw(st.integers(0, 50))):
+        kind = draw(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 7, 7, 8, 9, 10, 11]))
+        if kind <= 5:
+            bits = draw(st.lists(st.sampled_from(_PIECES + [b"VA 1 f0 s1 O%d" % nxt, b"EN O%d" % nxt]), max_size=4))
+            out.append(hit(b"".join(bits) if kind == 0 else b"v" * kind, nxt, draw(st.sampled_from([0, 7]))))
+            nxt += 1
+        elif kind == 6:
+            out.append(miss(nxt))
+            nxt += 1
+        elif kind in (7, 8):
+            # A hit with something put inside its header (or a header cut short).
+            size = draw(st.integers(0, 2))
+            head = b"VA %d f0 s%d O%d" % (size, size, nxt)
+            at = len(head) if draw(st.booleans()) else draw(st.integers(0, len(head)))
+            inside = draw(st.sampled_from(_INSIDE + [b"\nEN O%d" % (nxt + 1), b"\nVA 0 f0 s0 O%d" % (nxt + 1)]))
+            tail = b"\r\n" + b"v" * size + b"\r\n" if kind == 7 else draw(ends)
+            out.append(head[:at] + inside + head[at:] + tail)
+            nxt += draw(st.integers(0, 1))
+        elif kind == 9:
+            out.append(b"EN O%d" % nxt + draw(ends))
+            nxt += draw(st.integers(0, 1))
+        else:
+            out.append(b"".join(draw(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=3))))
+    data = b"".join(out)
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=3)))
+    chunks = [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
+    limit = draw(st.sampled_from([1, 2, 8, 9, 20, 60, 1 << 62]))
+    return chunks, first, limit, draw(st.sampled_from([1, 2, 3, RUN_MIN]))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(header_streams())
+def test_bulk_then_loop_reads_streams_of_answer_pieces_as_the_loop_alone(stream: tuple[list[bytes], int, int, int]) -> None:
+    chunks, first, limit, run_min = stream
+    bulk, left, p = read(chunks, first, limit, run_min, max_value=300)
+    loop, loop_left, q = read(chunks, first, limit, OFF, max_value=300)
+    assert (bulk, left) == (loop, loop_left)
+    assert rest(p) == rest(q)
