@@ -93,14 +93,18 @@ def test_every_split_of_a_run_reads_as_the_loop_reads_it() -> None:
 
 
 def test_a_buffer_of_several_batches_is_read_batch_by_batch_with_growing_regions() -> None:
-    # Values far larger than the first guess of bytes per answer: the region grows until it holds
-    # the run, and each batch is read from where the last one ended.
-    batches = [[b"%d" % b * (300 + 40 * i) for i in range(20)] for b in range(3)]
+    # Values larger than the guess of bytes per answer learned from the batch before: the region
+    # grows until it holds the run (up to _RUN_MOST bytes per answer: larger values are the loop's
+    # to take), and each batch is read from where the last one ended.
+    sizes = [5, 90, 120, 1000]
+    batches = [[b"%d" % b * (size + i) for i in range(20)] for b, size in enumerate(sizes)]
     data = b"".join(hit(v, 1 + 20 * b + i) for b, vals in enumerate(batches) for i, v in enumerate(vals))
     p = ResponseParser()
     p.feed(data)
-    for b, vals in enumerate(batches):
+    for b, vals in enumerate(batches[:3]):
         assert p._take_hit_run(1 + 20 * b, 20, OK) == [[OK, v, 0] for v in vals]
+    assert p._take_hit_run(61, 20, OK) == []
+    assert p.take_get_answers(61, 20, OK, MISS) == [[OK, v, 0] for v in batches[3]]
     assert p.buffered == 0
 
 
@@ -209,7 +213,27 @@ def test_a_limit_past_any_count_of_answers_is_a_limit_like_any_other() -> None:
         assert len(bulk) == 21 and left == 0
 
 
+def test_a_large_value_ends_the_bulk_run_and_the_loop_steps_over_it() -> None:
+    # The bulk read scans every data block for CRLF, the loop steps over one by its size: the
+    # region it splits holds at most _RUN_MOST bytes per answer wanted, so a large value (here
+    # 100 kB among 100-byte ones; it was 20 times slower per answer with one of 1 MB) is left to
+    # the loop, and the small ones after it too.
+    vals = [b"s%d" % i * 25 for i in range(20)] + [b"L" * 100_000] + [b"t%d" % i * 25 for i in range(20)]
+    data = b"".join(hit(v, i + 1) for i, v in enumerate(vals)) + miss(42)
+    p = ResponseParser()
+    p.feed(data)
+    assert p._take_hit_run(1, 41, OK) == [[OK, v, 0] for v in vals[:20]]
+    assert p._take_hit_run(21, 21, OK) == []
+    assert p.take_get_answers(21, 22, OK, MISS) == [[OK, v, 0] for v in vals[20:]] + [MISS]
+    assert p.buffered == 0
+    for limit in (8, 21, 41, 60):
+        for chunks in ([data], [data[:3000], data[3000:]], [data[:50_000], data[50_000:]]):
+            bulk, left, _ = read(chunks, 1, limit, RUN_MIN)
+            assert (bulk, left) == read(chunks, 1, limit, OFF)[:2]
+
+
 _PIECES = [b"a", b"\r", b"\n", b"\r\n", b" ", b"0", b"EN O", b"VA ", b" f1 s", b"f1 s"]
+_SIZES = [0, 100, 120, 130, 140, 200, 400]  # about the most bytes per answer the bulk read splits
 _INSIDE = [b"\n", b"\r", b"\r\n", b" ", b"\nEN O", b"\n\n", b"0", b""]
 
 
@@ -226,7 +250,8 @@ def header_streams(draw: Any) -> tuple[list[bytes], int, int, int]:
         kind = draw(st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 7, 7, 8, 9, 10, 11]))
         if kind <= 5:
             bits = draw(st.lists(st.sampled_from(_PIECES + [b"VA 1 f0 s1 O%d" % nxt, b"EN O%d" % nxt]), max_size=4))
-            out.append(hit(b"".join(bits) if kind == 0 else b"v" * kind, nxt, draw(st.sampled_from([0, 7]))))
+            size = kind if kind < 5 else draw(st.sampled_from(_SIZES))
+            out.append(hit(b"".join(bits) if kind == 0 else b"v" * size, nxt, draw(st.sampled_from([0, 7]))))
             nxt += 1
         elif kind == 6:
             out.append(miss(nxt))
