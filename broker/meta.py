@@ -459,6 +459,9 @@ _RUN_GUESS = 160
 # (about 1 ns a byte), where the loop steps over one by its size, so from about 300 bytes an answer
 # the loop is faster; a run of larger answers is taken in part (what the region holds), or not.
 _RUN_MOST = 160
+# How far ahead the bulk read looks for a miss before splitting (about the first 16 answers): the
+# whole region, at about 0.4 ns a byte, would cost the run of hits 8 %.
+_RUN_LOOK = 16 * _RUN_MOST
 _RUN_OPAQUE_END = 10**20  # _GET_ANSWER's opaques have at most 20 digits
 MetaItem = tuple[Status, Union[bytes, None], bytes]
 
@@ -624,11 +627,19 @@ class ResponseParser:
         header (the rebuilt ones have n - 1): what the loop would read, answer by answer."""
         buf = self._buf
         pos = self._pos
+        if buf.startswith(b"EN O", pos):
+            return []  # a miss first: no run (the search below finds the ones after a CRLF)
         avail = len(buf) - pos
         if limit > avail:
             limit = avail  # an answer has more than one byte; and split's count is a C ssize_t
         guess = limit * self._per_answer
         most = limit * _RUN_MOST
+        # A miss ends the run: one among the first answers (in 15 % of batches at a hit ratio of
+        # 0.99, 56 % at 0.95) made the split and join of the whole region waste, then the loop
+        # took all of them (1.2 x the loop's time per answer at 0.9; now 1.04 x).
+        cut = buf.find(b"\r\nEN O", pos, pos + _RUN_LOOK)
+        if cut >= 0 and cut - pos < most:
+            most = cut + 2 - pos  # split no further (one in a data block fails the run, as CRLF does)
         while True:
             # A bounded region: splitting all of a buffer that holds many batches would copy the
             # rest of it once per batch, and scanning large values costs more than the loop.

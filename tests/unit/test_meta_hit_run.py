@@ -288,6 +288,23 @@ def test_bulk_then_loop_reads_streams_of_answer_pieces_as_the_loop_alone(stream:
     assert rest(p) == rest(q)
 
 
+def test_a_miss_or_what_looks_like_one_in_a_data_block_ends_the_region_split() -> None:
+    # The bulk read looks for `\r\nEN O` before splitting and splits no further: a data block
+    # holding it (as one holding CRLF) fails the bulk run, and the loop takes all by size.
+    vals = [b"v%d" % i for i in range(1, 21)]
+    vals[11] = b"a\r\nEN O5\r\nb"
+    data = b"".join(hit(v, i + 1) for i, v in enumerate(vals)) + miss(21) + hit(b"after", 22)
+    p = ResponseParser()
+    p.feed(data)
+    assert p._take_hit_run(1, 22, OK) == []
+    assert p._take_hit_run(1, 11, OK) == [[OK, v, 0] for v in vals[:11]]
+    assert p.take_get_answers(12, 11, OK, MISS) == [[OK, v, 0] for v in vals[11:]] + [MISS, [OK, b"after", 0]]
+    assert p.buffered == 0
+    q = ResponseParser()
+    q.feed(miss(1) + data[len(hit(vals[0], 1)) :])
+    assert q._take_hit_run(1, 22, OK) == []  # a miss first
+
+
 _BYTES = [b"\r", b"\n", b"0", b"1", b"9", b" ", b"E", b"N", b"V", b"A", b"O", b"f", b"s", b"x"]
 _STRINGS = [b"\r\n", b"\n\r", b"\nEN O10", b"\r\nEN O9", b"\nVA 3 f5 s3 O9", b"\r\nVA 0 f0 s0 O9\r\n"]
 
