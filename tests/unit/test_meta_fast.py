@@ -78,6 +78,12 @@ def test_needs_encoding_finds_any_key_that_cannot_go_as_it_is(keys: list[bytes],
     assert needs_encoding(keys) is needs
 
 
+@given(st.lists(st.binary(min_size=0, max_size=252) | st.sampled_from([b"k" * 250, b"k" * 251, b"a\x20b", b"\x7f"]), max_size=12))
+def test_needs_encoding_of_a_list_is_whether_any_key_is_not_plain(keys: list[bytes]) -> None:
+    # The lot's C-level passes against is_plain_key's regex, key by key.
+    assert needs_encoding(keys) is (not all(is_plain_key(k) for k in keys))
+
+
 # --- issue 14's mutmut survivors: the hot-path encoders' edges ---------------------------------------
 # protocol.txt: `ms <key> <datalen> <flags>*`, F(token) client flags, T(token) TTL, O(token)
 # opaque (memcached 1.6 takes at most 32 bytes, the leading "O" counted); a key is at most 250 bytes.
