@@ -116,6 +116,14 @@ def test_values_over_the_limit_are_left_to_the_loop() -> None:
     assert len(bulk) == 8
 
 
+@pytest.mark.parametrize("limit", [4, 5, 6])
+def test_a_value_of_exactly_the_limit_is_taken_in_bulk_and_one_byte_more_is_not(limit: int) -> None:
+    data = b"".join(hit(b"x" * 5, i) for i in range(1, 13))
+    bulk, left, _ = read([data], 1, 12, 1, max_value=limit)
+    assert (bulk, left) == read([data], 1, 12, OFF, max_value=limit)[:2]
+    assert len(bulk) == (12 if limit >= 5 else 0)
+
+
 def test_opaques_past_twenty_digits_are_left_to_the_loop() -> None:
     first = 10**20 - 5
     data = b"".join(hit(b"x", first + i) for i in range(10))
