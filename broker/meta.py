@@ -455,8 +455,9 @@ _GET_ANSWER = re.compile(rb"VA (\d{1,20}) f(\d{1,10}) s\1 O([1-9]\d{0,19})\r\n|E
 # are read with this, then the headers are rebuilt from the template below and compared whole.
 _RUN_FLAGS = re.compile(rb"f(\d{1,10}) s")
 _RUN_HEADER = b"\nVA %d f%b s%d O%d"
-# From this many answers wanted, a run of hits is tried in bulk first (fewer cost more that way).
-RUN_MIN = 8
+# From this many answers wanted, a run of hits is tried in bulk first: all hits of 100 bytes, the bulk
+# read costs 1.12 x the loop's time per answer at 8, 1.03 x at 12, 0.93 x at 16, 0.80 x at 32.
+RUN_MIN = 16
 # The first guess of a run's bytes per answer (then learned): the bulk read splits a bounded
 # region, so a buffer holding many batches is not copied again for each of them.
 _RUN_GUESS = 160
@@ -657,7 +658,7 @@ class ResponseParser:
                 break
             guess *= 4
         n = min(limit, (len(parts) - 1) >> 1)
-        if n < self.run_min or not 0 < first < _RUN_OPAQUE_END - n:
+        if n < self.run_min or not n or not 0 < first < _RUN_OPAQUE_END - n:
             return []
         heads = parts[0 : 2 * n : 2]
         joined = b"\n" + b"\n".join(heads)
