@@ -380,3 +380,19 @@ def test_every_stream_of_up_to_four_pieces_reads_as_the_loop_reads_it() -> None:
                 assert (bulk, left, rest(p)) == (loop, loop_left, rest(q)), (data, limit)
                 count += 1
     assert count == 3 * sum(8**k for k in range(5))
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        hit(b"x", 9, flags=5),  # one header with other flags: the run is read with the flags template
+        b"VA 1 f0 s1 O9 f0 s\r\nx\r\n",  # " f0 s" twice in one header, n times in all: the fast template fails it
+        b"VA 1 f0 s1 O9\r\nx\r\n",  # in shape: the whole run with flags 0
+    ],
+)
+def test_runs_of_flags_0_and_of_other_flags_are_read_as_the_loop_reads_them(odd: bytes) -> None:
+    data = b"".join(hit(b"v%d" % i, i) for i in range(1, 9)) + odd + b"".join(hit(b"w", i) for i in range(10, 20))
+    bulk, left, p = read([data], 1, 19, 1)
+    loop, loop_left, q = read([data], 1, 19, OFF)
+    assert (bulk, left, rest(p)) == (loop, loop_left, rest(q))
+    assert len(bulk) == (8 if b"O9 f0" in odd else 19)
