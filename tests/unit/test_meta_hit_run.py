@@ -396,3 +396,15 @@ def test_runs_of_flags_0_and_of_other_flags_are_read_as_the_loop_reads_them(odd:
     loop, loop_left, q = read([data], 1, 19, OFF)
     assert (bulk, left, rest(p)) == (loop, loop_left, rest(q))
     assert len(bulk) == (8 if b"O9 f0" in odd else 19)
+
+
+@pytest.mark.parametrize(("first_size", "bulk"), [(400, 21), (401, 0), (1000, 0), (99, 21)])
+def test_a_first_value_past_400_bytes_leaves_the_batch_to_the_loop(first_size: int, bulk: int) -> None:
+    # The bulk read looks at the first answer's size before splitting: past 400 bytes the split
+    # would cost more than the loop. Either way both readings take the same answers.
+    data = hit(b"L" * first_size, 1) + b"".join(hit(b"s%d" % i, i) for i in range(2, 22))
+    p = ResponseParser()
+    p.feed(data)
+    assert len(p._take_hit_run(1, 21, OK)) == bulk
+    got, left, _ = read([data], 1, 21, RUN_MIN)
+    assert (got, left) == read([data], 1, 21, OFF)[:2] and len(got) == 21
