@@ -459,12 +459,10 @@ _RUN_HEADER_F0 = b"\nVA %d f0 s%d O%d"
 # From this many answers wanted, a run of hits is tried in bulk first: all hits of 100 bytes, the bulk
 # read costs 1.12 x the loop's time per answer at 8, 1.03 x at 12, 0.93 x at 16, 0.80 x at 32.
 RUN_MIN = 16
-# The first guess of a run's bytes per answer (then learned): the bulk read splits a bounded
-# region, so a buffer holding many batches is not copied again for each of them.
-_RUN_GUESS = 160
 # The bytes per answer wanted that the bulk read splits at most: it scans every data block for CRLF
 # (about 1 ns a byte), where the loop steps over one by its size, so from about 300 bytes an answer
-# the loop is faster; a run of larger answers is taken in part (what the region holds), or not.
+# the loop is faster; a run of larger answers is taken in part (what the region holds), or not. The
+# bound also keeps a buffer that holds many batches from being copied whole for each of them.
 _RUN_MOST = 160
 # How far ahead the bulk read looks for a miss before splitting (about the first 16 answers): the
 # whole region, at about 0.4 ns a byte, would cost the run of hits 8 %.
@@ -521,7 +519,7 @@ def _parse_flags(tokens: list[bytes]) -> dict[str, bytes]:
 class ResponseParser:
     """Incremental parser: feed any slices of the byte stream, pull whole responses."""
 
-    __slots__ = ("_buf", "_pos", "_max_value", "_stats", "_error", "_chunks", "_chunked", "_need", "_per_answer", "run_min")
+    __slots__ = ("_buf", "_pos", "_max_value", "_stats", "_error", "_chunks", "_chunked", "_need", "run_min")
 
     def __init__(self, max_value_len: int = DEFAULT_MAX_VALUE_LEN) -> None:
         self._buf = b""
@@ -532,7 +530,6 @@ class ResponseParser:
         self._max_value = max_value_len
         self._stats: dict[str, str] | None = None
         self._error: ProtocolError | None = None
-        self._per_answer = _RUN_GUESS
         self.run_min = RUN_MIN  # tests set it past any limit to check the bulk read against the loop
 
     def feed(self, data: bytes) -> None:
@@ -647,7 +644,6 @@ class ResponseParser:
         avail = len(buf) - pos
         if limit > avail:
             limit = avail  # an answer has more than one byte; and split's count is a C ssize_t
-        guess = limit * self._per_answer
         most = limit * _RUN_MOST
         # A miss ends the run: one among the first answers (in 15 % of batches at a hit ratio of
         # 0.99, 56 % at 0.95) made the split and join of the whole region waste, then the loop
@@ -655,17 +651,13 @@ class ResponseParser:
         cut = buf.find(b"\r\nEN O", pos, pos + _RUN_LOOK)
         if cut >= 0 and cut - pos < most:
             most = cut + 2 - pos  # split no further (one in a data block fails the run, as CRLF does)
-        while True:
-            # A bounded region: splitting all of a buffer that holds many batches would copy the
-            # rest of it once per batch, and scanning large values costs more than the loop.
-            if guess > most:
-                guess = most
-            whole = guess >= avail
-            region = (buf if not pos else buf[pos:]) if whole else buf[pos : pos + guess]
-            parts = region.split(b"\r\n", 2 * limit)
-            if len(parts) > 2 * limit or whole or guess == most:
-                break
-            guess *= 4
+        # A bounded region: splitting all of a buffer that holds many batches would copy the rest
+        # of it once per batch, and scanning large values costs more than the loop.
+        if most >= avail:
+            region = buf if not pos else buf[pos:]
+        else:
+            region = buf[pos : pos + most]
+        parts = region.split(b"\r\n", 2 * limit)
         n = min(limit, (len(parts) - 1) >> 1)
         if n < self.run_min or not n or not 0 < first < _RUN_OPAQUE_END - n:
             return []
@@ -699,7 +691,6 @@ class ResponseParser:
             return []
         taken = len(joined) + 3 * n + sum(sizes)  # each header's LF stands for its CRLF, each block has one
         self._pos = pos + taken
-        self._per_answer = taken // n + 64
         return list(map(list, zip(repeat(hit), data, client_flags)))
 
     def next_items(self, limit: int = 1 << 62) -> list[MetaItem | Response]:

@@ -100,10 +100,9 @@ def test_every_split_of_a_run_reads_as_the_loop_reads_it() -> None:
         assert len(bulk) == 12
 
 
-def test_a_buffer_of_several_batches_is_read_batch_by_batch_with_growing_regions() -> None:
-    # Values larger than the guess of bytes per answer learned from the batch before: the region
-    # grows until it holds the run (up to _RUN_MOST bytes per answer: larger values are the loop's
-    # to take), and each batch is read from where the last one ended.
+def test_a_buffer_of_several_batches_is_read_batch_by_batch_in_bounded_regions() -> None:
+    # Each batch is split from where the last one ended, in a region of at most _RUN_MOST bytes per
+    # answer wanted (larger values are the loop's to take), not the whole buffer after it.
     sizes = [5, 90, 120, 1000]
     batches = [[b"%d" % b * (size + i) for i in range(20)] for b, size in enumerate(sizes)]
     data = b"".join(hit(v, 1 + 20 * b + i) for b, vals in enumerate(batches) for i, v in enumerate(vals))
