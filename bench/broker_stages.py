@@ -1,6 +1,6 @@
 """Where the broker's CPU per key of a get_many goes, in this process, stage by stage.
 
-    python -m bench.broker_stages [--keys 100] [--frames 3000] [--value-size 100]
+    python -m bench.broker_stages [--keys 100] [--frames 3000] [--value-size 100] [--per-op]
 
 The broker's own objects (Router, Server, Connection and its pipeline) run in this process, with
 no ZeroMQ and no event loop: each frame goes in through `Router.handle`, the connection writes it
@@ -14,8 +14,8 @@ code must spend on that stage, measured the same way.
 
     sockets  the send and the reads the connection makes       (the same system calls on a
              for the frame                                     socketpair, nothing else)
-    decode   wire.decode_request: unpack + check every op      floor: msgpack.unpackb alone
-    encode   meta.needs_encoding + meta.encode_gets            floor: one b"".join of the keys
+    decode   wire.decode_request: unpack + check every key     floor: msgpack.unpackb alone
+    encode   meta.holds_unsafe_byte + meta.encode_gets         floor: one b"".join of the keys
     parse    ResponseParser.feed + take_get_answers            floor: one regex match and one
                                                                slice per answer, nothing else
     reply    wire.encode_reply of the results                  floor: (it is one C call)
@@ -24,6 +24,8 @@ code must spend on that stage, measured the same way.
     rest     the whole path with coalescing off, less the five stages above: routing, the batch
              and its FIFO entry, the pipeline's proof and delivery
 
+Frames are what clientlib sends: one GET_MANY op carrying the keys (one GET for one key); with
+--per-op, one GET op per key (clientlib before GET_MANY, or facing a broker older than it).
 CPU is this process's (time.process_time), the median of --rounds runs; figures are per key.
 Nothing here needs a network, a memcached or a broker process.
 """
@@ -86,9 +88,16 @@ def answers(requests: bytes, value: bytes) -> bytes:
     return b"".join(out)
 
 
+def frame_ops(keys: list[bytes], per_op: bool = False) -> list[list[Any]]:
+    """The ops of clientlib's frame for a get of `keys` (one GET per key with `per_op`)."""
+    if per_op or len(keys) == 1:
+        return [[Op.GET, k] for k in keys]
+    return [[Op.GET_MANY, keys]]
+
+
 def whole_path(
     keys: list[bytes], frames: int, value: bytes, coalesce: bool,
-    answer: Callable[[bytes, bytes], bytes] = answers,
+    answer: Callable[[bytes, bytes], bytes] = answers, per_op: bool = False,
 ) -> float:
     """CPU seconds per key of handle + flush + on_readable, over `frames` get_many frames whose
     requests `answer` answers; RuntimeError unless every reply came and the last one is right."""
@@ -112,7 +121,7 @@ def whole_path(
     conn.sock = near  # connected, as after `open` and the connect's completion
     conn.state = READY
     router.set_servers([server], make_placement("rendezvous", [(server.address.hash_key, 1)]))
-    ops = [[Op.GET, k] for k in keys]
+    ops = frame_ops(keys, per_op)
     spent = 0.0
     try:
         for i in range(frames):
@@ -155,10 +164,10 @@ def per_key(fn: Callable[[], object], nkeys: int, number: int) -> float:
     return timer.timeit(number) / (number * nkeys)
 
 
-def stages(keys: list[bytes], value: bytes, number: int) -> dict[str, tuple[float, float | None]]:
+def stages(keys: list[bytes], value: bytes, number: int, per_op: bool = False) -> dict[str, tuple[float, float | None]]:
     """{stage: (CPU s per key, floor CPU s per key or None)}."""
     n = len(keys)
-    frame = encode_request(1, [[Op.GET, k] for k in keys], 5000)
+    frame = encode_request(1, frame_ops(keys, per_op), 5000)
     stream = answers(meta.encode_gets(keys, 1), value)
     results = [[0, value, 0] for _ in keys]
 
@@ -186,7 +195,7 @@ def stages(keys: list[bytes], value: bytes, number: int) -> dict[str, tuple[floa
     return {
         "sockets": (sockets, None),
         "decode": (per_key(lambda: decode_request(frame), n, number), per_key(lambda: msgpack.unpackb(frame), n, number)),
-        "encode": (per_key(lambda: meta.needs_encoding(keys) or meta.encode_gets(keys, 1), n, number),
+        "encode": (per_key(lambda: meta.holds_unsafe_byte(keys) or meta.encode_gets(keys, 1), n, number),
                    per_key(lambda: b"".join(keys), n, number)),
         "parse": (per_key(parse, n, number), per_key(parse_floor, n, number)),
         "reply": (per_key(lambda: encode_reply(1, results), n, number), None),
@@ -227,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=3000, help="frames per run of the whole path (default 3000)")
     p.add_argument("--value-size", type=int, default=100, help="bytes per value (default 100)")
     p.add_argument("--rounds", type=int, default=3, help="runs of each measurement; the median is shown (default 3)")
+    p.add_argument("--per-op", action="store_true", help="frames of one GET op per key, not one GET_MANY op")
     args = p.parse_args(argv)
     if args.keys < 1 or args.frames < 1 or args.rounds < 1 or args.value_size < 0:
         p.error("--keys, --frames and --rounds must be positive, --value-size at least 0")
@@ -238,14 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     # all of them; the reads' cost is the median of the per-round differences.
     ons, offs, runs = [], [], []
     for _ in range(args.rounds):
-        ons.append(whole_path(keys, args.frames, value, True))
-        offs.append(whole_path(keys, args.frames, value, False))
-        runs.append(stages(keys, value, number))
+        ons.append(whole_path(keys, args.frames, value, True, per_op=args.per_op))
+        offs.append(whole_path(keys, args.frames, value, False, per_op=args.per_op))
+        runs.append(stages(keys, value, number, args.per_op))
     total = statistics.median(ons)
     off = statistics.median(offs)
     reads = statistics.median(a - b for a, b in zip(ons, offs))
     us = 1e6
-    what = "single gets" if args.keys == 1 else f"get_many({args.keys})"
+    what = "single gets" if args.keys == 1 else f"get_many({args.keys}), " + ("one GET op per key" if args.per_op else "one GET_MANY op")
     print(f"{what}, {args.value_size}-byte hits, CPU per key in this process (median of {args.rounds}):")
     print(f"| stage | us per key | floor us per key | share of the whole path |\n|---|---:|---:|---:|")
     print(f"| whole path (handle, flush, on_readable) | {total * us:.2f} | | 100% |")

@@ -83,6 +83,13 @@ def measure(fn: Callable[[], object], calls: int) -> tuple[float, float, float]:
     return (w1 - w0) / calls * 1e6, (c1 - c0) / calls * 1e6, (t1 - t0) / calls * 1e6
 
 
+def frame_ops(names: list[str]) -> list[list[object]]:
+    """The ops clientlib sends for a get of `names`: one GET, or one GET_MANY of them all."""
+    if len(names) == 1:
+        return [[int(Op.GET), names[0].encode()]]
+    return [[int(Op.GET_MANY), [k.encode() for k in names]]]
+
+
 class StubSocket:
     """Stands in for the DEALER: answers each GET at once with the same reply the broker sends.
     Measures the Python of a call with no I/O at all (warm caches, no wake-ups)."""
@@ -95,7 +102,9 @@ class StubSocket:
 
     def send(self, data: bytes, flags: int = 0, copy: bool = True) -> None:
         frame = msgpack.unpackb(data)
-        self.reply = msgpack.packb([VERSION, frame[1], 0, [[0, self.value, 0]] * len(frame[4])])
+        ops = frame[4]
+        n = len(ops[0][1]) if len(ops) == 1 and ops[0][0] == Op.GET_MANY else len(ops)  # one result per key
+        self.reply = msgpack.packb([VERSION, frame[1], 0, [[0, self.value, 0]] * n])
 
     def recv(self, flags: int = 0, copy: bool = True) -> bytes:
         return self.reply
@@ -113,7 +122,7 @@ def python_only(url: str, value: bytes, calls: int, rounds: int, nkeys: int = 1)
     transport._state().sock = stub  # type: ignore[attr-defined]
     rid = [0]
     names = key_names(nkeys)
-    op = [[int(Op.GET), k.encode()] for k in names]
+    op = frame_ops(names)
 
     def raw_get() -> object:
         rid[0] += 1
@@ -181,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         raw.setsockopt(zmq.RCVTIMEO, 2000)
         raw.connect(url)
         rid = [0]
-        op = [[int(Op.GET), k.encode()] for k in names]
+        op = frame_ops(names)
         packb, unpackb, send, recv = msgpack.packb, msgpack.unpackb, raw.send, raw.recv
 
         def raw_get() -> object:

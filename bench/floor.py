@@ -41,6 +41,7 @@ import zmq
 from .serving import StopFlag, bound_router, check_url
 
 GET = 1      # clientlib.wire.Op.GET
+GET_MANY = 6  # clientlib.wire.Op.GET_MANY: a get_many's keys in one op
 OK, MISS, BAD_REQUEST = 0, 1, 23   # clientlib.wire.Code
 VERSION = 1
 # memcached's answer to `mg <key> v f`: a hit with its size and client flags, or a miss.
@@ -183,9 +184,14 @@ def main(argv: list[str] | None = None) -> int:
                             frame = unpackb(data)
                             req_id = frame[1]
                             ops = frame[4]
-                            keys = [op[1] for op in ops if op[0] == GET]
-                            if len(keys) != len(ops) or not keys:
-                                raise ValueError("not plain gets")
+                            if len(ops) == 1 and ops[0][0] == GET_MANY:
+                                keys = ops[0][1]
+                                if type(keys) is not list or not keys:
+                                    raise ValueError("not plain gets")
+                            else:
+                                keys = [op[1] for op in ops if op[0] == GET]
+                                if len(keys) != len(ops) or not keys:
+                                    raise ValueError("not plain gets")
                             if nservers == 1:
                                 up.out += b"mg " + b" v f\r\nmg ".join(keys) + b" v f\r\n"
                                 up.waiting.append((ident, req_id, len(keys), None))

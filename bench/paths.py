@@ -152,14 +152,17 @@ def _echo_ops(spec: WorkerSpec) -> tuple[Op, Callable[[], None], Callable[[], No
     timeout_ms = int(CALL_TIMEOUT_S * 1000 - 25)  # what clientlib sends for a 2 s timeout
     want = spec.reply_bytes
     rid = random.getrandbits(48)
-    get_code = int(WireOp.GET)
+    get_code, get_many_code = int(WireOp.GET), int(WireOp.GET_MANY)
 
     def op(i: int) -> int:
         nonlocal rid
         rid += 1
         j = (i * b) % n
-        # The frame clientlib builds for this call: one GET op per key, one frame per call.
-        ops = [[get_code, keys[(j + x) % n]] for x in range(b)]
+        # The frame clientlib builds for this call: one GET, or one GET_MANY of the batch's keys.
+        if b == 1:
+            ops = [[get_code, keys[j % n]]]
+        else:
+            ops = [[get_many_code, [keys[(j + x) % n] for x in range(b)]]]
         sock.send(encode_request(rid, ops, timeout_ms))
         try:
             reply = sock.recv()

@@ -395,6 +395,12 @@ def needs_encoding(keys: list[bytes]) -> bool:
     sizes = list(map(len, keys))
     if min(sizes) == 0 or max(sizes) > MAX_KEY_LEN:
         return True
+    return holds_unsafe_byte(keys)
+
+
+def holds_unsafe_byte(keys: list[bytes]) -> bool:
+    """needs_encoding for keys already known to have 1..250 bytes each (as clientlib.wire's
+    decode_request checks a get_many's): True when any holds a byte <= 0x20 or 0x7F."""
     joined = b"".join(keys)
     return len(joined.translate(None, _BAD_KEY_BYTES)) != len(joined)
 

@@ -86,7 +86,7 @@ class Job:
         self.peer = peer
         self.ident = ident
         self.req_id = frame.req_id
-        n = len(frame.ops)
+        n = frame.results_wanted()
         self.results: list[Any] = [None] * n
         self.pending = n
         self.deadline = deadline
@@ -283,13 +283,21 @@ class Router:
         timeout = frame.timeout_ms / 1000.0 if frame.timeout_ms else self.default_timeout
         job = Job(self, peer, ident, frame, now + timeout)
         ops = frame.ops
-        stats.ops += len(ops)
-        stats.by_op[ops[0][0]] += len(ops)
-        # The commonest frames, one plain get or a get_many, take a short path when nothing is unusual.
-        if len(ops) == 1:
-            queued = ops[0][0] == _GET and self._one_get(job, ops[0][1], now)
+        gets = frame.gets
+        if gets is not None:
+            # A get_many, as one GET_MANY op or one GET per key: counted as its GETs either way.
+            stats.ops += len(gets)
+            stats.by_op[_GET] += len(gets)
         else:
-            queued = frame.gets is not None and self._all_gets(job, frame.gets, now)
+            stats.ops += len(ops)
+            stats.by_op[ops[0][0]] += len(ops)
+        # The commonest frames, one plain get or a get_many, take a short path when nothing is unusual.
+        if gets is not None:
+            queued = self._all_gets(job, gets, now)
+            if not queued and len(ops) == 1:
+                ops = frame.each_op()  # the per-op path below takes a GET_MANY key by key
+        else:
+            queued = len(ops) == 1 and ops[0][0] == _GET and self._one_get(job, ops[0][1], now)
         if queued:
             self._watch(job)
             return
@@ -464,14 +472,15 @@ class Router:
         them). Keys whose get is already in flight join it (read coalescing). False (nothing done)
         when any op is not a plain get, a key needs base64, a server is down or has a write in
         flight (its keys' reads must follow it), or a bound would refuse part of the frame: the
-        per-op path then decides each op."""
+        per-op path then decides each op. `keys`: the frame's `gets`, each 1..250 bytes
+        (decode_request checked them)."""
         if self.down:
             return False
         n = len(keys)
         budget = self.budget
         if (
             budget.inflight + n > budget.max_inflight or budget.buffered >= budget.max_buffered + SMALL_RESERVE_BYTES
-            or meta.needs_encoding(keys)
+            or meta.holds_unsafe_byte(keys)  # their sizes are checked: decode_request did
         ):
             return False
         parts: list[tuple[Server, list[int] | None, list[bytes]]]

@@ -29,8 +29,8 @@ from . import commands as commands_module
 from .curve import CurveKeys, curve_keys
 from .commands import DEFAULT_MAX_FRAME, DEFAULT_TIMEOUT, Command, Commands, Key, raise_failure
 from .commands import _OK
-from .commands import _ADD, _APPEND, _CAS, _DECR, _GET, _GETS, _INCR, _PREPEND, _REPLACE, _SET
-from .errors import MemcacheIllegalInputError, ProtocolMismatch, error_for
+from .commands import _ADD, _APPEND, _CAS, _DECR, _GET, _GET_MANY, _GETS, _INCR, _PREPEND, _REPLACE, _SET
+from .errors import MemcacheClientError, MemcacheIllegalInputError, ProtocolMismatch, error_for
 from .lease import DEFAULT_LEASE_TTL, DEFAULT_WAIT
 from .transport import AsyncTransport, Transport
 
@@ -155,11 +155,18 @@ class Client(Commands):
                     self._transport.request(ops, self._timeout_ms, self._timeout, noreply=True,
                                             max_frame_bytes=self.max_frame_bytes)
                 return cmd.noreply_value
-            if len(ops) == 1:
+            if len(ops) == 1 and ops[0][0] != _GET_MANY:
                 results = self._transport.request1(ops[0], self._timeout_ms, self._timeout)
             elif ops:
-                results = self._transport.request(ops, self._timeout_ms, self._timeout,
-                                                  max_frame_bytes=self.max_frame_bytes) or []
+                try:
+                    results = self._transport.request(ops, self._timeout_ms, self._timeout,
+                                                      max_frame_bytes=self.max_frame_bytes) or []
+                except MemcacheClientError as exc:
+                    each = self.one_get_per_key(exc, ops)  # a broker older than GET_MANY
+                    if each is None:
+                        raise
+                    results = self._transport.request(each, self._timeout_ms, self._timeout,
+                                                      max_frame_bytes=self.max_frame_bytes) or []
             else:
                 results = []
             return _finished(self, cmd, results)
@@ -438,8 +445,15 @@ class AsyncClient(Commands):
                 return cmd.noreply_value
             results = []
             if ops:
-                results = await self._transport.request(ops, self._timeout_ms, self._timeout,
-                                                        max_frame_bytes=self.max_frame_bytes) or []
+                try:
+                    results = await self._transport.request(ops, self._timeout_ms, self._timeout,
+                                                            max_frame_bytes=self.max_frame_bytes) or []
+                except MemcacheClientError as exc:
+                    each = self.one_get_per_key(exc, ops)  # a broker older than GET_MANY
+                    if each is None:
+                        raise
+                    results = await self._transport.request(each, self._timeout_ms, self._timeout,
+                                                            max_frame_bytes=self.max_frame_bytes) or []
             return _finished(self, cmd, results)
         except MemcacheIllegalInputError:
             raise

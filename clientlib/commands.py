@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Union
 
 from . import limits, serde as serde_mod, wire
-from .errors import MemcacheError, MemcacheIllegalInputError, MemcacheServerError, error_for
+from .errors import MemcacheClientError, MemcacheError, MemcacheIllegalInputError, MemcacheServerError, error_for
 from .keys import check_cas, check_int, check_key, check_keys
 from .wire import Code, Op
 
@@ -38,6 +38,7 @@ _NOT_FOUND = int(Code.NOT_FOUND)
 _FIRST_ERROR = int(Code.SERVER_ERROR)
 # Plain ints in the ops: an IntEnum member costs more to pack and compare.
 _GET, _GETS, _GAT, _GATS = int(Op.GET), int(Op.GETS), int(Op.GAT), int(Op.GATS)
+_GET_MANY = int(Op.GET_MANY)
 _SET, _ADD, _REPLACE, _APPEND, _PREPEND, _CAS = (
     int(Op.SET), int(Op.ADD), int(Op.REPLACE), int(Op.APPEND), int(Op.PREPEND), int(Op.CAS),
 )
@@ -315,6 +316,8 @@ class Commands:
                 f"max_frame_bytes must be an int in {MIN_FRAME_BYTES}..{1 << 30} (bytes), got {max_frame_bytes!r}"
             )
         self.max_frame_bytes = max_frame_bytes
+        # A get_many goes as one GET_MANY op until a broker refuses it (one_get_per_key).
+        self.get_many_op = True
         # pymemcache's socket-level options: accepted so existing configuration keeps working.
         # The broker owns the memcached sockets, so they have no effect here (see the README).
         self.connect_timeout = connect_timeout
@@ -378,7 +381,20 @@ class Commands:
     def _many(self, keys: Iterable[Any], op: int, with_cas: bool) -> Command:
         keys = list(keys)
         full = check_keys(keys, prefix=self.key_prefix, allow_unicode_keys=self.allow_unicode_keys, encoding=self.encoding)
+        if op == _GET and len(full) > 1 and self.get_many_op:
+            return Command([[_GET_MANY, full]], _finish_many, keys, extra=with_cas, read=True, miss={})
         return Command([[op, k] for k in full], _finish_many, keys, extra=with_cas, read=True, miss={})
+
+    def one_get_per_key(self, exc: Exception, ops: list[list[Any]]) -> list[list[Any]] | None:
+        """When `exc` is a broker's refusal of the GET_MANY op in `ops` as unknown (a broker older
+        than the op: `BAD_REQUEST "unknown op 6"`), the same gets as one GET per key, and this
+        client sends those from now on; None otherwise."""
+        if not (len(ops) == 1 and ops[0][0] == _GET_MANY and type(exc) is MemcacheClientError):
+            return None
+        if str(exc) != f"unknown op {_GET_MANY}":
+            return None
+        self.get_many_op = False
+        return [[_GET, key] for key in ops[0][1]]
 
     def _lease_get(self, key: Any, lease_ttl: Any, recache_ttl: Any, expire: Any = 0) -> Command:
         k = self.check_key(key)

@@ -343,7 +343,7 @@ class _MemoryTransport:
                     request = wire.decode_request(data, max_frame=max_frame_bytes)
                 except wire.WireError as exc:
                     raise error_for(exc.code, str(exc)) from None
-                results.extend(self.memory.execute(op) for op in request.ops)
+                results.extend(self.memory.execute(op) for op in request.each_op())
         return None if noreply else results
 
     def close(self) -> None:

@@ -49,7 +49,7 @@ from .errors import (
     ProtocolMismatch,
     error_for,
 )
-from .wire import NOREPLY, WireError, pack_request, unpack_reply
+from .wire import NOREPLY, Op as _WireOp, WireError, pack_request, unpack_reply
 
 Op = list[Any]
 Result = list[Any]
@@ -57,6 +57,7 @@ Result = list[Any]
 MAX_OPS_PER_FRAME = 10_000
 _U64 = (1 << 64) - 1
 _OK = 0
+_GET_MANY = int(_WireOp.GET_MANY)
 _NOBLOCK = int(zmq.NOBLOCK)  # plain ints: pyzmq's enum flags cost more than the call
 _RCVTIMEO = int(zmq.RCVTIMEO)
 _POLLOUT = int(zmq.POLLOUT)
@@ -326,24 +327,39 @@ def _curve_hint(curve: CurveKeys | None) -> str:
 def build_frames(
     ops: list[Op], timeout_ms: int, flags: int, max_frame_bytes: int, new_id: Callable[[], int]
 ) -> list[tuple[int, bytes, int]]:
-    """Split ops into request frames of at most MAX_OPS_PER_FRAME ops and max_frame_bytes bytes.
+    """Split ops into request frames of at most MAX_OPS_PER_FRAME ops and max_frame_bytes bytes; a
+    lone GET_MANY op (`[GET_MANY, keys]`) into GET_MANY frames of at most as many keys.
 
-    Returns (request id, frame bytes, number of ops) per frame, in op order. Raises
-    MemcacheIllegalInputError when one op alone exceeds max_frame_bytes (the Client checks store
-    values before they get here, so this is for pathological settings)."""
+    Returns (request id, frame bytes, number of results it asks for) per frame, in op order.
+    Raises MemcacheIllegalInputError when one op (or key) alone exceeds max_frame_bytes (the
+    Client checks store values before they get here, so this is for pathological settings)."""
+    if len(ops) == 1 and ops[0][0] == _GET_MANY:
+        keys = ops[0][1]
+
+        def pack(rid: int, start: int, end: int) -> bytes:
+            return pack_request(rid, [[_GET_MANY, keys[start:end]]], timeout_ms, flags)
+
+        return _split(len(keys), pack, max_frame_bytes, new_id)
+    return _split(len(ops), lambda rid, start, end: pack_request(rid, ops[start:end], timeout_ms, flags),
+                  max_frame_bytes, new_id)
+
+
+def _split(
+    total: int, pack: Callable[[int, int, int], bytes], max_frame_bytes: int, new_id: Callable[[], int]
+) -> list[tuple[int, bytes, int]]:
     out: list[tuple[int, bytes, int]] = []
     start = 0
-    while start < len(ops):
+    while start < total:
         rid = new_id()
-        end = min(len(ops), start + MAX_OPS_PER_FRAME)
-        data = pack_request(rid, ops[start:end], timeout_ms, flags)
+        end = min(total, start + MAX_OPS_PER_FRAME)
+        data = pack(rid, start, end)
         while len(data) > max_frame_bytes:
             if end - start == 1:
                 raise MemcacheIllegalInputError(
                     f"request of {len(data)} bytes exceeds the broker's frame limit of {max_frame_bytes} bytes"
                 )
             end = start + (end - start) // 2
-            data = pack_request(rid, ops[start:end], timeout_ms, flags)
+            data = pack(rid, start, end)
         out.append((rid, data, end - start))
         start = end
     return out

@@ -20,8 +20,9 @@ def test_the_fake_memcached_answers_as_protocol_txt_says() -> None:
     assert broker_stages.answers(sent, b"xyz") == b"VA 3 f0 s3 O7\r\nxyz\r\nVA 3 f0 s3 O8\r\nxyz\r\nEN O9\r\n"
 
 
-def test_a_short_run_prints_every_stage_with_plausible_numbers(capsys: pytest.CaptureFixture[str]) -> None:
-    assert broker_stages.main(["--keys", "20", "--frames", "30", "--rounds", "1"]) == 0
+@pytest.mark.parametrize("form", [[], ["--per-op"]], ids=["GET_MANY", "per-op"])
+def test_a_short_run_prints_every_stage_with_plausible_numbers(capsys: pytest.CaptureFixture[str], form: list[str]) -> None:
+    assert broker_stages.main(["--keys", "20", "--frames", "30", "--rounds", "1", *form]) == 0
     out = capsys.readouterr().out
     rows = dict(re.findall(r"^\| ([^|]+?) \| (-?[0-9.]+) \|", out, re.M))
     assert set(rows) == {
@@ -40,3 +41,11 @@ def test_a_wrong_reply_stops_the_run() -> None:
     # did not send must raise, not be timed.
     with pytest.raises(RuntimeError, match="wrong reply"):
         broker_stages.whole_path([b"k"], 2, b"v", True, answer=lambda sent, value: broker_stages.answers(sent, b"w"))
+
+
+def test_frames_are_what_clientlib_sends() -> None:
+    from clientlib.wire import Op
+
+    assert broker_stages.frame_ops([b"a", b"b"]) == [[Op.GET_MANY, [b"a", b"b"]]]
+    assert broker_stages.frame_ops([b"a", b"b"], per_op=True) == [[Op.GET, b"a"], [Op.GET, b"b"]]
+    assert broker_stages.frame_ops([b"a"]) == [[Op.GET, b"a"]]

@@ -28,6 +28,7 @@ from clientlib.wire import Code, Op
 pytestmark = pytest.mark.unit
 
 Answer = Callable[[list[Any]], list[Any]]
+GET_MANY = 6  # the schema's number, written out: the peer reads the schema on its own
 
 
 class Frame(NamedTuple):
@@ -40,12 +41,16 @@ class Frame(NamedTuple):
 class Peer:
     """A ROUTER on an ipc socket in a temporary directory, answering in a thread until closed."""
 
-    def __init__(self, answer: Answer, curve_secret: bytes | None = None) -> None:
+    def __init__(self, answer: Answer, curve_secret: bytes | None = None, knows_get_many: bool = True) -> None:
         self.answer = answer
+        # False: answer a GET_MANY op as a broker older than it does (the whole frame refused).
+        self.knows_get_many = knows_get_many
         self.ops: list[list[Any]] = []
         self.frames: list[Any] = []
         self.sizes: list[int] = []
         self.idents: list[bytes] = []  # the ZeroMQ identity of each frame's socket
+        self.refused: list[Any] = []  # the GET_MANY ops refused (knows_get_many=False)
+        self.sent: list[Any] = []  # each frame's ops as sent
         self._dir = tempfile.TemporaryDirectory(prefix="mcb-unit-")
         self.url = f"ipc://{self._dir.name}/peer.sock"
         self._ctx = zmq.Context()
@@ -66,6 +71,15 @@ class Peer:
             ident, data = self._sock.recv_multipart()
             version, req_id, timeout_ms, flags, ops = msgpack.unpackb(data)
             assert version == 1, version
+            self.sent.append(ops)
+            if len(ops) == 1 and ops[0][0] == GET_MANY:
+                if not self.knows_get_many:
+                    self.refused.append(ops)
+                    reply = [1, req_id, int(Code.BAD_REQUEST), f"unknown op {GET_MANY}"]
+                    self._sock.send_multipart([ident, msgpack.packb(reply, use_bin_type=True)])
+                    continue
+                # The schema's rule: one GET_MANY is answered as one GET per key.
+                ops = [[int(Op.GET), key] for key in ops[0][1]]
             req = Frame(req_id, timeout_ms, flags, ops)
             self.ops.extend(req.ops)
             self.frames.append(req)
@@ -87,8 +101,8 @@ class Peer:
 def peer() -> Iterator[Callable[[Answer], Peer]]:
     peers: list[Peer] = []
 
-    def start(answer: Answer) -> Peer:
-        peers.append(Peer(answer))
+    def start(answer: Answer, knows_get_many: bool = True) -> Peer:
+        peers.append(Peer(answer, knows_get_many=knows_get_many))
         return peers[-1]
 
     yield start
@@ -607,3 +621,60 @@ def test_disconnect_all_gives_every_thread_a_new_socket(peer: Callable[[Answer],
     c.quit()  # as disconnect_all
     c.get("a")
     assert p.idents[-1] not in {first, thread1, new, thread2}
+
+
+# --- get_many as one GET_MANY op, and with a broker older than the op ----------------------------
+
+MANY = {b"k%d" % i: (b"v%d" % i, 0, i) for i in range(50)}
+
+
+def test_get_many_sends_its_keys_as_one_get_many_op(peer: Callable[[Answer], Peer]) -> None:
+    p = peer(store(MANY))
+    c = Client(p.url, timeout=5)
+    keys = ["k%d" % i for i in range(60)]
+    assert c.get_many(keys) == {"k%d" % i: b"v%d" % i for i in range(50)}
+    assert p.sent == [[[GET_MANY, [k.encode() for k in keys]]]]
+    assert c.get_many(["k1"]) == {"k1": b"v1"}  # one key: a plain GET
+    assert c.gets_many(["k1", "k2"]) == {"k1": (b"v1", b"1"), "k2": (b"v2", b"2")}  # GETS stay ops
+    assert p.sent[1:] == [[[Op.GET, b"k1"]], [[Op.GETS, b"k1"], [Op.GETS, b"k2"]]]
+    c.close()
+
+
+def test_a_broker_older_than_get_many_gets_one_get_per_key_from_then_on(peer: Callable[[Answer], Peer]) -> None:
+    p = peer(store(MANY), knows_get_many=False)
+    c = Client(p.url, timeout=5)
+    keys = ["k1", "k2", "nope"]
+    assert c.get_many(keys) == {"k1": b"v1", "k2": b"v2"}
+    assert c.get_many(["k3", "k4"]) == {"k3": b"v3", "k4": b"v4"}
+    assert p.refused == [[[GET_MANY, [b"k1", b"k2", b"nope"]]]]  # refused once, never sent again
+    assert p.sent[1:] == [[[Op.GET, b"k1"], [Op.GET, b"k2"], [Op.GET, b"nope"]], [[Op.GET, b"k3"], [Op.GET, b"k4"]]]
+    c.close()
+
+
+def test_async_get_many_falls_back_the_same_way(peer: Callable[[Answer], Peer]) -> None:
+    new, old = peer(store(MANY)), peer(store(MANY), knows_get_many=False)
+
+    async def calls(url: str) -> list[Any]:
+        c = AsyncClient(url, timeout=5)
+        try:
+            return [await c.get_many(["k1", "k2"]), await c.get_many(["k3", "k4"])]
+        finally:
+            await c.close()
+
+    expected = [{"k1": b"v1", "k2": b"v2"}, {"k3": b"v3", "k4": b"v4"}]
+    assert run(calls(new.url)) == expected
+    assert new.sent == [[[GET_MANY, [b"k1", b"k2"]]], [[GET_MANY, [b"k3", b"k4"]]]]
+    assert run(calls(old.url)) == expected
+    assert len(old.refused) == 1 and old.sent[1:] == [[[Op.GET, b"k1"], [Op.GET, b"k2"]], [[Op.GET, b"k3"], [Op.GET, b"k4"]]]
+
+
+def test_other_bad_request_errors_are_not_taken_for_an_old_broker(peer: Callable[[Answer], Peer]) -> None:
+    def refuse(op: list[Any]) -> list[Any]:
+        return [Code.BAD_REQUEST, "unknown op 6"]  # a per-key result, not the frame's refusal
+
+    p = peer(refuse)
+    c = Client(p.url, timeout=5)
+    with pytest.raises(MemcacheError, match="unknown op 6"):
+        c.get_many(["a", "b"])
+    assert c.get_many_op  # still sending GET_MANY
+    c.close()

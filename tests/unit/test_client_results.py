@@ -17,7 +17,7 @@ import pytest
 from clientlib import Client
 from clientlib.errors import MemcacheError, ProtocolMismatch
 from clientlib.wire import Code, Op, encode_error, encode_reply
-from test_transport import RAISES, FakeSocket, install
+from test_transport import RAISES, FakeSocket, each_op, install
 
 pytestmark = pytest.mark.unit
 
@@ -35,7 +35,7 @@ def client_answering(url: str, answer: Callable[[list[Any]], list[Any]], **kw: A
     """A Client whose broker answers each op with answer(op)."""
     def responder(frame: list[Any]) -> list[bytes]:
         _, rid, _, flags, ops = frame
-        return [] if flags & 1 else [encode_reply(rid, [answer(op) for op in ops])]
+        return [] if flags & 1 else [encode_reply(rid, [answer(op) for op in each_op(ops)])]
 
     c = Client(url, timeout=0.5, **kw)
     sock = install(c._transport, FakeSocket(responder))  # type: ignore[arg-type]

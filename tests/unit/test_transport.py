@@ -98,9 +98,17 @@ class FakeSocket:
         self.closed = True
 
 
+def each_op(ops: list[list[Any]]) -> list[list[Any]]:
+    """The schema's rule (clientlib/wire.py): a lone GET_MANY op is answered as one GET per key."""
+    if len(ops) == 1 and ops[0][0] == Op.GET_MANY:
+        return [[Op.GET, key] for key in ops[0][1]]
+    return ops
+
+
 def echo_hits(frame: list[Any]) -> list[bytes]:
     """A broker where every GET hits with the key as value and everything else is OK."""
     _, rid, _, flags, ops = frame
+    ops = each_op(ops)
     if flags & NOREPLY:
         return []
     return [encode_reply(rid, [[Code.OK, op[1], 0] if op[0] == Op.GET else [Code.OK] for op in ops])]
@@ -259,6 +267,22 @@ def test_frames_split_by_size_and_op_count_and_results_come_back_in_order() -> N
     assert [n for _, _, n in many] == [MAX_OPS_PER_FRAME, 1]
     replies = {rid: (0, [[Code.OK, b"%d" % rid, 0]] * n) for rid, _, n in frames}
     assert [r[1] for r in gather(frames, replies)] == [b"%d" % rid for rid, _, n in frames for _ in range(n)]
+
+
+def test_a_get_many_splits_into_get_many_frames_by_key_count_and_size() -> None:
+    keys = [b"key-%05d" % i for i in range(MAX_OPS_PER_FRAME + 5)]
+    by_count = build_frames([[Op.GET_MANY, keys]], 900, 0, 1 << 30, iter(range(1, 99)).__next__)
+    assert [n for _, _, n in by_count] == [MAX_OPS_PER_FRAME, 5]
+    by_size = build_frames([[Op.GET_MANY, keys[:300]]], 900, 0, 1000, iter(range(1, 99)).__next__)
+    assert len(by_size) > 1 and all(len(data) <= 1000 for _, data, _ in by_size)
+    sent = []
+    for rid, data, n in by_count + by_size:
+        version, req_id, timeout_ms, flags, ops = msgpack.unpackb(data)
+        assert (version, req_id, timeout_ms, flags, len(ops), ops[0][0], len(ops[0][1])) == (1, rid, 900, 0, 1, Op.GET_MANY, n)
+        sent += ops[0][1]
+    assert sent == keys + keys[:300]
+    with pytest.raises(MemcacheIllegalInputError, match="frame limit"):
+        build_frames([[Op.GET_MANY, [b"k" * 200, b"j" * 200]]], 900, 0, 150, iter(range(5)).__next__)
 
 
 def test_one_op_over_the_frame_limit_is_refused() -> None:

@@ -80,7 +80,9 @@ OPS: list[list[Any]] = [
 
 
 def test_the_round_trip_table_covers_every_op() -> None:
-    assert {op[0] for op in OPS} == set(Op)
+    # GET_MANY must be its frame's only op and decodes with its keys as `gets`: its own round
+    # trips are in test_wire_get_many.py.
+    assert {op[0] for op in OPS} == set(Op) - {Op.GET_MANY}
 
 
 @pytest.mark.parametrize("op", OPS, ids=lambda op: f"{Op(op[0]).name}/{len(op)}" if isinstance(op, list) else None)

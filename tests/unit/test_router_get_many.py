@@ -1,0 +1,152 @@
+"""A get_many sent as one GET_MANY op is served exactly as the same keys sent as one GET per key
+(clientlib/wire.py: "answered exactly as the frame of one GET per key would be"): the same
+results, the same requests to memcached, the same counters, on the short path and on every way
+off it (a key needing base64, a key with a write in flight, a server down, a bound reached).
+
+Each case runs twice on fresh rigs (test_router.py's Router, Server and Connection over a
+scripted memcached), once per form, and the two runs must agree; the expected results are also
+written out, so both forms agreeing on a wrong answer fails too."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+
+from clientlib.wire import Code, Op
+from pool import owners
+from test_router import Rig, set_op
+
+pytestmark = pytest.mark.unit
+
+FORMS = ["one GET per key", "one GET_MANY op"]
+
+
+def get_many(rig: Rig, keys: list[bytes], form: str) -> int:
+    if form == FORMS[0]:
+        return rig.frame([[Op.GET, k] for k in keys])
+    return rig.frame([[Op.GET_MANY, keys]])
+
+
+def sent(rig: Rig) -> dict[str, list[bytes]]:
+    return {name: list(far.requests) for name, far in rig.far.items()}
+
+
+def counters(rig: Rig) -> tuple[int, ...]:
+    s = rig.router.stats
+    return (s.frames, s.ops, s.ok, s.miss, s.gets_upstream, s.gets_coalesced, s.overloaded, s.by_op[int(Op.GET)])
+
+
+def both(case: Callable[[Rig, str], list[list[list[Any]]]], make: Callable[[], Rig]) -> list[list[list[Any]]]:
+    """The case's results in both forms, checked equal (with what memcached got and the counters)."""
+    runs = []
+    for form in FORMS:
+        rig = make()
+        results = case(rig, form)
+        server_state = [(s.inflight_n, dict(s.reads), dict(s.joiners)) for s in rig.servers]
+        runs.append((results, sent(rig), counters(rig), rig.budget.inflight, server_state))
+    assert runs[0] == runs[1]
+    results, _, _, inflight, server_state = runs[0]
+    assert inflight == 0 and all(state == (0, {}, {}) for state in server_state)
+    return results
+
+
+def test_hits_misses_and_joined_reads() -> None:
+    def case(rig: Rig, form: str) -> list[list[list[Any]]]:
+        rig.frame([set_op(b"a", b"1"), set_op(b"b", b"2", 7), set_op(b"c", b"3")])
+        rig.serve()
+        first = get_many(rig, [b"a", b"b"], form)
+        second = get_many(rig, [b"c", b"a", b"d", b"b", b"c"], form)  # joins a and b in flight
+        rig.serve()
+        return [rig.results(first), rig.results(second)]
+
+    assert both(case, lambda: Rig(connections=2)) == [
+        [[Code.OK, b"1", 0], [Code.OK, b"2", 7]],
+        [[Code.OK, b"3", 0], [Code.OK, b"1", 0], [Code.MISS], [Code.OK, b"2", 7], [Code.OK, b"3", 0]],
+    ]
+    rig = Rig(connections=2)
+    case(rig, FORMS[1])
+    # frames, ops, ok, miss, gets upstream, gets joined, overloaded, GETs: a GET_MANY counts its keys.
+    assert counters(rig) == (3, 10, 9, 1, 5, 2, 0, 7)
+
+
+def test_three_servers() -> None:
+    keys = [b"m-%d" % i for i in range(40)]
+
+    def case(rig: Rig, form: str) -> list[list[list[Any]]]:
+        rig.frame([set_op(k, k, i) for i, k in enumerate(keys[:30])])
+        rig.serve()
+        a = get_many(rig, keys[:35], form)
+        b = get_many(rig, keys[10:], form)
+        rig.serve()
+        return [rig.results(a), rig.results(b)]
+
+    expected = [[Code.OK, k, i] if i < 30 else [Code.MISS] for i, k in enumerate(keys)]
+    assert both(case, lambda: Rig(3, connections=2)) == [expected[:35], expected[10:]]
+
+
+def test_keys_needing_base64_take_the_per_op_path() -> None:
+    def case(rig: Rig, form: str) -> list[list[list[Any]]]:
+        rig.frame([set_op(b"a b", b"1"), set_op(b"c\td", b"2"), set_op(b"plain", b"3")])
+        rig.serve()
+        r = get_many(rig, [b"a b", b"plain", b"c\td", b"e f"], form)
+        rig.serve()
+        return [rig.results(r)]
+
+    assert both(case, Rig) == [[[Code.OK, b"1", 0], [Code.OK, b"3", 0], [Code.OK, b"2", 0], [Code.MISS]]]
+
+
+def test_a_key_with_its_write_in_flight_is_read_after_the_write() -> None:
+    def case(rig: Rig, form: str) -> list[list[list[Any]]]:
+        rig.frame([set_op(b"a", b"old"), set_op(b"b", b"2")])
+        rig.serve()
+        w = rig.frame([set_op(b"a", b"new")])  # not answered yet: `a` is pinned to its connection
+        r = get_many(rig, [b"b", b"a", b"z"], form)
+        rig.serve()
+        return [rig.results(w), rig.results(r)]
+
+    assert both(case, lambda: Rig(connections=2)) == [
+        [[Code.OK]], [[Code.OK, b"2", 0], [Code.OK, b"new", 0], [Code.MISS]],
+    ]
+
+
+def test_a_down_server_refuses_its_keys_and_the_others_answer() -> None:
+    names = Rig(2).names
+    keys = [b"d-%d" % i for i in range(20)]
+    where = owners(names, [k.decode() for k in keys])
+
+    def case(rig: Rig, form: str) -> list[list[list[Any]]]:
+        rig.server(names[1]).record_failure(rig.now, "test: gone")
+        r = get_many(rig, keys, form)
+        rig.serve()
+        return [rig.results(r)]
+
+    [results] = both(case, lambda: Rig(2, failure_limit=1))
+    for k, res in zip(keys, results):
+        if where[k.decode()] == names[1]:
+            assert res[0] == Code.SERVER_DOWN and "test: gone" in res[1]
+        else:
+            assert res == [Code.MISS]
+    assert any(res[0] == Code.SERVER_DOWN for res in results) and any(res == [Code.MISS] for res in results)
+
+
+@pytest.mark.parametrize("bound", ["max_conn", "max_server", "max_total"])
+def test_a_bound_admits_exactly_its_limit_in_key_order(bound: str) -> None:
+    def case(rig: Rig, form: str) -> list[list[list[Any]]]:
+        r = get_many(rig, [b"k-%d" % i for i in range(10)], form)
+        assert rig.budget.inflight == 7
+        rig.serve()
+        return [rig.codes(r)]  # type: ignore[list-item]
+
+    assert both(case, lambda: Rig(1, connections=1, **{bound: 7})) == [[Code.MISS] * 7 + [Code.OVERLOADED] * 3]  # type: ignore[arg-type]
+
+
+def test_a_get_many_of_one_key() -> None:
+    def case(rig: Rig, form: str) -> list[list[list[Any]]]:
+        rig.frame([set_op(b"a", b"1")])
+        rig.serve()
+        r = get_many(rig, [b"a"], form)
+        rig.serve()
+        return [rig.results(r)]
+
+    assert both(case, Rig) == [[[Code.OK, b"1", 0]]]
