@@ -40,7 +40,8 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from typing import Any, Callable, Protocol
+from itertools import repeat
+from typing import Any, Callable, Protocol, cast
 
 from clientlib.wire import Code, Op
 
@@ -98,7 +99,8 @@ def tag_of(opaque: int, conn_no: int) -> int:
 
 class Batch:
     """Consecutive requests on one connection for one waiter: a frame's ops bound here, or one
-    text command. Request j carries opaque `first + j` (TEXT: none) and answers `indices[j]`.
+    text command. Request j carries opaque `first + j` (TEXT: none) and answers `indices[j]`;
+    indices ascend (frame order), which Job.deliver_many relies on.
     `reads[j]`, when given, is the key of request j, a plain get that other waiters may join
     while it is in flight (see `tag_of`); its answer goes to them too."""
 
@@ -272,10 +274,16 @@ class Pipeline:
             conn_no = self.conn_no
             if not joiners:
                 # The common case, nobody joined: only the table to clear, tags counted by range.
+                # Every entry goes in one C-level pass; one that is not these answers' own (a
+                # later read of the key, on this connection or another) is put back.
                 start = (first << TAG_BITS) | conn_no
-                for key, tag in zip(reads[j : j + k], range(start, start + (k << TAG_BITS), 1 << TAG_BITS)):
-                    if key is not None and table.get(key) == tag:
-                        del table[key]
+                tags = range(start, start + (k << TAG_BITS), 1 << TAG_BITS)
+                keys_read = cast("list[bytes]", reads[j : j + k])  # None (not joinable) pops nothing
+                popped: list[int | None] = list(map(table.pop, keys_read, repeat(None, k)))
+                if popped != list(tags):
+                    for key, got in zip(keys_read, popped):
+                        if got is not None and got not in tags:
+                            table[key] = got
             else:
                 for n in range(k):
                     key = reads[j + n]

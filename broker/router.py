@@ -102,8 +102,13 @@ class Job:
 
     def deliver_many(self, indices: list[int], results: list[Any]) -> None:
         mine = self.results
-        for index, result in zip(indices, results):
-            mine[index] = result
+        first = indices[0]
+        if indices[-1] - first == len(indices) - 1:
+            # Frame positions in a row (ascending, as a batch holds them): one slice assignment.
+            mine[first : first + len(indices)] = results
+        else:
+            for index, result in zip(indices, results):
+                mine[index] = result
         self.pending -= len(indices)
         if self.pending == 0:
             self.finish()

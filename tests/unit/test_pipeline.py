@@ -2152,6 +2152,43 @@ def test_an_answered_read_never_removes_a_newer_read_of_its_key() -> None:
     assert rig.reads == {} and rig.joiners == {} and rig.p.inflight == 0
 
 
+def test_with_nobody_joined_an_answered_read_leaves_other_reads_of_its_key_in_place() -> None:
+    # The table is cleared in one pass when nobody joined (the common case): entries that are not
+    # the answered reads' own must come back, whether a newer read on this connection or a read
+    # on another connection (another conn_no in its tag) holds the key.
+    rig = CoalescingRig()
+    rig.gets("A", [b"hot", b"cold"])
+    del rig.reads[b"hot"]  # a write of "hot" closed that read
+    rig.meta("W", [[Op.SET, b"hot", b"new", 0, 0]])
+    (new,) = rig.gets("B", [b"hot"])
+    elsewhere = tag_of(1, CoalescingRig.CONN_NO + 1)
+    rig.reads[b"cold"] = elsewhere  # as if "cold" were being read on another connection now
+    rig.seal()
+    rig.p.receive(va(b"old", 1) + b"EN O2\r\n" + b"HD O3\r\n")
+    assert rig.reads == {b"hot": new, b"cold": elsewhere}
+    rig.p.receive(va(b"new", 4) + fence(5))
+    assert rig.reads == {b"cold": elsewhere}
+    assert rig.log == [
+        ("A", 0, [Code.OK, b"old", 0]), ("A", 1, [Code.MISS]), ("W", 0, [Code.OK]), ("B", 0, [Code.OK, b"new", 0]),
+    ]
+
+
+def test_a_batch_reading_a_key_twice_leaves_nothing_in_the_table() -> None:
+    # The router registers a frame's keys in one update, so the later of two gets of a key holds
+    # its entry; both answers arrive in one pass and the table must end empty.
+    def build() -> CoalescingRig:
+        rig = CoalescingRig()
+        rig.gets("A", [b"k", b"x", b"k"])
+        rig.seal()
+        return rig
+
+    out = every_way(build, va(b"1", 1) + b"EN O2\r\n" + va(b"1", 3) + fence(4))
+    assert out.log == [("A", 0, [Code.OK, b"1", 0]), ("A", 1, [Code.MISS]), ("A", 2, [Code.OK, b"1", 0])]
+    rig = build()
+    rig.p.receive(va(b"1", 1) + b"EN O2\r\n" + va(b"1", 3) + fence(4))
+    assert rig.reads == {} and rig.joiners == {} and rig.p.inflight == 0
+
+
 def build_unregistered_first() -> CoalescingRig:
     # A batch of plain gets whose first get was not registered for joining (the router leaves a
     # get out of the read table when it must follow a write of its key): `reads` holds None
