@@ -386,12 +386,16 @@ class Commands:
         return Command([[op, k] for k in full], _finish_many, keys, extra=with_cas, read=True, miss={})
 
     def one_get_per_key(self, exc: Exception, ops: list[list[Any]]) -> list[list[Any]] | None:
-        """When `exc` is a broker's refusal of the GET_MANY op in `ops` as unknown (a broker older
-        than the op: `BAD_REQUEST "unknown op 6"`), the same gets as one GET per key, and this
-        client sends those from now on; None otherwise."""
+        """When `exc` is a broker's refusal of the GET_MANY op in `ops` as a broker older than
+        the op refuses it, the same gets as one GET per key, and this client sends those from now
+        on; None otherwise. An older broker answers the frame BAD_REQUEST, "unknown op 6" when it
+        is small, and "undecodable frame: ..." when its bounded decoder meets the key array (more
+        than 16 elements) first; clientlib builds these frames itself, so a broker that knows the
+        op never says either of them."""
         if not (len(ops) == 1 and ops[0][0] == _GET_MANY and type(exc) is MemcacheClientError):
             return None
-        if str(exc) != f"unknown op {_GET_MANY}":
+        message = str(exc)
+        if message != f"unknown op {_GET_MANY}" and not message.startswith("undecodable frame"):
             return None
         self.get_many_op = False
         return [[_GET, key] for key in ops[0][1]]

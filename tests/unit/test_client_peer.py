@@ -51,6 +51,7 @@ class Peer:
         self.idents: list[bytes] = []  # the ZeroMQ identity of each frame's socket
         self.refused: list[Any] = []  # the GET_MANY ops refused (knows_get_many=False)
         self.sent: list[Any] = []  # each frame's ops as sent
+        self.frame_error: str | None = None  # set: every frame is refused whole, BAD_REQUEST with it
         self._dir = tempfile.TemporaryDirectory(prefix="mcb-unit-")
         self.url = f"ipc://{self._dir.name}/peer.sock"
         self._ctx = zmq.Context()
@@ -72,10 +73,17 @@ class Peer:
             version, req_id, timeout_ms, flags, ops = msgpack.unpackb(data)
             assert version == 1, version
             self.sent.append(ops)
+            if self.frame_error is not None:
+                reply = [1, req_id, int(Code.BAD_REQUEST), self.frame_error]
+                self._sock.send_multipart([ident, msgpack.packb(reply, use_bin_type=True)])
+                continue
             if len(ops) == 1 and ops[0][0] == GET_MANY:
                 if not self.knows_get_many:
+                    # What the broker before GET_MANY (0e3e15a) answered: a small frame reached
+                    # its op check, a larger one its bounded decoder's array limit first.
                     self.refused.append(ops)
-                    reply = [1, req_id, int(Code.BAD_REQUEST), f"unknown op {GET_MANY}"]
+                    message = f"unknown op {GET_MANY}" if len(data) <= 256 else "undecodable frame: ValueError: 100 exceeds max_array_len(16)"
+                    reply = [1, req_id, int(Code.BAD_REQUEST), message]
                     self._sock.send_multipart([ident, msgpack.packb(reply, use_bin_type=True)])
                     continue
                 # The schema's rule: one GET_MANY is answered as one GET per key.
@@ -640,14 +648,15 @@ def test_get_many_sends_its_keys_as_one_get_many_op(peer: Callable[[Answer], Pee
     c.close()
 
 
-def test_a_broker_older_than_get_many_gets_one_get_per_key_from_then_on(peer: Callable[[Answer], Peer]) -> None:
+@pytest.mark.parametrize("count", [3, 50], ids=["small frame: unknown op", "large frame: undecodable"])
+def test_a_broker_older_than_get_many_gets_one_get_per_key_from_then_on(peer: Callable[[Answer], Peer], count: int) -> None:
     p = peer(store(MANY), knows_get_many=False)
     c = Client(p.url, timeout=5)
-    keys = ["k1", "k2", "nope"]
-    assert c.get_many(keys) == {"k1": b"v1", "k2": b"v2"}
+    keys = ["k%d" % i for i in range(count - 1)] + ["nope"]
+    assert c.get_many(keys) == {k: MANY[k.encode()][0] for k in keys[:-1]}
     assert c.get_many(["k3", "k4"]) == {"k3": b"v3", "k4": b"v4"}
-    assert p.refused == [[[GET_MANY, [b"k1", b"k2", b"nope"]]]]  # refused once, never sent again
-    assert p.sent[1:] == [[[Op.GET, b"k1"], [Op.GET, b"k2"], [Op.GET, b"nope"]], [[Op.GET, b"k3"], [Op.GET, b"k4"]]]
+    assert p.refused == [[[GET_MANY, [k.encode() for k in keys]]]]  # refused once, never sent again
+    assert p.sent[1:] == [[[Op.GET, k.encode()] for k in keys], [[Op.GET, b"k3"], [Op.GET, b"k4"]]]
     c.close()
 
 
@@ -677,4 +686,14 @@ def test_other_bad_request_errors_are_not_taken_for_an_old_broker(peer: Callable
     with pytest.raises(MemcacheError, match="unknown op 6"):
         c.get_many(["a", "b"])
     assert c.get_many_op  # still sending GET_MANY
+    c.close()
+
+
+def test_a_frame_refused_for_another_reason_is_not_taken_for_an_old_broker(peer: Callable[[Answer], Peer]) -> None:
+    p = peer(store(MANY))
+    p.frame_error = "frame of 5000000 bytes exceeds the 4194304 limit"
+    c = Client(p.url, timeout=5)
+    with pytest.raises(MemcacheError, match="exceeds the 4194304 limit"):
+        c.get_many(["k1", "k2"])
+    assert c.get_many_op and p.sent == [[[GET_MANY, [b"k1", b"k2"]]]]  # no second frame
     c.close()
