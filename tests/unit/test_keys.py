@@ -251,6 +251,34 @@ def test_check_keys_is_check_key_on_each_key(batch: list[Any], prefix: bytes, un
     assert got == expected
 
 
+class StrKey(str):
+    pass
+
+
+valid_text = st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40)
+one_bad = st.sampled_from(["", " ", "a b", "a\tb", "a\x7fb", "k" * 251, "\u00e9", "\ud800", b"", b"a b", b"\x00", b"k" * 251, 5, None])
+one_odd = st.sampled_from([bytearray(b"ba"), memoryview(b"mv"), StrKey("sub"), b"\xff\xfe", "\u00e9t\u00e9"])
+
+
+@given(
+    st.lists(valid_text | valid_text.map(str.encode), min_size=1, max_size=30),
+    st.lists(st.tuples(st.integers(0, 30), one_bad | one_odd), max_size=2),
+    prefixes, st.booleans(), st.sampled_from(["ascii", "utf-8", "latin-1", "utf-16", "cp1252"]),
+)
+def test_check_keys_is_check_key_on_each_key_for_mostly_good_batches(
+    batch: list[Any], inserts: list[tuple[int, Any]], prefix: bytes, uni: bool, encoding: str,
+) -> None:
+    # The batches get_many sees: good keys, now and then one that is bad or of another type.
+    for at, key in inserts:
+        batch.insert(at, key)
+    expected = checked_one_by_one(batch, prefix, uni, encoding)
+    try:
+        got: list[bytes] | str = check_keys(batch, prefix=prefix, allow_unicode_keys=uni, encoding=encoding)
+    except MemcacheIllegalInputError as exc:
+        got = str(exc)
+    assert got == expected
+
+
 @pytest.mark.parametrize(
     ("batch", "prefix", "expected"),
     [
