@@ -412,6 +412,8 @@ def encode_gets(keys: list[bytes], first_opaque: int) -> bytes:
     """`encode_get` of each key in turn, with opaques first_opaque, first_opaque + 1, ...; keys
     checked by `needs_encoding` first."""
     n = len(keys)
+    if n == 1:
+        return _GET_TEMPLATE % (keys[0], first_opaque)  # a single get: no interleaving to build
     # One formatting call over the whole batch: the template repeated n times, keys and opaques
     # interleaved (measured 15% faster than formatting each key and joining).
     return (_GET_TEMPLATE * n) % tuple(chain.from_iterable(zip(keys, range(first_opaque, first_opaque + n))))

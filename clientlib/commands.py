@@ -9,6 +9,8 @@ the default, NOT_STORED returns False); failures are exceptions (`errors.error_f
 
 from __future__ import annotations
 
+from itertools import compress
+from operator import itemgetter, not_
 from typing import Any, Callable, Iterable, Union
 
 from . import limits, serde as serde_mod, wire
@@ -39,6 +41,7 @@ _FIRST_ERROR = int(Code.SERVER_ERROR)
 # Plain ints in the ops: an IntEnum member costs more to pack and compare.
 _GET, _GETS, _GAT, _GATS = int(Op.GET), int(Op.GETS), int(Op.GAT), int(Op.GATS)
 _GET_MANY = int(Op.GET_MANY)
+_code, _value = itemgetter(0), itemgetter(1)  # of a result: [code, value, client flags, ...]
 _SET, _ADD, _REPLACE, _APPEND, _PREPEND, _CAS = (
     int(Op.SET), int(Op.ADD), int(Op.REPLACE), int(Op.APPEND), int(Op.PREPEND), int(Op.CAS),
 )
@@ -173,11 +176,14 @@ def _finish_gets(c: "Commands", cmd: Command, results: list[Result]) -> Any:
 def _finish_many(c: "Commands", cmd: Command, results: list[Result]) -> dict[Any, Any]:
     with_cas = cmd.extra
     if not with_cas and type(c.serde) is serde_mod.RawSerde:
-        # The default serde reads values back as they are stored: the dict in one comprehension,
+        # The default serde reads values back as they are stored: the dict in C-level passes,
         # unless some key failed (then the loop below gathers the failures).
-        out = {key: r[1] for key, r in zip(cmd.key, results) if r[0] == _OK}
-        if len(out) == len(results) or not any(r[0] >= _FIRST_ERROR for r in results):
-            return out
+        codes = list(map(_code, results))
+        if codes.count(_OK) == len(codes):
+            return dict(zip(cmd.key, map(_value, results)))
+        if max(codes) < _FIRST_ERROR:
+            hits = list(map(not_, codes))  # OK is 0
+            return dict(zip(compress(cmd.key, hits), map(_value, compress(results, hits))))
     out = {}
     deserialize = c.serde.deserialize
     failed: dict[Any, MemcacheError] | None = None

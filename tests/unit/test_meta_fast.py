@@ -61,6 +61,7 @@ def test_encode_gets_is_encode_get_of_each_key_in_turn() -> None:
     keys = [b"a", b"key:1", b"k" * 250]
     assert encode_gets(keys, 41) == b"".join(encode_get(k, o) for o, k in zip(range(41, 44), keys))
     assert encode_gets(keys, 41) == b"mg a v f s O41\r\nmg key:1 v f s O42\r\nmg " + b"k" * 250 + b" v f s O43\r\n"
+    assert encode_gets([b"key:1"], 7) == encode_get(b"key:1", 7) == b"mg key:1 v f s O7\r\n"  # one key: its own path
 
 
 @pytest.mark.parametrize(
