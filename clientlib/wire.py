@@ -368,10 +368,10 @@ def check_op(op: Any) -> None:
 _BYTES_ONLY = {bytes}
 
 
-def _check_keys(keys: list[Any]) -> None:
-    """Raise WireError unless `keys` (a GET_MANY's) is 1..MAX_OPS keys of 1..MAX_KEY_LEN bytes each."""
-    if not 0 < len(keys) <= MAX_OPS:
-        raise WireError(Code.BAD_REQUEST, f"op GET_MANY takes 1..{MAX_OPS} keys, got {len(keys)}")
+def _check_keys(keys: list[Any], max_ops: int = MAX_OPS) -> None:
+    """Raise WireError unless `keys` (a GET_MANY's) is 1..max_ops keys of 1..MAX_KEY_LEN bytes each."""
+    if not 0 < len(keys) <= max_ops:
+        raise WireError(Code.BAD_REQUEST, f"op GET_MANY takes 1..{max_ops} keys, got {len(keys)}")
     # C-level passes over the lot: the point of the op is not to look at each key in Python.
     if set(map(type, keys)) != _BYTES_ONLY:
         bad = next(k for k in keys if type(k) is not bytes)
@@ -406,7 +406,7 @@ def decode_request(data: bytes, max_frame: int = DEFAULT_MAX_FRAME, max_ops: int
         op = ops[0]
         if type(op) is list and len(op) == 2 and type(op[0]) is int and op[0] == _GET_MANY and type(op[1]) is list:
             try:
-                _check_keys(op[1])
+                _check_keys(op[1], max_ops)  # the small frame's path read them without that bound
             except WireError as exc:
                 exc.req_id = rid
                 raise

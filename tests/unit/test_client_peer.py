@@ -697,3 +697,31 @@ def test_a_frame_refused_for_another_reason_is_not_taken_for_an_old_broker(peer:
         c.get_many(["k1", "k2"])
     assert c.get_many_op and p.sent == [[[GET_MANY, [b"k1", b"k2"]]]]  # no second frame
     c.close()
+
+
+@pytest.mark.parametrize("client_class", ["Client", "AsyncClient"])
+def test_an_old_broker_refusing_a_get_many_split_into_several_frames(peer: Callable[[Answer], Peer], client_class: str) -> None:
+    """A get_many too large for one frame goes as several GET_MANY frames; a broker older than the
+    op refuses each: the client resends the keys one GET per key, and the refusals of the other
+    frames (still arriving) answer nothing else."""
+    p = peer(store(MANY), knows_get_many=False)
+    keys = ["k%d" % (i % 50) for i in range(300)]
+    want = {k: MANY[k.encode()][0] for k in keys}
+
+    async def calls_async() -> list[Any]:
+        c = AsyncClient(p.url, timeout=5, max_frame_bytes=512)
+        try:
+            return [await c.get_many(keys), await c.get_many(["k3", "k4"]), await c.get("k5")]
+        finally:
+            await c.close()
+
+    if client_class == "Client":
+        c = Client(p.url, timeout=5, max_frame_bytes=512)
+        got = [c.get_many(keys), c.get_many(["k3", "k4"]), c.get("k5")]
+        c.close()
+    else:
+        got = run(calls_async())
+    assert got == [want, {"k3": b"v3", "k4": b"v4"}, b"v5"]
+    assert len(p.refused) >= 2  # several frames, each refused
+    assert all(len(ops) == 1 and ops[0][0] == GET_MANY for ops in p.refused)
+    assert all(op[0] == Op.GET for ops in p.sent[len(p.refused):] for op in ops)

@@ -150,3 +150,96 @@ def test_a_get_many_of_one_key() -> None:
         return [rig.results(r)]
 
     assert both(case, Rig) == [[[Code.OK, b"1", 0]]]
+
+
+# --- review: odd batches (duplicate keys, reads and writes interleaved, partial answers) ----------
+
+
+def test_duplicate_keys_in_one_get_many() -> None:
+    def case(rig: Rig, form: str) -> list[list[list[Any]]]:
+        rig.frame([set_op(b"a", b"1"), set_op(b"b", b"2")])
+        rig.serve()
+        first = get_many(rig, [b"a", b"a", b"b", b"a", b"z", b"z"], form)
+        second = get_many(rig, [b"a", b"z", b"a"], form)  # joins the first's reads in flight
+        rig.serve()
+        third = get_many(rig, [b"b", b"b"], form)  # the table was cleared: a fresh read
+        rig.serve()
+        return [rig.results(first), rig.results(second), rig.results(third)]
+
+    a, b, z = [Code.OK, b"1", 0], [Code.OK, b"2", 0], [Code.MISS]
+    assert both(case, lambda: Rig(2, connections=2)) == [[a, a, b, a, z, z], [a, z, a], [b, b]]
+
+
+def test_a_write_between_two_reads_of_a_key_keeps_the_later_read_joinable_only_after_it() -> None:
+    def case(rig: Rig, form: str) -> list[list[list[Any]]]:
+        rig.frame([set_op(b"a", b"old"), set_op(b"b", b"2")])
+        rig.serve()
+        first = get_many(rig, [b"a", b"b"], form)
+        w = rig.frame([set_op(b"a", b"new")])  # closes `a`'s read to joiners; pins `a`
+        second = get_many(rig, [b"b", b"a"], form)  # `b` joins, `a` follows the write
+        rig.serve()
+        third = get_many(rig, [b"a", b"b"], form)
+        rig.serve()
+        return [rig.results(first), rig.results(w), rig.results(second), rig.results(third)]
+
+    assert both(case, lambda: Rig(1, connections=2)) == [
+        [[Code.OK, b"old", 0], [Code.OK, b"2", 0]], [[Code.OK]],
+        [[Code.OK, b"2", 0], [Code.OK, b"new", 0]], [[Code.OK, b"new", 0], [Code.OK, b"2", 0]],
+    ]
+
+
+def test_reads_of_the_same_keys_on_two_connections_in_one_turn() -> None:
+    """Two get_many of one key set in flight on different connections at once (the second
+    joins the first); a third, sent after the first answered but before the second did, reads
+    afresh: the table entries the first's answers leave must be exactly the live ones."""
+
+    def case(rig: Rig, form: str) -> list[list[list[Any]]]:
+        keys = [b"k-%d" % i for i in range(12)]
+        rig.frame([set_op(k, k) for k in keys[::2]])
+        rig.serve()
+        r1 = get_many(rig, keys, form)
+        r2 = get_many(rig, keys[::-1], form)
+        rig.serve()
+        r3 = get_many(rig, keys[3:] + keys[:3], form)
+        r4 = get_many(rig, keys[5:9], form)
+        rig.serve()
+        return [rig.results(r1), rig.results(r2), rig.results(r3), rig.results(r4)]
+
+    [r1, r2, r3, r4] = both(case, lambda: Rig(3, connections=3))
+    keys = [b"k-%d" % i for i in range(12)]
+    want = {k: ([Code.OK, k, 0] if i % 2 == 0 else [Code.MISS]) for i, k in enumerate(keys)}
+    assert r1 == [want[k] for k in keys] and r2 == [want[k] for k in keys[::-1]]
+    assert r3 == [want[k] for k in keys[3:] + keys[:3]] and r4 == [want[k] for k in keys[5:9]]
+
+
+def test_a_get_many_that_times_out_then_answers_late() -> None:
+    def case(rig: Rig, form: str) -> list[list[list[Any]]]:
+        rig.frame([set_op(b"a", b"1")])
+        rig.serve()
+        r = get_many(rig, [b"a", b"b", b"a"], form)
+        rig.router.expire(rig.now + 5.0)
+        late = get_many(rig, [b"a", b"c"], form)  # its `a` may join the timed-out read still in flight
+        rig.serve()  # the late answers find the first job done
+        return [[[res[0]] for res in rig.results(r)], rig.results(late)]
+
+    assert both(case, Rig) == [[[Code.TIMEOUT]] * 3, [[Code.OK, b"1", 0], [Code.MISS]]]
+
+
+def test_noreply_get_many_frames() -> None:
+    from clientlib.wire import NOREPLY
+
+    def case(rig: Rig, form: str) -> list[list[list[Any]]]:
+        rig.frame([set_op(b"a", b"1")])
+        rig.serve()
+        n = len(rig.replies)
+        if form == FORMS[0]:
+            rig.frame([[Op.GET, b"a"], [Op.GET, b"z"]], flags=NOREPLY)
+        else:
+            rig.frame([[Op.GET_MANY, [b"a", b"z"]]], flags=NOREPLY)
+        rig.serve()
+        assert len(rig.replies) == n
+        r = get_many(rig, [b"a", b"z"], form)
+        rig.serve()
+        return [rig.results(r)]
+
+    assert both(case, Rig) == [[[Code.OK, b"1", 0], [Code.MISS]]]

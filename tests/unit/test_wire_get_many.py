@@ -140,3 +140,30 @@ def test_a_key_count_past_the_bounds_is_refused_before_reading_keys() -> None:
     head = b"\x95\x01\x07\x00\x00\x91\x92\x06\xdd" + struct.pack(">I", 90_000)
     exc = error_of(head + b"\xc4\x01a" * 200)
     assert "got 90000" in str(exc)
+
+
+# --- review findings --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [20, 200], ids=["small frame", "large frame"])
+def test_decode_requests_max_ops_bounds_a_get_manys_keys_on_both_paths(count: int) -> None:
+    """decode_request(max_ops=...) bounds a GET_MANY's keys as it bounds a frame's ops: the large
+    frame's key by key path refused 20 keys over max_ops=10, the small frame's took them all."""
+    data = frame_of([[GET_MANY, [b"k%d" % i for i in range(count)]]])
+    assert (len(data) <= SMALL_FRAME) == (count == 20)
+    with pytest.raises(WireError) as info:
+        decode_request(data, max_ops=10)
+    assert info.value.req_id == 7 and f"op GET_MANY takes 1..10 keys, got {count}" in str(info.value)
+    assert decode_request(data, max_ops=count).gets == [b"k%d" % i for i in range(count)]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "_unpack_request adds '(a GET_MANY op must be its frame's only op)' to the error of any "
+    "undecodable frame whose bytes hold b'\\x92\\x06' anywhere, a stored value included"
+))
+def test_an_undecodable_frame_without_get_many_is_not_blamed_on_one() -> None:
+    value = b"\x92\x06" * 200  # a set's value that happens to hold those two bytes
+    data = frame_of([[Op.SET, b"k", value, 0, 0]]) + b"\x00"  # trailing byte: undecodable
+    exc = error_of(data)
+    assert "undecodable frame" in str(exc) or "bytes after" in str(exc) or "extra" in str(exc).lower()
+    assert "GET_MANY" not in str(exc)
