@@ -167,3 +167,19 @@ def test_an_undecodable_frame_without_get_many_is_not_blamed_on_one() -> None:
     exc = error_of(data)
     assert "undecodable frame" in str(exc) or "bytes after" in str(exc) or "extra" in str(exc).lower()
     assert "GET_MANY" not in str(exc)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "_unpack_request finds a large frame's GET_MANY by the bytes 92 06 (fixarray of 2, positive "
+    "fixint 6) right after the ops header; the same op in other valid msgpack (6 as uint8, the op "
+    "as array16) falls to the 16-element op limit and is refused 'undecodable frame', while a small "
+    "frame of that encoding decodes"
+))
+@pytest.mark.parametrize("op_head", [b"\x92\xcc\x06", b"\xdc\x00\x02\x06"], ids=["6 as uint8", "op as array16"])
+def test_a_large_get_many_in_non_canonical_msgpack_decodes(op_head: bytes) -> None:
+    keys = [b"k%05d" % i for i in range(100)]
+    small = b"\x95\x01\x07\x00\x00\x91" + op_head + b"\x92\xc4\x01a\xc4\x01b"
+    assert decode_request(small).gets == [b"a", b"b"]
+    large = b"\x95\x01\x07\x00\x00\x91" + op_head + b"\xdc\x00\x64" + b"".join(pack(k) for k in keys)
+    assert msgpack.unpackb(large)[4] == [[GET_MANY, keys]] and len(large) > SMALL_FRAME
+    assert decode_request(large).gets == keys
