@@ -138,7 +138,8 @@ def check_keys(
                 joined = text.encode("utf-8")
             elif text.isascii() and encoding in _ASCII_AS_IS:
                 joined = text.encode("ascii")
-        elif type(keys[0]) is bytes:
+        elif type(keys[0]) is bytes and set(map(type, keys)) == _BYTES_ONLY:
+            # (join alone would take any buffer, array.array's too, which check_key refuses)
             joined = b" ".join(keys)
     except (TypeError, UnicodeError):
         joined = None  # mixed types, or a lone surrogate: check_key names the key
@@ -159,6 +160,7 @@ def check_keys(
 # by one); another (UTF-16's BOM and NULs) goes key by key.
 _ASCII_AS_IS = frozenset({"ascii", "us-ascii", "utf-8", "utf8", "UTF-8", "latin-1", "latin1", "iso-8859-1"})
 _BAD_KEY_BYTES = bytes(range(0x21)) + b"\x7f"
+_BYTES_ONLY = {bytes}
 
 
 def check_int(

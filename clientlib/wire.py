@@ -241,7 +241,7 @@ SMALL_ARRAYS = 96
 # No op has more elements than this (CAS has 6; STATS' argument list is short), but for the key
 # array of a GET_MANY, read key by key.
 OP_ARRAYS = 16
-_GET_MANY_HEAD = b"\x92\x06"  # msgpack: an array of 2 whose first element is the int 6 (GET_MANY)
+_GET_MANY_HEAD = b"\x92\x06"  # msgpack's shortest form of a GET_MANY op's start: [6, ...
 
 
 def _unpack_request(data: bytes, max_frame: int, max_ops: int) -> Any:
@@ -269,25 +269,16 @@ def _unpack_request(data: bytes, max_frame: int, max_ops: int) -> Any:
             count = unpacker.read_array_header()
             if count > max_ops or count > n:
                 raise WireError(Code.BAD_REQUEST, f"frame of {count} ops exceeds the {max_ops} limit")
-            if count == 1 and data[unpacker.tell() : unpacker.tell() + 2] == _GET_MANY_HEAD:
-                # One GET_MANY op: its key array is the one long array, read key by key under
-                # the same limits as the ops array.
-                unpacker.read_array_header()
-                unpacker.unpack()
-                size = unpacker.read_array_header()
-                if size > max_ops or size > n:
-                    raise WireError(Code.BAD_REQUEST, f"op GET_MANY takes 1..{max_ops} keys, got {size}")
-                try:
-                    keys = list(itertools.islice(unpacker, size))
-                except Exception as exc:  # noqa: BLE001 - msgpack's zoo again
-                    raise WireError(Code.BAD_REQUEST, f"undecodable GET_MANY key: {type(exc).__name__}: {exc}") from None
-                if len(keys) != size:
-                    raise WireError(Code.BAD_REQUEST, f"undecodable frame: GET_MANY declares {size} keys and holds {len(keys)}")
-                try:
-                    unpacker.unpack()
-                except msgpack.OutOfData:
-                    return [*head, [[_GET_MANY, keys]]]
-                raise WireError(Code.BAD_REQUEST, "undecodable frame: bytes after its GET_MANY op")
+            if count == 1:
+                # One op: read its header and code first, for a GET_MANY's key array is the one
+                # long array, read key by key under the same limits as the ops array.
+                size = unpacker.read_array_header()  # (which does not apply max_array_len)
+                if size > OP_ARRAYS:
+                    raise ValueError(f"{size} exceeds max_array_len({OP_ARRAYS})")  # decoded again below
+                code = unpacker.unpack() if size else None
+                if size == 2 and type(code) is int and code == _GET_MANY:
+                    return [*head, [[_GET_MANY, _read_keys(unpacker, max_ops, n)]]]
+                ops = [[code, *(unpacker.unpack() for _ in range(size - 1))] if size else []]
             else:
                 ops = list(itertools.islice(unpacker, count))
             if len(ops) == count:
@@ -302,9 +293,32 @@ def _unpack_request(data: bytes, max_frame: int, max_ops: int) -> Any:
     try:
         return _unpack(data, max_frame, OP_ARRAYS, 0)
     except WireError as exc:
-        if _GET_MANY_HEAD in data:
+        if "max_array_len" in str(exc) and _GET_MANY_HEAD in data:
+            # The likeliest long array in a frame that is not one GET_MANY op: a GET_MANY among others.
             exc.args = (f"{exc} (a GET_MANY op must be its frame's only op)",)
         raise
+
+
+def _read_keys(unpacker: Any, max_ops: int, n: int) -> list[Any]:
+    """A GET_MANY's key array, the last thing in its frame, from `unpacker` (positioned at it),
+    key by key under the unpacker's limits; WireError for anything else."""
+    try:
+        size = unpacker.read_array_header()
+    except Exception as exc:  # noqa: BLE001 - not an array: the op check names it
+        raise WireError(Code.BAD_REQUEST, f"op GET_MANY: expected list, got {type(exc).__name__}") from None
+    if size > max_ops or size > n:
+        raise WireError(Code.BAD_REQUEST, f"op GET_MANY takes 1..{max_ops} keys, got {size}")
+    try:
+        keys = list(itertools.islice(unpacker, size))
+    except Exception as exc:  # noqa: BLE001 - msgpack's zoo again
+        raise WireError(Code.BAD_REQUEST, f"undecodable GET_MANY key: {type(exc).__name__}: {exc}") from None
+    if len(keys) != size:
+        raise WireError(Code.BAD_REQUEST, f"undecodable frame: GET_MANY declares {size} keys and holds {len(keys)}")
+    try:
+        unpacker.unpack()
+    except msgpack.OutOfData:
+        return keys
+    raise WireError(Code.BAD_REQUEST, "undecodable frame: bytes after its GET_MANY op")
 
 
 def _show(value: Any) -> str:
