@@ -463,7 +463,18 @@ _GET_ANSWER = re.compile(rb"VA (\d{1,20}) f(\d{1,10}) s\1 O([1-9]\d{0,19})\r\n|E
 # are read with this, then the headers are rebuilt from the template below and compared whole.
 _RUN_FLAGS = re.compile(rb"f(\d{1,10}) s")
 _RUN_HEADER = b"\nVA %d f%b s%d O%d"
-_RUN_HEADER_F0 = b"\nVA %d f0 s%d O%d"
+# The f0 headers up to their opaque, `\nVA <size> f0 s<size> O`, by size: formatting the two sizes
+# once per size instead of once per answer (0.184 -> 0.144 us per answer for the rebuild).
+_RUN_F0_STARTS: dict[int, bytes] = {}
+_RUN_F0_STARTS_MOST = 4096
+
+
+def _f0_starts(sizes: list[int]) -> list[bytes]:
+    if len(_RUN_F0_STARTS) > _RUN_F0_STARTS_MOST:
+        _RUN_F0_STARTS.clear()  # bounded: values of thousands of sizes only cost the formatting again
+    for size in set(sizes).difference(_RUN_F0_STARTS):
+        _RUN_F0_STARTS[size] = b"\nVA %d f0 s%d O" % (size, size)
+    return list(map(_RUN_F0_STARTS.__getitem__, sizes))
 # From this many answers wanted, a run of hits is tried in bulk first: all hits of 100 bytes, the bulk
 # read costs 1.12 x the loop's time per answer at 8, 1.03 x at 12, 0.93 x at 16, 0.80 x at 32.
 RUN_MIN = 16
@@ -686,8 +697,12 @@ class ResponseParser:
             return []
         client_flags: Any
         if joined.count(b" f0 s") == n:
-            # Most runs carry one serializer's flags, often 0: then no flags to read, no int()s.
-            rebuilt = (_RUN_HEADER_F0 * n) % tuple(chain.from_iterable(zip(sizes, sizes, range(first, first + n))))
+            # Most runs carry one serializer's flags, often 0: then no flags to read, no int()s,
+            # and each header up to its opaque is a size's own bytes, made once per size.
+            starts: list[bytes | None] | list[bytes] = list(map(_RUN_F0_STARTS.get, sizes))
+            if None in starts:
+                starts = _f0_starts(sizes)
+            rebuilt = (b"%b%d" * n) % tuple(chain.from_iterable(zip(starts, range(first, first + n))))
             client_flags = repeat(0)
         else:
             flags = _RUN_FLAGS.findall(joined)

@@ -411,3 +411,22 @@ def test_a_first_value_past_400_bytes_leaves_the_batch_to_the_loop(first_size: i
     assert len(p._take_hit_run(1, 21, OK)) == bulk
     got, left, _ = read([data], 1, 21, RUN_MIN)
     assert (got, left) == read([data], 1, 21, OFF)[:2] and len(got) == 21
+
+
+def test_the_f0_header_starts_are_made_once_per_size_and_bounded() -> None:
+    from broker import meta
+
+    meta._RUN_F0_STARTS.clear()
+    values = [b"x" * (i % 7 + 1) for i in range(40)]  # seven sizes, each seen several times
+    data = b"".join(hit(v, 100 + i) for i, v in enumerate(values))
+    got, left, _ = read([data], 100, 40, RUN_MIN)
+    assert got == [[OK, v, 0] for v in values] and left == 0
+    assert meta._RUN_F0_STARTS == {n: b"\nVA %d f0 s%d O" % (n, n) for n in range(1, 8)}
+    # Past its bound the table starts again at the next new size instead of growing.
+    meta._f0_starts(list(range(1000, 1000 + meta._RUN_F0_STARTS_MOST + 1)))
+    assert len(meta._RUN_F0_STARTS) > meta._RUN_F0_STARTS_MOST
+    values = [b"y" * (i % 3 + 8) for i in range(40)]  # three new sizes
+    data = b"".join(hit(v, 100 + i) for i, v in enumerate(values))
+    got, left, _ = read([data], 100, 40, RUN_MIN)
+    assert got == [[OK, v, 0] for v in values] and left == 0
+    assert sorted(meta._RUN_F0_STARTS) == [8, 9, 10]
