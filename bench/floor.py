@@ -63,7 +63,8 @@ class Upstream:
         # Per frame (or part of a frame, with several servers) sent, oldest first: (ident, req_id,
         # keys, part); `results` holds the oldest's answers so far. part: None for a whole frame,
         # else (the frame's Split, the positions of these keys in it).
-        self.waiting: collections.deque[tuple[bytes, int, int, Any]] = collections.deque()
+        # many: the frame was one GET_MANY op (its reply carries a hit with flags 0 as the value alone).
+        self.waiting: collections.deque[tuple[bytes, int, int, Any, bool]] = collections.deque()
         self.buf = b""
         self.results: list[Any] = []
 
@@ -89,7 +90,7 @@ class Upstream:
         waiting = self.waiting
         results = self.results
         while waiting:
-            ident, req_id, n, part = waiting[0]
+            ident, req_id, n, part, many = waiting[0]
             while len(results) < n:
                 m = match(buf, pos)
                 if m is None:
@@ -105,7 +106,8 @@ class Upstream:
                 stop = start + int(size)
                 if stop + 2 > end:
                     break  # the value is not all here yet: read it again with the rest
-                results.append([OK, buf[start:stop], int(m[2])])
+                flags = m[2]
+                results.append(buf[start:stop] if flags == b"0" else [OK, buf[start:stop], int(flags)])
                 pos = stop + 2
             if len(results) < n:
                 break
@@ -120,6 +122,8 @@ class Upstream:
             else:
                 reply = results
             if reply is not None:
+                if not many:
+                    reply = [[OK, r, 0] if type(r) is bytes else r for r in reply]
                 try:
                     router.send(ident, sndmore | noblock)
                     router.send(msgpack.packb([VERSION, req_id, OK, reply]), noblock)
@@ -184,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                             frame = unpackb(data)
                             req_id = frame[1]
                             ops = frame[4]
-                            if len(ops) == 1 and ops[0][0] == GET_MANY:
+                            many = len(ops) == 1 and ops[0][0] == GET_MANY
+                            if many:
                                 keys = ops[0][1]
                                 if type(keys) is not list or not keys:
                                     raise ValueError("not plain gets")
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                                     raise ValueError("not plain gets")
                             if nservers == 1:
                                 up.out += b"mg " + b" v f\r\nmg ".join(keys) + b" v f\r\n"
-                                up.waiting.append((ident, req_id, len(keys), None))
+                                up.waiting.append((ident, req_id, len(keys), None, many))
                                 continue
                             groups: dict[int, tuple[list[int], list[bytes]]] = {}
                             for i, key in enumerate(keys):
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                         split = Split(len(keys), len(reqs))
                         for u, req, where in reqs:
                             u.out += req
-                            u.waiting.append((ident, req_id, len(where), (split, where)))
+                            u.waiting.append((ident, req_id, len(where), (split, where), many))
                     for u in turn:
                         if u.flush():
                             poller.modify(u.fd, zmq.POLLIN | zmq.POLLOUT)

@@ -29,6 +29,9 @@ reaches only the request that asked for it" lives in this one object and is test
   flight.
 - A waiter that gave up (deadline passed) stays in the FIFO as a tombstone: its late response is
   parsed, checked and dropped, never handed to anyone else.
+- A plain get's hit whose client flags are 0 is delivered as its value alone (the bytes object;
+  the wire's result for a GET_MANY key, see clientlib.wire), every other result as the wire's
+  `[code, ...]` list: most hits cost no object beyond their value.
 - The hot path: the answers to a batch of plain gets (`mg <key> v f s O<n>`) that are exactly in
   shape and in turn are parsed in one pass straight into results (`_take_gets`) and released as
   one run, under the same proof rule (each proves the one before it; the last waits). Anything
@@ -63,7 +66,7 @@ class Waiter(Protocol):
 
     done: bool
 
-    def deliver(self, index: int, result: list[Any]) -> None: ...
+    def deliver(self, index: int, result: Any) -> None: ...
 
     def deliver_many(self, indices: list[int], results: list[Any]) -> None:
         """`deliver(indices[n], results[n])` for each n, in order."""
@@ -124,7 +127,7 @@ class Batch:
 class _NoWaiter:
     done = True
 
-    def deliver(self, index: int, result: list[Any]) -> None: ...
+    def deliver(self, index: int, result: Any) -> None: ...
 
     def deliver_many(self, indices: list[int], results: list[Any]) -> None: ...
 
@@ -248,7 +251,7 @@ class Pipeline:
         all but the last are released and the last is held for the next response to prove."""
         j = self.head
         first = batch.first + j
-        results = self.parser.take_get_answers(first, limit, _OK, MISS)
+        results = self.parser.take_get_answers(first, limit, _OK, MISS, True)
         k = len(results)
         if not k:
             return 0
@@ -306,7 +309,7 @@ class Pipeline:
         if late:
             held += late
         result = results[last]
-        self.risky = result is not MISS and b"\r\n" in result[1]
+        self.risky = result is not MISS and b"\r\n" in (result if type(result) is bytes else result[1])
         self.answered += k
         self.inflight -= done
         j += k
@@ -350,7 +353,8 @@ class Pipeline:
                             raise OutOfStep(f"opaque mismatch: expected {first + j}, got {hit[3]!r}")
                         if int(hit[2]) != len(value):
                             raise OutOfStep(f"unusable VALUE response: s{hit[2]!r} for {len(value)} bytes")
-                        result: list[Any] = [_OK, value, int(hit[1])]
+                        client_flags = int(hit[1])
+                        result: Any = [_OK, value, client_flags] if client_flags else value
                     else:
                         if meta.opaque_of(flags) != b"%d" % (first + j):
                             raise OutOfStep(f"opaque mismatch: expected {first + j}, got {meta.opaque_of(flags)!r}")

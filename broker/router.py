@@ -79,7 +79,7 @@ class RouterStats:
 class Job:
     """One worker frame in flight."""
 
-    __slots__ = ("router", "peer", "ident", "req_id", "results", "pending", "deadline", "noreply", "done", "where")
+    __slots__ = ("router", "peer", "ident", "req_id", "results", "pending", "deadline", "noreply", "done", "where", "many")
 
     def __init__(self, router: "Router", peer: Any, ident: bytes, frame: RequestFrame, deadline: float) -> None:
         self.router = router
@@ -93,8 +93,11 @@ class Job:
         self.noreply = frame.noreply
         self.done = False
         self.where: list[Server | None] = [None] * n
+        # A GET_MANY's reply carries a hit with client flags 0 as its value alone, as the
+        # pipeline delivers it; any other frame's reply carries it as [OK, value, 0].
+        self.many = frame.many
 
-    def deliver(self, index: int, result: list[Any]) -> None:
+    def deliver(self, index: int, result: Any) -> None:
         self.results[index] = result
         self.pending -= 1
         if self.pending == 0:
@@ -148,14 +151,22 @@ class Job:
         results = self.results
         if len(results) > 8:
             # A get_many: count the common outcomes in C, look at the rest one by one.
-            codes = [r[0] for r in results]
-            ok = codes.count(_OK_CODE)
-            miss = codes.count(_MISS_CODE)
-            if ok + miss == len(codes):
-                stats.ok += ok
-                stats.miss += miss
+            bare = list(map(type, results)).count(bytes)
+            if bare == len(results):
+                stats.ok += bare
                 results = []
+            else:
+                codes = [_OK_CODE if type(r) is bytes else r[0] for r in results] if bare else [r[0] for r in results]
+                ok = codes.count(_OK_CODE)
+                miss = codes.count(_MISS_CODE)
+                if ok + miss == len(codes):
+                    stats.ok += ok
+                    stats.miss += miss
+                    results = []
         for r in results:
+            if type(r) is bytes:
+                stats.ok += 1
+                continue
             c = r[0]
             if c == Code.OK:
                 stats.ok += 1
@@ -171,7 +182,14 @@ class Job:
         if self.noreply:
             stats.noreply += 1
         else:
-            router.reply(self.peer, self.ident, encode_reply(self.req_id, self.results))
+            results = self.results
+            if not self.many:
+                if len(results) == 1:
+                    if type(results[0]) is bytes:  # the commonest frame, one get: no comprehension
+                        results = [[_OK_CODE, results[0], 0]]
+                else:
+                    results = [[_OK_CODE, r, 0] if type(r) is bytes else r for r in results]
+            router.reply(self.peer, self.ident, encode_reply(self.req_id, results))
         # The deadline heap keeps this job until it reaches the top: behind a frame that waits for
         # a silent server, that is up to a deadline later. It must not keep the values with it.
         # (Nothing touches a done job's slots: every late answer or failure checks `done` first.)

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Protocol
 from . import address, lease
 from . import commands as commands_module
 from .curve import CurveKeys, curve_keys
-from .commands import DEFAULT_MAX_FRAME, DEFAULT_TIMEOUT, Command, Commands, Key, raise_failure
+from .commands import DEFAULT_MAX_FRAME, DEFAULT_TIMEOUT, Command, Commands, Key, _finish_many, raise_failure
 from .commands import _OK
 from .commands import _ADD, _APPEND, _CAS, _DECR, _GET, _GET_MANY, _GETS, _INCR, _PREPEND, _REPLACE, _SET
 from .errors import MemcacheClientError, MemcacheIllegalInputError, ProtocolMismatch, error_for
@@ -74,6 +74,12 @@ def _finished(client: Any, cmd: Command, results: list[Any]) -> Any:
     """cmd.finish, with a result too short for its op (an OK get without its value, say) raised as
     ProtocolMismatch: the wire schema's shapes are checked per frame, not per op, so the finisher
     finds it. An IndexError from the caller's own serde, deeper down, stays what it is."""
+    if cmd.finish is not _finish_many:
+        for r in results:
+            if type(r) is bytes:
+                # A bare value answers only a GET_MANY's key (_finish_many reads it): anywhere
+                # else its first byte would be read as a code.
+                raise ProtocolMismatch(f"malformed result from the broker: {results!r:.200}")
     try:
         return cmd.finish(client, cmd, results)
     except IndexError as exc:

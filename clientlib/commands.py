@@ -9,12 +9,14 @@ the default, NOT_STORED returns False); failures are exceptions (`errors.error_f
 
 from __future__ import annotations
 
-from itertools import compress
-from operator import itemgetter, not_
+from itertools import compress, repeat
+from operator import is_, itemgetter, not_
 from typing import Any, Callable, Iterable, Union
 
 from . import limits, serde as serde_mod, wire
-from .errors import MemcacheClientError, MemcacheError, MemcacheIllegalInputError, MemcacheServerError, error_for
+from .errors import (
+    MemcacheClientError, MemcacheError, MemcacheIllegalInputError, MemcacheServerError, ProtocolMismatch, error_for,
+)
 from .keys import check_cas, check_int, check_key, check_keys
 from .wire import Code, Op
 
@@ -173,21 +175,38 @@ def _finish_gets(c: "Commands", cmd: Command, results: list[Result]) -> Any:
     return cmd.miss
 
 
-def _finish_many(c: "Commands", cmd: Command, results: list[Result]) -> dict[Any, Any]:
+def _finish_many(c: "Commands", cmd: Command, results: list[Any]) -> dict[Any, Any]:
+    """A get_many's or gets_many's dict. A result is `[code, ...]`, or (a GET_MANY's hit with
+    client flags 0) the value alone: bytes."""
     with_cas = cmd.extra
-    if not with_cas and type(c.serde) is serde_mod.RawSerde:
+    kinds = list(map(type, results))
+    bare = kinds.count(bytes)
+    if bare and with_cas:
+        raise ProtocolMismatch(f"malformed result from the broker: a bare value for a gets: {results!r:.200}")
+    if type(c.serde) is serde_mod.RawSerde and not with_cas:
         # The default serde reads values back as they are stored: the dict in C-level passes,
-        # unless some key failed (then the loop below gathers the failures).
-        codes = list(map(_code, results))
-        if codes.count(_OK) == len(codes):
-            return dict(zip(cmd.key, map(_value, results)))
-        if max(codes) < _FIRST_ERROR:
-            hits = list(map(not_, codes))  # OK is 0
-            return dict(zip(compress(cmd.key, hits), map(_value, compress(results, hits))))
+        # unless some key failed or carries flags (then the loop below reads each key).
+        if bare == len(kinds):
+            return dict(zip(cmd.key, results))
+        if bare:
+            is_bare = list(map(is_, kinds, repeat(bytes)))
+            rest = list(map(_code, compress(results, map(not_, is_bare))))
+            if rest.count(_MISS) == len(rest):
+                return dict(zip(compress(cmd.key, is_bare), compress(results, is_bare)))
+        else:
+            codes = list(map(_code, results))
+            if codes.count(_OK) == len(codes):
+                return dict(zip(cmd.key, map(_value, results)))
+            if max(codes) < _FIRST_ERROR:
+                hits = list(map(not_, codes))  # OK is 0
+                return dict(zip(compress(cmd.key, hits), map(_value, compress(results, hits))))
     out = {}
     deserialize = c.serde.deserialize
     failed: dict[Any, MemcacheError] | None = None
     for key, r in zip(cmd.key, results):
+        if type(r) is bytes:
+            out[key] = deserialize(key, r, 0)
+            continue
         code = r[0]
         if code == _OK:
             value = deserialize(key, r[1], r[2])

@@ -343,7 +343,11 @@ class _MemoryTransport:
                     request = wire.decode_request(data, max_frame=max_frame_bytes)
                 except wire.WireError as exc:
                     raise error_for(exc.code, str(exc)) from None
-                results.extend(self.memory.execute(op) for op in request.each_op())
+                answers = [self.memory.execute(op) for op in request.each_op()]
+                if request.many:
+                    # As the broker answers a GET_MANY: a hit with client flags 0 is its value alone.
+                    answers = [r[1] if r[0] == Code.OK and r[2] == 0 else r for r in answers]
+                results.extend(answers)
         return None if noreply else results
 
     def close(self) -> None:

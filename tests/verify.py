@@ -174,8 +174,10 @@ class _Wire:
                     per_gen["crossed"] += 1
                 if code == Code.OK:
                     for r in payload:
-                        t.codes[classify(r[0])] += 1
-                        per_gen[classify(r[0])] += 1
+                        # A GET_MANY's hit with client flags 0 is its value alone (clientlib/wire.py).
+                        kind = "ok" if type(r) is bytes else classify(r[0])
+                        t.codes[kind] += 1
+                        per_gen[kind] += 1
                 else:
                     t.frame_codes[code] += 1
         return rid, code, payload

@@ -31,11 +31,17 @@ def url() -> Iterator[str]:
         yield f"ipc://{d}/nobody.sock"
 
 
-def client_answering(url: str, answer: Callable[[list[Any]], list[Any]], **kw: Any) -> tuple[Client, FakeSocket]:
-    """A Client whose broker answers each op with answer(op)."""
+def client_answering(
+    url: str, answer: Callable[[list[Any]], list[Any]], bare: bool = True, **kw: Any,
+) -> tuple[Client, FakeSocket]:
+    """A Client whose broker answers each op with answer(op); a GET_MANY's hits with client flags
+    0 as their values alone, as the broker does (with `bare`; else as [OK, value, 0])."""
     def responder(frame: list[Any]) -> list[bytes]:
         _, rid, _, flags, ops = frame
-        return [] if flags & 1 else [encode_reply(rid, [answer(op) for op in each_op(ops)])]
+        results = [answer(op) for op in each_op(ops)]
+        if bare and len(ops) == 1 and ops[0][0] == Op.GET_MANY:
+            results = [r[1] if r[0] == Code.OK and r[2:] == [0] else r for r in results]
+        return [] if flags & 1 else [encode_reply(rid, results)]
 
     c = Client(url, timeout=0.5, **kw)
     sock = install(c._transport, FakeSocket(responder))  # type: ignore[arg-type]
@@ -178,10 +184,14 @@ class Upper:
         return value.upper()
 
 
+SHAPES = pytest.mark.parametrize("bare", [True, False], ids=["bare values", "hit lists"])
+
+
+@SHAPES
 @pytest.mark.parametrize("serde", [None, Upper()], ids=["default serde", "own serde"])
-def test_get_many_keeps_hits_leaves_out_misses_and_keys_by_the_callers_keys(url: str, serde: Any) -> None:
+def test_get_many_keeps_hits_leaves_out_misses_and_keys_by_the_callers_keys(url: str, serde: Any, bare: bool) -> None:
     table = {b"a": [Code.OK, b"va", 0], b"b": [Code.MISS], b"c": [Code.OK, b"vc", 0]}
-    c, _ = client_answering(url, by_key(table), serde=serde)
+    c, _ = client_answering(url, by_key(table), bare, serde=serde)
     up = (lambda v: v.upper()) if serde else (lambda v: v)
     assert c.get_many(["a", "b", "c"]) == {"a": up(b"va"), "c": up(b"vc")}
     assert c.get_many([b"a", "a", b"b"]) == {b"a": up(b"va"), "a": up(b"va")}  # str and bytes stay apart
@@ -189,13 +199,14 @@ def test_get_many_keeps_hits_leaves_out_misses_and_keys_by_the_callers_keys(url:
     assert c.get_many([]) == {}
 
 
+@SHAPES
 @pytest.mark.parametrize("serde", [None, Upper()], ids=["default serde", "own serde"])
-def test_get_many_raises_the_first_failure_with_the_answered_keys(url: str, serde: Any) -> None:
+def test_get_many_raises_the_first_failure_with_the_answered_keys(url: str, serde: Any, bare: bool) -> None:
     table = {
         b"a": [Code.OK, b"va", 0], b"b": [Code.MISS], b"c": [Code.SERVER_DOWN, "c is down"],
         b"d": [Code.TIMEOUT, "d timed out"],
     }
-    c, _ = client_answering(url, by_key(table), serde=serde)
+    c, _ = client_answering(url, by_key(table), bare, serde=serde)
     with pytest.raises(MemcacheError) as info:
         c.get_many(["a", "b", "c", "d"])
     assert type(info.value) is RAISES[Code.SERVER_DOWN] and "c is down" in str(info.value)
@@ -215,6 +226,44 @@ def test_get_many_raises_any_failure_code_even_alone(url: str, serde: Any, code:
     with pytest.raises(RAISES[code], match="c failed") as info:
         c.get_many(["a", "b", "c"])
     assert info.value.failed.keys() == {"c"}  # type: ignore[attr-defined]
+
+
+class Flags:
+    """A serde that reads each value back with the flags it came with."""
+
+    def serialize(self, key: Any, value: Any) -> tuple[bytes, int]:
+        return value, 0
+
+    def deserialize(self, key: Any, value: bytes, flags: int) -> Any:
+        return (value, flags)
+
+
+@pytest.mark.parametrize("serde", [None, Flags()], ids=["default serde", "own serde"])
+def test_get_many_reads_bare_values_beside_hits_with_flags_in_the_callers_order(url: str, serde: Any) -> None:
+    # A GET_MANY's reply mixes bare values (flags 0) with [OK, value, flags] lists (other flags):
+    # the dict keeps the caller's key order and gives each value its own flags.
+    table = {b"a": [Code.OK, b"va", 5], b"b": [Code.OK, b"vb", 0], b"c": [Code.MISS], b"d": [Code.OK, b"vd", 0]}
+    c, sock = client_answering(url, by_key(table), serde=serde)
+    got = c.get_many(["a", "b", "c", "d"])
+    assert sock.sent[-1][4] == [[Op.GET_MANY, [b"a", b"b", b"c", b"d"]]]
+    if serde is None:
+        assert list(got.items()) == [("a", b"va"), ("b", b"vb"), ("d", b"vd")]
+    else:
+        assert list(got.items()) == [("a", (b"va", 5)), ("b", (b"vb", 0)), ("d", (b"vd", 0))]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [lambda c: c.get("k"), lambda c: c.gets_many(["a", "b"]), lambda c: c.set_many({"a": b"1", "b": b"2"})],
+    ids=["get", "gets_many", "set_many"],
+)
+def test_a_bare_value_anywhere_but_a_get_many_is_a_protocol_mismatch(url: str, call: Callable[[Any], Any]) -> None:
+    # Only a GET_MANY's key may be answered by its value alone: elsewhere the bytes' first byte
+    # would read as a code (b"\x00..." as OK).
+    c = Client(url, timeout=0.5)
+    install(c._transport, FakeSocket(lambda f: [encode_reply(f[1], [b"\x00v" for _ in each_op(f[4])])]))  # type: ignore[arg-type]
+    with pytest.raises(ProtocolMismatch, match="malformed result"):
+        call(c)
 
 
 # --- a result too short for its op: ProtocolMismatch (client.py's module docstring), not IndexError ---

@@ -39,12 +39,12 @@ def feedings(data: bytes) -> list[list[bytes]]:
     return ways
 
 
-def take_all(chunks: list[bytes], first: int, limit: int = 1 << 30) -> tuple[list[Any], ResponseParser]:
+def take_all(chunks: list[bytes], first: int, limit: int = 1 << 30, bare: bool = False) -> tuple[list[Any], ResponseParser]:
     p = ResponseParser(max_value_len=1 << 20)
     got: list[Any] = []
     for chunk in chunks:
         p.feed(chunk)
-        got += p.take_get_answers(first + len(got), limit - len(got), OK, MISS)
+        got += p.take_get_answers(first + len(got), limit - len(got), OK, MISS, bare)
     return got, p
 
 
@@ -53,6 +53,15 @@ def test_hits_and_misses_in_turn_become_results_fed_every_way() -> None:
     for chunks in feedings(data):
         got, p = take_all(chunks, 7)
         assert got == [[OK, b"bar", 5], MISS, [OK, b"a\r\nb", 0], [OK, b"", 0]], chunks
+        assert p.buffered == 0
+
+
+def test_bare_hits_with_flags_0_are_their_values_alone_fed_every_way() -> None:
+    # bare: the broker's GET_MANY shape (clientlib/wire.py), a hit whose flags are f0 is its value.
+    data = hit(b"bar", 7, flags=5) + miss(8) + hit(b"a\r\nb", 9) + hit(b"", 10)
+    for chunks in feedings(data):
+        got, p = take_all(chunks, 7, bare=True)
+        assert got == [[OK, b"bar", 5], MISS, b"a\r\nb", b""], chunks
         assert p.buffered == 0
 
 
@@ -193,8 +202,8 @@ def norm_fast(result: Any, opaque: int) -> Any:
 
 
 @settings(max_examples=300, deadline=None)
-@given(streams())
-def test_fast_then_general_reads_any_stream_as_the_general_path_alone(stream: tuple[bytes, int]) -> None:
+@given(streams(), st.booleans())
+def test_fast_then_general_reads_any_stream_as_the_general_path_alone(stream: tuple[bytes, int], bare: bool) -> None:
     data, first = stream
     general = ResponseParser()
     general.feed(data)
@@ -204,8 +213,10 @@ def test_fast_then_general_reads_any_stream_as_the_general_path_alone(stream: tu
         got: list[Any] = []
         for chunk in chunks:
             p.feed(chunk)
-            for r in p.take_get_answers(first + len(got), 8, OK, MISS):
-                got.append(norm_fast(r, first + len(got)))
+            for r in p.take_get_answers(first + len(got), 8, OK, MISS, bare):
+                if bare and r is not MISS and type(r) is list:
+                    assert r[2] != 0, "with bare, a hit with flags 0 is its value alone"
+                got.append(norm_fast([OK, r, 0] if type(r) is bytes else r, first + len(got)))
         assert got + [norm(i) for i in outcome(p)] == expected, chunks
 
 

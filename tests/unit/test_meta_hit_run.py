@@ -38,15 +38,22 @@ def cut(data: bytes, at: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])]
 
 
-def read(chunks: list[bytes], first: int, limit: int, run_min: int, max_value: int = 1 << 20) -> tuple[list[Any], int, ResponseParser]:
+def read(
+    chunks: list[bytes], first: int, limit: int, run_min: int, max_value: int = 1 << 20, bare: bool = False,
+) -> tuple[list[Any], int, ResponseParser]:
     """Feed the chunks, taking after each; the results, the bytes left, the parser."""
     p = ResponseParser(max_value_len=max_value)
     p.run_min = run_min
     got: list[Any] = []
     for chunk in chunks:
         p.feed(chunk)
-        got += p.take_get_answers(first + len(got), limit - len(got), OK, MISS)
+        got += p.take_get_answers(first + len(got), limit - len(got), OK, MISS, bare)
     return got, p.buffered, p
+
+
+def unbare(results: list[Any]) -> list[Any]:
+    """Results taken with `bare` as they read without it: a value alone is [OK, value, 0]."""
+    return [[OK, r, 0] if type(r) is bytes else r for r in results]
 
 
 def test_a_run_of_hits_is_taken_in_bulk_with_each_value_and_its_flags() -> None:
@@ -64,6 +71,10 @@ def test_the_run_stops_at_a_miss_and_the_loop_takes_it_and_what_follows() -> Non
     p.run_min = 8  # a run of 10 in bulk
     p.feed(data)
     assert p._take_hit_run(1, 12, OK) == [[OK, b"x", 0]] * 10
+    bare = ResponseParser()
+    bare.run_min = 8
+    bare.feed(data)
+    assert bare._take_hit_run(1, 12, OK, True) == [b"x"] * 10  # every flag f0: the values themselves
     p2 = ResponseParser()
     p2.feed(data)
     assert p2.take_get_answers(1, 12, OK, MISS) == [[OK, b"x", 0]] * 10 + [MISS, [OK, b"y", 0]]
@@ -179,11 +190,18 @@ def test_bulk_then_loop_reads_any_stream_as_the_loop_alone(stream: tuple[list[by
 
 
 def assert_read_as_the_loop_alone(chunks: list[bytes], first: int, limit: int, run_min: int) -> None:
-    """Results, the bytes left, and what the general path then reads: the same both ways."""
+    """Results, the bytes left, and what the general path then reads: the same both ways, and
+    with `bare` the same results with each f0 hit's value alone."""
     bulk, left, p = read(chunks, first, limit, run_min, max_value=300)
     loop, loop_left, q = read(chunks, first, limit, OFF, max_value=300)
     assert (bulk, left) == (loop, loop_left)
-    assert rest(p) == rest(q)
+    after = rest(p)
+    assert after == rest(q)
+    bare_bulk, bare_left, b = read(chunks, first, limit, run_min, max_value=300, bare=True)
+    bare_loop, _, _ = read(chunks, first, limit, OFF, max_value=300, bare=True)
+    assert bare_bulk == bare_loop and bare_left == left and rest(b) == after
+    assert unbare(bare_bulk) == bulk
+    assert not any(type(r) is list and r[0] == OK and r[2] == 0 for r in bare_bulk), "f0 hits go bare"
 
 
 def rest(p: ResponseParser) -> list[Any]:

@@ -101,7 +101,28 @@ class Err:
         return f"Err({self.code.name}, {self.text!r})"
 
 
-Event = tuple[str, int, Any]  # (waiter name, index, result list or Failed)
+Event = tuple[str, int, Any]  # (waiter name, index, result list, Bare or Failed)
+
+
+class Bare:
+    """A hit delivered as its value alone (client flags 0): equal to the list it stands for,
+    [OK, value, 0], so expectations read as the wire's GET result; `type(r) is Bare` tells."""
+
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Bare):
+            return other.value == self.value
+        return other == [Code.OK, self.value, 0]
+
+    def __repr__(self) -> str:
+        return f"Bare({self.value!r})"
+
+
+def recorded(result: Any) -> Any:
+    assert type(result) is not list or type(result[0]) is not bytes, f"a result list starts with its code: {result!r}"
+    return Bare(result) if type(result) is bytes else result
 
 
 class Recorder:
@@ -113,12 +134,12 @@ class Recorder:
         self.log = log
         self.messages: dict[int, str] = {}
 
-    def deliver(self, index: int, result: list[Any]) -> None:
-        self.log.append((self.name, index, result))
+    def deliver(self, index: int, result: Any) -> None:
+        self.log.append((self.name, index, recorded(result)))
 
     def deliver_many(self, indices: list[int], results: list[Any]) -> None:
         for index, result in zip(indices, results):
-            self.log.append((self.name, index, result))
+            self.log.append((self.name, index, recorded(result)))
 
     def fail(self, index: int, code: Code, message: str) -> None:
         assert isinstance(message, str) and message, "a failure carries a message"
@@ -320,6 +341,8 @@ def test_fifo_across_batches_and_waiters_however_fed() -> None:
         ("B", 2, [Code.OK, b"v\r\n", 0]),
         ("C", 3, [Code.OK, 47]),
     ]
+    # A hit with client flags 0 goes as its value alone (the wire's GET_MANY result), any other as a list.
+    assert [type(r) for _, _, r in out.log] == [list, list, list, list, Bare, list]
     assert out.error is None
     assert out.inflight == 0
     assert sorted(out.released) == sorted(out.keys) == [b"a", b"b", b"c", b"d", b"e", b"n"]
@@ -2465,8 +2488,8 @@ def test_a_batch_of_plain_gets_is_answered_by_the_fast_path(path: str, monkeypat
     taken: list[int] = []
     real = meta.ResponseParser.take_get_answers
 
-    def spy(self: meta.ResponseParser, first: int, limit: int, hit: Any, miss: Any) -> list[Any]:
-        out = real(self, first, limit, hit, miss)
+    def spy(self: meta.ResponseParser, first: int, limit: int, hit: Any, miss: Any, bare: bool = False) -> list[Any]:
+        out = real(self, first, limit, hit, miss, bare)
         taken.append(len(out))
         return out
 

@@ -37,6 +37,13 @@ def counters(rig: Rig) -> tuple[int, ...]:
     return (s.frames, s.ops, s.ok, s.miss, s.gets_upstream, s.gets_coalesced, s.overloaded, s.by_op[int(Op.GET)])
 
 
+def results(rig: Rig, req_id: int) -> list[list[Any]]:
+    """The reply's results, a GET_MANY's bare values (hits with client flags 0) read as one GET
+    per key's [OK, value, 0] (clientlib/wire.py); test_the_two_forms_differ_only_in_bare_values
+    checks the shapes themselves."""
+    return [[int(Code.OK), r, 0] if type(r) is bytes else r for r in rig.results(req_id)]
+
+
 def both(case: Callable[[Rig, str], list[list[list[Any]]]], make: Callable[[], Rig]) -> list[list[list[Any]]]:
     """The case's results in both forms, checked equal (with what memcached got and the counters)."""
     runs = []
@@ -58,7 +65,7 @@ def test_hits_misses_and_joined_reads() -> None:
         first = get_many(rig, [b"a", b"b"], form)
         second = get_many(rig, [b"c", b"a", b"d", b"b", b"c"], form)  # joins a and b in flight
         rig.serve()
-        return [rig.results(first), rig.results(second)]
+        return [results(rig, first), results(rig, second)]
 
     assert both(case, lambda: Rig(connections=2)) == [
         [[Code.OK, b"1", 0], [Code.OK, b"2", 7]],
@@ -79,7 +86,7 @@ def test_three_servers() -> None:
         a = get_many(rig, keys[:35], form)
         b = get_many(rig, keys[10:], form)
         rig.serve()
-        return [rig.results(a), rig.results(b)]
+        return [results(rig, a), results(rig, b)]
 
     expected = [[Code.OK, k, i] if i < 30 else [Code.MISS] for i, k in enumerate(keys)]
     assert both(case, lambda: Rig(3, connections=2)) == [expected[:35], expected[10:]]
@@ -91,7 +98,7 @@ def test_keys_needing_base64_take_the_per_op_path() -> None:
         rig.serve()
         r = get_many(rig, [b"a b", b"plain", b"c\td", b"e f"], form)
         rig.serve()
-        return [rig.results(r)]
+        return [results(rig, r)]
 
     assert both(case, Rig) == [[[Code.OK, b"1", 0], [Code.OK, b"3", 0], [Code.OK, b"2", 0], [Code.MISS]]]
 
@@ -103,7 +110,7 @@ def test_a_key_with_its_write_in_flight_is_read_after_the_write() -> None:
         w = rig.frame([set_op(b"a", b"new")])  # not answered yet: `a` is pinned to its connection
         r = get_many(rig, [b"b", b"a", b"z"], form)
         rig.serve()
-        return [rig.results(w), rig.results(r)]
+        return [results(rig, w), results(rig, r)]
 
     assert both(case, lambda: Rig(connections=2)) == [
         [[Code.OK]], [[Code.OK, b"2", 0], [Code.OK, b"new", 0], [Code.MISS]],
@@ -119,15 +126,15 @@ def test_a_down_server_refuses_its_keys_and_the_others_answer() -> None:
         rig.server(names[1]).record_failure(rig.now, "test: gone")
         r = get_many(rig, keys, form)
         rig.serve()
-        return [rig.results(r)]
+        return [results(rig, r)]
 
-    [results] = both(case, lambda: Rig(2, failure_limit=1))
-    for k, res in zip(keys, results):
+    [got] = both(case, lambda: Rig(2, failure_limit=1))
+    for k, res in zip(keys, got):
         if where[k.decode()] == names[1]:
             assert res[0] == Code.SERVER_DOWN and "test: gone" in res[1]
         else:
             assert res == [Code.MISS]
-    assert any(res[0] == Code.SERVER_DOWN for res in results) and any(res == [Code.MISS] for res in results)
+    assert any(res[0] == Code.SERVER_DOWN for res in got) and any(res == [Code.MISS] for res in got)
 
 
 @pytest.mark.parametrize("bound", ["max_conn", "max_server", "max_total"])
@@ -136,7 +143,7 @@ def test_a_bound_admits_exactly_its_limit_in_key_order(bound: str) -> None:
         r = get_many(rig, [b"k-%d" % i for i in range(10)], form)
         assert rig.budget.inflight == 7
         rig.serve()
-        return [rig.codes(r)]  # type: ignore[list-item]
+        return [[res[0] for res in results(rig, r)]]  # type: ignore[list-item]
 
     assert both(case, lambda: Rig(1, connections=1, **{bound: 7})) == [[Code.MISS] * 7 + [Code.OVERLOADED] * 3]  # type: ignore[arg-type]
 
@@ -147,7 +154,7 @@ def test_a_get_many_of_one_key() -> None:
         rig.serve()
         r = get_many(rig, [b"a"], form)
         rig.serve()
-        return [rig.results(r)]
+        return [results(rig, r)]
 
     assert both(case, Rig) == [[[Code.OK, b"1", 0]]]
 
@@ -164,7 +171,7 @@ def test_duplicate_keys_in_one_get_many() -> None:
         rig.serve()
         third = get_many(rig, [b"b", b"b"], form)  # the table was cleared: a fresh read
         rig.serve()
-        return [rig.results(first), rig.results(second), rig.results(third)]
+        return [results(rig, first), results(rig, second), results(rig, third)]
 
     a, b, z = [Code.OK, b"1", 0], [Code.OK, b"2", 0], [Code.MISS]
     assert both(case, lambda: Rig(2, connections=2)) == [[a, a, b, a, z, z], [a, z, a], [b, b]]
@@ -180,7 +187,7 @@ def test_a_write_between_two_reads_of_a_key_keeps_the_later_read_joinable_only_a
         rig.serve()
         third = get_many(rig, [b"a", b"b"], form)
         rig.serve()
-        return [rig.results(first), rig.results(w), rig.results(second), rig.results(third)]
+        return [results(rig, first), results(rig, w), results(rig, second), results(rig, third)]
 
     assert both(case, lambda: Rig(1, connections=2)) == [
         [[Code.OK, b"old", 0], [Code.OK, b"2", 0]], [[Code.OK]],
@@ -203,7 +210,7 @@ def test_reads_of_the_same_keys_on_two_connections_in_one_turn() -> None:
         r3 = get_many(rig, keys[3:] + keys[:3], form)
         r4 = get_many(rig, keys[5:9], form)
         rig.serve()
-        return [rig.results(r1), rig.results(r2), rig.results(r3), rig.results(r4)]
+        return [results(rig, r1), results(rig, r2), results(rig, r3), results(rig, r4)]
 
     [r1, r2, r3, r4] = both(case, lambda: Rig(3, connections=3))
     keys = [b"k-%d" % i for i in range(12)]
@@ -220,7 +227,7 @@ def test_a_get_many_that_times_out_then_answers_late() -> None:
         rig.router.expire(rig.now + 5.0)
         late = get_many(rig, [b"a", b"c"], form)  # its `a` may join the timed-out read still in flight
         rig.serve()  # the late answers find the first job done
-        return [[[res[0]] for res in rig.results(r)], rig.results(late)]
+        return [[[res[0]] for res in results(rig, r)], results(rig, late)]
 
     assert both(case, Rig) == [[[Code.TIMEOUT]] * 3, [[Code.OK, b"1", 0], [Code.MISS]]]
 
@@ -240,6 +247,21 @@ def test_noreply_get_many_frames() -> None:
         assert len(rig.replies) == n
         r = get_many(rig, [b"a", b"z"], form)
         rig.serve()
-        return [rig.results(r)]
+        return [results(rig, r)]
 
     assert both(case, Rig) == [[[Code.OK, b"1", 0], [Code.MISS]]]
+
+
+def test_the_two_forms_differ_only_in_bare_values() -> None:
+    # A GET_MANY's hit with client flags 0 is its value alone; a hit with other flags, a miss and
+    # every result of one GET per key keep the [code, ...] shape.
+    shapes = {}
+    for form in FORMS:
+        rig = Rig()
+        rig.frame([set_op(b"a", b"1"), set_op(b"b", b"2", 7)])
+        rig.serve()
+        r = get_many(rig, [b"a", b"b", b"c", b"a"], form)
+        rig.serve()
+        shapes[form] = rig.results(r)
+    assert shapes[FORMS[0]] == [[Code.OK, b"1", 0], [Code.OK, b"2", 7], [Code.MISS], [Code.OK, b"1", 0]]
+    assert shapes[FORMS[1]] == [b"1", [Code.OK, b"2", 7], [Code.MISS], b"1"]

@@ -89,6 +89,8 @@ def test_unpack_reply_agrees_with_decode_reply(data: bytes) -> None:
     encode_error(9, Code.OVERLOADED, "busy"),
     encode_error(9, Code.SHUTTING_DOWN, "bye"),
     msgpack.packb([1, 2, 0, [[0, {"srv": {"pid": "1"}}]]]),
+    encode_reply(3, [b"v", b"", [Code.MISS], [Code.OK, b"w", 7]]),  # a GET_MANY's: bare values among lists
+    encode_reply(4, [b"v"] * 100),
 ])
 def test_well_formed_replies(data: bytes) -> None:
     kind, got = fast(data)
@@ -100,6 +102,7 @@ def test_well_formed_replies(data: bytes) -> None:
     msgpack.packb([1, 1, 0, [[]]]), msgpack.packb([1, 1, 0, [["x"]]]), msgpack.packb([1, 1, 16, [1]]),
     msgpack.packb([1, 1, True, []]), msgpack.packb([1, 1, 0, []]) + b"\x00",
     msgpack.packb([1, 1, 0, [msgpack.ExtType(1, b"x")]]),
+    msgpack.packb([1, 1, 0, ["v"]]), msgpack.packb([1, 1, 0, [b"v", 1]]), msgpack.packb([1, 1, 0, [b"v", None]]),
 ])
 def test_malformed_replies(data: bytes) -> None:
     kind, got = fast(data)
