@@ -195,6 +195,8 @@ class Client(Commands):
         k = self.check_key(key)
         try:
             r = self._transport.request1([_GET, k], self._timeout_ms, self._timeout)[0]
+            if type(r) is bytes:
+                raise ProtocolMismatch("malformed result from the broker: a get answered by a bare value")
             if r[0] == _OK:
                 return self.serde.deserialize(key, r[1], r[2])
             raise_failure(r)

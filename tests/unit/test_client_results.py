@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from clientlib import Client
 from clientlib.errors import MemcacheError, ProtocolMismatch
@@ -252,16 +253,18 @@ def test_get_many_reads_bare_values_beside_hits_with_flags_in_the_callers_order(
         assert list(got.items()) == [("a", (b"va", 5)), ("b", (b"vb", 0)), ("d", (b"vd", 0))]
 
 
+@pytest.mark.parametrize("value", [b"\x00v", b"\x00abc", b"\x01abc", b"\x00\x00\x00"])
 @pytest.mark.parametrize(
     "call",
-    [lambda c: c.get("k"), lambda c: c.gets_many(["a", "b"]), lambda c: c.set_many({"a": b"1", "b": b"2"})],
-    ids=["get", "gets_many", "set_many"],
+    [lambda c: c.get("k"), lambda c: c.gets("k"), lambda c: c.gets_many(["a", "b"]), lambda c: c.set_many({"a": b"1", "b": b"2"})],
+    ids=["get", "gets", "gets_many", "set_many"],
 )
-def test_a_bare_value_anywhere_but_a_get_many_is_a_protocol_mismatch(url: str, call: Callable[[Any], Any]) -> None:
+def test_a_bare_value_anywhere_but_a_get_many_is_a_protocol_mismatch(url: str, call: Callable[[Any], Any], value: bytes) -> None:
     # Only a GET_MANY's key may be answered by its value alone: elsewhere the bytes' first byte
-    # would read as a code (b"\x00..." as OK).
+    # would read as a code (b"\x00..." as OK, b"\x01..." as a miss). (Review: Client.get's own
+    # hot path read b"\x00abc" as a hit of 97.)
     c = Client(url, timeout=0.5)
-    install(c._transport, FakeSocket(lambda f: [encode_reply(f[1], [b"\x00v" for _ in each_op(f[4])])]))  # type: ignore[arg-type]
+    install(c._transport, FakeSocket(lambda f: [encode_reply(f[1], [value for _ in each_op(f[4])])]))  # type: ignore[arg-type]
     with pytest.raises(ProtocolMismatch, match="malformed result"):
         call(c)
 
@@ -304,3 +307,37 @@ def test_an_index_error_from_the_callers_own_serde_is_not_turned_into_a_protocol
     c, _ = client_answering(url, always([Code.OK, b"short", 0]), serde=Picky())
     with pytest.raises(IndexError):
         c.get("k")
+
+
+# --- bare values and result lists read alike (review of d19cd4a) -----------------------------------
+
+_RESULT = st.one_of(
+    st.builds(lambda v, f: [int(Code.OK), v, f], st.sampled_from([b"", b"v", b"\x00", b"a\r\nb"]), st.sampled_from([0, 0, 5])),
+    st.just([int(Code.MISS)]),
+    st.builds(lambda c: [int(c), f"{c.name} here"], st.sampled_from([Code.SERVER_DOWN, Code.TIMEOUT, Code.SERVER_ERROR])),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(["a", "b", b"a", "c", "d"]), _RESULT), max_size=30),
+    st.sampled_from([None, Flags()]), st.booleans(),
+)
+def test_get_many_reads_bare_values_as_their_lists(pairs: list[tuple[Any, list[Any]]], serde: Any, ignore_exc: bool) -> None:
+    # The same answers as lists and as a GET_MANY's reply (flags-0 hits bare) give the same dict,
+    # key order, partial results and failures.
+    from clientlib.commands import Command, Commands, _finish_many
+
+    keys = [k for k, _ in pairs]
+    lists = [r for _, r in pairs]
+    bare = [r[1] if r[0] == Code.OK and r[2] == 0 else r for r in lists]
+    c = Commands(serde=serde, ignore_exc=ignore_exc)
+    outs = []
+    for results in (lists, bare):
+        cmd = Command([], _finish_many, keys, extra=False, read=True, miss={})
+        try:
+            outs.append(("ok", list(_finish_many(c, cmd, [list(r) if type(r) is list else r for r in results]).items())))
+        except MemcacheError as exc:
+            partial = list(exc.partial.items())  # type: ignore[attr-defined]
+            outs.append(("raised", type(exc), str(exc), partial, sorted(map(repr, exc.failed))))  # type: ignore[attr-defined]
+    assert outs[0] == outs[1]
