@@ -43,7 +43,7 @@ __all__ = ["Client", "AsyncClient", "DEFAULT_TIMEOUT", "DEFAULT_MAX_FRAME", "err
 class BlockingTransport(Protocol):
     """What Client needs from its transport (transport.Transport; MockClient's memory store)."""
 
-    def request1(self, op: list[Any], timeout_ms: int, timeout: float) -> list[list[Any]]: ...
+    def request1(self, op: list[Any], timeout_ms: int, timeout: float) -> list[Any]: ...
 
     def request(
         self, ops: list[list[Any]], timeout_ms: int, timeout: float, *, noreply: bool = False,

@@ -328,7 +328,7 @@ class _MemoryTransport:
         self.lock = threading.Lock()
         self._ids = itertools.count()
 
-    def request1(self, op: list[Any], timeout_ms: int, timeout: float) -> list[list[Any]]:
+    def request1(self, op: list[Any], timeout_ms: int, timeout: float) -> list[Any]:
         return self.request([op], timeout_ms, timeout) or []
 
     def request(

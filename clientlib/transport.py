@@ -52,7 +52,7 @@ from .errors import (
 from .wire import NOREPLY, Op as _WireOp, WireError, pack_request, unpack_reply
 
 Op = list[Any]
-Result = list[Any]
+Result = Any  # [code, ...], or (a GET_MANY's hit with client flags 0) the value alone, bytes
 
 MAX_OPS_PER_FRAME = 10_000
 _U64 = (1 << 64) - 1
