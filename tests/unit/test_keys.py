@@ -242,14 +242,17 @@ def checked_one_by_one(batch: list[Any], prefix: bytes, uni: bool, encoding: str
     return out
 
 
+def checked_together(batch: list[Any], prefix: bytes, uni: bool, encoding: str) -> list[bytes] | str:
+    """check_keys on the whole batch: its keys, or its error's message."""
+    try:
+        return check_keys(batch, prefix=prefix, allow_unicode_keys=uni, encoding=encoding)
+    except MemcacheIllegalInputError as exc:
+        return str(exc)
+
+
 @given(st.lists(keys, max_size=12), prefixes, st.booleans(), st.sampled_from(["ascii", "utf-8", "latin-1", "utf-16"]))
 def test_check_keys_is_check_key_on_each_key(batch: list[Any], prefix: bytes, uni: bool, encoding: str) -> None:
-    expected = checked_one_by_one(batch, prefix, uni, encoding)
-    try:
-        got: list[bytes] | str = check_keys(batch, prefix=prefix, allow_unicode_keys=uni, encoding=encoding)
-    except MemcacheIllegalInputError as exc:
-        got = str(exc)
-    assert got == expected
+    assert checked_together(batch, prefix, uni, encoding) == checked_one_by_one(batch, prefix, uni, encoding)
 
 
 class StrKey(str):
@@ -272,12 +275,7 @@ def test_check_keys_is_check_key_on_each_key_for_mostly_good_batches(
     # The batches get_many sees: good keys, now and then one that is bad or of another type.
     for at, key in inserts:
         batch.insert(at, key)
-    expected = checked_one_by_one(batch, prefix, uni, encoding)
-    try:
-        got: list[bytes] | str = check_keys(batch, prefix=prefix, allow_unicode_keys=uni, encoding=encoding)
-    except MemcacheIllegalInputError as exc:
-        got = str(exc)
-    assert got == expected
+    assert checked_together(batch, prefix, uni, encoding) == checked_one_by_one(batch, prefix, uni, encoding)
 
 
 @pytest.mark.parametrize(
