@@ -19,7 +19,7 @@ import enum
 import re
 from dataclasses import dataclass
 from itertools import chain, repeat
-from typing import Any, Union
+from typing import Any, Union, cast
 
 MAX_KEY_LEN = 250
 # base64 of n bytes takes 4*ceil(n/3) bytes, and memcached checks the encoded length against 250.
@@ -407,6 +407,33 @@ def holds_unsafe_byte(keys: list[bytes]) -> bool:
 
 _GET_TEMPLATE = b"mg %b v f s O%d\r\n"
 
+# Consecutive opaques written from pieces made once: opaque x is the digits of x // 1000 (none when
+# that is 0) then x % 1000 in three digits (as many as it has when x < 1000), so a batch's requests
+# are one b"".join of keys, templates and these pieces, where formatting each opaque with %d cost
+# 4 x as much (100 gets: 26 -> 6.5 us on the Xeon machine).
+_LOW_DIGITS = ([b"%03d" % j for j in range(1000)], [b"%d" % j for j in range(1000)])
+_LOW_DIGITS_CRLF = ([b"%03d\r\n" % j for j in range(1000)], [b"%d\r\n" % j for j in range(1000)])
+
+
+def _put_opaques(
+    parts: list[bytes], step: int, first: int, n: int, before: bytes, low: tuple[list[bytes], list[bytes]],
+) -> None:
+    """Write `before` and the opaques first .. first + n - 1 into `parts`, `step` slots per item:
+    item j's last two slots get `before` with the opaque's high digits, and its low digits from
+    `low` (padded, short tables of 1000 entries)."""
+    padded, short = low
+    i = 0
+    x = first
+    while i < n:
+        high, lo = divmod(x, 1000)
+        take = min(1000 - lo, n - i)
+        start = i * step + step - 2
+        end = (i + take) * step
+        parts[start:end:step] = [before + b"%d" % high if high else before] * take
+        parts[start + 1 : end : step] = (padded if high else short)[lo : lo + take]
+        i += take
+        x += take
+
 
 def encode_gets(keys: list[bytes], first_opaque: int) -> bytes:
     """`encode_get` of each key in turn, with opaques first_opaque, first_opaque + 1, ...; keys
@@ -414,9 +441,10 @@ def encode_gets(keys: list[bytes], first_opaque: int) -> bytes:
     n = len(keys)
     if n == 1:
         return _GET_TEMPLATE % (keys[0], first_opaque)  # a single get: no interleaving to build
-    # One formatting call over the whole batch: the template repeated n times, keys and opaques
-    # interleaved (measured 15% faster than formatting each key and joining).
-    return (_GET_TEMPLATE * n) % tuple(chain.from_iterable(zip(keys, range(first_opaque, first_opaque + n))))
+    parts = [b"mg "] * (4 * n)
+    parts[1::4] = keys
+    _put_opaques(parts, 4, first_opaque, n, b" v f s O", _LOW_DIGITS_CRLF)
+    return b"".join(parts)
 
 
 def encode_set(key: bytes, value: bytes, opaque: int, client_flags: int, ttl: int) -> bytes:
@@ -705,7 +733,11 @@ class ResponseParser:
             starts: list[bytes | None] | list[bytes] = list(map(_RUN_F0_STARTS.get, sizes))
             if None in starts:
                 starts = _f0_starts(sizes)
-            rebuilt = (b"%b%d" * n) % tuple(chain.from_iterable(zip(starts, range(first, first + n))))
+            known = cast("list[bytes]", starts)
+            pieces = known * 3
+            pieces[0::3] = known
+            _put_opaques(pieces, 3, first, n, b"", _LOW_DIGITS)
+            rebuilt = b"".join(pieces)
             client_flags = repeat(0)
         else:
             flags = _RUN_FLAGS.findall(joined)

@@ -1,7 +1,7 @@
 """The broker's fast encoders must produce exactly what the general encoder produces."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from broker.meta import Arith, Delete, Get, RequestError, Set, encode, encode_get, encode_gets, encode_set, is_plain_key, needs_encoding
 
@@ -62,6 +62,16 @@ def test_encode_gets_is_encode_get_of_each_key_in_turn() -> None:
     assert encode_gets(keys, 41) == b"".join(encode_get(k, o) for o, k in zip(range(41, 44), keys))
     assert encode_gets(keys, 41) == b"mg a v f s O41\r\nmg key:1 v f s O42\r\nmg " + b"k" * 250 + b" v f s O43\r\n"
     assert encode_gets([b"key:1"], 7) == encode_get(b"key:1", 7) == b"mg key:1 v f s O7\r\n"  # one key: its own path
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.binary(min_size=1, max_size=12), min_size=2, max_size=2100),
+    st.one_of(st.integers(1, 3000), st.integers(1, 10**19), st.sampled_from([999, 1000, 999_001, 10**6 - 7])),
+)
+def test_encode_gets_writes_each_opaque_in_decimal_across_every_thousand(keys: list[bytes], first: int) -> None:
+    # encode_gets builds the opaques from a high part and three low digits (meta._put_opaques).
+    assert encode_gets(keys, first) == b"".join(b"mg %b v f s O%d\r\n" % (k, first + j) for j, k in enumerate(keys))
 
 
 @pytest.mark.parametrize(

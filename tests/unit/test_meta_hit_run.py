@@ -149,6 +149,20 @@ def test_opaques_past_twenty_digits_are_left_to_the_loop() -> None:
     assert len(bulk) == 5
 
 
+@pytest.mark.parametrize("first", [1, 985, 999, 1000, 999_990, 10**19 - 10])
+def test_a_run_whose_opaques_cross_a_thousand_is_taken_in_bulk(first: int) -> None:
+    # The rebuilt headers' opaques are made of a high part and three low digits (meta._put_opaques):
+    # a run from 985 has 985..999 then 1000..1019, from 999_990 has 999990..999999 then 1000000...
+    data = b"".join(hit(b"v%d" % i, first + i) for i in range(35)) + miss(first + 35)
+    bulk, left, p = read([data], first, 36, RUN_MIN)
+    assert bulk == [[OK, b"v%d" % i, 0] for i in range(35)] + [MISS]
+    assert left == 0
+    assert (bulk, left) == read([data], first, 36, OFF)[:2]
+    q = ResponseParser(1 << 20)
+    q.feed(data)
+    assert len(q._take_hit_run(first, 36, OK)) == 35  # in bulk, not by the loop
+
+
 _ODD = [
     b"a\r\nb", b"\r\n", b"\r\nEN O3\r\n", b"\r\nVA 1 f0 s1 O4\r\nz", b"VA 2 f0 s2 O9\r\n", b"\n", b"\r",
     b"EN O", b"x" * 400,
@@ -159,7 +173,7 @@ _ODD = [
 def streams(draw: Any) -> tuple[list[bytes], int, int, int]:
     """Long runs of hits, some data blocks made to look like answers or to hold CRLF, some misses,
     some answers out of turn or out of shape, a tail cut anywhere; fed in drawn pieces."""
-    first = draw(st.sampled_from([1, 2, 7, 10**20 - 30]))
+    first = draw(st.sampled_from([1, 2, 7, 990, 999_985, 10**20 - 30]))
     noisy = draw(st.booleans())  # else hits in turn only (their data blocks may still be odd)
     out = []
     for n in range(draw(st.integers(0, 40))):
