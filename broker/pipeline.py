@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from itertools import repeat
+from itertools import compress, repeat
 from typing import Any, Callable, Protocol, cast
 
 from clientlib.wire import Code, Op
@@ -275,35 +275,29 @@ class Pipeline:
             table = self.reads
             joiners = self.joiners
             conn_no = self.conn_no
-            if not joiners:
-                # The common case, nobody joined: only the table to clear, tags counted by range.
-                # Every entry goes in one C-level pass; one that is not these answers' own (a
-                # later read of the key, on this connection or another) is put back.
-                start = (first << TAG_BITS) | conn_no
-                tags = range(start, start + (k << TAG_BITS), 1 << TAG_BITS)
-                keys_read = cast("list[bytes]", reads[j : j + k])  # None (not joinable) pops nothing
-                popped: list[int | None] = list(map(table.pop, keys_read, repeat(None, k)))
-                if popped != list(tags):
-                    for key, got in zip(keys_read, popped):
-                        if got is not None and got not in tags:
-                            table[key] = got
-            else:
-                for n in range(k):
-                    key = reads[j + n]
-                    if key is None:
-                        continue
-                    tag = ((first + n) << TAG_BITS) | conn_no
-                    if table.get(key) == tag:
-                        del table[key]
-                    joined = joiners.pop(tag, None)
-                    if joined is not None:
-                        # Joiners share the proof of the answer they joined: those of the last
-                        # answer wait with it.
-                        if n < last:
-                            done += _joiners(joined, results[n], held)
-                        else:
-                            late = []
-                            done += _joiners(joined, results[n], late)
+            # The table is cleared in one C-level pass over every entry, tags counted by range;
+            # one that is not these answers' own (a later read of the key, on this connection or
+            # another) is put back.
+            start = (first << TAG_BITS) | conn_no
+            tags = range(start, start + (k << TAG_BITS), 1 << TAG_BITS)
+            keys_read = cast("list[bytes]", reads[j : j + k])  # None (not joinable) pops nothing
+            popped: list[int | None] = list(map(table.pop, keys_read, repeat(None, k)))
+            if popped != list(tags):
+                for key, got in zip(keys_read, popped):
+                    if got is not None and got not in tags:
+                        table[key] = got
+            if joiners:
+                # Python steps only through the answers that were joined.
+                found = list(map(joiners.pop, tags, repeat(None, k)))
+                for n in compress(range(k), found):
+                    joined = cast("list[Any]", found[n])
+                    # Joiners share the proof of the answer they joined: those of the last
+                    # answer wait with it.
+                    if n < last:
+                        done += _joiners(joined, results[n], held)
+                    else:
+                        late = []
+                        done += _joiners(joined, results[n], late)
         self.proven = len(held)
         held.append((waiter, indices[j + last], results[last]))
         if late:
