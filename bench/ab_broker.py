@@ -2,7 +2,7 @@
 with --many N, get_many of N keys).
 
     python -m bench.ab_broker --before DIR [--after DIR] [--rounds 8] [--seconds 1.5] [--workers 32] [--many N]
-                              [--servers N] [--own-keys]
+                              [--servers N] [--own-keys | --pool N]
 
 DIR is a checkout (or `git archive REV | tar -x -C DIR`) whose `broker` package is run as
 `python -m broker serve` with DIR as its working directory; --after defaults to this checkout. One
@@ -16,7 +16,9 @@ many rounds, and the CPU per get (steadier) beside it.
 
 Workers ask the same keys by default, so with --many their gets overlap and read coalescing joins
 many of them (the broker parses fewer answers than keys it serves); with --own-keys each worker asks
-keys of its own (the bench's get_many scenarios), so every key is read from memcached.
+keys of its own, so every key is read from memcached; with --pool N each worker draws its batches
+from a shared pool of N keys in an order of its own (the bench's get_many scenarios: N = 1000), so
+some of its gets join others in flight and some do not.
 
 Every worker loop is bounded by time and call count; memcached and both brokers are stopped by PID.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import random
 import statistics
 import sys
 import tempfile
@@ -37,6 +40,7 @@ from .procs import ROOT, BenchError, Proc, cpu_seconds, start_memcached
 
 MAX_CALLS = 20_000_000
 KEYS = 64
+POOL_BATCHES = 50
 
 
 def _worker(conn: Any) -> None:
@@ -47,16 +51,25 @@ def _worker(conn: Any) -> None:
         msg = conn.recv()
         if msg is None:
             return
-        url, seconds, many, base = msg
+        url, seconds, many, base, pool = msg
         client = clients.get(url) or clients.setdefault(url, Client(url, timeout=5.0))
         n = 0
         end = time.monotonic() + seconds
         if many:
-            keys = ["ab%d" % (base + i) for i in range(many)]
+            if pool:
+                # As the bench's get_many scenarios: this worker's own order of the shared pool,
+                # consecutive batches of it (paths.batches_of).
+                order = ["ab%d" % i for i in range(pool)]
+                random.Random(base).shuffle(order)
+                batches = [[order[(j * many + x) % pool] for x in range(many)] for j in range(POOL_BATCHES)]
+            else:
+                batches = [["ab%d" % (base + i) for i in range(many)]]
+            calls = 0
             while n < MAX_CALLS and time.monotonic() < end:
-                if len(client.get_many(keys)) != many:
+                if len(client.get_many(batches[calls % len(batches)])) != many:
                     raise BenchError("a preloaded key read as a miss")
                 n += many
+                calls += 1
         while not many and n < MAX_CALLS and time.monotonic() < end:
             if client.get("ab%d" % (n % KEYS)) is None:
                 raise BenchError("a preloaded key read as a miss")
@@ -98,9 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--many", type=int, default=0, help="get_many of this many keys per call (default: single gets)")
     p.add_argument("--servers", type=int, default=1, help="memcached servers (default 1)")
     p.add_argument("--own-keys", action="store_true", help="with --many: each worker asks keys of its own (no read coalescing)")
+    p.add_argument("--pool", type=int, default=0,
+                   help="with --many: batches drawn from a shared pool of this many keys, each worker in its own "
+                        "shuffled order (the bench's get_many scenarios use 1000; some gets join others)")
     args = p.parse_args(argv)
     if not 1 <= args.servers <= 32:
         p.error("--servers must be 1..32")
+    if args.pool and (args.own_keys or not args.many or args.pool < args.many or args.pool > 100_000):
+        p.error("--pool needs --many, no --own-keys, and --many <= N <= 100000")
     for tree in (args.before, args.after):
         if not (tree / "broker" / "__main__.py").is_file():
             p.error(f"{tree} has no broker package")
@@ -120,9 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         # Every key on every server, so both trees find it whatever their placement.
         from pymemcache.client.base import Client as PmcClient
 
-        span = args.many * (args.workers if args.own_keys else 1)
+        span = args.pool or args.many * (args.workers if args.own_keys else 1)
         names = ["ab%d" % i for i in range(max(KEYS, span))]
-        bases = [w * args.many if args.own_keys else 0 for w in range(args.workers)]
+        # A worker's base: its first key (--own-keys), or its shuffle's seed (--pool).
+        bases = [w * args.many if args.own_keys else w if args.pool else 0 for w in range(args.workers)]
         for address in addresses:
             host, _, port = address.rpartition(":")
             loader = PmcClient((host, int(port)), connect_timeout=5.0, timeout=5.0)
@@ -154,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(stop_workers)
         for tag in ("before", "after"):  # connect every worker to both, untimed
             for a, base in zip(pipes, bases):
-                a.send((brokers[tag][1], 0.05, args.many, base))
+                a.send((brokers[tag][1], 0.05, args.many, base, args.pool))
             for a in pipes:
                 a.recv()
         unit = "key" if args.many else "get"
@@ -164,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 proc, url = brokers[tag]
                 c0, t0 = cpu_seconds(proc.pid), time.monotonic()
                 for a, base in zip(pipes, bases):
-                    a.send((url, args.seconds, args.many, base))
+                    a.send((url, args.seconds, args.many, base, args.pool))
                 n = sum(a.recv() for a in pipes)
                 dt, c1 = time.monotonic() - t0, cpu_seconds(proc.pid)
                 rows[tag].append((n / dt, (c1 - c0) / max(n, 1) * 1e6))

@@ -30,9 +30,10 @@ def _ketama_tree(dest: Path) -> Path:
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_S + 30)
-@pytest.mark.parametrize("many, own", [(0, []), (20, []), (20, ["--own-keys"])])
+@pytest.mark.parametrize("many, own", [(0, []), (20, []), (20, ["--own-keys"]), (20, ["--pool", "50"])])
 def test_several_servers_and_a_before_tree_that_places_keys_otherwise(tmp_path: Path, many: int, own: list[str]) -> None:
-    # With --own-keys the two workers ask 40 keys between them; a worker raises on any miss.
+    # With --own-keys the two workers ask 40 keys between them, with --pool 50 batches drawn from
+    # 50; a worker raises on any miss.
     before = _ketama_tree(tmp_path / "before")
     argv = [sys.executable, "-m", "bench.ab_broker", "--before", str(before), "--servers", "3",
             "--rounds", "1", "--seconds", "0.3", "--workers", "2", "--many", str(many), *own]
