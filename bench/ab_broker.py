@@ -36,11 +36,12 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+from .paths import batches_of
 from .procs import ROOT, BenchError, Proc, cpu_seconds, start_memcached
+from .scenarios import BATCHES_PER_WORKER
 
 MAX_CALLS = 20_000_000
 KEYS = 64
-POOL_BATCHES = 50
 
 
 def _worker(conn: Any) -> None:
@@ -57,11 +58,12 @@ def _worker(conn: Any) -> None:
         end = time.monotonic() + seconds
         if many:
             if pool:
-                # As the bench's get_many scenarios: this worker's own order of the shared pool,
-                # consecutive batches of it (paths.batches_of).
+                # As the bench's get_many scenarios draw them: this worker's own order of the shared
+                # pool, in BATCHES_PER_WORKER consecutive batches.
                 order = ["ab%d" % i for i in range(pool)]
                 random.Random(base).shuffle(order)
-                batches = [[order[(j * many + x) % pool] for x in range(many)] for j in range(POOL_BATCHES)]
+                flat = batches_of(order, many, BATCHES_PER_WORKER, 0)
+                batches = [list(flat[j : j + many]) for j in range(0, len(flat), many)]
             else:
                 batches = [["ab%d" % (base + i) for i in range(many)]]
             calls = 0
@@ -75,6 +77,14 @@ def _worker(conn: Any) -> None:
                 raise BenchError("a preloaded key read as a miss")
             n += 1
         conn.send(n)
+
+
+def _result(pipe: Any) -> int:
+    """A worker's count of calls, or BenchError when it died (its traceback is on stderr)."""
+    try:
+        return int(pipe.recv())
+    except EOFError:
+        raise BenchError("a worker exited before reporting (its error is above)") from None
 
 
 def _start_broker(tmp: Path, tag: str, tree: Path, servers: list[str]) -> tuple[Proc, str]:
@@ -112,11 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", type=int, default=1, help="memcached servers (default 1)")
     p.add_argument("--own-keys", action="store_true", help="with --many: each worker asks keys of its own (no read coalescing)")
     p.add_argument("--pool", type=int, default=0,
-                   help="with --many: batches drawn from a shared pool of this many keys, each worker in its own "
-                        "shuffled order (the bench's get_many scenarios use 1000; some gets join others)")
+                   help="with --many: batches drawn from a shared pool of this many keys, each worker cycling through "
+                        "64 consecutive batches of its own shuffled order (the bench's get_many scenarios use 1000; "
+                        "some gets join others)")
     args = p.parse_args(argv)
     if not 1 <= args.servers <= 32:
         p.error("--servers must be 1..32")
+    if args.many < 0 or args.pool < 0:
+        p.error("--many and --pool take a count of keys (0: not used)")
     if args.pool and (args.own_keys or not args.many or args.pool < args.many or args.pool > 100_000):
         p.error("--pool needs --many, no --own-keys, and --many <= N <= 100000")
     for tree in (args.before, args.after):
@@ -156,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             a, b = ctx.Pipe()
             w = ctx.Process(target=_worker, args=(b,), daemon=True)
             w.start()
+            b.close()  # the worker's end: when it dies, recv here raises EOFError instead of waiting
             pipes.append(a)
             procs.append(w)
 
@@ -175,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             for a, base in zip(pipes, bases):
                 a.send((brokers[tag][1], 0.05, args.many, base, args.pool))
             for a in pipes:
-                a.recv()
+                _result(a)
         unit = "key" if args.many else "get"
         rows: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
         for r in range(args.rounds):
@@ -184,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 c0, t0 = cpu_seconds(proc.pid), time.monotonic()
                 for a, base in zip(pipes, bases):
                     a.send((url, args.seconds, args.many, base, args.pool))
-                n = sum(a.recv() for a in pipes)
+                n = sum(_result(a) for a in pipes)
                 dt, c1 = time.monotonic() - t0, cpu_seconds(proc.pid)
                 rows[tag].append((n / dt, (c1 - c0) / max(n, 1) * 1e6))
                 print(f"round {r + 1}/{args.rounds} {tag:6} {n / dt:10,.0f} {unit}s/s  broker {rows[tag][-1][1]:6.1f} us CPU/{unit}",

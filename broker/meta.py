@@ -420,7 +420,8 @@ def _put_opaques(
 ) -> None:
     """Write `before` and the opaques first .. first + n - 1 into `parts`, `step` slots per item:
     item j's last two slots get `before` with the opaque's high digits, and its low digits from
-    `low` (padded, short tables of 1000 entries)."""
+    `low` (padded, short tables of 1000 entries). `first` >= 0: the pipeline counts opaques from 1
+    (divmod floors, so a negative one would be written wrong)."""
     padded, short = low
     i = 0
     x = first

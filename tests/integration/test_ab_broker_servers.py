@@ -45,3 +45,28 @@ def test_several_servers_and_a_before_tree_that_places_keys_otherwise(tmp_path: 
         pytest.fail(f"ab_broker still running after {RUN_TIMEOUT_S} s:\n{(exc.stderr or b'')[-3000:]!r}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "| before |" in proc.stdout and "| after |" in proc.stdout, proc.stdout
+
+
+def test_a_worker_that_dies_ends_the_run_with_an_error_not_a_wait() -> None:
+    # Found in review: the parent kept the worker's end of each pipe open, so a worker that raised
+    # left recv() waiting for ever (and memcached and both brokers running).
+    import multiprocessing
+
+    from bench.ab_broker import _result
+    from bench.procs import BenchError
+
+    ctx = multiprocessing.get_context("fork")
+    a, b = ctx.Pipe()
+    w = ctx.Process(target=b.close, daemon=True)  # exits at once, reporting nothing
+    w.start()
+    b.close()
+    w.join(10)
+    with pytest.raises(BenchError, match="a worker exited before reporting"):
+        _result(a)
+
+
+@pytest.mark.parametrize("bad", [["--many", "-5"], ["--many", "20", "--pool", "-10"], ["--many", "20", "--pool", "10"]])
+def test_counts_of_keys_are_checked_before_anything_starts(bad: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.ab_broker", "--before", str(ROOT), *bad],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and ("--many and --pool take a count" in proc.stderr or "--pool needs" in proc.stderr), proc.stderr
