@@ -413,6 +413,7 @@ _GET_TEMPLATE = b"mg %b v f s O%d\r\n"
 # 4 x as much (100 gets: 26 -> 6.5 us on the Xeon machine).
 _LOW_DIGITS = ([b"%03d" % j for j in range(1000)], [b"%d" % j for j in range(1000)])
 _LOW_DIGITS_CRLF = ([b"%03d\r\n" % j for j in range(1000)], [b"%d\r\n" % j for j in range(1000)])
+_PIECES_FROM = 12  # encode_gets' batches of at least this many keys are built from the pieces
 
 
 def _put_opaques(
@@ -442,6 +443,10 @@ def encode_gets(keys: list[bytes], first_opaque: int) -> bytes:
     n = len(keys)
     if n == 1:
         return _GET_TEMPLATE % (keys[0], first_opaque)  # a single get: no interleaving to build
+    if n < _PIECES_FROM:
+        # One formatting call over the whole batch, the template repeated n times: for a few keys
+        # cheaper than building the pieces (2 keys: 2.3 against 3.7 us; 16 keys: 10.7 against 5.1).
+        return (_GET_TEMPLATE * n) % tuple(chain.from_iterable(zip(keys, range(first_opaque, first_opaque + n))))
     parts = [b"mg "] * (4 * n)
     parts[1::4] = keys
     _put_opaques(parts, 4, first_opaque, n, b" v f s O", _LOW_DIGITS_CRLF)
