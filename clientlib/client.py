@@ -74,12 +74,10 @@ def _finished(client: Any, cmd: Command, results: list[Any]) -> Any:
     """cmd.finish, with a result too short for its op (an OK get without its value, say) raised as
     ProtocolMismatch: the wire schema's shapes are checked per frame, not per op, so the finisher
     finds it. An IndexError from the caller's own serde, deeper down, stays what it is."""
-    if cmd.finish is not _finish_many:
-        for r in results:
-            if type(r) is bytes:
-                # A bare value answers only a GET_MANY's key (_finish_many reads it): anywhere
-                # else its first byte would be read as a code.
-                raise ProtocolMismatch(f"malformed result from the broker: {results!r:.200}")
+    # A bare value answers only a GET_MANY's key (_finish_many reads it): anywhere else its first
+    # byte would be read as a code. One C-level pass, not a Python step per result.
+    if cmd.finish is not _finish_many and bytes in map(type, results):
+        raise ProtocolMismatch(f"malformed result from the broker: {results!r:.200}")
     try:
         return cmd.finish(client, cmd, results)
     except IndexError as exc:
