@@ -11,7 +11,9 @@ Every value is `<key>|<writer>|<seq>|<padding>`, so:
   acknowledged delete: absent) narrows it to {S}; a write that failed or timed out is
   indeterminate and only adds its state. A read outside the set is an acknowledged write lost
   (or an old one come back). `since` says when the set was last narrowed, so a test can excuse
-  losses that a killed memcached explains.
+  losses that a killed memcached explains. A lost read's report carries the key's last writes
+  (op, state, outcome, start and duration in ms from the thread's start), so a failure that
+  happens once in many runs can be read from its own log.
 
 The worker also watches the wire under the Client (it wraps `clientlib.transport`'s
 `pack_request` / `unpack_reply`, observing only): every frame it packed, every reply it received
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import deque
 import threading
 import time
 import traceback
@@ -43,6 +46,7 @@ from clientlib.wire import Code, Op
 
 ABSENT = -1  # the state "no value" in a key's possible states
 NOT_SENT = (ServerUnavailable, BrokerOverloaded)  # failures where nothing was sent to memcached
+HISTORY = 6  # writes per key a lost read's report shows
 
 
 @dataclass
@@ -209,6 +213,8 @@ class _Thread:
         self.rng = random.Random(seed)
         self.seq = 0
         self.possible: dict[str, set[int]] = {k: {ABSENT} for k in keys}
+        self.start = time.monotonic()
+        self.history: dict[str, deque[str]] = {k: deque(maxlen=HISTORY) for k in keys}
         self.since: dict[str, float] = {k: time.monotonic() for k in keys}
         # The tally is shared by the process's threads, so its lock is too: the wire's, which
         # guards the same tally. (A lock per thread let two threads' `outcomes[x] += 1` race, and
@@ -237,7 +243,11 @@ class _Thread:
                 self.tally.misdelivered.append(f"{key}: got the value of {k} by {writer} (seq {state})")
                 return
         if state not in self.possible[key]:
-            self.tally.lost.append((key, self.since[key], at, f"read {state}, possible {sorted(self.possible[key])}"))
+            self.tally.lost.append((
+                key, self.since[key], at,
+                f"read {state}, possible {sorted(self.possible[key])}, "
+                f"at {(at - self.start) * 1000:.1f} ms after writes {list(self.history[key])}",
+            ))
 
     def acked(self, key: str, state: int) -> None:
         self.possible[key] = {state}
@@ -292,7 +302,11 @@ class _Thread:
                 # Nothing reached memcached (clientlib.errors says so for these): the write is
                 # known not to have happened, so its state is not a possibility.
                 self.possible[key].discard(state)
-        self.note(outcome, what, time.monotonic() - t0)
+        took = time.monotonic() - t0
+        self.note(outcome, what, took)
+        if state is not None:
+            self.history[key].append(
+                f"{what.split()[0]} {state} -> {outcome} at {(t0 - self.start) * 1000:.1f} ms for {took * 1000:.1f} ms")
 
 
 def run_worker(url: str, wid: int, threads: int, seconds: float, max_calls: int, timeout: float,
