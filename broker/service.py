@@ -362,6 +362,7 @@ class Broker:
                 for server in self.servers.values():
                     server.batch_conn = None
                 readable = []
+                ready: list[tuple[Connection, int, int]] = []
                 for obj, ev in events:
                     if type(obj) is not int:
                         if obj is zap:
@@ -378,18 +379,12 @@ class Broker:
                             pass
                         continue
                     conn = fds.get(obj)
-                    if conn is None:
-                        continue
-                    try:
-                        if ev & _POLLIN_ERR:
-                            conn.on_readable(now)
-                        if ev & _POLLOUT and conn.sock is not None and conn.fd == obj:
-                            conn.on_writable(now)
-                    except Exception:
-                        # A bug must cost one connection (its requests get errors), not the service.
-                        router.stats.internal_errors += 1
-                        log.exception("internal error on a memcached connection; resetting it")
-                        conn.failed(now, "internal error in the broker", Code.CONNECTION_ERROR, count=False)
+                    if conn is not None:
+                        ready.append((conn, obj, ev))
+                # Workers' frames before memcached's answers: a get that came in while a read of
+                # its key is in flight joins that read even when the read's answer is already
+                # waiting in the socket (answered in this same turn), where the other order let
+                # the answer end the read first and sent the get upstream anew.
                 # zmq_poll reports a ROUTER as readable for as long as frames wait, so sockets
                 # it did not report need no (exception-raising) empty read.
                 for sock in readable:
@@ -400,6 +395,17 @@ class Broker:
                             # One bad frame must never take down the service for every worker.
                             router.stats.internal_errors += 1
                             log.exception("internal error handling a frame; frame dropped")
+                for conn, obj, ev in ready:
+                    try:
+                        if ev & _POLLIN_ERR:
+                            conn.on_readable(now)
+                        if ev & _POLLOUT and conn.sock is not None and conn.fd == obj:
+                            conn.on_writable(now)
+                    except Exception:
+                        # A bug must cost one connection (its requests get errors), not the service.
+                        router.stats.internal_errors += 1
+                        log.exception("internal error on a memcached connection; resetting it")
+                        conn.failed(now, "internal error in the broker", Code.CONNECTION_ERROR, count=False)
                 if self._dirty:
                     dirty, self._dirty = self._dirty, []
                     for conn in dirty:
