@@ -397,7 +397,9 @@ class Broker:
                             log.exception("internal error handling a frame; frame dropped")
                 for conn, obj, ev in ready:
                     try:
-                        if ev & _POLLIN_ERR:
+                        # The frames above may have reached a connection whose socket was replaced
+                        # since the poll: its event is stale, the new socket is polled next turn.
+                        if ev & _POLLIN_ERR and conn.sock is not None and conn.fd == obj:
                             conn.on_readable(now)
                         if ev & _POLLOUT and conn.sock is not None and conn.fd == obj:
                             conn.on_writable(now)
