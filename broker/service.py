@@ -40,6 +40,7 @@ TIMER_INTERVAL = 0.01
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _POLLIN_ERR = int(zmq.POLLIN | zmq.POLLERR)
+_POLLERR = int(zmq.POLLERR)
 IDLE_POLL_MS = 250
 TURN_BYTES = 4 << 20
 CLOSE_LINGER_MS = 500
@@ -379,12 +380,20 @@ class Broker:
                             pass
                         continue
                     conn = fds.get(obj)
-                    if conn is not None:
+                    if conn is None:
+                        continue
+                    if ev & _POLLERR or not conn.pipeline.inflight:
+                        # Nothing to join here, and maybe a close (memcached's idle timeout, a
+                        # restart) or a failed connect: handled before this turn's frames, so none
+                        # is routed to a connection about to be reset (its requests would fail
+                        # unsent, and the reset would count against the server's health).
+                        self._on_conn(conn, obj, ev, now)
+                    else:
                         ready.append((conn, obj, ev))
-                # Workers' frames before memcached's answers: a get that came in while a read of
-                # its key is in flight joins that read even when the read's answer is already
-                # waiting in the socket (answered in this same turn), where the other order let
-                # the answer end the read first and sent the get upstream anew.
+                # Workers' frames before the answers of busy connections: a get that came in while
+                # a read of its key is in flight joins that read even when the read's answer is
+                # already waiting in the socket (answered in this same turn), where the other
+                # order let the answer end the read first and sent the get upstream anew.
                 # zmq_poll reports a ROUTER as readable for as long as frames wait, so sockets
                 # it did not report need no (exception-raising) empty read.
                 for sock in readable:
@@ -396,18 +405,7 @@ class Broker:
                             router.stats.internal_errors += 1
                             log.exception("internal error handling a frame; frame dropped")
                 for conn, obj, ev in ready:
-                    try:
-                        # The frames above may have reached a connection whose socket was replaced
-                        # since the poll: its event is stale, the new socket is polled next turn.
-                        if ev & _POLLIN_ERR and conn.sock is not None and conn.fd == obj:
-                            conn.on_readable(now)
-                        if ev & _POLLOUT and conn.sock is not None and conn.fd == obj:
-                            conn.on_writable(now)
-                    except Exception:
-                        # A bug must cost one connection (its requests get errors), not the service.
-                        router.stats.internal_errors += 1
-                        log.exception("internal error on a memcached connection; resetting it")
-                        conn.failed(now, "internal error in the broker", Code.CONNECTION_ERROR, count=False)
+                    self._on_conn(conn, obj, ev, now)
                 if self._dirty:
                     dirty, self._dirty = self._dirty, []
                     for conn in dirty:
@@ -420,6 +418,21 @@ class Broker:
                     break
         finally:
             self.close()
+
+    def _on_conn(self, conn: Connection, obj: int, ev: int, now: float) -> None:
+        """One memcached connection's poll events. The frames routed since the poll may have
+        reached a connection whose socket was replaced: its event is stale then (the new socket is
+        polled next turn)."""
+        try:
+            if ev & _POLLIN_ERR and conn.sock is not None and conn.fd == obj:
+                conn.on_readable(now)
+            if ev & _POLLOUT and conn.sock is not None and conn.fd == obj:
+                conn.on_writable(now)
+        except Exception:
+            # A bug must cost one connection (its requests get errors), not the service.
+            self.router.stats.internal_errors += 1
+            log.exception("internal error on a memcached connection; resetting it")
+            conn.failed(now, "internal error in the broker", Code.CONNECTION_ERROR, count=False)
 
     def _check_ready(self) -> None:
         """READY=1 once every server was tried: connected, or its connect failed or timed out."""

@@ -160,6 +160,16 @@ class FakeMemcached:
         with self._lock:
             return list(self._conns[connection].lines)
 
+    def close_connection(self, connection: int) -> None:
+        """Close one connection from the server's side, as memcached does at its idle_timeout or
+        in a restart (its handler thread then sees the end and closes the socket)."""
+        with self._lock:
+            conn = self._conns[connection]
+        try:
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def wait_for_connections(self, accepted: int, timeout: float = 5.0) -> bool:
         """Wait until at least `accepted` connections were accepted in all."""
         deadline = time.monotonic() + timeout

@@ -1,0 +1,160 @@
+"""The order of work in one turn of the broker's loop (broker/service.py `run`), with both kinds of
+event ready in the same turn: the test holds the loop just before its poll, lets memcached's side
+and a worker's frame both arrive, then lets it go.
+
+- A worker's get that arrives while a read of its key is in flight joins that read even when the
+  read's answer is already waiting in the socket: the worker's frames are routed before the answers
+  of busy connections are read (README "Hot keys and stampedes": read coalescing).
+- A connection memcached closed while idle (its idle_timeout, a restart) is reset before the turn's
+  frames are routed: none of them is put on it (each would fail unsent as "closed the connection",
+  and the reset would count against the server's health).
+
+A real Broker object in this process (ZeroMQ front end on a private ipc path) in front of the
+scripted memcached of tests/fakemc.py.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import zmq
+
+from broker import config as config_mod
+from broker import service
+from broker.service import Broker
+from clientlib.wire import Code, Op, decode_reply, encode_request
+from fakemc import FakeMemcached
+
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(60)]
+
+
+class Held:
+    """A broker whose loop can be held before its next poll once `when()` holds."""
+
+    def __init__(self, b: Broker) -> None:
+        self.b = b
+        self.when: Callable[[], bool] | None = None
+        self.parked = threading.Event()
+        self.go = threading.Event()
+        poll = b.poller.poll
+
+        def held_poll(timeout: Any = None) -> Any:
+            when = self.when
+            if when is not None and when():
+                self.when = None
+                self.parked.set()
+                self.go.wait(10)
+            return poll(timeout)
+
+        b.poller.poll = held_poll  # type: ignore[method-assign]
+
+    def hold(self, when: Callable[[], bool]) -> None:
+        self.parked.clear()
+        self.go.clear()
+        self.when = when
+        assert self.parked.wait(10), "the loop never reached the condition"
+
+
+@pytest.fixture
+def rig(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    fake = FakeMemcached().start()
+    d = tempfile.TemporaryDirectory(prefix="mcb-turn-")
+    url = f"ipc://{d.name}/b.sock"
+    conns = getattr(request, "param", 1)
+    c = config_mod.from_mapping({
+        "listen": [url], "servers": [fake.address], "connections_per_server": conns, "coalesce_reads": True,
+    })
+    b = Broker(c)
+    held = Held(b)
+    # run() installs signal handlers, which only the main thread may do (tests/integration/test_service_loop.py).
+    monkeypatch.setattr(b, "_install_signals", lambda: None)
+    monkeypatch.setattr(service.signal, "set_wakeup_fd", lambda *a, **k: -1)
+    t = threading.Thread(target=b.run, kwargs={"ready_message": False}, daemon=True)
+    t.start()
+    sockets: list[zmq.Socket[Any]] = []
+
+    def worker() -> zmq.Socket[Any]:
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(url)
+        sockets.append(s)
+        return s
+
+    try:
+        yield {"broker": b, "fake": fake, "held": held, "worker": worker}
+    finally:
+        held.when = None
+        held.go.set()
+        b._stop = True
+        t.join(10)
+        for s in sockets:
+            s.close(0)
+        fake.stop()
+        d.cleanup()
+
+
+def call(sock: zmq.Socket[Any], rid: int, ops: list[list[Any]]) -> list[Any]:
+    sock.send(encode_request(rid, ops, 5000))
+    return reply(sock, rid)
+
+
+def reply(sock: zmq.Socket[Any], rid: int) -> list[Any]:
+    assert sock.poll(10_000), "no reply"
+    r = decode_reply(sock.recv())
+    assert r.req_id == rid and r.code == Code.OK, r
+    return list(r.payload)
+
+
+def gets_of(fake: FakeMemcached, key: bytes) -> int:
+    return sum(
+        line.startswith(b"mg " + key + b" ") for cid in range(1, fake.accepted + 1) for line in fake.lines(cid)
+    )
+
+
+def test_a_get_arriving_with_the_answer_of_its_keys_read_joins_that_read(rig: dict[str, Any]) -> None:
+    b: Broker = rig["broker"]
+    fake: FakeMemcached = rig["fake"]
+    a, c = rig["worker"](), rig["worker"]()
+    assert call(a, 1, [[Op.SET, b"k", b"v", 0, 0]]) == [[Code.OK]]
+    server = next(iter(b.servers.values()))
+    before = fake.requests
+    a.send(encode_request(2, [[Op.GET, b"k"]], 5000))
+    # Held once the get is written to memcached and still unanswered in the broker.
+    rig["held"].hold(lambda: server.reads.get(b"k") is not None and not any(x.pipeline.out for x in server.conns))
+    assert fake.wait_for_requests(before + 1)
+    time.sleep(0.2)  # the answer is in the broker's socket, unread
+    c.send(encode_request(3, [[Op.GET, b"k"]], 5000))
+    time.sleep(0.2)  # the frame is in the broker's ZeroMQ queue
+    rig["held"].go.set()
+    assert reply(a, 2) == [[Code.OK, b"v", 0]]
+    assert reply(c, 3) == [[Code.OK, b"v", 0]]
+    assert gets_of(fake, b"k") == 1  # the second get went nowhere: it joined the first
+    assert b.router.stats.gets_coalesced == 1
+
+
+@pytest.mark.parametrize("rig", [1, 2], indirect=True, ids=["1 connection", "2 connections"])
+def test_connections_memcached_closed_while_idle_take_none_of_the_same_turns_frames(rig: dict[str, Any]) -> None:
+    b: Broker = rig["broker"]
+    fake: FakeMemcached = rig["fake"]
+    w = rig["worker"]()
+    assert call(w, 1, [[Op.SET, b"k", b"v", 0, 0], [Op.SET, b"n", b"5", 0, 0]]) == [[Code.OK], [Code.OK]]
+    assert call(w, 2, [[Op.GET, b"k"]]) == [[Code.OK, b"v", 0]]
+    server = next(iter(b.servers.values()))
+    # Held while idle; then memcached closes every connection, as in a restart.
+    rig["held"].hold(lambda: not any(x.pipeline.inflight or x.pipeline.out for x in server.conns))
+    live = fake.live_connections()
+    assert len(live) == len(server.conns)
+    for cid in live:
+        fake.close_connection(cid)
+    time.sleep(0.2)  # the ends of the streams are in the broker's sockets, unread
+    w.send(encode_request(3, [[Op.INCR, b"n", 1], [Op.GET, b"k"]], 5000))
+    time.sleep(0.2)  # the frame is in the broker's ZeroMQ queue
+    rig["held"].go.set()
+    assert reply(w, 3) == [[Code.OK, 6], [Code.OK, b"v", 0]]
+    assert fake.store[b"n"][0] == b"6"
+    assert server.health.failures == 0 and server.stats.errors == 0
