@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import os
 import random
-from collections import deque
 import threading
 import time
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
