@@ -404,6 +404,12 @@ class Broker:
                             # One bad frame must never take down the service for every worker.
                             router.stats.internal_errors += 1
                             log.exception("internal error handling a frame; frame dropped")
+                if self._dirty:
+                    # Written before the busy connections' answers are read: memcached serves
+                    # these requests while this thread parses those answers and replies.
+                    dirty, self._dirty = self._dirty, []
+                    for conn in dirty:
+                        conn.flush(now)
                 for conn, obj, ev in ready:
                     self._on_conn(conn, obj, ev, now)
                 if self._dirty:
