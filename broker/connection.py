@@ -265,7 +265,13 @@ class Connection:
         except (BlockingIOError, InterruptedError):
             n = 0
         except OSError as exc:
-            self.failed(now, f"write to {self.server.address.name}: {exc.strerror or exc}", Code.CONNECTION_ERROR)
+            # memcached's answers to what was written before may wait in the socket still (it
+            # answered, then closed or crashed): they are read first and reach their requests,
+            # as they would had this write come after the turn's reads.
+            sock = self.sock
+            self.on_readable(now)
+            if self.sock is sock:
+                self.failed(now, f"write to {self.server.address.name}: {exc.strerror or exc}", Code.CONNECTION_ERROR)
             return
         if n:
             # The clock now, not the loop turn's start: handling a large frame can take the loop

@@ -410,6 +410,9 @@ class Broker:
                     dirty, self._dirty = self._dirty, []
                     for conn in dirty:
                         conn.flush(now)
+                    # A write's time (its latency's start) is the clock at the write: the reads
+                    # below take theirs after it, not from the turn's start.
+                    now = time.monotonic()
                 for conn, obj, ev in ready:
                     self._on_conn(conn, obj, ev, now)
                 if self._dirty:

@@ -24,7 +24,8 @@ connection closed by memcached, or a stream spoiled by an answer of the server's
 at once without counting a failure; otherwise reconnects back off with equal jitter
 (broker/health.py: `base * 2**attempt` capped, half fixed and half random: base 20 ms, cap 2 s);
 a probe (a connection and `stats settings`) brings a server marked down back; writes that the
-socket takes only in part keep the rest and ask for POLLOUT.
+socket takes only in part keep the rest and ask for POLLOUT; a write that fails reads what waits
+in the socket first, so answers memcached sent before it went away reach their requests.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
 import selectors
 import socket
 import time
@@ -796,9 +798,43 @@ def test_a_failed_write_fails_what_was_queued(pair: tuple[socket.socket, socket.
     rig.loop.turn(rig.now, 0)
     assert conn.sock is None
     (result,) = rig.reply(g).payload
-    assert result == [Code.CONNECTION_ERROR, "write to 127.0.0.1:11211: Broken pipe"]
+    # The failed write reads what waits in the socket first (answers would reach their requests):
+    # here only the end of the stream, which names the failure.
+    assert result == [Code.CONNECTION_ERROR, "127.0.0.1:11211 closed the connection"]
     assert rig.server.health.failures == 1 and conn.attempt == 1
     assert rig.server.stats.writes == 0
+    rig.assert_nothing_in_flight()
+
+
+@pytest.mark.parametrize("how", ["close, unix socket", "reset, tcp"])
+def test_answers_waiting_when_a_write_fails_reach_their_requests(peer: Peer, how: str) -> None:
+    # memcached answered a set (and the write's fence), then went away: a close on a unix socket
+    # (the next write fails with EPIPE) or a reset on TCP (ECONNRESET), as a crash under load
+    # leaves it. The loop writes a turn's requests before it reads (service.py), so the write
+    # fails first; the answers already received must still reach their requests.
+    if how.startswith("close"):
+        near, far = socket.socketpair()
+        rig = Rig("127.0.0.1:11211")
+        conn = rig.plug(near)
+    else:
+        rig = Rig(peer.address)
+        far = accept_ready(rig, peer, item_size_max="1048576")
+        conn = rig.conn
+    s = rig.frame([[Op.SET, b"k", b"v", 0, 0]])
+    written = read_until(rig, far, rb"mg _mcbroker_fence_ O\d+\r\n")
+    (set_opaque,) = re.findall(rb"^ms k .* O(\d+)\r\n", written, re.M)
+    far.sendall(b"HD O%s\r\n" % set_opaque + fence_answers(written))
+    if how.startswith("reset"):
+        far.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    far.close()
+    assert select.select([conn.sock], [], [], WAIT)[0]
+    time.sleep(0.05)  # the close or reset has reached this end too
+    g = rig.frame([[Op.GET, b"x"]])
+    conn.flush(rig.now)  # as the loop does before reading
+    assert conn.sock is None
+    assert rig.results(s) == [[Code.OK]]  # answered before the failure: delivered
+    ((code, reason),) = rig.reply(g).payload
+    assert code == Code.CONNECTION_ERROR and "127.0.0.1" in reason
     rig.assert_nothing_in_flight()
 
 
