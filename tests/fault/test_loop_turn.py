@@ -178,16 +178,36 @@ def test_connections_memcached_closed_while_idle_take_none_of_the_same_turns_fra
     assert server.health.failures == 0 and server.stats.errors == 0
 
 
-def test_a_turns_requests_are_written_before_its_answers_are_read(
-    rig: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+def answer_waiting_and_a_new_get(
+    rig: dict[str, Any], prepare: Callable[[], None], on_hold: Callable[[], None] = lambda: None,
 ) -> None:
+    """One turn that reads the answer to worker a's get of k1 (waiting unread in the broker's
+    socket) and routes worker c's get of k2: `prepare()` runs once both keys are stored, `on_hold()`
+    just before the loop is let go; both replies are checked."""
     b: Broker = rig["broker"]
     fake: FakeMemcached = rig["fake"]
     held: Held = rig["held"]
     a, c = rig["worker"](), rig["worker"]()
     assert call(a, 1, [[Op.SET, b"k1", b"v1", 0, 0], [Op.SET, b"k2", b"v2", 0, 0]]) == [[Code.OK], [Code.OK]]
-    server = next(iter(b.servers.values()))
-    (conn,) = server.conns
+    (conn,) = next(iter(b.servers.values())).conns
+    prepare()
+    before = fake.requests
+    held.arm(lambda: conn.server.reads.get(b"k1") is not None and not conn.pipeline.out)
+    a.send(encode_request(2, [[Op.GET, b"k1"]], 5000))
+    held.wait()
+    assert fake.wait_for_requests(before + 1)
+    time.sleep(0.2)  # k1's answer is in the broker's socket, unread
+    c.send(encode_request(3, [[Op.GET, b"k2"]], 5000))
+    time.sleep(0.2)  # the frame is in the broker's ZeroMQ queue
+    on_hold()
+    held.go.set()
+    assert reply(a, 2) == [[Code.OK, b"v1", 0]]
+    assert reply(c, 3) == [[Code.OK, b"v2", 0]]
+
+
+def test_a_turns_requests_are_written_before_its_answers_are_read(
+    rig: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
     seen: list[tuple[int, int]] = []
     on_readable = Connection.on_readable
 
@@ -196,18 +216,7 @@ def test_a_turns_requests_are_written_before_its_answers_are_read(
         seen.append((self.pipeline.inflight, len(self.pipeline.out)))
         on_readable(self, now)
 
-    monkeypatch.setattr(Connection, "on_readable", recording)
-    before = fake.requests
-    held.arm(lambda: server.reads.get(b"k1") is not None and not conn.pipeline.out)
-    a.send(encode_request(2, [[Op.GET, b"k1"]], 5000))
-    held.wait()
-    assert fake.wait_for_requests(before + 1)
-    time.sleep(0.2)  # k1's answer is in the broker's socket, unread
-    c.send(encode_request(3, [[Op.GET, b"k2"]], 5000))
-    time.sleep(0.2)  # the frame is in the broker's ZeroMQ queue
-    held.go.set()
-    assert reply(a, 2) == [[Code.OK, b"v1", 0]]
-    assert reply(c, 3) == [[Code.OK, b"v2", 0]]
+    answer_waiting_and_a_new_get(rig, lambda: monkeypatch.setattr(Connection, "on_readable", recording))
     # When k1's answer was read, k2's get (and its write's fence) had already gone out.
     assert seen[0] == (2, 0), seen
 
@@ -215,13 +224,7 @@ def test_a_turns_requests_are_written_before_its_answers_are_read(
 def test_a_write_answered_in_the_turn_it_was_written_has_no_negative_latency(
     rig: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    b: Broker = rig["broker"]
     fake: FakeMemcached = rig["fake"]
-    held: Held = rig["held"]
-    a, c = rig["worker"](), rig["worker"]()
-    assert call(a, 1, [[Op.SET, b"k1", b"v1", 0, 0], [Op.SET, b"k2", b"v2", 0, 0]]) == [[Code.OK], [Code.OK]]
-    server = next(iter(b.servers.values()))
-    (conn,) = server.conns
     samples: list[float] = []
     record = LatencyWindow.record
 
@@ -229,7 +232,6 @@ def test_a_write_answered_in_the_turn_it_was_written_has_no_negative_latency(
         samples.append(seconds)
         record(self, seconds, now)
 
-    monkeypatch.setattr(LatencyWindow, "record", recording)
     slow: list[int] = []
     flush = Connection.flush
 
@@ -241,20 +243,13 @@ def test_a_write_answered_in_the_turn_it_was_written_has_no_negative_latency(
             assert fake.wait_for_requests(slow.pop())
             time.sleep(0.1)
 
-    monkeypatch.setattr(Connection, "flush", flush_then_wait)
-    before = fake.requests
-    held.arm(lambda: server.reads.get(b"k1") is not None and not conn.pipeline.out)
-    a.send(encode_request(2, [[Op.GET, b"k1"]], 5000))
-    held.wait()
-    assert fake.wait_for_requests(before + 1)
-    time.sleep(0.2)  # k1's answer is in the broker's socket, unread
-    c.send(encode_request(3, [[Op.GET, b"k2"]], 5000))
-    time.sleep(0.2)  # the frame is in the broker's ZeroMQ queue
-    slow.append(fake.requests + 2)  # k2's get and its write's fence
-    held.go.set()
-    assert reply(a, 2) == [[Code.OK, b"v1", 0]]
-    assert reply(c, 3) == [[Code.OK, b"v2", 0]]
+    def prepare() -> None:
+        monkeypatch.setattr(LatencyWindow, "record", recording)
+        monkeypatch.setattr(Connection, "flush", flush_then_wait)
+
+    answer_waiting_and_a_new_get(rig, prepare, lambda: slow.append(fake.requests + 2))  # k2's get, its fence
     assert not slow, "the turn's write was not flushed"
+    (conn,) = next(iter(rig["broker"].servers.values())).conns
     end = time.monotonic() + 5
     while conn.marks and time.monotonic() < end:
         time.sleep(0.01)  # the loop records a write's latency just after it delivers the answers
