@@ -404,6 +404,7 @@ class Broker:
                             # One bad frame must never take down the service for every worker.
                             router.stats.internal_errors += 1
                             log.exception("internal error handling a frame; frame dropped")
+                read_now = now
                 if self._dirty:
                     # Written before the busy connections' answers are read: memcached serves
                     # these requests while this thread parses those answers and replies.
@@ -411,10 +412,12 @@ class Broker:
                     for conn in dirty:
                         conn.flush(now)
                     # A write's time (its latency's start) is the clock at the write: the reads
-                    # below take theirs after it, not from the turn's start.
-                    now = time.monotonic()
+                    # below take theirs after it. Deadlines and timers keep the turn's `now`:
+                    # answers that arrived while this turn routed frames are read next turn, and
+                    # that time must not count as the server's silence.
+                    read_now = time.monotonic()
                 for conn, obj, ev in ready:
-                    self._on_conn(conn, obj, ev, now)
+                    self._on_conn(conn, obj, ev, read_now)
                 if self._dirty:
                     dirty, self._dirty = self._dirty, []
                     for conn in dirty:

@@ -15,7 +15,8 @@ and a worker's frame both arrive, then lets it go.
 - Requests routed in a turn are written to memcached before that turn's answers are read: memcached
   serves them while the loop parses the answers and replies (bench/README, tenth round). A write's
   latency is not negative when its answer is read in the turn that wrote it (the reads take the
-  clock after the writes, not the turn's start).
+  clock after the writes), while deadlines keep the turn's start: answers that arrive while a slow
+  turn writes are read the next turn, and that wait is neither a timeout nor the server's silence.
 
 A real Broker object in this process (ZeroMQ front end on a private ipc path) in front of the
 scripted memcached of tests/fakemc.py.
@@ -254,3 +255,30 @@ def test_a_write_answered_in_the_turn_it_was_written_has_no_negative_latency(
     while conn.marks and time.monotonic() < end:
         time.sleep(0.01)  # the loop records a write's latency just after it delivers the answers
     assert len(samples) >= 2 and min(samples) >= 0, samples
+
+
+def test_answers_that_arrive_while_a_turn_writes_are_not_the_servers_silence(
+    rig: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A slow turn (a loaded machine, a flood of frames) writes a get with a 50 ms deadline, and
+    # memcached answers at once, after the turn's poll: the answer is read next turn. Deadlines
+    # are checked against the turn's start, so the get is answered, not timed out, and the
+    # server is not blamed for a silence that was the loop's.
+    b: Broker = rig["broker"]
+    w = rig["worker"]()
+    assert call(w, 1, [[Op.SET, b"k", b"v", 0, 0]]) == [[Code.OK]]
+    server = next(iter(b.servers.values()))
+    slow: list[float] = []
+    flush = Connection.flush
+
+    def slow_flush(self: Connection, now: float) -> None:
+        flush(self, now)
+        if slow:
+            time.sleep(slow.pop())
+
+    monkeypatch.setattr(Connection, "flush", slow_flush)
+    slow.append(0.3)
+    w.send(encode_request(2, [[Op.GET, b"k"]], 50))
+    assert reply(w, 2) == [[Code.OK, b"v", 0]]
+    assert not slow
+    assert server.health.failures == 0 and server.stats.timeouts == 0
