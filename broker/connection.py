@@ -269,7 +269,7 @@ class Connection:
             # answered, then closed or crashed): they are read first and reach their requests,
             # as they would had this write come after the turn's reads.
             sock = self.sock
-            self.on_readable(now)
+            self.on_readable(time.monotonic())  # after this turn's writes, as the loop's reads
             if self.sock is sock:
                 self.failed(now, f"write to {self.server.address.name}: {exc.strerror or exc}", Code.CONNECTION_ERROR)
             return

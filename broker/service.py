@@ -408,9 +408,7 @@ class Broker:
                 if self._dirty:
                     # Written before the busy connections' answers are read: memcached serves
                     # these requests while this thread parses those answers and replies.
-                    dirty, self._dirty = self._dirty, []
-                    for conn in dirty:
-                        conn.flush(now)
+                    self._flush_dirty(now)
                     # A write's time (its latency's start) is the clock at the write: the reads
                     # below take theirs after it. Deadlines and timers keep the turn's `now`:
                     # answers that arrived while this turn routed frames are read next turn, and
@@ -419,9 +417,7 @@ class Broker:
                 for conn, obj, ev in ready:
                     self._on_conn(conn, obj, ev, read_now)
                 if self._dirty:
-                    dirty, self._dirty = self._dirty, []
-                    for conn in dirty:
-                        conn.flush(now)
+                    self._flush_dirty(now)
                 router.expire(now)
                 if now >= next_timer:
                     next_timer = now + TIMER_INTERVAL
@@ -441,10 +437,23 @@ class Broker:
             if ev & _POLLOUT and conn.sock is not None and conn.fd == obj:
                 conn.on_writable(now)
         except Exception:
-            # A bug must cost one connection (its requests get errors), not the service.
-            self.router.stats.internal_errors += 1
-            log.exception("internal error on a memcached connection; resetting it")
-            conn.failed(now, "internal error in the broker", Code.CONNECTION_ERROR, count=False)
+            self._internal_error(conn, now)
+
+    def _flush_dirty(self, now: float) -> None:
+        """Write what each connection made dirty since the last call holds (a failed write
+        reads the answers waiting in its socket first: the parser and deliveries run here too)."""
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            try:
+                conn.flush(now)
+            except Exception:
+                self._internal_error(conn, now)
+
+    def _internal_error(self, conn: Connection, now: float) -> None:
+        # A bug must cost one connection (its requests get errors), not the service.
+        self.router.stats.internal_errors += 1
+        log.exception("internal error on a memcached connection; resetting it")
+        conn.failed(now, "internal error in the broker", Code.CONNECTION_ERROR, count=False)
 
     def _check_ready(self) -> None:
         """READY=1 once every server was tried: connected, or its connect failed or timed out."""

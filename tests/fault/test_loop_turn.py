@@ -244,16 +244,26 @@ def test_a_write_answered_in_the_turn_it_was_written_has_no_negative_latency(
             assert fake.wait_for_requests(slow.pop())
             time.sleep(0.1)
 
+    reads: list[tuple[int, int]] = []
+    on_readable = Connection.on_readable
+
+    def counting(self: Connection, now: float) -> None:
+        # Writes whose answers are still to come, before and after each read.
+        before = len(self.marks)
+        on_readable(self, now)
+        reads.append((before, len(self.marks)))
+
     def prepare() -> None:
         monkeypatch.setattr(LatencyWindow, "record", recording)
         monkeypatch.setattr(Connection, "flush", flush_then_wait)
+        monkeypatch.setattr(Connection, "on_readable", counting)
 
     answer_waiting_and_a_new_get(rig, prepare, lambda: slow.append(fake.requests + 2))  # k2's get, its fence
     assert not slow, "the turn's write was not flushed"
-    (conn,) = next(iter(rig["broker"].servers.values())).conns
     end = time.monotonic() + 5
-    while conn.marks and time.monotonic() < end:
+    while (2, 0) not in reads and time.monotonic() < end:
         time.sleep(0.01)  # the loop records a write's latency just after it delivers the answers
+    assert (2, 0) in reads, reads  # one read took the answers of both writes, k2's in its own turn
     assert len(samples) >= 2 and min(samples) >= 0, samples
 
 
@@ -282,3 +292,27 @@ def test_answers_that_arrive_while_a_turn_writes_are_not_the_servers_silence(
     assert reply(w, 2) == [[Code.OK, b"v", 0]]
     assert not slow
     assert server.health.failures == 0 and server.stats.timeouts == 0
+
+
+def test_a_bug_in_a_write_costs_its_connection_not_the_service(
+    rig: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A failed write reads the answers waiting in its socket, so the parser and the deliveries
+    # run inside a flush too: an exception there is handled as one on a read event is.
+    b: Broker = rig["broker"]
+    w = rig["worker"]()
+    assert call(w, 1, [[Op.SET, b"k", b"v", 0, 0]]) == [[Code.OK]]
+    broken: list[bool] = []
+    flush = Connection.flush
+
+    def buggy_flush(self: Connection, now: float) -> None:
+        if broken:
+            broken.pop()
+            raise RuntimeError("a bug")
+        flush(self, now)
+
+    monkeypatch.setattr(Connection, "flush", buggy_flush)
+    broken.append(True)
+    assert call(w, 2, [[Op.GET, b"k"]]) == [[Code.CONNECTION_ERROR, "internal error in the broker"]]
+    assert b.router.stats.internal_errors == 1
+    assert call(w, 3, [[Op.GET, b"k"]]) == [[Code.OK, b"v", 0]]  # the service goes on
