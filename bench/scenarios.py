@@ -125,12 +125,13 @@ class Env:
         to memcached) are misses and stay out (their cost shows in memcached's CPU per op)."""
         return sum(int(s.stats()["get_hits"]) for s in self.stats)
 
-    def pools(self) -> dict[str, int]:
-        """Connections each proxy holds to memcached now (broker stats, twemproxy stats)."""
-        out = {name: b.connections() for name, b in self.brokers.items()}
-        if self.floor is not None:
+    def pools(self, but: str | None = None) -> dict[str, int]:
+        """Connections each proxy holds to memcached now (broker stats, twemproxy stats); `but`:
+        a path not to ask (the one a round measures)."""
+        out = {name: b.connections() for name, b in self.brokers.items() if name != but}
+        if self.floor is not None and but != "floor":
             out["floor"] = self.floor.connections
-        if self.nutcracker is not None:
+        if self.nutcracker is not None and but != "twemproxy":
             out["twemproxy"] = self.nutcracker.server_connections()
         return out
 
@@ -297,7 +298,11 @@ def run_round(env: Env, path: str, rnd: int, seconds: float, value_size: int) ->
         }
         mc_pids = [p.pid for p in env.memcached]
         before: dict[str, Any] = {}
-        conns = [0]
+        conns: list[int | None] = [None]  # from samples whose pools held still
+        raw = [0]  # memcached's count alone, the most seen
+
+        def others_now() -> int:
+            return sum(env.pools(but=path).values())
 
         def snapshot() -> dict[str, Any]:
             snap = {k: cpu_seconds(p) for k, p in pids.items() if p}
@@ -314,7 +319,16 @@ def run_round(env: Env, path: str, rnd: int, seconds: float, value_size: int) ->
 
         def during(end: float) -> None:
             while True:
-                conns[0] = max(conns[0], env.curr_connections())
+                # Memcached's count less what the other paths' pools hold at that moment, where
+                # the pools read after the round could differ (once, in a full suite run, that
+                # counted 4 of a direct round's 8 connections): a sample counts only when the
+                # pools were the same before and after it.
+                if path != "zmq-echo":
+                    held = others_now()
+                    n = env.curr_connections()
+                    raw[0] = max(raw[0], n)
+                    if others_now() == held:
+                        conns[0] = max(conns[0] or 0, n - held)
                 if time.monotonic() + STATS_INTERVAL_S >= end:
                     return
                 time.sleep(STATS_INTERVAL_S)
@@ -335,7 +349,8 @@ def run_round(env: Env, path: str, rnd: int, seconds: float, value_size: int) ->
     def us(name: str) -> float | None:
         return round((after[name] - before[name]) * per, 2) if name in before else None
 
-    others = sum(n for p, n in pools.items() if p != path)
+    seen = conns[0]
+    mc_conns = seen if seen is not None else raw[0] - sum(n for p, n in pools.items() if p != path)
     row: dict[str, Any] = {
         "scenario": sc.name, "path": path, "round": rnd,
         "ops_per_s": sum(r["keys"] / r["elapsed"] for r in results),
@@ -344,8 +359,8 @@ def run_round(env: Env, path: str, rnd: int, seconds: float, value_size: int) ->
         "worker_cpu_us": round(sum(r["cpu"] for r in results) * per, 2),
         "broker_cpu_us": us("broker"), "twemproxy_cpu_us": us("twemproxy"), "echo_cpu_us": us("echo"),
         "proxy_cpu_us": us("proxy"), "mc_cpu_us": us("memcached") if path != "zmq-echo" else None,
-        # The most memcached connections seen during the run, minus those other paths' idle pools hold.
-        "mc_conns": max(0, conns[0] - others) if path != "zmq-echo" else None,
+        # The most memcached connections seen during the run, less those other paths' pools held.
+        "mc_conns": max(0, mc_conns) if path != "zmq-echo" else None,
         "upstream_per_get": round((after["gets"] - before["gets"]) / keys, 4) if sc.op != "set" and path != "zmq-echo" else None,
         "req_per_write": round((after["written"] - before["written"]) / (after["writes"] - before["writes"]), 2)
         if path in env.brokers and after.get("writes", 0) > before.get("writes", 0) else None,
