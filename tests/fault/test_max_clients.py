@@ -88,13 +88,14 @@ def _socket_inodes(pid: int) -> set[str]:
     return out
 
 
-def connections_on(pid: int, url: str) -> int:
-    """The worker connections process `pid` (the broker) holds on `url`, as the kernel counts them:
-    its sockets that are, for ipc, connected unix sockets named by the path (/proc/net/unix, state
-    03), for tcp, established sockets whose local port is the port (/proc/net/tcp, state 01).
-    Connections still in the listen backlog are not the broker's yet and are not counted."""
+def connection_inodes(pid: int, url: str) -> set[str]:
+    """The worker connections process `pid` (the broker) holds on `url`, as the kernel counts them
+    (their socket inodes): its sockets that are, for ipc, connected unix sockets named by the path
+    (/proc/net/unix, state 03), for tcp, established sockets whose local port is the port
+    (/proc/net/tcp, state 01). Connections still in the listen backlog are not the broker's yet
+    and are not counted."""
     mine = _socket_inodes(pid)
-    n = 0
+    found = set()
     if url.startswith("ipc://"):
         path = url[len("ipc://"):]
         with open("/proc/net/unix") as f:
@@ -102,16 +103,20 @@ def connections_on(pid: int, url: str) -> int:
             for line in f:
                 parts = line.split()
                 if len(parts) >= 8 and parts[7] == path and parts[5] == "03" and parts[6] in mine:
-                    n += 1
-        return n
+                    found.add(parts[6])
+        return found
     port = int(url.rpartition(":")[2])
     with open("/proc/net/tcp") as f:
         next(f)
         for line in f:
             parts = line.split()
             if int(parts[1].rpartition(":")[2], 16) == port and parts[3] == "01" and parts[9] in mine:
-                n += 1
-    return n
+                found.add(parts[9])
+    return found
+
+
+def connections_on(pid: int, url: str) -> int:
+    return len(connection_inodes(pid, url))
 
 
 def memory_bound(max_clients: int, transient: int) -> int:
@@ -248,6 +253,7 @@ def test_max_clients_bounds_connections_and_memory_under_a_flood_of_sockets(memc
         for w in workers:
             assert w.ready.wait(30) and w.warm_error is None, w.warm_error
         wait_for(lambda: connections_on(broker.pid, url) == MAX_CLIENTS, 10, "the 8 served")
+        served = connection_inodes(broker.pid, url)
         # Full: a ninth Client is refused, and its call ends at its deadline, never hangs.
         t = time.monotonic()
         with pytest.raises(BrokerTimeout):
@@ -326,7 +332,9 @@ def test_max_clients_bounds_connections_and_memory_under_a_flood_of_sockets(memc
         # A slot frees: the ninth is served (its next call asks for a connection at once).
         workers[-1].release.set()
         workers[-1].join(10)
-        wait_for(lambda: connections_on(broker.pid, url) == MAX_CLIENTS - 1, 10, "a slot freed")
+        # The released one's connection goes. (Not "7 held": the ninth's reconnect, accepted and
+        # waiting for its ZAP answer, may be counted already and take the slot at once.)
+        wait_for(lambda: not served <= connection_inodes(broker.pid, url), 10, "a slot freed")
         t = time.monotonic()
         try:
             assert extra.get("good:0:warm") == b"1"
