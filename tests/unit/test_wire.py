@@ -523,7 +523,8 @@ def _check_reply_decode(data: bytes) -> None:
         return
     assert type(frame) is ReplyFrame and type(frame.code) is Code
     if frame.code is Code.OK:
-        assert all(type(r) is list and r and type(r[0]) is int for r in frame.payload)
+        # Each result is [code, ...], or a GET_MANY hit's value alone (bin) when its client flags are 0.
+        assert all(type(r) is bytes or (type(r) is list and r and type(r[0]) is int) for r in frame.payload)
     else:
         assert type(frame.payload) is str
 
