@@ -78,3 +78,25 @@ def test_large_valid_frames_decode_unchanged() -> None:
     frame = decode_request(encode_request(11, ops, 250, 0))
     assert (frame.req_id, frame.timeout_ms, frame.flags) == (11, 250, 0)
     assert frame.ops == [list(op) for op in ops]
+
+
+@pytest.mark.parametrize("header", list(HEADERS.values()), ids=list(HEADERS))
+def test_hostile_arrays_among_a_get_manys_keys_are_bounded_too(header: bytes) -> None:
+    # A large GET_MANY, its key array declaring 3,000 keys: 100 keys, then nested hostile headers.
+    keys = msgpack.packb([b"k%05d" % i for i in range(100)])[3:]
+    data = msgpack.packb([1, 9, 0, 0, [[Op.GET_MANY, []]]])[:-1] + b"\xdc\x0b\xb8" + keys + header * 2000
+    assert peak_of_decode(data) <= PER_BYTE * len(data) + CONSTANT
+    with pytest.raises(WireError) as info:
+        decode_request(data)
+    assert (info.value.code, info.value.req_id) == (Code.BAD_REQUEST, 9)
+
+
+def test_a_get_manys_declared_key_count_alone_costs_a_bounded_multiple() -> None:
+    # No byte that could start an array after the key array's header (the one-call path), and
+    # a declared count as large as the frame allows: the array msgpack allocates is the only one.
+    data = msgpack.packb([1, 9, 0, 0, [[Op.GET_MANY, []]]])[:-1] + b"\xdd\x00\x00\x46\x50" + b"\xc4\x01a" * 6000
+    assert peak_of_decode(data) <= PER_BYTE * len(data) + CONSTANT
+    with pytest.raises(WireError) as info:
+        decode_request(data)
+    assert (info.value.code, info.value.req_id) == (Code.BAD_REQUEST, 9)
+    assert "GET_MANY declares 18000 keys and holds 6000" in str(info.value)

@@ -1,6 +1,7 @@
 """The GET_MANY op (clientlib/wire.py): a get_many's keys as one array, `[GET_MANY, [key, ...]]`,
 the frame's only op, answered as one GET per key. Decoded on both of the request decoder's paths
-(frames up to SMALL_FRAME bytes in one call, larger ones key by key), with the same key rules as a
+(frames up to SMALL_FRAME bytes in one call; in larger ones the key array in one call when no byte
+after its header could start another array, else key by key), with the same key rules as a
 GET (1..MAX_KEY_LEN bytes), and every malformed one refused with an error that names it."""
 
 from __future__ import annotations
@@ -175,3 +176,67 @@ def test_a_large_get_many_in_non_canonical_msgpack_decodes(op_head: bytes) -> No
     large = b"\x95\x01\x07\x00\x00\x91" + op_head + b"\xdc\x00\x64" + b"".join(pack(k) for k in keys)
     assert msgpack.unpackb(large)[4] == [[GET_MANY, keys]] and len(large) > SMALL_FRAME
     assert decode_request(large).gets == keys
+
+
+# --- the large frame's key array in one msgpack call --------------------------------------------
+
+
+def count_one_call_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import clientlib.wire as wire
+
+    calls: list[int] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return msgpack.unpackb(*args, **kwargs)
+
+    monkeypatch.setattr(wire, "_unpackb", counted)
+    return calls
+
+
+ONE_CALL = {
+    "ascii keys": ([b"user:%05d" % i for i in range(100)], True),
+    "a key of 150 bytes (its length byte 0x96 looks like a fixarray)": ([*LONG, b"x" * 150], False),
+    "utf-8 keys holding 0x90..0x9f": ([("ѐ%d" % i).encode() for i in range(100)], False),  # d1 90
+    "a key holding 0xdc (array 16)": ([*LONG, b"a\xdcb"], False),
+}
+
+
+@pytest.mark.parametrize("name", ONE_CALL)
+def test_a_large_get_many_is_decoded_in_one_call_only_when_no_byte_could_start_an_array(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys, one_call = ONE_CALL[name]
+    data = frame_of([[GET_MANY, keys]])
+    assert len(data) > SMALL_FRAME
+    calls = count_one_call_decodes(monkeypatch)
+    assert decode_request(data).gets == keys
+    assert bool(calls) == one_call
+
+
+def test_nested_arrays_in_a_large_get_manys_keys_are_read_key_by_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_one_call_decodes(monkeypatch)
+    exc = error_of(frame_of([[GET_MANY, [*LONG, [[b"a"] * 3] * 3]]]))
+    assert "expected bytes keys, got list" in str(exc) and not calls
+
+
+_decoded = st.one_of(
+    st.binary(min_size=0, max_size=300), st.text(max_size=3), st.integers(-1, 1), st.none(), st.booleans(), st.just({}),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(st.binary(min_size=1, max_size=MAX_KEY_LEN), _decoded), max_size=40), st.integers(1, 50))
+def test_the_decoded_keys_check_is_the_exact_check(keys: list[Any], max_ops: int) -> None:
+    """_check_decoded_keys (two C-level passes) refuses what _check_keys refuses, with its message,
+    for every type msgpack decodes to."""
+    from clientlib.wire import _check_decoded_keys, _check_keys
+
+    def outcome(check: Any) -> str | None:
+        try:
+            check(keys, max_ops)
+        except WireError as exc:
+            return str(exc)
+        return None
+
+    assert outcome(_check_decoded_keys) == outcome(_check_keys)
