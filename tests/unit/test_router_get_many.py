@@ -265,3 +265,28 @@ def test_the_two_forms_differ_only_in_bare_values() -> None:
         shapes[form] = rig.results(r)
     assert shapes[FORMS[0]] == [[Code.OK, b"1", 0], [Code.OK, b"2", 7], [Code.MISS], [Code.OK, b"1", 0]]
     assert shapes[FORMS[1]] == [b"1", [Code.OK, b"2", 7], [Code.MISS], b"1"]
+
+
+def test_the_read_table_names_each_keys_last_read_in_the_frame() -> None:
+    """The short path puts a get_many's keys in the read table in one pass and takes that back when
+    a key repeats or is being read: either way each key then names the read that the frame's last
+    get of it made, and a key being read keeps its read (the joiners' answer)."""
+    from broker.pipeline import tag_of
+
+    rig = Rig(1, connections=1)
+    server = rig.servers[0]
+    conn = server.conns[0]
+    rig.frame([[Op.GET_MANY, [b"x", b"y"]]])  # opaques 1, 2 (a fence may follow; not a read)
+    seq = conn.pipeline.seq
+    assert server.reads == {b"x": tag_of(1, conn.no), b"y": tag_of(2, conn.no)}
+    rig.frame([[Op.GET_MANY, [b"a", b"a", b"x", b"b", b"a"]]])  # x joins; a, a, b, a are sent
+    assert conn.pipeline.seq == seq + 4
+    assert server.reads == {
+        b"x": tag_of(1, conn.no), b"y": tag_of(2, conn.no),
+        b"a": tag_of(seq + 4, conn.no), b"b": tag_of(seq + 3, conn.no),
+    }
+    assert rig.router.stats.gets_coalesced == 1
+    rig.frame([[Op.GET_MANY, [b"c", b"d"]]])  # the one-pass case beside live entries
+    assert server.reads[b"c"] == tag_of(seq + 5, conn.no) and server.reads[b"d"] == tag_of(seq + 6, conn.no)
+    rig.serve()
+    assert server.reads == {} and server.joiners == {}
