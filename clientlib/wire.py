@@ -218,7 +218,14 @@ def encode_error(req_id: int, code: Code, message: str) -> bytes:
     return msgpack.packb([VERSION, req_id, int(code), message], use_bin_type=True)
 
 
-def _unpack(data: bytes, max_bytes: int, max_array: int, max_map: int) -> Any:
+def _no_map(_: Any) -> Any:
+    # No request holds a map, and an empty one (all that max_map_len=0 lets through) is a 64-byte
+    # dict for one byte of frame: in a large frame, refused where msgpack makes it, before it
+    # makes the next. (A small frame's cost is bounded by its size; its errors name the field.)
+    raise ValueError("a map (no request holds one)")
+
+
+def _unpack(data: bytes, max_bytes: int, max_array: int, max_map: int, object_hook: Any = None) -> Any:
     if len(data) > max_bytes:
         raise WireError(Code.BAD_REQUEST, f"frame of {len(data)} bytes exceeds the {max_bytes} limit")
     try:
@@ -232,6 +239,7 @@ def _unpack(data: bytes, max_bytes: int, max_array: int, max_map: int) -> Any:
             max_array_len=max_array,
             max_map_len=max_map,
             max_ext_len=0,
+            object_hook=object_hook,
         )
     except Exception as exc:  # msgpack raises a zoo of types (ValueError, ExtraData, FormatError...)
         raise WireError(Code.BAD_REQUEST, f"undecodable frame: {type(exc).__name__}: {exc}") from None
@@ -254,8 +262,9 @@ def _unpack_request(data: bytes, max_frame: int, max_ops: int) -> Any:
     msgpack allocates each array as its header declares, before reading any element: one call over
     a whole 5 KB frame of nested headers declaring 100,000 elements each costs 100+ ms. So the
     frame is read op by op, each op under a tight array limit; only the ops array may be long, and
-    no longer than max_ops or the frame's own size. Anything irregular is decoded again in one
-    call with tight limits, for its error message."""
+    no longer than max_ops or the frame's own size (a GET_MANY's key array in one call when nothing
+    after its header can start another array: see _read_keys). Anything irregular is decoded
+    again in one call with tight limits, for its error message."""
     n = len(data)
     if n <= SMALL_FRAME:
         obj = _unpack(data, max_frame, SMALL_ARRAYS, 0)
@@ -264,7 +273,7 @@ def _unpack_request(data: bytes, max_frame: int, max_ops: int) -> Any:
         return obj
     unpacker = msgpack.Unpacker(
         raw=False, use_list=True, strict_map_key=True, max_buffer_size=n, max_bin_len=max_frame,
-        max_str_len=max_frame, max_array_len=OP_ARRAYS, max_map_len=0, max_ext_len=0,
+        max_str_len=max_frame, max_array_len=OP_ARRAYS, max_map_len=0, max_ext_len=0, object_hook=_no_map,
     )
     unpacker.feed(data)
     try:
@@ -295,7 +304,7 @@ def _unpack_request(data: bytes, max_frame: int, max_ops: int) -> Any:
     except Exception:  # noqa: BLE001 - msgpack's zoo of errors: decoded again below for the message
         pass
     try:
-        return _unpack(data, max_frame, OP_ARRAYS, 0)
+        return _unpack(data, max_frame, OP_ARRAYS, 0, _no_map)
     except WireError as exc:
         if "max_array_len" in str(exc) and _GET_MANY_HEAD in data:
             # The likeliest long array in a frame that is not one GET_MANY op: a GET_MANY among others.
@@ -303,8 +312,8 @@ def _unpack_request(data: bytes, max_frame: int, max_ops: int) -> Any:
         raise
 
 
-# msgpack's array headers (fixarray, array 16, array 32). Map headers need no such check: a map
-# past max_map_len (0 here) is refused before msgpack allocates it.
+# msgpack's array headers (fixarray, array 16, array 32). Maps need no look: one past max_map_len
+# (0 here) is refused before msgpack allocates it, and an empty one by _no_map as it is made.
 _ARRAY_HEADERS = bytes([*range(0x90, 0xA0), 0xDC, 0xDD])
 
 
@@ -323,12 +332,14 @@ def _read_keys(unpacker: Any, data: bytes, max_ops: int, n: int) -> list[Any]:
         raise WireError(Code.BAD_REQUEST, f"op GET_MANY: expected list, got {type(exc).__name__}") from None
     if size > max_ops or size > n:
         raise WireError(Code.BAD_REQUEST, f"op GET_MANY takes 1..{max_ops} keys, got {size}")
-    rest = data[unpacker.tell():]
-    if len(rest.translate(None, _ARRAY_HEADERS)) == len(rest):
+    head = unpacker.tell()
+    # The array headers of the whole frame less those before the keys (no copy of the keys' bytes).
+    headers = n - len(data.translate(None, _ARRAY_HEADERS))
+    if headers == head - len(data[:head].translate(None, _ARRAY_HEADERS)):
         try:
             keys = _unpackb(
                 memoryview(data)[start:], raw=False, use_list=True, max_bin_len=n, max_str_len=n,
-                max_array_len=size, max_map_len=0, max_ext_len=0,
+                max_array_len=size, max_map_len=0, max_ext_len=0, object_hook=_no_map,
             )
         except Exception:  # noqa: BLE001 - read again key by key below, for the error message
             pass
@@ -424,12 +435,14 @@ def _check_keys(keys: list[Any], max_ops: int = MAX_OPS) -> None:
 
 def _check_decoded_keys(keys: list[Any], max_ops: int) -> None:
     """_check_keys for keys as msgpack decoded them, whose only bytes-like type is bytes: the common
-    case in two C-level passes instead of four (a third of a 100-key GET_MANY's decoding). The join
-    refuses anything but bytes; the sizes, as bytes, refuse a key over 255 bytes, and the
-    translate keeps any size outside 1..MAX_KEY_LEN."""
+    case in two C-level passes instead of four (a third of a 100-key GET_MANY's decoding). The
+    sizes, as bytes, refuse a key over 255 bytes and anything without a size, and the translate
+    keeps any size outside 1..MAX_KEY_LEN; then the join refuses anything but bytes."""
     try:
-        b"".join(keys)
+        # The sizes first: the join sets aside 80 bytes per item before it looks at any, so it
+        # must only see items of at least 2 bytes of frame each (then 40 bytes per byte at most).
         if 0 < len(keys) <= max_ops and not bytes(map(len, keys)).translate(None, _KEY_SIZES):
+            b"".join(keys)
             return
     except (TypeError, ValueError):
         pass

@@ -220,8 +220,11 @@ def test_nested_arrays_in_a_large_get_manys_keys_are_read_key_by_key(monkeypatch
     assert "expected bytes keys, got list" in str(exc) and not calls
 
 
+# Every type msgpack decodes a request's element to (ext only empty: max_ext_len is 0).
 _decoded = st.one_of(
-    st.binary(min_size=0, max_size=300), st.text(max_size=3), st.integers(-1, 1), st.none(), st.booleans(), st.just({}),
+    st.binary(min_size=0, max_size=300), st.text(max_size=3), st.integers(-(1 << 63), (1 << 64) - 1), st.none(),
+    st.booleans(), st.floats(), st.just({}), st.lists(st.binary(max_size=3), max_size=3),
+    st.just(msgpack.ExtType(1, b"")),
 )
 
 
