@@ -322,8 +322,8 @@ def _read_keys(unpacker: Any, data: bytes, max_ops: int, n: int) -> list[Any]:
     it); WireError for anything else.
 
     When no byte after the array's own header could start another array, the array is the only
-    one msgpack can allocate, so it is decoded in one call (a tenth of the cost of reading it key
-    by key). Otherwise (a nested array, or only a key's length or a UTF-8 key's byte that looks
+    one msgpack can allocate, so it is decoded in one call (100 keys: 4.3 us against 7.4 key by
+    key, in-process). Otherwise (a nested array, or only a key's length or a UTF-8 key's byte that looks
     like a header) it is read key by key under the unpacker's limits."""
     start = unpacker.tell()
     try:
@@ -434,10 +434,10 @@ def _check_keys(keys: list[Any], max_ops: int = MAX_OPS) -> None:
 
 
 def _check_decoded_keys(keys: list[Any], max_ops: int) -> None:
-    """_check_keys for keys as msgpack decoded them, whose only bytes-like type is bytes: the common
-    case in two C-level passes instead of four (a third of a 100-key GET_MANY's decoding). The
-    sizes, as bytes, refuse a key over 255 bytes and anything without a size, and the translate
-    keeps any size outside 1..MAX_KEY_LEN; then the join refuses anything but bytes."""
+    """_check_keys for keys as msgpack decoded them, whose only bytes-like type is bytes: the
+    common case in two C-level passes instead of four (the four took half of a 100-key GET_MANY's
+    decoding). The sizes, as bytes, refuse a key over 255 bytes and anything without a size, and
+    the translate keeps any size outside 1..MAX_KEY_LEN; then the join refuses anything but bytes."""
     try:
         # The sizes first: the join sets aside 80 bytes per item before it looks at any, so it
         # must only see items of at least 2 bytes of frame each (then 40 bytes per byte at most).
