@@ -71,6 +71,42 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
+def _socket_inodes(pids: Sequence[int]) -> set[str]:
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue  # a process that ended meanwhile
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    return inodes
+
+
+def tcp_connections(pids: Sequence[int], ports: Sequence[int]) -> int:
+    """Established TCP connections that processes `pids` hold to any of `ports` on loopback, as
+    the kernel counts them: the sockets among their file descriptors (by inode) that
+    /proc/net/tcp lists in state 01 with one of the ports as the remote end. Counting by owner
+    leaves out what other processes hold, which memcached's curr_connections cannot (and other
+    proxies' own counts, read at another moment, only roughly could). Sockets this process holds
+    too are left out: forked workers inherit its connections (its stats connections to memcached)."""
+    inodes = _socket_inodes(pids) - _socket_inodes([os.getpid()])
+    wanted = {f"{port:04X}" for port in ports}
+    n = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if parts[3] == "01" and parts[2].rpartition(":")[2] in wanted and parts[9] in inodes:
+                n += 1
+    return n
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))

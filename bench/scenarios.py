@@ -22,7 +22,7 @@ from typing import Any
 from .paths import BROKER_PATHS, WorkerSpec, batches_of, value_for
 from .procs import (
     BenchError, Broker, BrokerRejectedConfig, DelayProxy, EchoServer, FloorServer, Nutcracker, Proc, StatsConn,
-    cpu_seconds, ensure_nutcracker, rss_bytes, start_memcached,
+    cpu_seconds, ensure_nutcracker, rss_bytes, split_address, start_memcached, tcp_connections,
 )
 from .workers import hold_dealers, run_workers
 
@@ -125,13 +125,12 @@ class Env:
         to memcached) are misses and stay out (their cost shows in memcached's CPU per op)."""
         return sum(int(s.stats()["get_hits"]) for s in self.stats)
 
-    def pools(self, but: str | None = None) -> dict[str, int]:
-        """Connections each proxy holds to memcached now (broker stats, twemproxy stats); `but`:
-        a path not to ask (the one a round measures)."""
-        out = {name: b.connections() for name, b in self.brokers.items() if name != but}
-        if self.floor is not None and but != "floor":
+    def pools(self) -> dict[str, int]:
+        """Connections each proxy holds to memcached now (broker stats, twemproxy stats)."""
+        out = {name: b.connections() for name, b in self.brokers.items()}
+        if self.floor is not None:
             out["floor"] = self.floor.connections
-        if self.nutcracker is not None and but != "twemproxy":
+        if self.nutcracker is not None:
             out["twemproxy"] = self.nutcracker.server_connections()
         return out
 
@@ -298,11 +297,9 @@ def run_round(env: Env, path: str, rnd: int, seconds: float, value_size: int) ->
         }
         mc_pids = [p.pid for p in env.memcached]
         before: dict[str, Any] = {}
-        conns: list[int | None] = [None]  # from samples whose pools held still
-        raw = [0]  # memcached's count alone, the most seen
-
-        def others_now() -> int:
-            return sum(env.pools(but=path).values())
+        conns = [0]  # the most upstream connections this path's processes held at one sample
+        upstream_ports = [split_address(a)[1] for a in env.upstreams]
+        owner = [p for p in (pids["broker"], pids["twemproxy"]) if p]
 
         def snapshot() -> dict[str, Any]:
             snap = {k: cpu_seconds(p) for k, p in pids.items() if p}
@@ -317,25 +314,21 @@ def run_round(env: Env, path: str, rnd: int, seconds: float, value_size: int) ->
         def before_start() -> None:
             before.update(snapshot())
 
-        def during(end: float) -> None:
+        def during(end: float, worker_pids: list[int]) -> None:
+            # Counted by owner (the broker, the floor or nutcracker, else the workers themselves),
+            # not as memcached's count less the other paths' pools: those are each proxy's own
+            # word, read at another moment (nutcracker's every 100 ms), and once or twice in full
+            # suite runs that subtraction counted 4 of a direct round's 8 connections, or 0 of 1.
+            holders = owner or worker_pids
             while True:
-                # Memcached's count less what the other paths' pools hold at that moment, where
-                # the pools read after the round could differ (once, in a full suite run, that
-                # counted 4 of a direct round's 8 connections): a sample counts only when the
-                # pools were the same before and after it.
                 if path != "zmq-echo":
-                    held = others_now()
-                    n = env.curr_connections()
-                    raw[0] = max(raw[0], n)
-                    if others_now() == held:
-                        conns[0] = max(conns[0] or 0, n - held)
+                    conns[0] = max(conns[0], tcp_connections(holders, upstream_ports))
                 if time.monotonic() + STATS_INTERVAL_S >= end:
                     return
                 time.sleep(STATS_INTERVAL_S)
 
         results, wall = run_workers(specs, seconds, during, before_start)
         after = snapshot()
-        pools = env.pools()
     finally:
         if echo is not None:
             echo.stop()
@@ -349,8 +342,6 @@ def run_round(env: Env, path: str, rnd: int, seconds: float, value_size: int) ->
     def us(name: str) -> float | None:
         return round((after[name] - before[name]) * per, 2) if name in before else None
 
-    seen = conns[0]
-    mc_conns = seen if seen is not None else raw[0] - sum(n for p, n in pools.items() if p != path)
     row: dict[str, Any] = {
         "scenario": sc.name, "path": path, "round": rnd,
         "ops_per_s": sum(r["keys"] / r["elapsed"] for r in results),
@@ -359,8 +350,9 @@ def run_round(env: Env, path: str, rnd: int, seconds: float, value_size: int) ->
         "worker_cpu_us": round(sum(r["cpu"] for r in results) * per, 2),
         "broker_cpu_us": us("broker"), "twemproxy_cpu_us": us("twemproxy"), "echo_cpu_us": us("echo"),
         "proxy_cpu_us": us("proxy"), "mc_cpu_us": us("memcached") if path != "zmq-echo" else None,
-        # The most memcached connections seen during the run, less those other paths' pools held.
-        "mc_conns": max(0, mc_conns) if path != "zmq-echo" else None,
+        # The most connections to memcached (or the delay proxy in front of it) this path's
+        # processes held at once during the run.
+        "mc_conns": conns[0] if path != "zmq-echo" else None,
         "upstream_per_get": round((after["gets"] - before["gets"]) / keys, 4) if sc.op != "set" and path != "zmq-echo" else None,
         "req_per_write": round((after["written"] - before["written"]) / (after["writes"] - before["writes"]), 2)
         if path in env.brokers and after.get("writes", 0) > before.get("writes", 0) else None,

@@ -104,10 +104,11 @@ def _collect(outbox: Any, kind: str, n: int, deadline: float, procs: Sequence[An
     return got
 
 
-def run_workers(specs: Sequence[WorkerSpec], seconds: float, during: Callable[[float], None],
+def run_workers(specs: Sequence[WorkerSpec], seconds: float, during: Callable[[float, list[int]], None],
                 before_start: Callable[[], None]) -> tuple[list[dict[str, Any]], float]:
-    """Fork one process per spec, start them together, call `during(end)` while they run (it must
-    return by `end`), and return their results and the wall time from start to the last result."""
+    """Fork one process per spec, start them together, call `during(end, pids)` (the workers'
+    PIDs) while they run (it must return by `end`), and return their results and the wall time
+    from start to the last result."""
     ctx = multiprocessing.get_context("fork")
     outbox = ctx.Queue()
     go = ctx.Event()
@@ -124,7 +125,7 @@ def run_workers(specs: Sequence[WorkerSpec], seconds: float, during: Callable[[f
         start_at.value = start
         go.set()
         end = start + seconds
-        during(end)
+        during(end, [p.pid for p in procs if p.pid is not None])
         results = _collect(outbox, "result", len(specs), end + RESULT_GRACE_S, procs)
         wall = time.monotonic() - start
         for p in procs:
