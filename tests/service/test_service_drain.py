@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import signal
 import threading
 import time
@@ -144,7 +145,9 @@ MAX_CALLS = 200_000  # bounded: each worker stops at its first error, after this
 
 def _load_worker(url: str, writer: int, go: "multiprocessing.synchronize.Event", out: "multiprocessing.Queue[dict[str, object]]") -> None:
     client = Client(url, timeout=5.0)
-    result: dict[str, object] = {"writer": writer, "ok": 0, "mismatch": [], "error": None}
+    # "sent": frames this worker's calls sent (a set or a get is one frame each), less the one a
+    # call found nothing listening for (clientlib raises "no broker at ..." before sending it).
+    result: dict[str, object] = {"writer": writer, "ok": 0, "mismatch": [], "error": None, "sent": 0}
     go.wait(10)
     end = time.monotonic() + 30
     try:
@@ -154,12 +157,16 @@ def _load_worker(url: str, writer: int, go: "multiprocessing.synchronize.Event",
             key = f"w{writer}"
             value = f"{writer}:{seq}".encode()  # self-verifying: any cross-talk shows
             try:
+                result["sent"] += 1  # type: ignore[operator]
                 client.set(key, value)
+                result["sent"] += 1  # type: ignore[operator]
                 got = client.get(key)
             except BrokerTimeout as exc:
                 result["error"] = ("timeout", f"{exc} (at {time.time():.3f}, seq {seq})")
                 break
             except MemcacheError as exc:
+                if isinstance(exc, BrokerUnavailable) and str(exc).startswith("no broker at"):
+                    result["sent"] -= 1  # type: ignore[operator]
                 result["error"] = (type(exc).__name__, str(exc))
                 break
             if got != value:
@@ -180,9 +187,15 @@ def test_sigterm_under_load_from_16_workers(request, memcached_factory):
     for p in procs:
         p.start()
     try:
+        # Frames the broker received that no worker sent: the start's pings and this test's stats
+        # calls (one frame each), counted so the workers' frames can be told apart at the end.
+        not_workers = b.stats()["frames"]
         go.set()
         deadline = time.monotonic() + 10
-        while b.stats()["ops"] < 2000:  # all workers are in full swing
+        while True:
+            not_workers += 1
+            if b.stats()["ops"] >= 2000:  # all workers are in full swing
+                break
             assert time.monotonic() < deadline, "load never started"
             time.sleep(0.05)
         b.signal(signal.SIGTERM)
@@ -196,13 +209,39 @@ def test_sigterm_under_load_from_16_workers(request, memcached_factory):
                 p.kill()
     assert rc == 0
     assert not _runtime_dir(b).exists()
+    # The broker's last line accounts for every frame it received.
+    stopped = re.search(
+        r"mcbroker stopped: (\d+) frames received, (\d+) replies sent, (\d+) dropped, (\d+) noreply, (\d+) unanswerable",
+        b.log(),
+    )
+    assert stopped, b.log()[-2000:]
+    received, replied, dropped, noreply, unanswerable = map(int, stopped.groups())
+    assert received == replied + dropped + noreply + unanswerable and dropped == noreply == unanswerable == 0, stopped[0]
+    # The workers' frames it received, against those they sent: the difference never reached it,
+    # sent into a connection the broker was closing. The broker answers frames until none came for
+    # 100 ms, but a worker descheduled longer than that (a loaded machine) can still send one after
+    # its last read, before its ZeroMQ I/O thread saw the close; that call waits out its deadline.
+    from_workers = received - not_workers
+    sent = sum(int(r["sent"]) for r in results)  # type: ignore[call-overload]
+    never_received = sent - from_workers
+    timeouts = [r for r in results if r["error"][0] == "timeout"]
+    assert 0 <= never_received, (sent, from_workers, not_workers)
+    print(
+        f"\n{WORKERS} workers sent {sent} frames; the broker received {from_workers} of them and answered all; "
+        f"never received {never_received}; calls that timed out {len(timeouts)}"
+    )
+    # Every frame the broker received got its answer (a lost one would be a timeout too many):
+    # the only timeouts are calls whose frame it never received.
+    assert len(timeouts) <= never_received, (timeouts, f"signalled at {signalled:.3f}", b.log()[-1000:])
     for r in results:
         assert r["mismatch"] == [], r
         assert r["ok"] > 0, r
-        # Every request the broker accepted got its real answer (a lost one would be a timeout);
-        # every later one the clear error: "shutting down" while draining, or, once the broker
-        # is gone, BrokerUnavailable naming the missing socket.
+        # Every request the broker accepted got its real answer; every later one the clear
+        # error: "shutting down" while draining, or, once the broker is gone, BrokerUnavailable
+        # naming the missing socket.
         kind, message = r["error"]
+        if kind == "timeout":
+            continue
         assert kind == "BrokerUnavailable", (r, f"signalled at {signalled:.3f}", b.log()[-1000:])
         assert "shutting down" in message or "does not exist" in message or "nothing listens" in message, r
     assert any("shutting down" in r["error"][1] for r in results), "no request arrived while draining"

@@ -609,8 +609,10 @@ def test_the_loop_ends_with_everything_released(
     assert all(c.sock is None for s in b.servers.values() for c in s.conns)
     assert not os.path.exists(m.url[len("ipc://"):])
     stops = [r.getMessage() for r in caplog.records if r.getMessage().startswith("mcbroker stopped")]
-    assert stops == [f"mcbroker stopped: {b.router.stats.replies} replies sent, 0 dropped"]
-    assert b.router.stats.replies >= 4  # the pings and the stats calls
+    st = b.router.stats
+    assert stops == [f"mcbroker stopped: {st.frames} frames received, {st.replies} replies sent, 0 dropped, 0 noreply, 0 unanswerable"]
+    assert st.replies >= 4  # the pings and the stats calls
+    assert st.frames == st.replies
 
 
 def test_frames_waiting_when_close_starts_get_shutting_down(workdir: Path, mc: Memcached, restore_signals: None) -> None:
