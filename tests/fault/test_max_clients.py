@@ -5,10 +5,10 @@ worker socket).
 A broker with max_clients = 8 serves 8 well-behaved Clients (one thread each). Then 40 raw DEALER
 sockets in 4 processes flood it with large sets and never read. The broker shuts each of them down
 as it accepts it (clients_refused), so:
-- the connections the broker holds (counted by the kernel, /proc/net/unix, not by the broker) never
-  exceed 8 plus a stated transient (median over the flood; connections accepted during one loop
-  turn wait in their handshake, no frame, until the next), and the broker's own count never
-  exceeds 8;
+- each connection the broker holds past the 8 served (counted by the kernel, /proc/net/unix or
+  /proc/net/tcp, not by the broker) is gone within a loop turn (LIFETIME allows a loaded machine's
+  turn: connections accepted during one turn wait in their handshake, no frame, until the next),
+  the 8 keep theirs, and the broker's own count never exceeds 8;
 - its RSS grows by at most the bound computed from its config (README "Bounded memory"):
   max_buffered_bytes + max_clients x (RCVHWM + 2) x max_message_size(max_frame_bytes) + replies
   + a fixed slack for the heap (the transient connections never get a frame in: the broker shuts
@@ -18,7 +18,7 @@ as it accepts it (clients_refused), so:
   of the 8 disconnects it is served.
 
 Without the cap (max_clients far above 48) the broker holds all 48 connections and their queues:
-the connection check fails (49 held), and the RSS one with these frame sizes too (+120 MiB against
+the connection check fails (all 40 held for the whole flood), and the RSS one with these frame sizes too (+120 MiB against
 a bound of 99 MiB in one run; see the line printed with -s).
 """
 
@@ -58,13 +58,16 @@ FLOOD_SECONDS = 6.0
 # shut down in its handshake, so the connects that arrive within one loop turn. When the flood
 # starts, all 40 sockets connect at once and may all be held for that turn (measured: up to 19
 # past max_clients); after BURST_SECONDS they reconnect at random moments, every 100-200 ms
-# (ZeroMQ's default interval), a few hundred connects a second. A loop kept off the CPU for 200 ms
-# on a loaded machine lets all of them wait at once (measured once in a full suite run: 40 past
-# max_clients, RSS +2.2 MiB: no frame gets in), so the test checks the median of the samples after
-# BURST_SECONDS against this, and the broker's own count (connected_workers) against max_clients.
-# Without the cap all 40 stay throughout (median 48 or 49).
+# (ZeroMQ's default interval), a few hundred connects a second. How many wait at once is the
+# connect rate times the loop's turn, which a loaded machine stretches: medians of 19 and 26 held
+# (11 and 18 past max_clients) were seen in full suite runs, and once a loop kept off the CPU for
+# 200 ms let all 40 wait at once (RSS +2.2 MiB: no frame gets in). So the count is not what the test
+# checks. It checks how long each connection past the 8 served lives (its socket inode, from its
+# first sample to its last): each is shut down within a loop turn, where without the cap all 40
+# stay for the whole flood. LIFETIME is that turn with room for a loaded machine, a third of the
+# flood. The broker's own count (connected_workers) is checked against max_clients.
 BURST_SECONDS = 1.0
-TRANSIENT = FLOODERS // 4
+LIFETIME = FLOOD_SECONDS / 3
 # The broker's own heap churn (Python objects, allocator fragmentation) over its baseline, as in
 # test_flood.py.
 FIXED_SLACK = 48 * MiB
@@ -141,6 +144,9 @@ class Sampler(threading.Thread):
         self.peak_conns = 0  # after the first second
         self.burst_conns = 0  # in the first second, when every flooding socket connects at once
         self.steady: list[int] = []  # the samples after the first second
+        # Each connection's socket inode: when it was first and last seen held (monotonic seconds).
+        self.first_seen: dict[str, float] = {}
+        self.last_seen: dict[str, float] = {}
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -148,9 +154,14 @@ class Sampler(threading.Thread):
         while not self.done.is_set():
             try:
                 r = rss_bytes(self.pid)
-                c = connections_on(self.pid, self.url)
+                inodes = connection_inodes(self.pid, self.url)
             except (OSError, AssertionError):
                 return
+            now = time.monotonic()
+            for inode in inodes:
+                self.first_seen.setdefault(inode, now)
+                self.last_seen[inode] = now
+            c = len(inodes)
             self.peak_rss = max(self.peak_rss, r)
             if time.monotonic() - start < BURST_SECONDS:
                 self.burst_conns = max(self.burst_conns, c)
@@ -160,6 +171,11 @@ class Sampler(threading.Thread):
             if r > ABORT_RSS:
                 self.stop_flood.set()
             time.sleep(0.01)
+
+
+    def lifetimes(self, but: set[str]) -> list[float]:
+        """How long each connection not in `but` was seen held, in seconds, longest first."""
+        return sorted((self.last_seen[i] - self.first_seen[i] for i in self.first_seen if i not in but), reverse=True)
 
 
 class Good(threading.Thread):
@@ -300,8 +316,8 @@ def test_max_clients_bounds_connections_and_memory_under_a_flood_of_sockets(memc
         print(
             f"\nmax_clients {MAX_CLIENTS}: {FLOODERS} flooding sockets queued {sent.value} frames of {VALUE} B; "
             f"connections held: first second {sampler.burst_conns}, then peak {sampler.peak_conns}, median "
-            f"{sorted(sampler.steady)[len(sampler.steady) // 2] if sampler.steady else None} (allowed {MAX_CLIENTS} + "
-            f"{TRANSIENT}); served as the broker counts: at most "
+            f"{sorted(sampler.steady)[len(sampler.steady) // 2] if sampler.steady else None} (not checked: it is "
+            f"the connect rate times the loop's turn); served as the broker counts: at most "
             f"{max(workers[0].served_seen, default=None)}; broker RSS "
             f"baseline {baseline / MiB:.1f} MiB, peak {sampler.peak_rss / MiB:.1f} MiB (+{growth / MiB:.1f} MiB, "
             f"bound {bound / MiB:.1f} MiB); good workers: {calls} calls, {len(failures)} failed, p99 "
@@ -309,9 +325,19 @@ def test_max_clients_bounds_connections_and_memory_under_a_flood_of_sockets(memc
             f"{len(extra_outcomes)} calls, outcomes {sorted({o.split(':')[0] for o, _ in extra_outcomes})}, worst "
             f"{max((d for _, d in extra_outcomes), default=0) * 1000:.0f} ms"
         )
+        lived = sampler.lifetimes(but=served)
+        print(
+            f"connections past the 8 served: {len(lived)} seen, longest held {lived[0] if lived else 0:.2f} s "
+            f"(allowed {LIFETIME:.1f} s), 10 longest {[round(x, 2) for x in lived[:10]]}"
+        )
         assert broker.running, broker.log()
-        steady = sorted(sampler.steady)
-        assert steady and steady[len(steady) // 2] <= MAX_CLIENTS + TRANSIENT, steady[len(steady) // 2 :][:20]
+        # (Most are shut down before a 10 ms sample sees them; clients_refused, checked below,
+        # counts them all.)
+        assert not lived or lived[0] <= LIFETIME, lived[:10]
+        # The 8 served kept their connections throughout.
+        assert served <= set(sampler.last_seen) and all(
+            sampler.last_seen[i] - sampler.first_seen[i] >= FLOOD_SECONDS - 2.0 for i in served
+        ), {i: sampler.last_seen.get(i, 0) - sampler.first_seen.get(i, 0) for i in served}
         served_seen = workers[0].served_seen
         assert served_seen and max(served_seen) <= MAX_CLIENTS, served_seen
         # Not one flood frame got in: a refused connection never finishes its handshake.
