@@ -311,18 +311,23 @@ def run_round(env: Env, path: str, rnd: int, seconds: float, value_size: int) ->
                 snap["written"] = bs.get("requests_written", 0)
             return snap
 
-        def before_start() -> None:
-            before.update(snapshot())
-
-        def during(end: float, worker_pids: list[int]) -> None:
+        def count(worker_pids: list[int]) -> None:
             # Counted by owner (the broker, the floor or nutcracker, else the workers themselves),
             # not as memcached's count less the other paths' pools: those are each proxy's own
             # word, read at another moment (nutcracker's every 100 ms), and once or twice in full
             # suite runs that subtraction counted 4 of a direct round's 8 connections, or 0 of 1.
-            holders = owner or worker_pids
+            if path != "zmq-echo":
+                conns[0] = max(conns[0], tcp_connections(owner or worker_pids, upstream_ports))
+
+        def before_start(worker_pids: list[int]) -> None:
+            # Once while every worker is connected and waiting for the start: a quick round's
+            # window can be over, and its workers gone, before a loaded machine runs `during`.
+            count(worker_pids)
+            before.update(snapshot())
+
+        def during(end: float, worker_pids: list[int]) -> None:
             while True:
-                if path != "zmq-echo":
-                    conns[0] = max(conns[0], tcp_connections(holders, upstream_ports))
+                count(worker_pids)
                 if time.monotonic() + STATS_INTERVAL_S >= end:
                     return
                 time.sleep(STATS_INTERVAL_S)

@@ -105,10 +105,11 @@ def _collect(outbox: Any, kind: str, n: int, deadline: float, procs: Sequence[An
 
 
 def run_workers(specs: Sequence[WorkerSpec], seconds: float, during: Callable[[float, list[int]], None],
-                before_start: Callable[[], None]) -> tuple[list[dict[str, Any]], float]:
-    """Fork one process per spec, start them together, call `during(end, pids)` (the workers'
-    PIDs) while they run (it must return by `end`), and return their results and the wall time
-    from start to the last result."""
+                before_start: Callable[[list[int]], None]) -> tuple[list[dict[str, Any]], float]:
+    """Fork one process per spec, call `before_start(pids)` (the workers' PIDs) once all are
+    ready (connected, waiting for the start), start them together, call `during(end, pids)` while
+    they run (it must return by `end`), and return their results and the wall time from start to
+    the last result."""
     ctx = multiprocessing.get_context("fork")
     outbox = ctx.Queue()
     go = ctx.Event()
@@ -120,12 +121,13 @@ def run_workers(specs: Sequence[WorkerSpec], seconds: float, during: Callable[[f
             p.start()
             procs.append(p)
         _collect(outbox, "ready", len(specs), time.monotonic() + READY_TIMEOUT_S, procs)
-        before_start()
+        pids = [p.pid for p in procs if p.pid is not None]
+        before_start(pids)
         start = time.monotonic() + START_DELAY_S
         start_at.value = start
         go.set()
         end = start + seconds
-        during(end, [p.pid for p in procs if p.pid is not None])
+        during(end, pids)
         results = _collect(outbox, "result", len(specs), end + RESULT_GRACE_S, procs)
         wall = time.monotonic() - start
         for p in procs:
