@@ -290,6 +290,9 @@ class Front:
         self.sockets: list["zmq.Socket[Any]"] = []
         self.urls = urls
         self.bad_envelopes = 0
+        # Frames recv_batch handed out (bad envelopes not among them): counted where they leave
+        # the sockets, so the stop line can show that each got its answer.
+        self.frames_read = 0
         # Directories this broker created for its sockets, removed again by close().
         self.created_dirs: list[str] = []
         # Worker connections served now, from ZeroMQ's socket monitor (accepted minus
@@ -395,6 +398,7 @@ class Front:
                 continue
             out.append((ident, data))
             taken += len(data)
+        self.frames_read += len(out)
         return out
 
     def poll_workers(self) -> int:

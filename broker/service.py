@@ -538,11 +538,12 @@ class Broker:
         signal.set_wakeup_fd(-1)
         self._wake_r.close()
         self._wake_w.close()
-        # Every frame received is accounted for here (frames = replies sent + dropped + noreply
-        # frames + frames with no request id), so a worker's call that got no answer can be told
-        # from a frame the broker never received (sent into its closing connection).
+        # Every frame taken off the worker sockets is accounted for here (frames received =
+        # replies sent + dropped + noreply frames + frames with no request id; a frame lost on the
+        # way, to an internal error say, breaks the sum), so a worker's call that got no answer
+        # can be told from a frame the broker never received (sent into its closing connection).
         st = self.router.stats
         log.info(
             "mcbroker stopped: %d frames received, %d replies sent, %d dropped, %d noreply, %d unanswerable",
-            st.frames, st.replies, st.replies_dropped, st.noreply, st.dropped_frames,
+            self.front.frames_read, st.replies, st.replies_dropped, st.noreply, st.dropped_frames,
         )

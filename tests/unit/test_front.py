@@ -267,6 +267,7 @@ def test_recv_batch_stops_once_max_bytes_were_read(rig: Rig) -> None:
     wait_for(more, "three frames")
     # The frame that reaches 150 bytes is the last of its batch: never more than 2 per call.
     assert [d for _, d in got] == frames and max(batches) <= 2
+    assert rig.front.frames_read == 3
 
 
 def test_a_message_of_more_than_one_part_is_dropped_and_counted(rig: Rig) -> None:
@@ -275,6 +276,7 @@ def test_a_message_of_more_than_one_part_is_dropped_and_counted(rig: Rig) -> Non
     w.send(b"good")
     assert rig.take(1) == [(b"w", b"good")]
     assert rig.front.bad_envelopes == 1
+    assert rig.front.frames_read == 1  # the frames handed out only
 
 
 # --- replies --------------------------------------------------------------------------------------
