@@ -314,8 +314,8 @@ def run_round(env: Env, path: str, rnd: int, seconds: float, value_size: int) ->
         def count(worker_pids: list[int]) -> None:
             # Counted by owner (the broker, the floor or nutcracker, else the workers themselves),
             # not as memcached's count less the other paths' pools: those are each proxy's own
-            # word, read at another moment (nutcracker's every 100 ms), and once or twice in full
-            # suite runs that subtraction counted 4 of a direct round's 8 connections, or 0 of 1.
+            # word, read at another moment (nutcracker's every 100 ms), and once in a full suite
+            # run that subtraction counted 4 of a direct round's 8 connections.
             if path != "zmq-echo":
                 conns[0] = max(conns[0], tcp_connections(owner or worker_pids, upstream_ports))
 
