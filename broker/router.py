@@ -328,7 +328,9 @@ class Router:
         groups: dict[Connection, _Group] = {}
         budget = self.budget
         single = self.single if not self.down else None
-        coalesce = self.coalesce
+        # Only a frame of one op joins a read in flight or offers its own; a get_many's keys never
+        # do, on either path (see `_all_gets`).
+        coalesce = self.coalesce and gets is None and len(ops) == 1
         upstream = 0
         for i, op in enumerate(ops):
             code = op[0]
@@ -486,13 +488,26 @@ class Router:
         if conn is None or conn.pipeline.inflight >= server.max_inflight_conn:
             return False
         job.where[0] = server
-        self._gets_to(job, server, conn, None, [key], now)
+        coalesce = self.coalesce
+        if coalesce and server.reads:
+            tag = server.reads.get(key)
+            if tag is not None:
+                # A get of this key is in flight and no write of it came since: its response
+                # answers this one too, and nothing more goes to memcached.
+                server.inflight_n += 1
+                budget.inflight += 1
+                _join(server, tag, job, 0)
+                self.stats.gets_coalesced += 1
+                return True
+        self._gets_to(job, server, conn, None, [key], now, coalesce)
         return True
 
     def _all_gets(self, job: Job, keys: list[bytes], now: float) -> bool:
         """A get_many, admitted, encoded and queued as a whole: the common multi-key frame
         without the per-op path, one batch per server (keys placed as the per-op path places
-        them). Keys whose get is already in flight join it (read coalescing). False (nothing done)
+        them). Its keys neither join a read in flight nor offer theirs to join: measured, joining
+        cost the broker more than the requests it saved, at every share of joined keys tried
+        (bench/README, thirteenth round). False (nothing done)
         when any op is not a plain get, a key needs base64, a server is down or has a write in
         flight (its keys' reads must follow it), or a bound would refuse part of the frame: the
         per-op path then decides each op. `keys`: the frame's `gets`, each 1..250 bytes
@@ -535,14 +550,15 @@ class Router:
         if single is not None:
             job.where = [single] * n
         for (server, indices, ks), conn in zip(parts, conns):
-            self._gets_to(job, server, conn, indices, ks, now)
+            self._gets_to(job, server, conn, indices, ks, now, False)
         return True
 
     def _gets_to(
         self, job: Job, server: Server, conn: Connection, indices: list[int] | None, keys: list[bytes], now: float,
+        joinable: bool,
     ) -> None:
         """Queue admitted gets of `keys` (frame positions `indices`; None: 0, 1, ...) to `server`
-        on `conn` as one batch; those whose key is being read join that read instead."""
+        on `conn` as one batch; if `joinable`, later gets of these keys may join them."""
         m = len(keys)
         server.inflight_n += m
         self.budget.inflight += m
@@ -550,40 +566,20 @@ class Router:
             where = job.where
             for i in indices:
                 where[i] = server
-        reads = server.reads
-        coalesce = self.coalesce
-        if coalesce and reads and not reads.keys().isdisjoint(keys):
-            # Some of these keys are being read: join those (their answers serve this job too).
-            sent: list[int] = []
-            rest: list[bytes] = []
-            for pos, key in enumerate(keys):
-                i = indices[pos] if indices is not None else pos
-                tag = reads.get(key)
-                if tag is None:
-                    sent.append(i)
-                    rest.append(key)
-                    continue
-                _join(server, tag, job, i)
-            self.stats.gets_coalesced += m - len(rest)
-            keys = rest
-            indices = sent
-            m = len(keys)
-            if not m:
-                return
         pipeline = conn.pipeline
         first = pipeline.seq + 1
         pipeline.seq += m
         if not pipeline.inflight:
             conn.since = now
         pipeline.inflight += m
-        joinable: list[bytes | None] | None = None
-        if coalesce:
+        reads: list[bytes | None] | None = None
+        if joinable:
             no = conn.no
-            reads.update(zip(keys, range((first << TAG_BITS) | no, ((first + m) << TAG_BITS) | no, 1 << TAG_BITS)))
-            joinable = cast("list[bytes | None]", keys)
+            server.reads.update(zip(keys, range((first << TAG_BITS) | no, ((first + m) << TAG_BITS) | no, 1 << TAG_BITS)))
+            reads = cast("list[bytes | None]", keys)
         self.stats.gets_upstream += m
         conn.push(
-            Batch(job, indices if indices is not None else list(range(m)), [_GET] * m, None, first, None, joinable),
+            Batch(job, indices if indices is not None else list(range(m)), [_GET] * m, None, first, None, reads),
             meta.encode_gets(keys, first), now, reserved=True,
         )
 
