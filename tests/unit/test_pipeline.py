@@ -2213,9 +2213,9 @@ def test_a_batch_reading_a_key_twice_leaves_nothing_in_the_table() -> None:
 
 
 def build_unregistered_first() -> CoalescingRig:
-    # A batch of plain gets whose first get was not registered for joining (the router leaves a
-    # get out of the read table when it must follow a write of its key): `reads` holds None
-    # there. The next key's read was registered and joined.
+    # A batch of plain gets whose first get is not offered for joining (`reads` holds None there)
+    # and whose second is, and was joined. The router sends no such mix today (only a frame of
+    # one get offers its read); the pipeline takes any.
     rig = CoalescingRig()
     p = rig.p
     keys = [b"pinned", b"hot"]
@@ -2475,7 +2475,7 @@ def test_a_reset_by_an_error_line_releases_only_keyed_requests() -> None:
 
 
 def test_a_batch_of_plain_gets_is_answered_by_the_fast_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The router's get_many batch (plain gets, no pinned keys, joinable reads): in the fast-path
+    """A batch of plain gets, no pinned keys, every read offered for joining: in the fast-path
     run every answer is taken by `take_get_answers`; both runs deliver the same results, each
     proven by the response after it (the last by the fence)."""
     p = Pipeline(MAX_VALUE)

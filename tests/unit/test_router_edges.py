@@ -255,12 +255,14 @@ def test_a_joined_get_that_times_out_names_its_server() -> None:
     rig = Rig(1, connections=2, timeout=1.0)
     server = rig.servers[0]
     rig.frame([[Op.GET, b"hot"]])
-    mixed = rig.frame([[Op.GET, b"hot"], [Op.DELETE, b"x"]], timeout_ms=100)
+    joined = rig.frame([[Op.GET, b"hot"]], timeout_ms=100)
+    mixed = rig.frame([[Op.GET, b"cold"], [Op.DELETE, b"x"]], timeout_ms=100)
+    assert rig.router.stats.gets_coalesced == 1
     rig.router.expire(rig.now + 0.1)
-    res = rig.results(mixed)
-    assert [r[0] for r in res] == [Code.TIMEOUT, Code.TIMEOUT]
+    res = rig.results(joined) + rig.results(mixed)
+    assert [r[0] for r in res] == [Code.TIMEOUT] * 3
     assert all(rig.names[0] in r[1] for r in res)
-    assert server.stats.timeouts == 2
+    assert server.stats.timeouts == 3
 
 
 def test_a_gets_never_joins_a_plain_get_and_pins_nothing() -> None:
@@ -268,11 +270,13 @@ def test_a_gets_never_joins_a_plain_get_and_pins_nothing() -> None:
     rig = Rig(1, connections=2)
     server = rig.servers[0]
     rig.frame([[Op.GET, b"hot"]])
+    alone = rig.frame([[Op.GETS, b"hot"]])  # a frame of one op: the one kind that may join
     r = rig.frame([[Op.GETS, b"hot"], set_op(b"x", b"1")])
     assert list(server.pinned) == [b"x"]
     assert rig.router.stats.gets_coalesced == 0
     rig.serve()
-    assert mg_lines(rig, b"hot") == 2
+    assert mg_lines(rig, b"hot") == 3
+    rig.reply(alone)  # answered by its own request
     assert rig.codes(r)[1] == Code.OK
 
 
@@ -380,17 +384,20 @@ def test_without_coalescing_every_get_goes_and_nothing_is_left_behind() -> None:
     assert server.reads == {} and server.joiners == {} and server.inflight_n == 0
 
 
-def test_reads_of_a_mixed_frame_are_released_when_answered() -> None:
+def test_reads_of_frames_of_one_get_are_released_when_answered() -> None:
     rig = Rig(1, connections=1)
     server = rig.servers[0]
-    r = rig.frame([[Op.GET, b"a"], [Op.GET, b"b"], [Op.GET, b"c"], set_op(b"d", b"4")])
+    rs = [rig.frame([[Op.GET, k]]) for k in (b"a", b"b", b"c")]
+    w = rig.frame([set_op(b"d", b"4")])
+    assert sorted(server.reads) == [b"a", b"b", b"c"]
     rig.serve()
-    assert rig.codes(r) == [Code.MISS, Code.MISS, Code.MISS, Code.OK]
+    assert [rig.codes(r) for r in rs] == [[Code.MISS]] * 3 and rig.codes(w) == [Code.OK]
     assert server.reads == {} and server.joiners == {}
     # And a later get of each is sent, not joined to an answered read.
-    later = rig.frame([[Op.GET, b"a"], [Op.GET, b"b"], [Op.GET, b"c"]])
+    later = [rig.frame([[Op.GET, k]]) for k in (b"a", b"b", b"c")]
     rig.serve()
-    assert rig.codes(later) == [Code.MISS] * 3 and rig.router.stats.gets_coalesced == 0
+    assert [rig.codes(r) for r in later] == [[Code.MISS]] * 3 and rig.router.stats.gets_coalesced == 0
+    assert all(mg_lines(rig, k) == 2 for k in (b"a", b"b", b"c"))
 
 
 def test_gets_of_one_turn_on_one_connection_each_get_their_own_value() -> None:
@@ -742,3 +749,101 @@ def test_a_gather_takes_a_run_of_answers_as_answers_one_by_one() -> None:
     g.deliver_many([0, 1, 2], [[Code.OK, "1.6.1"], [Code.SERVER_ERROR, "busy"], [Code.CONNECTION_ERROR, "reset"]])
     (res,) = rig.results(8)
     assert res[0] == Code.SERVER_ERROR and res[1].startswith("b:2") and "busy" in res[1]
+
+
+# --- only a frame of one get coalesces: the per-op path's joins, and writes in any frame ----------
+
+
+def _mg_sent(rig: Rig) -> int:
+    return sum(1 for line in rig.far[rig.names[0]].requests if line.startswith(b"mg ") and b"_mcbroker_fence_" not in line)
+
+
+def test_a_write_in_a_frame_of_several_ops_closes_its_keys_read() -> None:
+    # The guarantee: a get that arrives after a write of its key is never answered with a response
+    # requested before it. The write here is in a multi-op frame (per-op path, `coalesce` False).
+    rig = Rig(1, connections=2)
+    server = rig.servers[0]
+    rig.frame([set_op(b"k", b"old")])
+    rig.serve()
+    before = rig.frame([[Op.GET, b"k"]])  # a frame of one get: offers its read
+    assert b"k" in server.reads
+    write = rig.frame([set_op(b"k", b"new"), [Op.DELETE, b"x"]])
+    assert b"k" not in server.reads
+    after = rig.frame([[Op.GET, b"k"]])
+    rig.serve()
+    assert rig.results(before) == [[Code.OK, b"old", 0]]
+    assert rig.codes(write)[0] == Code.OK
+    assert rig.results(after) == [[Code.OK, b"new", 0]]
+    assert rig.router.stats.gets_coalesced == 0
+    assert server.reads == {} and server.joiners == {} and server.inflight_n == 0 and rig.budget.inflight == 0
+
+
+def test_frames_of_one_get_off_the_short_path_join_with_their_bookkeeping() -> None:
+    # A key needing base64 takes the per-op path (Router._one_get declines): its read is offered,
+    # and a later frame of one get of it joins there (router.py's per-op join).
+    rig = Rig(1, connections=2, timeout=1.0)
+    server = rig.servers[0]
+    rig.frame([set_op(b"a b", b"spaced")])
+    rig.serve()
+    sent0 = _mg_sent(rig)
+    first = rig.frame([[Op.GET, b"a b"]])
+    assert list(server.reads) == [b"a b"]
+    second = rig.frame([[Op.GET, b"a b"]], timeout_ms=100)
+    s = rig.router.stats
+    assert (s.gets_upstream, s.gets_coalesced) == (1, 1)
+    assert (rig.budget.inflight, server.inflight_n) == (2, 2)
+    rig.router.expire(rig.now + 0.1)  # only the joiner's deadline
+    (res,) = rig.results(second)
+    assert res[0] == Code.TIMEOUT and rig.names[0] in res[1]
+    rig.serve()
+    assert rig.results(first) == [[Code.OK, b"spaced", 0]]
+    assert _mg_sent(rig) - sent0 == 1
+    assert (rig.budget.inflight, server.inflight_n) == (0, 0)
+    assert all(c.pipeline.inflight == 0 for c in server.conns)
+    assert server.reads == {} and server.joiners == {}
+
+
+def test_a_get_many_of_one_key_off_the_short_path_neither_joins_nor_offers() -> None:
+    # README: every key of a get_many goes to memcached and is offered to no one. A GET_MANY of one
+    # key that needs base64 leaves Router._all_gets for the per-op path, where len(ops) is 1.
+    rig = Rig(1, connections=2)
+    server = rig.servers[0]
+    rig.frame([set_op(b"a b", b"1"), set_op(b"c d", b"2")])
+    rig.serve()
+    many_first = rig.frame([[Op.GET_MANY, [b"c d"]]])
+    assert server.reads == {}  # not offered
+    single_after = rig.frame([[Op.GET, b"c d"]])  # so this one is sent
+    single = rig.frame([[Op.GET, b"a b"]])
+    many_after = rig.frame([[Op.GET_MANY, [b"a b"]]])  # must not join `single`'s read
+    s = rig.router.stats
+    assert (s.gets_upstream, s.gets_coalesced) == (4, 0)
+    rig.serve()
+    assert rig.results(many_first) == [b"2"] and rig.results(many_after) == [b"1"]
+    assert rig.results(single_after) == [[Code.OK, b"2", 0]] and rig.results(single) == [[Code.OK, b"1", 0]]
+    assert server.reads == {} and server.joiners == {} and server.inflight_n == 0 and rig.budget.inflight == 0
+
+
+def test_a_failed_connection_fails_a_reads_joiners_and_leaves_no_entry_beside_get_many_batches() -> None:
+    rig = Rig(1, connections=2)
+    server = rig.servers[0]
+    rig.frame([set_op(b"hot", b"v"), set_op(b"b", b"2")])
+    rig.serve()
+    lead = rig.frame([[Op.GET, b"hot"]])
+    many = rig.frame([[Op.GET_MANY, [b"hot", b"b"]]])
+    mixed = rig.frame([[Op.GET, b"hot"], [Op.GET, b"b"]])
+    joiner = rig.frame([[Op.GET, b"hot"]])
+    assert rig.router.stats.gets_coalesced == 1 and len(server.reads) == 1
+    tag = server.reads[b"hot"]
+    conn = server.conns[tag & 7]
+    conn.failed(rig.now, "test: cut", Code.CONNECTION_ERROR)
+    assert server.reads == {} and server.joiners == {}
+    assert rig.codes(lead) == [Code.CONNECTION_ERROR] and rig.codes(joiner) == [Code.CONNECTION_ERROR]
+    again = rig.frame([[Op.GET, b"hot"]])  # not joined to the failed read
+    assert rig.router.stats.gets_coalesced == 1
+    rig.serve()
+    assert rig.results(again) == [[Code.OK, b"v", 0]]
+    for r in (many, mixed):
+        rig.reply(r)  # answered once, whichever connection it went on
+    assert server.reads == {} and server.joiners == {}
+    assert server.inflight_n == 0 and rig.budget.inflight == 0
+    assert all(c.pipeline.inflight == 0 for c in server.conns)

@@ -167,9 +167,9 @@ def test_duplicate_keys_in_one_get_many() -> None:
         rig.frame([set_op(b"a", b"1"), set_op(b"b", b"2")])
         rig.serve()
         first = get_many(rig, [b"a", b"a", b"b", b"a", b"z", b"z"], form)
-        second = get_many(rig, [b"a", b"z", b"a"], form)  # joins the first's reads in flight
+        second = get_many(rig, [b"a", b"z", b"a"], form)  # read again while the first's are in flight
         rig.serve()
-        third = get_many(rig, [b"b", b"b"], form)  # the table was cleared: a fresh read
+        third = get_many(rig, [b"b", b"b"], form)  # after the answers: a fresh read
         rig.serve()
         return [results(rig, first), results(rig, second), results(rig, third)]
 
@@ -177,13 +177,13 @@ def test_duplicate_keys_in_one_get_many() -> None:
     assert both(case, lambda: Rig(2, connections=2)) == [[a, a, b, a, z, z], [a, z, a], [b, b]]
 
 
-def test_a_write_between_two_reads_of_a_key_keeps_the_later_read_joinable_only_after_it() -> None:
+def test_a_read_after_a_write_of_its_key_follows_the_write() -> None:
     def case(rig: Rig, form: str) -> list[list[list[Any]]]:
         rig.frame([set_op(b"a", b"old"), set_op(b"b", b"2")])
         rig.serve()
         first = get_many(rig, [b"a", b"b"], form)
-        w = rig.frame([set_op(b"a", b"new")])  # closes `a`'s read to joiners; pins `a`
-        second = get_many(rig, [b"b", b"a"], form)  # `b` joins, `a` follows the write
+        w = rig.frame([set_op(b"a", b"new")])  # pins `a`
+        second = get_many(rig, [b"b", b"a"], form)  # `a` follows the write onto its connection
         rig.serve()
         third = get_many(rig, [b"a", b"b"], form)
         rig.serve()
@@ -196,9 +196,9 @@ def test_a_write_between_two_reads_of_a_key_keeps_the_later_read_joinable_only_a
 
 
 def test_reads_of_the_same_keys_on_two_connections_in_one_turn() -> None:
-    """Two get_many of one key set in flight on different connections at once (the second
-    joins the first); a third, sent after the first answered but before the second did, reads
-    afresh: the table entries the first's answers leave must be exactly the live ones."""
+    """Two get_many of one key set in flight on different connections at once; a third, sent
+    after the first answered but before the second did, and a fourth: each gets its own keys'
+    values, in its own order, whichever connection answered first."""
 
     def case(rig: Rig, form: str) -> list[list[list[Any]]]:
         keys = [b"k-%d" % i for i in range(12)]
@@ -225,7 +225,7 @@ def test_a_get_many_that_times_out_then_answers_late() -> None:
         rig.serve()
         r = get_many(rig, [b"a", b"b", b"a"], form)
         rig.router.expire(rig.now + 5.0)
-        late = get_many(rig, [b"a", b"c"], form)  # its `a` may join the timed-out read still in flight
+        late = get_many(rig, [b"a", b"c"], form)  # sent while the timed-out read of `a` is in flight
         rig.serve()  # the late answers find the first job done
         return [[[res[0]] for res in results(rig, r)], results(rig, late)]
 
