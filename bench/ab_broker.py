@@ -14,11 +14,11 @@ median of the per-pair ratios after/before. Issue 11 asks that the stats work co
 this throughput; on a loaded 2-vCPU machine single pairs scatter by +-25%, so read the median of
 many rounds, and the CPU per get (steadier) beside it.
 
-Workers ask the same keys by default, so with --many their gets overlap and read coalescing joins
-many of them (the broker parses fewer answers than keys it serves); with --own-keys each worker asks
-keys of its own, so every key is read from memcached; with --pool N each worker draws its batches
-from a shared pool of N keys in an order of its own (the bench's get_many scenarios: N = 1000), so
-some of its gets join others in flight and some do not.
+Workers ask the same keys by default; with --own-keys each worker asks keys of its own; with --pool
+N each worker draws its batches from a shared pool of N keys in an order of its own (the bench's
+get_many scenarios: N = 1000). Which keys overlap mattered while a get_many's keys joined reads in
+flight (trees before 79b2376, where same keys made the broker parse fewer answers than keys it
+served); since 79b2376 every key of a get_many is read from memcached whatever the keys.
 
 Every worker loop is bounded by time and call count; memcached and both brokers are stopped by PID.
 """
@@ -120,11 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=32)
     p.add_argument("--many", type=int, default=0, help="get_many of this many keys per call (default: single gets)")
     p.add_argument("--servers", type=int, default=1, help="memcached servers (default 1)")
-    p.add_argument("--own-keys", action="store_true", help="with --many: each worker asks keys of its own (no read coalescing)")
+    p.add_argument("--own-keys", action="store_true", help="with --many: each worker asks keys of its own (no key shared between workers)")
     p.add_argument("--pool", type=int, default=0,
                    help="with --many: batches drawn from a shared pool of this many keys, each worker cycling through "
-                        "64 consecutive batches of its own shuffled order (the bench's get_many scenarios use 1000; "
-                        "some gets join others)")
+                        "64 consecutive batches of its own shuffled order (the bench's get_many scenarios use 1000)")
     args = p.parse_args(argv)
     if not 1 <= args.servers <= 32:
         p.error("--servers must be 1..32")

@@ -20,7 +20,8 @@ code must spend on that stage, measured the same way.
                                                                slice per answer, nothing else
     reply    wire.encode_reply of the results                  floor: (it is one C call)
     reads    the coalescing table (published, then cleared),   (total with coalescing on minus
-             per key                                           total with it off)
+             per key; none since 79b2376, where a get_many's   total with it off: about 0 for
+             keys stay out of it                               get_many frames now)
     rest     the whole path with coalescing off, less the five stages above: routing, the batch
              and its FIFO entry, the pipeline's proof and delivery
 
