@@ -71,7 +71,9 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
-def _socket_inodes(pids: Sequence[int]) -> set[str]:
+def socket_inodes(pids: Sequence[int]) -> set[str]:
+    """The inodes of the sockets the processes `pids` hold open (from /proc/PID/fd; a process
+    that has ended counts none)."""
     inodes: set[str] = set()
     for pid in pids:
         try:
@@ -95,7 +97,7 @@ def tcp_connections(pids: Sequence[int], ports: Sequence[int]) -> int:
     leaves out what other processes hold, which memcached's curr_connections cannot (and other
     proxies' own counts, read at another moment, only roughly could). Sockets this process holds
     too are left out: forked workers inherit its connections (its stats connections to memcached)."""
-    inodes = _socket_inodes(pids) - _socket_inodes([os.getpid()])
+    inodes = socket_inodes(pids) - socket_inodes([os.getpid()])
     wanted = {f"{port:04X}" for port in ports}
     n = 0
     with open("/proc/net/tcp") as f:

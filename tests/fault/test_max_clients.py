@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from bench.procs import socket_inodes
 from broker import front
 from brokerproc import BrokerProcess
 from clientlib import AsyncClient, Client
@@ -79,25 +80,13 @@ ABORT_RSS = 2048 * MiB
 HANDSHAKE_BYTES = 64 << 10
 
 
-def _socket_inodes(pid: int) -> set[str]:
-    out = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            out.add(target[len("socket:["):-1])
-    return out
-
-
 def connection_inodes(pid: int, url: str) -> set[str]:
     """The worker connections process `pid` (the broker) holds on `url`, as the kernel counts them
     (their socket inodes): its sockets that are, for ipc, connected unix sockets named by the path
     (/proc/net/unix, state 03), for tcp, established sockets whose local port is the port
     (/proc/net/tcp, state 01). Connections still in the listen backlog are not the broker's yet
     and are not counted."""
-    mine = _socket_inodes(pid)
+    mine = socket_inodes([pid])
     found = set()
     if url.startswith("ipc://"):
         path = url[len("ipc://"):]
