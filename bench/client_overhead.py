@@ -91,6 +91,13 @@ def frame_ops(names: list[str]) -> list[list[object]]:
     return [[int(Op.GET_MANY), [k.encode() for k in names]]]
 
 
+def first_value(reply: bytes) -> object:
+    """The first key's value in a reply frame: a GET_MANY's hit is its value alone, a GET's
+    result is [code, value, flags]."""
+    first = msgpack.unpackb(reply)[3][0]
+    return first if type(first) is bytes else first[1]
+
+
 class StubSocket:
     """Stands in for the DEALER: answers each GET at once with the same reply the broker sends.
     Measures the Python of a call with no I/O at all (warm caches, no wake-ups)."""
@@ -131,8 +138,7 @@ def python_only(url: str, value: bytes, calls: int, rounds: int, nkeys: int = 1)
     def raw_get() -> object:
         rid[0] += 1
         stub.send(msgpack.packb([VERSION, rid[0], 1950, 0, op]))
-        first = msgpack.unpackb(stub.recv())[3][0]
-        return first if type(first) is bytes else first[1]  # a GET_MANY's hit is its value alone
+        return first_value(stub.recv())
 
     client_get = (lambda: client.get(names[0])) if nkeys == 1 else (lambda: client.get_many(names))
     assert raw_get() == value
@@ -196,13 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         raw.connect(url)
         rid = [0]
         op = frame_ops(names)
-        packb, unpackb, send, recv = msgpack.packb, msgpack.unpackb, raw.send, raw.recv
+        packb, send, recv = msgpack.packb, raw.send, raw.recv
 
         def raw_get() -> object:
             rid[0] += 1
             send(packb([VERSION, rid[0], 1950, 0, op]))
-            reply = unpackb(recv())
-            return reply[3][0][1]
+            return first_value(recv())
 
         assert raw_get() == value
         get, get_many = client.get, client.get_many
