@@ -365,6 +365,41 @@ def test_a_worker_past_max_clients_is_refused(workdir: Path, mc: Memcached, rest
     assert got["first"] == Code.OK
 
 
+def test_waves_of_workers_are_each_handshaken_served_and_counted_gone(
+    workdir: Path, mc: Memcached, restore_signals: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop polls the ZAP socket and the monitors by their ZMQ_FD, which is edge-triggered: a
+    # handler that left a request or an event behind would leave a handshake unanswered (its
+    # worker's frames never arrive) or a gone worker counted. Waves of workers that connect at
+    # once, each answered, then leave while another worker keeps the loop busy with frames. The
+    # timers (which also read the monitors) run once only here, so the count is the poll's alone.
+    monkeypatch.setattr(service_mod, "TIMER_INTERVAL", 3600.0)
+    m = make(workdir, [mc.address], max_clients=16)
+    front = m.broker.front
+    got: dict[str, Any] = {"answered": 0}
+
+    def script(w: Worker) -> None:
+        assert w.call([[Op.PING]]).code == Code.OK
+        for _ in range(4):
+            wave = [Worker(m.url) for _ in range(12)]
+            try:
+                ids = [x.send([[Op.PING]]) for x in wave]
+                for _ in range(3):
+                    w.call([[Op.GET, b"busy"]])
+                for x, rid in zip(wave, ids):
+                    assert x.reply(rid).code == Code.OK
+                    got["answered"] += 1
+            finally:
+                for x in wave:
+                    x.close()
+            # Counted by the loop alone: front.workers moves only when a monitor event is read.
+            wait_for(lambda: front.workers == 1, message=f"the wave counted gone, front.workers = {front.workers}")
+        got["refused"] = w.stats()["clients_refused"]
+
+    run_loop(m, script)
+    assert got == {"answered": 48, "refused": 0}
+
+
 # --- SIGHUP: reload in the loop --------------------------------------------------------------------
 
 
