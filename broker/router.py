@@ -366,13 +366,7 @@ class Router:
                 if code == _GET and coalesce:
                     tag = server.reads.get(key)
                     if tag is not None:
-                        # A get of this key is in flight and no write of it came since: its
-                        # response answers this one too, and nothing more goes to memcached.
-                        _join(server, tag, job, i)
-                        server.inflight_n += 1
-                        budget.inflight += 1
-                        job.where[i] = server
-                        self.stats.gets_coalesced += 1
+                        self._join(server, tag, job, i)
                         continue
                 entry = server.pinned.get(key) if server.pinned else None
                 if entry is not None:
@@ -487,18 +481,13 @@ class Router:
             conn = server.pick(None, now)
         if conn is None or conn.pipeline.inflight >= server.max_inflight_conn:
             return False
-        job.where[0] = server
         coalesce = self.coalesce
         if coalesce and server.reads:
             tag = server.reads.get(key)
             if tag is not None:
-                # A get of this key is in flight and no write of it came since: its response
-                # answers this one too, and nothing more goes to memcached.
-                server.inflight_n += 1
-                budget.inflight += 1
-                _join(server, tag, job, 0)
-                self.stats.gets_coalesced += 1
+                self._join(server, tag, job, 0)
                 return True
+        job.where[0] = server
         self._gets_to(job, server, conn, None, [key], now, coalesce)
         return True
 
@@ -653,19 +642,24 @@ class Router:
             if not job.done:
                 job.expire(now)
 
+    def _join(self, server: Server, tag: int, waiter: Job, index: int) -> None:
+        """Op `index` of `waiter`, a get whose key is being read and was not written since, joins
+        the get in flight named `tag` (see pipeline.tag_of): that get's answer goes to the waiter
+        too, and nothing more goes to memcached. Counted in flight on that get's connection (whose
+        answer releases it), on its server and in the budget, as any request sent is."""
+        joined = server.joiners.get(tag)
+        if joined is None:
+            server.joiners[tag] = [waiter, index]
+        else:
+            joined.extend((waiter, index))
+        server.conns[tag & _CONN_MASK].pipeline.inflight += 1
+        server.inflight_n += 1
+        self.budget.inflight += 1
+        waiter.where[index] = server
+        self.stats.gets_coalesced += 1
+
     def next_deadline(self) -> float | None:
         heap = self._deadlines
         while heap and heap[0][2].done:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
-
-
-def _join(server: Server, tag: int, waiter: Job, index: int) -> None:
-    """Op `index` of `waiter` joins the get in flight named `tag` (see pipeline.tag_of): its answer
-    goes to the waiter too. Counted in flight on that get's connection, whose answer releases it."""
-    joined = server.joiners.get(tag)
-    if joined is None:
-        server.joiners[tag] = [waiter, index]
-    else:
-        joined.extend((waiter, index))
-    server.conns[tag & _CONN_MASK].pipeline.inflight += 1
