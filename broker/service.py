@@ -157,6 +157,10 @@ class Broker:
         self._monitor_fds = frozenset(int(mon.getsockopt(zmq.FD)) for mon in self.front.monitors)
         for fd in self._monitor_fds:
             self.poller.register(fd, zmq.POLLIN)
+        # A monitor's first events make its ZMQ_FD readable only once it has been read (libzmq
+        # wakes a pipe's reader only after the reader has found it empty): read them now, so the
+        # descriptor speaks for every event after this one (and not only the first turn's timers).
+        self.front.poll_workers()
         self.router = Router(
             budget=self.budget,
             send=self.front.send,

@@ -365,39 +365,56 @@ def test_a_worker_past_max_clients_is_refused(workdir: Path, mc: Memcached, rest
     assert got["first"] == Code.OK
 
 
-def test_waves_of_workers_are_each_handshaken_served_and_counted_gone(
-    workdir: Path, mc: Memcached, restore_signals: None, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("listeners", "max_clients"), [(1, 16), (2, 8)], ids=["one listener, all served", "two listeners, some refused"]
+)
+def test_waves_of_workers_are_each_handshaken_served_or_refused_and_counted_gone(
+    workdir: Path, mc: Memcached, restore_signals: None, monkeypatch: pytest.MonkeyPatch, listeners: int, max_clients: int
 ) -> None:
     # The loop polls the ZAP socket and the monitors by their ZMQ_FD, which is edge-triggered: a
     # handler that left a request or an event behind would leave a handshake unanswered (its
-    # worker's frames never arrive) or a gone worker counted. Waves of workers that connect at
-    # once, each answered, then leave while another worker keeps the loop busy with frames. The
-    # timers (which also read the monitors) run once only here, so the count is the poll's alone.
+    # worker's frames never arrive) or a gone worker counted. Waves of 10 workers that connect at
+    # once while another worker keeps the loop busy with frames: with room for all, every one is
+    # answered (ZAP requests arriving together must all be read); past max_clients, on two
+    # listeners, the ones within the cap are answered and the rest refused (and refused again as
+    # ZeroMQ reconnects them). Once all leave, the count is back to the one that stays. The timers
+    # (which also read the monitors) run once only here, so all of it is the poll's work.
     monkeypatch.setattr(service_mod, "TIMER_INTERVAL", 3600.0)
-    m = make(workdir, [mc.address], max_clients=16)
+    # b.sock first: Made's url, where run_loop's worker connects.
+    urls = [f"ipc://{workdir}/run/{name}.sock" for name in ("b", "a")[:listeners]]
+    m = Made(workdir, listen=urls, servers=[mc.address], max_clients=max_clients)
+    served = min(10, max_clients - 1)
     front = m.broker.front
-    got: dict[str, Any] = {"answered": 0}
+    got: dict[str, Any] = {"answered": [], "refused": []}
 
     def script(w: Worker) -> None:
-        assert w.call([[Op.PING]]).code == Code.OK
+        assert w.call([[Op.PING]]).code == Code.OK  # one of the slots, all along
         for _ in range(4):
-            wave = [Worker(m.url) for _ in range(12)]
+            before = w.stats()["clients_refused"]
+            wave = [Worker(urls[n % listeners]) for n in range(10)]
             try:
-                ids = [x.send([[Op.PING]]) for x in wave]
-                for _ in range(3):
-                    w.call([[Op.GET, b"busy"]])
-                for x, rid in zip(wave, ids):
-                    assert x.reply(rid).code == Code.OK
-                    got["answered"] += 1
+                waiting = {x: x.send([[Op.PING]]) for x in wave}
+                answered = 0
+                end = time.monotonic() + WAIT
+                while answered < served and time.monotonic() < end:
+                    assert w.call([[Op.GET, b"busy"]]).code == Code.OK
+                    for x, rid in list(waiting.items()):
+                        if x.sock.poll(0):
+                            assert x.reply(rid).code == Code.OK
+                            del waiting[x]
+                            answered += 1
+                # The others never get an answer (their connections are shut down).
+                late = sum(bool(x.sock.poll(100)) for x in waiting)
+                got["answered"].append(answered + late)
+                got["refused"].append(w.stats()["clients_refused"] - before >= 10 - served)
             finally:
                 for x in wave:
                     x.close()
             # Counted by the loop alone: front.workers moves only when a monitor event is read.
             wait_for(lambda: front.workers == 1, message=f"the wave counted gone, front.workers = {front.workers}")
-        got["refused"] = w.stats()["clients_refused"]
 
     run_loop(m, script)
-    assert got == {"answered": 48, "refused": 0}
+    assert got == {"answered": [served] * 4, "refused": [True] * 4}
 
 
 # --- SIGHUP: reload in the loop --------------------------------------------------------------------
