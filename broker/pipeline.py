@@ -248,7 +248,9 @@ class Pipeline:
         """The fast path for a batch of plain gets: take the answers that are exactly in shape and
         in turn (see ResponseParser.take_get_answers) in one pass, with the same proof rule as
         `_match`: each answer, whole and with its opaque in place, proves what came before it, so
-        all but the last are released and the last is held for the next response to prove."""
+        all but the last are released and the last is held for the next response to prove. When
+        they end the batch and the fence's usual answer follows, whole, that proves the last too,
+        as `receive` would on its next step: the answers go as one run and the fence is taken."""
         j = self.head
         first = batch.first + j
         results = self.parser.take_get_answers(first, limit, _OK, MISS, True)
@@ -259,8 +261,6 @@ class Pipeline:
         waiter = batch.waiter
         indices = batch.indices
         last = k - 1
-        if last:
-            held.append((waiter, indices[j : j + last], results[:last]))
         done = k
         keys = batch.keys
         release = self._release
@@ -269,7 +269,8 @@ class Pipeline:
                 if key is not None:
                     release(key)
         reads = batch.reads
-        late: list[Held] | None = None
+        joined_before: list[Held] | None = None  # joiners of the answers before the last
+        late: list[Held] | None = None  # joiners of the last answer: they wait with it
         if reads is not None:
             # Answered: nothing may join these reads any more; their joiners share the answers.
             table = self.reads
@@ -291,25 +292,41 @@ class Pipeline:
                 found = list(map(joiners.pop, tags, repeat(None, k)))
                 for n in compress(range(k), found):
                     joined = cast("list[Any]", found[n])
-                    # Joiners share the proof of the answer they joined: those of the last
-                    # answer wait with it.
                     if n < last:
-                        done += _joiners(joined, results[n], held)
+                        joined_before = joined_before or []
+                        done += _joiners(joined, results[n], joined_before)
                     else:
                         late = []
                         done += _joiners(joined, results[n], late)
+        self.answered += k
+        self.inflight -= done
+        queue = self.queue
+        if (
+            joined_before is None and late is None  # (with joiners, deliveries keep one order however fed)
+            and j + k == len(indices) and len(queue) > 1 and queue[1].ops[0] == _FENCE_OP
+            and self.parser.take_exact(b"EN O%d\r\n" % queue[1].first)
+        ):
+            held.append((waiter, indices[j:] if j else indices, results))
+            self.proven = len(held)
+            self.risky = False
+            self.head = 0
+            queue.popleft()
+            queue.popleft()
+            return k
+        if last:
+            held.append((waiter, indices[j : j + last], results[:last]))
+        if joined_before:
+            held += joined_before
         self.proven = len(held)
         held.append((waiter, indices[j + last], results[last]))
         if late:
             held += late
         result = results[last]
         self.risky = result is not MISS and b"\r\n" in (result if type(result) is bytes else result[1])
-        self.answered += k
-        self.inflight -= done
         j += k
         if j == len(indices):
             j = 0
-            self.queue.popleft()
+            queue.popleft()
         self.head = j
         return k
 

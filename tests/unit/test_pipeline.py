@@ -1173,6 +1173,31 @@ def test_a_crlf_value_last_in_its_write_then_an_error_line_first_in_the_next() -
     assert out.error is None
 
 
+def test_a_crlf_value_proven_within_its_write_then_a_text_reply_in_the_next_write_is_delivered() -> None:
+    # a's value holds CRLF; b's answer, its opaque in place, proves it, and the fence's proves b.
+    # On the fast path b's answer and the fence's may come in one read, after a's came alone: the
+    # fence then proves b in the same step that takes b, and nothing is left unproven, so the
+    # version reply opening the next write is delivered, not taken for a swallow's leftover.
+    # (A text reply goes at once and held results at the end of a read, so the order between
+    # waiters depends on the reads; each waiter's events, and when they become visible, do not.)
+    def build() -> Rig:
+        rig = Rig()
+        rig.meta("A", [[Op.GET, b"a"], [Op.GET, b"b"]])
+        assert rig.seal() == 3
+        rig.text("B", [Op.VERSION])
+        assert rig.seal() == 4
+        return rig
+
+    r1, r2, r3 = va(b"x\r\ny", 1), va(b"y", 2), b"VERSION 1.6.18\r\n"
+    data = r1 + r2 + fence(3) + r3 + fence(4)
+    _, e2, fenced, e3, _ = offsets(r1, r2, fence(3), r3, fence(4))
+    want = [("A", 0, [Code.OK, b"x\r\ny", 0]), ("A", 1, Bare(b"y")), ("B", 0, [Code.OK, "1.6.18"])]
+    for name, chunks in feedings(data):  # "split at len(r1)" is the read described above
+        out = play(build, chunks, name=name, visible=[e2, fenced, e3])
+        assert out.error is None and out.inflight == 0, name
+        assert sorted(out.log, key=lambda e: e[:2]) == want, f"{name}: {out.log}"
+
+
 def test_a_tombstones_crlf_value_then_an_error_line_waits_for_proof_too() -> None:
     # The value's waiter gave up; the error line after it is held all the same until the fence
     # proves the stream, then delivered to its own request.
