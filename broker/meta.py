@@ -667,7 +667,7 @@ class ResponseParser:
                 stop = end + length
                 if length > limit_value or not buf.startswith(b"\r\n", stop):
                     break
-                client_flags = int(flags)
+                client_flags = 0 if flags == b"0" else int(flags)  # most values: no int() to make
                 append(buf[end:stop] if bare and not client_flags else [hit, buf[end:stop], client_flags])
                 pos = stop + 2
             expect += 1
@@ -805,9 +805,11 @@ class ResponseParser:
                 append((Status.VALUE, buf[end:stop], flags))
                 pos = stop + 2
             self._pos = pos
-            # What the fast loop does not take (errors, text replies, STAT blocks), one by one.
-            while len(items) < limit and (item := self.next_item()) is not None:
+            # What the fast loop does not take (errors, text replies, STAT blocks), one by one; with
+            # every byte taken (the usual end of a read) there is nothing for them to find.
+            while pos < n and len(items) < limit and (item := self.next_item()) is not None:
                 append(item)
+                pos = self._pos
         except ProtocolError as exc:
             self._pos = max(self._pos, pos)
             if not items:
