@@ -1,6 +1,6 @@
 """Where the broker's CPU per key of a get_many goes, in this process, stage by stage.
 
-    python -m bench.broker_stages [--keys 100] [--frames 3000] [--value-size 100] [--per-op]
+    python -m bench.broker_stages [--keys 100] [--frames 3000] [--value-size 100] [--per-op] [--servers N]
 
 The broker's own objects (Router, Server, Connection and its pipeline) run in this process, with
 no ZeroMQ and no event loop: each frame goes in through `Router.handle`, the connection writes it
@@ -27,6 +27,9 @@ code must spend on that stage, measured the same way.
 
 Frames are what clientlib sends: one GET_MANY op carrying the keys (one GET for one key); with
 --per-op, one GET op per key (clientlib before GET_MANY, or facing a broker older than it).
+With --servers N the whole path also runs with the keys placed over N servers (one connection and
+one scripted memcached each): its CPU per key, and what each further server's batch adds per frame
+(the N-server path less the one-server path, over N - 1).
 CPU is this process's (time.process_time), the median of --rounds runs; figures are per key.
 Nothing here needs a network, a memcached or a broker process.
 """
@@ -51,7 +54,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from broker import meta  # noqa: E402
-from broker.connection import READY, Budget, Server  # noqa: E402
+from broker.connection import READY, Budget, Connection, Server  # noqa: E402
 from broker.health import Health  # noqa: E402
 from broker.router import Router  # noqa: E402
 from broker.shard import make_placement  # noqa: E402
@@ -98,10 +101,12 @@ def frame_ops(keys: list[bytes], per_op: bool = False) -> list[list[Any]]:
 
 def whole_path(
     keys: list[bytes], frames: int, value: bytes, coalesce: bool,
-    answer: Callable[[bytes, bytes], bytes] = answers, per_op: bool = False,
+    answer: Callable[[bytes, bytes], bytes] = answers, per_op: bool = False, servers: int = 1,
 ) -> float:
     """CPU seconds per key of handle + flush + on_readable, over `frames` get_many frames whose
-    requests `answer` answers; RuntimeError unless every reply came and the last one is right."""
+    requests `answer` answers; with `servers` > 1 the keys are placed over that many servers (one
+    connection and one socketpair each), as the broker places them. RuntimeError unless every
+    reply came and the last one is right."""
     replies: list[bytes] = []
 
     def send(peer: Any, ident: bytes, data: bytes) -> bool:
@@ -113,15 +118,20 @@ def whole_path(
                     default_timeout=5.0, max_frame=1 << 22, max_value=0, remap=False,
                     local=lambda op: None, coalesce=coalesce)
     io = _IO()
-    server = Server(parse_server("127.0.0.1:1"), connections=1, io=io, budget=budget, health=Health(3, 1, 30),
-                    max_inflight_conn=1 << 16, max_inflight_server=1 << 17)
-    near, far = socket.socketpair()
-    near.setblocking(False)
-    far.setblocking(False)
-    conn = server.conns[0]
-    conn.sock = near  # connected, as after `open` and the connect's completion
-    conn.state = READY
-    router.set_servers([server], make_placement("rendezvous", [(server.address.hash_key, 1)]))
+    pool: list[Server] = []
+    pairs: list[tuple[Connection, socket.socket, socket.socket]] = []  # (connection, its end, memcached's end)
+    for n in range(servers):
+        server = Server(parse_server(f"127.0.0.{n + 1}:1"), connections=1, io=io, budget=budget,
+                        health=Health(3, 1, 30), max_inflight_conn=1 << 16, max_inflight_server=1 << 17)
+        near, far = socket.socketpair()
+        near.setblocking(False)
+        far.setblocking(False)
+        conn = server.conns[0]
+        conn.sock = near  # connected, as after `open` and the connect's completion
+        conn.state = READY
+        pool.append(server)
+        pairs.append((conn, near, far))
+    router.set_servers(pool, make_placement("rendezvous", [(srv.address.hash_key, 1) for srv in pool]))
     ops = frame_ops(keys, per_op)
     spent = 0.0
     try:
@@ -129,21 +139,27 @@ def whole_path(
             frame = encode_request(i + 1, ops, 5000)
             now = time.monotonic()
             t0 = time.process_time()
-            server.batch_conn = None
+            for server in pool:
+                server.batch_conn = None
             router.handle(None, b"worker", frame, now)
             for c in io.dirty_conns:
                 c.flush(now)
             io.dirty_conns.clear()
             spent += time.process_time() - t0
-            sent = b""
-            while True:
-                try:
-                    sent += far.recv(1 << 20)
-                except BlockingIOError:
-                    break
-            far.sendall(answer(sent, value))
+            asked: list[Connection] = []
+            for conn, _, far in pairs:
+                sent = b""
+                while True:
+                    try:
+                        sent += far.recv(1 << 20)
+                    except BlockingIOError:
+                        break
+                if sent:
+                    far.sendall(answer(sent, value))
+                    asked.append(conn)
             t0 = time.process_time()
-            conn.on_readable(now)
+            for conn in asked:
+                conn.on_readable(now)
             # As the service's loop does every turn (its poll timeout): answered frames leave
             # the deadline heap, so the collector does not walk thousands of finished ones.
             router.next_deadline()
@@ -155,8 +171,9 @@ def whole_path(
         if last[2] != 0 or len(last[3]) != len(keys) or any(r != want for r in last[3]):
             raise RuntimeError(f"wrong reply: {last!r:.200}")
     finally:
-        near.close()
-        far.close()
+        for _, near, far in pairs:
+            near.close()
+            far.close()
     return spent / (frames * len(keys))
 
 
@@ -239,20 +256,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--value-size", type=int, default=100, help="bytes per value (default 100)")
     p.add_argument("--rounds", type=int, default=3, help="runs of each measurement; the median is shown (default 3)")
     p.add_argument("--per-op", action="store_true", help="frames of one GET op per key, not one GET_MANY op")
+    p.add_argument("--servers", type=int, default=1,
+                   help="also run the whole path with the keys placed over this many servers (default 1: not run)")
     args = p.parse_args(argv)
     if args.keys < 1 or args.frames < 1 or args.rounds < 1 or args.value_size < 0:
         p.error("--keys, --frames and --rounds must be positive, --value-size at least 0")
+    if not 1 <= args.servers <= 64:
+        p.error("--servers must be 1..64")
     keys = [b"bench:%06d" % i for i in range(args.keys)]
     value = b"v" * args.value_size
     number = max(1, args.frames // 3)
 
     # Rounds interleave coalescing on and off and the stages, so drift on a shared machine falls on
     # all of them; the reads' cost is the median of the per-round differences.
-    ons, offs, runs = [], [], []
+    ons, offs, runs, spread = [], [], [], []
     for _ in range(args.rounds):
         ons.append(whole_path(keys, args.frames, value, True, per_op=args.per_op))
         offs.append(whole_path(keys, args.frames, value, False, per_op=args.per_op))
         runs.append(stages(keys, value, number, args.per_op))
+        if args.servers > 1:
+            spread.append(whole_path(keys, args.frames, value, False, per_op=args.per_op, servers=args.servers))
     total = statistics.median(ons)
     off = statistics.median(offs)
     reads = statistics.median(a - b for a, b in zip(ons, offs))
@@ -271,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     rest = off - sum(statistics.median(r[name][0] for r in runs) for name in named)
     print(f"| the rest: routing, batches, the pipeline's bookkeeping | {rest * us:.2f} | | {rest / total:.0%} |")
     print(f"| whole path, coalescing off | {off * us:.2f} | | |")
+    if spread:
+        # What each further server's batch of a frame costs: with many servers and few keys each,
+        # most of the broker's work per frame (bench/README, fifteenth round).
+        many = statistics.median(spread)
+        extra = statistics.median((m - o) * args.keys / (args.servers - 1) for m, o in zip(spread, offs))
+        print(f"| whole path over {args.servers} servers, coalescing off | {many * us:.2f} | | |")
+        print(f"| each further server's batch, us per frame | {extra * us:.2f} | | |")
     return 0
 
 

@@ -36,11 +36,36 @@ def test_a_short_run_prints_every_stage_with_plausible_numbers(capsys: pytest.Ca
     assert set(floors) == {"decode", "encode", "parse"} and all(float(v) > 0 for v in floors.values()), out
 
 
-def test_a_wrong_reply_stops_the_run() -> None:
+@pytest.mark.parametrize("servers", [1, 3])
+def test_a_wrong_reply_stops_the_run(servers: int) -> None:
     # The whole-path figure counts only runs whose every reply was right: a value that memcached
     # did not send must raise, not be timed.
+    keys = [b"k%d" % i for i in range(20)]
     with pytest.raises(RuntimeError, match="wrong reply"):
-        broker_stages.whole_path([b"k"], 2, b"v", True, answer=lambda sent, value: broker_stages.answers(sent, b"w"))
+        broker_stages.whole_path(keys, 2, b"v", True, servers=servers, answer=lambda sent, value: broker_stages.answers(sent, b"w"))
+
+
+def test_over_several_servers_every_server_is_asked_and_the_reply_is_whole() -> None:
+    # 20 keys over 3 servers by the broker's placement: each server's scripted memcached answers
+    # its own batch, and the run completes only when every frame's reply carries every key.
+    asked: list[bytes] = []
+
+    def answer(sent: bytes, value: bytes) -> bytes:
+        asked.append(sent)
+        return broker_stages.answers(sent, value)
+
+    keys = [b"k%d" % i for i in range(20)]
+    assert broker_stages.whole_path(keys, 3, b"v", False, answer=answer, servers=3) > 0
+    assert len(asked) == 3 * 3, "one batch per server per frame"
+    assert sum(sent.count(b" v f s O") for sent in asked) == 3 * 20, "every key asked once per frame"
+
+
+def test_a_short_run_over_servers_prints_what_each_further_batch_adds(capsys: pytest.CaptureFixture[str]) -> None:
+    assert broker_stages.main(["--keys", "20", "--frames", "30", "--rounds", "1", "--servers", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = dict(re.findall(r"^\| ([^|]+?) \| (-?[0-9.]+) \|", out, re.M))
+    assert float(rows["whole path over 3 servers, coalescing off"]) > 0, out
+    assert "each further server's batch, us per frame" in rows, out  # a difference of timings: any sign
 
 
 def test_frames_are_what_clientlib_sends() -> None:
