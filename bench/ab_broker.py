@@ -8,9 +8,10 @@ DIR is a checkout (or `git archive REV | tar -x -C DIR`) whose `broker` package 
 `python -m broker serve` with DIR as its working directory; --after defaults to this checkout. One
 memcached (or --servers N), one broker per tree, the same forked workers (this checkout's clientlib), and rounds in
 ABBA order (before/after, after/before, ...), so drift and noise on a shared machine fall on both.
-Each round reports gets/s (keys/s with --many) and the broker's CPU per get (per key with
---many; /proc utime+stime); the summary gives the
-median of the per-pair ratios after/before. Issue 11 asks that the stats work cost at most 3% of
+Each round reports gets/s (keys/s with --many), the CPU per get (per key with --many; /proc) of the
+broker and of memcached (every server), and the requests each write to memcached carried (the
+broker's own count, `backend_writes` and `requests_written`); the summary gives the median of the
+per-pair ratios after/before. Issue 11 asks that the stats work cost at most 3% of
 this throughput; on a loaded 2-vCPU machine single pairs scatter by +-25%, so read the median of
 many rounds, and the CPU per get (steadier) beside it.
 
@@ -34,7 +35,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .paths import batches_of
 from .procs import ROOT, BenchError, Proc, cpu_seconds, start_memcached
@@ -77,6 +78,29 @@ def _worker(conn: Any) -> None:
                 raise BenchError("a preloaded key read as a miss")
             n += 1
         conn.send(n)
+
+
+class Row(NamedTuple):
+    """One tree's round: calls (keys with --many) per second, CPU per call of the broker and of
+    every memcached (microseconds), and requests per write to memcached (None: not counted)."""
+
+    rate: float
+    broker_us: float
+    memcached_us: float
+    per_write: float | None
+
+
+def _writes(url: str) -> tuple[int, int]:
+    """The broker's (writes to memcached, requests they carried) so far, from its own stats; (0, 0)
+    from a tree that does not count them."""
+    from clientlib import Client
+
+    client = Client(url, timeout=5.0)
+    try:
+        stats = client.broker_stats()
+    finally:
+        client.close()
+    return int(stats.get("backend_writes", 0)), int(stats.get("requests_written", 0))
 
 
 def _result(pipe: Any) -> int:
@@ -138,11 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     ctx = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="mcb-ab-") as tmpdir, ExitStack() as stack:
         tmp = Path(tmpdir)
-        addresses = []
+        addresses, memcached = [], []
         for i in range(args.servers):
             mc, address = start_memcached(tmp, f"ab{i}")
             stack.callback(mc.stop)
             addresses.append(address)
+            memcached.append(mc)
         brokers: dict[str, tuple[Proc, str]] = {}
         for tag, tree in (("before", args.before), ("after", args.after)):
             brokers[tag] = _start_broker(tmp, tag, tree.resolve(), addresses)
@@ -190,25 +215,42 @@ def main(argv: list[str] | None = None) -> int:
             for a in pipes:
                 _result(a)
         unit = "key" if args.many else "get"
-        rows: dict[str, list[tuple[float, float]]] = {"before": [], "after": []}
+        mc_pids = [mc.pid for mc in memcached]
+        rows: dict[str, list[Row]] = {"before": [], "after": []}
         for r in range(args.rounds):
             for tag in (("before", "after") if r % 2 == 0 else ("after", "before")):
                 proc, url = brokers[tag]
+                w0 = _writes(url)
+                m0 = sum(cpu_seconds(pid) for pid in mc_pids)
                 c0, t0 = cpu_seconds(proc.pid), time.monotonic()
                 for a, base in zip(pipes, bases):
                     a.send((url, args.seconds, args.many, base, args.pool))
                 n = sum(_result(a) for a in pipes)
                 dt, c1 = time.monotonic() - t0, cpu_seconds(proc.pid)
-                rows[tag].append((n / dt, (c1 - c0) / max(n, 1) * 1e6))
-                print(f"round {r + 1}/{args.rounds} {tag:6} {n / dt:10,.0f} {unit}s/s  broker {rows[tag][-1][1]:6.1f} us CPU/{unit}",
+                m1 = sum(cpu_seconds(pid) for pid in mc_pids)
+                w1 = _writes(url)
+                per_write = (w1[1] - w0[1]) / (w1[0] - w0[0]) if w1[0] > w0[0] else None
+                row = Row(n / dt, (c1 - c0) / max(n, 1) * 1e6, (m1 - m0) / max(n, 1) * 1e6, per_write)
+                rows[tag].append(row)
+                shown = f"{per_write:5.1f}" if per_write is not None else "    -"
+                print(f"round {r + 1}/{args.rounds} {tag:6} {row.rate:10,.0f} {unit}s/s  broker {row.broker_us:6.1f} "
+                      f"us CPU/{unit}  memcached {row.memcached_us:5.1f} us CPU/{unit}  {shown} requests/write",
                       file=sys.stderr, flush=True)
-        ratio = [a[0] / b[0] for a, b in zip(rows["after"], rows["before"])]
-        cpu = [a[1] / b[1] for a, b in zip(rows["after"], rows["before"]) if b[1]]
-        print(f"| tree | {unit}s/s median | broker us CPU/{unit} median |\n|---|---|---|")
+        pairs = list(zip(rows["after"], rows["before"]))
+        ratio = [a.rate / b.rate for a, b in pairs]
+        cpu = [a.broker_us / b.broker_us for a, b in pairs if b.broker_us]
+        mc_cpu = [a.memcached_us / b.memcached_us for a, b in pairs if b.memcached_us]
+        print(f"| tree | {unit}s/s median | broker us CPU/{unit} median | memcached us CPU/{unit} median "
+              f"| requests per write median |\n|---|---|---|---|---|")
         for tag in ("before", "after"):
-            print(f"| {tag} | {statistics.median(x for x, _ in rows[tag]):,.0f} | {statistics.median(y for _, y in rows[tag]):.1f} |")
+            per = [x.per_write for x in rows[tag] if x.per_write is not None]
+            print(f"| {tag} | {statistics.median(x.rate for x in rows[tag]):,.0f} "
+                  f"| {statistics.median(x.broker_us for x in rows[tag]):.1f} "
+                  f"| {statistics.median(x.memcached_us for x in rows[tag]):.1f} "
+                  f"| {f'{statistics.median(per):.1f}' if per else '-'} |")
         print(f"\nafter/before, median of {len(ratio)} pairs: throughput {statistics.median(ratio):.3f} "
-              f"(pairs {min(ratio):.2f}..{max(ratio):.2f}); broker CPU per {unit} {statistics.median(cpu):.3f}")
+              f"(pairs {min(ratio):.2f}..{max(ratio):.2f}); broker CPU per {unit} {statistics.median(cpu):.3f}; "
+              f"memcached CPU per {unit} {statistics.median(mc_cpu) if mc_cpu else float('nan'):.3f}")
     return 0
 
 

@@ -44,7 +44,14 @@ def test_several_servers_and_a_before_tree_that_places_keys_otherwise(tmp_path: 
         # when their pipes close.
         pytest.fail(f"ab_broker still running after {RUN_TIMEOUT_S} s:\n{(exc.stderr or b'')[-3000:]!r}")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "| before |" in proc.stdout and "| after |" in proc.stdout, proc.stdout
+    for tag in ("before", "after"):
+        row = next((line for line in proc.stdout.splitlines() if line.startswith(f"| {tag} |")), None)
+        assert row is not None, proc.stdout
+        rate, broker_us, memcached_us, per_write = (cell.strip() for cell in row.split("|")[2:6])
+        # Every call reached memcached through the broker: both did work, and each write carried
+        # at least one request (the broker's own count, read from its stats).
+        assert float(rate.replace(",", "")) > 0 and float(broker_us) > 0 and float(memcached_us) > 0, row
+        assert float(per_write) >= 1.0, row
 
 
 def test_a_worker_that_dies_ends_the_run_with_an_error_not_a_wait() -> None:
