@@ -3,6 +3,8 @@ with --many N, get_many of N keys).
 
     python -m bench.ab_broker --before DIR [--after DIR] [--rounds 8] [--seconds 1.5] [--workers 32] [--many N]
                               [--servers N] [--own-keys | --pool N]
+    python -m bench.ab_broker --before-floor FLAGS --after-floor FLAGS ...   # what a guarantee costs
+
 
 DIR is a checkout (or `git archive REV | tar -x -C DIR`) whose `broker` package is run as
 `python -m broker serve` with DIR as its working directory; --after defaults to this checkout. One
@@ -21,6 +23,11 @@ get_many scenarios: N = 1000). Which keys overlap mattered while a get_many's ke
 flight (trees before 79b2376, where same keys made the broker parse fewer answers than keys it
 served); since 79b2376 every key of a get_many is read from memcached whatever the keys.
 
+Either side may be bench/floor.py instead of a broker tree (--before-floor, --after-floor, with the
+floor's flags: --rcvhwm 2, --opaques, --fence), so each of the guarantees mcbroker pays for can be
+priced alone, and the floor with all of them set against the broker. A floor counts no writes: its
+requests per write show as "-".
+
 Every worker loop is bounded by time and call count; memcached and both brokers are stopped by PID.
 """
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import random
+import shlex
 import statistics
 import sys
 import tempfile
@@ -38,7 +46,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .paths import batches_of
-from .procs import ROOT, BenchError, Proc, cpu_seconds, start_memcached
+from .procs import ROOT, BenchError, Proc, start_ready, cpu_seconds, start_memcached
 from .scenarios import BATCHES_PER_WORKER
 
 MAX_CALLS = 20_000_000
@@ -135,10 +143,22 @@ def _start_broker(tmp: Path, tag: str, tree: Path, servers: list[str]) -> tuple[
             time.sleep(0.05)
 
 
+def _start_floor(tmp: Path, tag: str, flags: str, servers: list[str]) -> tuple[Proc, str]:
+    """bench/floor.py (this checkout's) with `flags` (e.g. "--rcvhwm 2 --opaques") in place of a broker tree."""
+    url = f"ipc://{tmp}/{tag}.sock"
+    argv = [sys.executable, "-m", "bench.floor", "--url", url, *shlex.split(flags)]
+    for server in servers:
+        argv += ["--server", server]
+    return start_ready(f"floor-{tag}", argv, tmp / f"floor-{tag}.log"), url
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab_broker", description=__doc__.split("\n\n")[0])
-    p.add_argument("--before", type=Path, required=True)
+    p.add_argument("--before", type=Path)
     p.add_argument("--after", type=Path, default=ROOT)
+    p.add_argument("--before-floor", metavar="FLAGS",
+                   help='instead of --before: bench/floor.py with these flags ("" for none; write --before-floor="--opaques" when they start with a dash), to price what one adds')
+    p.add_argument("--after-floor", metavar="FLAGS", help="instead of --after: bench/floor.py with these flags")
     p.add_argument("--rounds", type=int, default=8, help="ABBA pairs (default 8)")
     p.add_argument("--seconds", type=float, default=1.5, help="seconds per path per round (default 1.5)")
     p.add_argument("--workers", type=int, default=32)
@@ -155,8 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--many and --pool take a count of keys (0: not used)")
     if args.pool and (args.own_keys or not args.many or args.pool < args.many or args.pool > 100_000):
         p.error("--pool needs --many, no --own-keys, and --many <= N <= 100000")
-    for tree in (args.before, args.after):
-        if not (tree / "broker" / "__main__.py").is_file():
+    if (args.before is None) == (args.before_floor is None):
+        p.error("give one of --before DIR and --before-floor FLAGS")
+    for tree, floor in ((args.before, args.before_floor), (args.after, args.after_floor)):
+        if floor is None and not (tree / "broker" / "__main__.py").is_file():
             p.error(f"{tree} has no broker package")
 
     ctx = multiprocessing.get_context("fork")
@@ -169,9 +191,13 @@ def main(argv: list[str] | None = None) -> int:
             addresses.append(address)
             memcached.append(mc)
         brokers: dict[str, tuple[Proc, str]] = {}
-        for tag, tree in (("before", args.before), ("after", args.after)):
-            brokers[tag] = _start_broker(tmp, tag, tree.resolve(), addresses)
+        for tag, tree, floor in (("before", args.before, args.before_floor), ("after", args.after, args.after_floor)):
+            if floor is not None:
+                brokers[tag] = _start_floor(tmp, tag, floor, addresses)
+            else:
+                brokers[tag] = _start_broker(tmp, tag, tree.resolve(), addresses)
             stack.callback(brokers[tag][0].stop)
+        floors = {"before": args.before_floor is not None, "after": args.after_floor is not None}
         # Every key on every server, so both trees find it whatever their placement.
         from pymemcache.client.base import Client as PmcClient
 
@@ -220,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for tag in (("before", "after") if r % 2 == 0 else ("after", "before")):
                 proc, url = brokers[tag]
-                w0 = _writes(url)
+                w0 = _writes(url) if not floors[tag] else (0, 0)
                 m0 = sum(cpu_seconds(pid) for pid in mc_pids)
                 c0, t0 = cpu_seconds(proc.pid), time.monotonic()
                 for a, base in zip(pipes, bases):
@@ -228,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 n = sum(_result(a) for a in pipes)
                 dt, c1 = time.monotonic() - t0, cpu_seconds(proc.pid)
                 m1 = sum(cpu_seconds(pid) for pid in mc_pids)
-                w1 = _writes(url)
+                w1 = _writes(url) if not floors[tag] else (0, 0)
                 per_write = (w1[1] - w0[1]) / (w1[0] - w0[0]) if w1[0] > w0[0] else None
                 row = Row(n / dt, (c1 - c0) / max(n, 1) * 1e6, (m1 - m0) / max(n, 1) * 1e6, per_write)
                 rows[tag].append(row)

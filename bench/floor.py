@@ -23,6 +23,13 @@ memcached or a lost connection ends it with an error, it never recovers.
 Every broker of this design must do at least this work per frame and per key, so a figure this
 program misses on a machine, no CPython broker of this design can meet there. Prints READY once
 bound and connected; SIGTERM/SIGINT only set a flag.
+
+Three options add, one by one, what mcbroker pays for its guarantees, in this program's plainest
+form, so that `python -m bench.ab_broker --before-floor ... --after-floor ...` can price each:
+`--rcvhwm 2` (mcbroker's flood bound: at most 2 frames queued per worker), `--opaques` (every
+request `mg <key> v f s O<n>`, every answer's opaque checked against its request's in turn and
+each hit's `s` against its value's length) and `--fence` (with --opaques: every write ends with
+mcbroker's fence, `mg _mcbroker_fence_ O<n>`, whose `EN O<n>` is checked in its place).
 """
 
 from __future__ import annotations
@@ -46,12 +53,16 @@ OK, MISS, BAD_REQUEST = 0, 1, 23   # clientlib.wire.Code
 VERSION = 1
 # memcached's answer to `mg <key> v f`: a hit with its size and client flags, or a miss.
 _ANSWER = re.compile(rb"VA (\d+) f(\d+)\r\n|EN\r\n")
+# ... and to `mg <key> v f s O<n>` (--opaques): the same with the size again and the opaque.
+_CHECKED = re.compile(rb"VA (\d+) f(\d+) s(\d+) O(\d+)\r\n|EN O(\d+)\r\n")
+FENCE_KEY = b"_mcbroker_fence_"  # broker/pipeline.py's: a key the broker never stores
+_FENCE = object()  # the `part` of a fence's entry in Upstream.waiting
 
 
 class Upstream:
     """One connection to memcached: bytes to write, frames waiting for answers in order."""
 
-    __slots__ = ("buf", "fd", "out", "results", "sock", "waiting")
+    __slots__ = ("buf", "fd", "out", "results", "seq", "sock", "unfenced", "waiting", "want")
 
     def __init__(self, address: str) -> None:
         host, _, port = address.rpartition(":")
@@ -67,6 +78,29 @@ class Upstream:
         self.waiting: collections.deque[tuple[bytes, int, int, Any, bool]] = collections.deque()
         self.buf = b""
         self.results: list[Any] = []
+        self.seq = 0  # --opaques: the last opaque sent
+        self.want = 1  # --opaques: the opaque the next answer must carry
+        self.unfenced = False  # --fence: requests queued since the last fence
+
+    def queue_checked(self, keys: list[bytes], entry: tuple[bytes, int, int, Any, bool]) -> None:
+        """--opaques: queue the gets of `keys`, each with the next opaque, answered as `entry`
+        (see `waiting`)."""
+        first = self.seq + 1
+        # Built whole before anything changes: a key that is not bytes raises here, and the
+        # frame is answered as one the floor does not serve, with nothing queued.
+        reqs = b"".join([b"mg %b v f s O%d\r\n" % ko for ko in zip(keys, range(first, first + len(keys)))])
+        self.out += reqs
+        self.seq += len(keys)
+        self.unfenced = True
+        self.waiting.append(entry)
+
+    def fence(self) -> None:
+        """End what is queued with the fence (--fence), if anything was queued since the last."""
+        if self.unfenced:
+            self.seq += 1
+            self.out += b"mg %b O%d\r\n" % (FENCE_KEY, self.seq)
+            self.waiting.append((b"", self.seq, 1, _FENCE, False))
+            self.unfenced = False
 
     def flush(self) -> bool:
         """Write what is queued; True when some is left (wait for POLLOUT)."""
@@ -112,25 +146,79 @@ class Upstream:
             if len(results) < n:
                 break
             waiting.popleft()
-            if part is not None:
-                split, where = part
-                whole = split.results
-                for i, r in zip(where, results):
-                    whole[i] = r
-                split.parts -= 1
-                reply: list[Any] | None = whole if not split.parts else None
-            else:
-                reply = results
-            if reply is not None:
-                if not many:
-                    reply = [[OK, r, 0] if type(r) is bytes else r for r in reply]
-                try:
-                    router.send(ident, sndmore | noblock)
-                    router.send(msgpack.packb([VERSION, req_id, OK, reply]), noblock)
-                except zmq.Again:
-                    pass  # a worker that went away or stopped reading: drop, as a ROUTER does
+            _reply(router, ident, req_id, part, many, results, sndmore, noblock)
             results = self.results = []
         self.buf = buf[pos:]
+
+    def answers_checked(self, router: Any, sndmore: int, noblock: int) -> None:
+        """`answers` for --opaques (and --fence): every answer's opaque checked against its
+        request's in turn, each hit's `s` against its size, each fence's `EN O<n>` in its place."""
+        data = self.sock.recv(1 << 18)
+        if not data:
+            raise ConnectionError("memcached closed the connection")
+        buf = self.buf + data if self.buf else data
+        pos = 0
+        end = len(buf)
+        match = _CHECKED.match
+        waiting = self.waiting
+        results = self.results
+        want = self.want
+        while waiting:
+            ident, req_id, n, part, many = waiting[0]
+            while len(results) < n:
+                m = match(buf, pos)
+                if m is None:
+                    if buf.find(b"\r\n", pos) >= 0:
+                        raise ConnectionError(f"unexpected answer from memcached: {buf[pos:pos + 80]!r}")
+                    break
+                size = m[1]
+                if size is None:
+                    if int(m[5]) != want:
+                        raise ConnectionError(f"answer O{m[5]!r} where O{want} was due")
+                    results.append([MISS])
+                    pos = m.end()
+                    want += 1
+                    continue
+                if m[3] != size or int(m[4]) != want:
+                    raise ConnectionError(f"answer {m[0]!r} where O{want} was due")
+                start = m.end()
+                stop = start + int(size)
+                if stop + 2 > end:
+                    break  # the value is not all here yet: read it again with the rest
+                flags = m[2]
+                results.append(buf[start:stop] if flags == b"0" else [OK, buf[start:stop], int(flags)])
+                pos = stop + 2
+                want += 1
+            if len(results) < n:
+                break
+            waiting.popleft()
+            if part is not _FENCE:  # (the fence asks no value: a hit would be `HD`, unexpected above)
+                _reply(router, ident, req_id, part, many, results, sndmore, noblock)
+            results = self.results = []
+        self.want = want
+        self.buf = buf[pos:]
+
+
+def _reply(router: Any, ident: bytes, req_id: int, part: Any, many: bool, results: list[Any], sndmore: int,
+           noblock: int) -> None:
+    """Reply to the frame that `results` (a whole frame's, or one server's `part` of it) answer,
+    once all its parts are in."""
+    if part is not None:
+        split, where = part
+        whole = split.results
+        for i, r in zip(where, results):
+            whole[i] = r
+        split.parts -= 1
+        if split.parts:
+            return
+        results = whole
+    if not many:
+        results = [[OK, r, 0] if type(r) is bytes else r for r in results]
+    try:
+        router.send(ident, sndmore | noblock)
+        router.send(msgpack.packb([VERSION, req_id, OK, results]), noblock)
+    except zmq.Again:
+        pass  # a worker that went away or stopped reading: drop, as a ROUTER does
 
 
 class Split:
@@ -150,16 +238,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="memcached host:port; repeat for several (keys placed by Python's hash(key) %% n)")
     p.add_argument("--connections", type=int, default=2, help="per server")
     p.add_argument("--max-seconds", type=float, default=3600.0)
+    p.add_argument("--rcvhwm", type=int, default=0,
+                   help="the ROUTER's receive high-water mark per worker, in frames (default 0: ZeroMQ's own, 1000; "
+                        "mcbroker's flood bound is 2)")
+    p.add_argument("--opaques", action="store_true",
+                   help="each request with an opaque and `s`, each answer checked against its request (as mcbroker)")
+    p.add_argument("--fence", action="store_true", help="with --opaques: each write ended with mcbroker's fence, its answer checked")
     args = p.parse_args(argv)
     check_url(p, args.url)
     if not 1 <= args.connections <= 8:
         p.error("--connections must be 1..8")
+    if not 0 <= args.rcvhwm <= 1_000_000:
+        p.error("--rcvhwm must be 0..1000000")
+    if args.fence and not args.opaques:
+        p.error("--fence needs --opaques (a fence is told from a miss by its opaque)")
+    opaques, fence = args.opaques, args.fence
     stop = StopFlag()
     servers = [[Upstream(a) for _ in range(args.connections)] for a in args.server]
     nservers = len(servers)
     by_fd = {u.fd: u for ups in servers for u in ups}
     ctx = zmq.Context()
-    router = bound_router(ctx, args.url)
+    router = bound_router(ctx, args.url, args.rcvhwm)
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
     for fd in by_fd:
@@ -198,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
                                 if len(keys) != len(ops) or not keys:
                                     raise ValueError("not plain gets")
                             if nservers == 1:
+                                if opaques:
+                                    up.queue_checked(keys, (ident, req_id, len(keys), None, many))
+                                    continue
                                 up.out += b"mg " + b" v f\r\nmg ".join(keys) + b" v f\r\n"
                                 up.waiting.append((ident, req_id, len(keys), None, many))
                                 continue
@@ -209,8 +311,14 @@ def main(argv: list[str] | None = None) -> int:
                                 else:
                                     g[0].append(i)
                                     g[1].append(key)
-                            reqs = [(turn[s], b"mg " + b" v f\r\nmg ".join(ks) + b" v f\r\n", where)
-                                    for s, (where, ks) in groups.items()]
+                            # (upstream, its requests' bytes, or with --opaques its keys, their frame positions)
+                            reqs: list[tuple[Upstream, Any, list[int]]]
+                            if opaques:
+                                b"".join(keys)  # TypeError unless every key is bytes: nothing queued yet
+                                reqs = [(turn[s], ks, where) for s, (where, ks) in groups.items()]
+                            else:
+                                reqs = [(turn[s], b"mg " + b" v f\r\nmg ".join(ks) + b" v f\r\n", where)
+                                        for s, (where, ks) in groups.items()]
                         except Exception:  # noqa: BLE001 - any malformed frame: answer it, never die
                             if type(req_id) is int:
                                 router.send(ident, sndmore | noblock)
@@ -218,15 +326,24 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         split = Split(len(keys), len(reqs))
                         for u, req, where in reqs:
-                            u.out += req
-                            u.waiting.append((ident, req_id, len(where), (split, where), many))
+                            entry = (ident, req_id, len(where), (split, where), many)
+                            if opaques:
+                                u.queue_checked(req, entry)
+                            else:
+                                u.out += req
+                                u.waiting.append(entry)
                     for u in turn:
+                        if fence:
+                            u.fence()
                         if u.flush():
                             poller.modify(u.fd, zmq.POLLIN | zmq.POLLOUT)
                     continue
                 up = by_fd[obj]
                 if ev & zmq.POLLIN:
-                    up.answers(router, sndmore, noblock)
+                    if opaques:
+                        up.answers_checked(router, sndmore, noblock)
+                    else:
+                        up.answers(router, sndmore, noblock)
                 if ev & zmq.POLLOUT and not up.flush():
                     poller.modify(up.fd, zmq.POLLIN)
     except ConnectionError as exc:

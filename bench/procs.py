@@ -448,7 +448,7 @@ class Nutcracker:
 # --- the delay proxy, the ZeroMQ echo server and the floor (programs in this package) ----------
 
 
-def _start_ready(name: str, argv: list[str], log_path: Path) -> Proc:
+def start_ready(name: str, argv: list[str], log_path: Path) -> Proc:
     """Start one of this package's programs and wait (bounded) for the READY line it prints once
     it serves; BenchError, with its log, when it does not."""
     proc = Proc(name, argv, log_path, cwd=ROOT, stdout_pipe=True)
@@ -468,7 +468,7 @@ class DelayProxy:
         argv = [sys.executable, "-m", "bench.delayproxy", "--delay-ms", str(delay_ms), "--stats-file", str(self.stats_path)]
         for front, up in zip(self.listen, upstreams):
             argv += ["--map", f"{front}={up}"]
-        self.proc = _start_ready("delayproxy", argv, tmpdir / "delayproxy.log")
+        self.proc = start_ready("delayproxy", argv, tmpdir / "delayproxy.log")
         self.pid = self.proc.pid
 
     def stop(self) -> dict[str, Any]:
@@ -487,7 +487,7 @@ class EchoServer:
     def __init__(self, tmpdir: Path, tag: str, reply_bytes: int) -> None:
         self.url = f"ipc://{tmpdir}/echo-{tag}.sock"
         argv = [sys.executable, "-m", "bench.echo", "--url", self.url, "--reply-bytes", str(reply_bytes)]
-        self.proc = _start_ready("echo", argv, tmpdir / f"echo-{tag}.log")
+        self.proc = start_ready("echo", argv, tmpdir / f"echo-{tag}.log")
         self.pid = self.proc.pid
 
     def stop(self) -> None:
@@ -497,13 +497,14 @@ class EchoServer:
 class FloorServer:
     """bench/floor.py: the least Python a broker of this design runs, in front of the servers."""
 
-    def __init__(self, tmpdir: Path, upstreams: Sequence[str], connections: int = 2) -> None:
+    def __init__(self, tmpdir: Path, upstreams: Sequence[str], connections: int = 2, flags: Sequence[str] = ()) -> None:
+        """`flags`: the floor's options that add a guarantee's work (--rcvhwm N, --opaques, --fence)."""
         self.url = f"ipc://{tmpdir}/floor.sock"
         self.connections = connections * len(upstreams)
-        argv = [sys.executable, "-m", "bench.floor", "--url", self.url, "--connections", str(connections)]
+        argv = [sys.executable, "-m", "bench.floor", "--url", self.url, "--connections", str(connections), *flags]
         for up in upstreams:
             argv += ["--server", up]
-        self.proc = _start_ready("floor", argv, tmpdir / "floor.log")
+        self.proc = start_ready("floor", argv, tmpdir / "floor.log")
         self.pid = self.proc.pid
 
     def stop(self) -> None:

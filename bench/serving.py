@@ -28,9 +28,12 @@ class StopFlag:
         self.set = True
 
 
-def bound_router(ctx: zmq.Context[Any], url: str) -> zmq.Socket[Any]:
-    """A ROUTER bound to `url` that drops what it could not send when it closes (linger 0)."""
+def bound_router(ctx: zmq.Context[Any], url: str, rcvhwm: int = 0) -> zmq.Socket[Any]:
+    """A ROUTER bound to `url` that drops what it could not send when it closes (linger 0);
+    `rcvhwm` frames queued per peer at most (0: ZeroMQ's default, 1000)."""
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
+    if rcvhwm:
+        router.setsockopt(zmq.RCVHWM, rcvhwm)
     router.bind(url)
     return router

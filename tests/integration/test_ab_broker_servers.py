@@ -77,3 +77,30 @@ def test_counts_of_keys_are_checked_before_anything_starts(bad: list[str]) -> No
     proc = subprocess.run([sys.executable, "-m", "bench.ab_broker", "--before", str(ROOT), *bad],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and ("--many and --pool take a count" in proc.stderr or "--pool needs" in proc.stderr), proc.stderr
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_S + 30)
+def test_two_floors_side_by_side_each_serving_every_key() -> None:
+    # Pricing a guarantee: the plain floor against one with every guarantee's work added, over 3
+    # servers with get_many frames (a worker raises on any miss or wrong count). A floor keeps no
+    # count of writes, so its requests per write show as "-".
+    argv = [sys.executable, "-m", "bench.ab_broker", "--before-floor", "", "--after-floor=--rcvhwm 2 --opaques --fence",
+            "--servers", "3", "--rounds", "1", "--seconds", "0.3", "--workers", "2", "--many", "20", "--pool", "50"]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for tag in ("before", "after"):
+        row = next((line for line in proc.stdout.splitlines() if line.startswith(f"| {tag} |")), None)
+        assert row is not None, proc.stdout
+        rate, floor_us, memcached_us, per_write = (cell.strip() for cell in row.split("|")[2:6])
+        assert float(rate.replace(",", "")) > 0 and float(floor_us) > 0 and float(memcached_us) > 0, row
+        assert per_write == "-", row
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rounds", "1"], "give one of --before DIR and --before-floor FLAGS"),
+    (["--before", str(ROOT), "--before-floor", ""], "give one of --before DIR and --before-floor FLAGS"),
+])
+def test_a_before_side_must_be_one_tree_or_one_floor(args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.ab_broker", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -39,9 +39,14 @@ def servers() -> Iterator[list[harness.Memcached]]:
             s.cleanup()
 
 
-@pytest.fixture
-def floor(servers: list[harness.Memcached], tmp_path: Path) -> Iterator[FloorServer]:
-    f = FloorServer(tmp_path, [s.address for s in servers])
+# The floor as the bench runs it, and with every guarantee's work its options add (each request's
+# opaque and `s` checked, a fence per write, mcbroker's receive bound): every test holds for both.
+CHECKED = ("--rcvhwm", "2", "--opaques", "--fence")
+
+
+@pytest.fixture(params=[(), CHECKED], ids=["plain", "checked"])
+def floor(servers: list[harness.Memcached], tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[FloorServer]:
+    f = FloorServer(tmp_path, [s.address for s in servers], flags=request.param)
     try:
         yield f
     finally:
@@ -65,8 +70,36 @@ def test_help_runs_and_names_every_option() -> None:
     proc = subprocess.run([sys.executable, "-m", "bench.floor", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    for option in ("--url", "--server", "--connections", "--max-seconds"):
+    for option in ("--url", "--server", "--connections", "--max-seconds", "--rcvhwm", "--opaques", "--fence"):
         assert option in proc.stdout
+
+
+def test_a_fence_without_opaques_is_refused_with_the_reason() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.floor", "--url", "ipc:///tmp/unused-floor.sock", "--server",
+                           "127.0.0.1:1", "--fence"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--fence needs --opaques" in proc.stderr, proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_the_checked_floor_ends_when_the_fence_is_answered_as_a_hit(
+    servers: list[harness.Memcached], tmp_path: Path
+) -> None:
+    # The fence's answer is read and checked in its place, not skipped: with the fence's key stored,
+    # memcached answers it `HD O<n>`, which no request of the floor's may get. The get before it
+    # was answered rightly (its own answer came first); then the floor stops.
+    _store_everywhere(servers, {"k": b"v", "_mcbroker_fence_": b"x"})
+    f = FloorServer(tmp_path, [s.address for s in servers], flags=CHECKED)
+    client = Client(f.url, timeout=1)
+    try:
+        assert client.get("k") == b"v"
+        deadline = time.monotonic() + 10
+        while f.proc.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not f.proc.alive(), "the floor served on past a wrong answer to its fence"
+        assert "unexpected answer from memcached: b'HD O" in f.proc.log_tail(), f.proc.log_tail()
+    finally:
+        client.disconnect_all()
+        f.stop()
 
 
 @pytest.mark.timeout(60)
