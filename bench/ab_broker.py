@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import random
 import shlex
 import statistics
@@ -81,8 +82,14 @@ def _worker(conn: Any) -> None:
                     raise BenchError("a preloaded key read as a miss")
                 n += many
                 calls += 1
+        if not many:
+            # Without --pool every worker walks the same KEYS keys in step, so many of its gets join
+            # one in flight (read coalescing); with --pool N each walks its own order of N keys.
+            keys = ["ab%d" % i for i in range(pool or KEYS)]
+            if pool:
+                random.Random(base).shuffle(keys)
         while not many and n < MAX_CALLS and time.monotonic() < end:
-            if client.get("ab%d" % (n % KEYS)) is None:
+            if client.get(keys[n % len(keys)]) is None:
                 raise BenchError("a preloaded key read as a miss")
             n += 1
         conn.send(n)
@@ -96,6 +103,32 @@ class Row(NamedTuple):
     broker_us: float
     memcached_us: float
     per_write: float | None
+    io_wakeups: float  # the server's ZeroMQ I/O threads' voluntary context switches per call
+    preempted: float  # its main (loop) thread's involuntary context switches per call
+
+
+def _switches(pid: int) -> tuple[int, int]:
+    """(voluntary context switches of the process's ZeroMQ I/O threads, involuntary ones of its
+    main thread) so far, from /proc/<pid>/task/*/status; (0, 0) for what cannot be read."""
+    io = main = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                status = f.read()
+        except OSError:
+            continue  # a thread that ended meanwhile
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if name.startswith("ZMQbg/IO"):
+            io += int(fields.get("voluntary_ctxt_switches", "0"))
+        if tid == str(pid):
+            main += int(fields.get("nonvoluntary_ctxt_switches", "0"))
+    return io, main
 
 
 def _writes(url: str) -> tuple[int, int]:
@@ -166,15 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--servers", type=int, default=1, help="memcached servers (default 1)")
     p.add_argument("--own-keys", action="store_true", help="with --many: each worker asks keys of its own (no key shared between workers)")
     p.add_argument("--pool", type=int, default=0,
-                   help="with --many: batches drawn from a shared pool of this many keys, each worker cycling through "
-                        "64 consecutive batches of its own shuffled order (the bench's get_many scenarios use 1000)")
+                   help="keys drawn from a shared pool of this many, in an order of each worker's own: with --many, "
+                        "64 consecutive batches of it (the bench's get_many scenarios use 1000); single gets walk it "
+                        "whole (default: every worker walks the same 64 keys in step, so many gets join one in flight)")
     args = p.parse_args(argv)
     if not 1 <= args.servers <= 32:
         p.error("--servers must be 1..32")
     if args.many < 0 or args.pool < 0:
         p.error("--many and --pool take a count of keys (0: not used)")
-    if args.pool and (args.own_keys or not args.many or args.pool < args.many or args.pool > 100_000):
-        p.error("--pool needs --many, no --own-keys, and --many <= N <= 100000")
+    if args.pool and (args.own_keys or args.pool < max(args.many, 1) or args.pool > 100_000):
+        p.error("--pool needs no --own-keys, and --many <= N <= 100000")
     if (args.before is None) == (args.before_floor is None):
         p.error("give one of --before DIR and --before-floor FLAGS")
     for tree, floor in ((args.before, args.before_floor), (args.after, args.after_floor)):
@@ -248,32 +282,40 @@ def main(argv: list[str] | None = None) -> int:
                 proc, url = brokers[tag]
                 w0 = _writes(url) if not floors[tag] else (0, 0)
                 m0 = sum(cpu_seconds(pid) for pid in mc_pids)
+                s0 = _switches(proc.pid)
                 c0, t0 = cpu_seconds(proc.pid), time.monotonic()
                 for a, base in zip(pipes, bases):
                     a.send((url, args.seconds, args.many, base, args.pool))
                 n = sum(_result(a) for a in pipes)
                 dt, c1 = time.monotonic() - t0, cpu_seconds(proc.pid)
+                s1 = _switches(proc.pid)
                 m1 = sum(cpu_seconds(pid) for pid in mc_pids)
                 w1 = _writes(url) if not floors[tag] else (0, 0)
                 per_write = (w1[1] - w0[1]) / (w1[0] - w0[0]) if w1[0] > w0[0] else None
-                row = Row(n / dt, (c1 - c0) / max(n, 1) * 1e6, (m1 - m0) / max(n, 1) * 1e6, per_write)
+                calls = max(n // (args.many or 1), 1)  # the I/O threads and the loop see frames, not keys
+                row = Row(n / dt, (c1 - c0) / max(n, 1) * 1e6, (m1 - m0) / max(n, 1) * 1e6, per_write,
+                          (s1[0] - s0[0]) / calls, (s1[1] - s0[1]) / calls)
                 rows[tag].append(row)
                 shown = f"{per_write:5.1f}" if per_write is not None else "    -"
                 print(f"round {r + 1}/{args.rounds} {tag:6} {row.rate:10,.0f} {unit}s/s  broker {row.broker_us:6.1f} "
-                      f"us CPU/{unit}  memcached {row.memcached_us:5.1f} us CPU/{unit}  {shown} requests/write",
+                      f"us CPU/{unit}  memcached {row.memcached_us:5.1f} us CPU/{unit}  {shown} requests/write  "
+                      f"{row.io_wakeups:4.2f} I/O wake-ups, {row.preempted:4.2f} loop preemptions per call",
                       file=sys.stderr, flush=True)
         pairs = list(zip(rows["after"], rows["before"]))
         ratio = [a.rate / b.rate for a, b in pairs]
         cpu = [a.broker_us / b.broker_us for a, b in pairs if b.broker_us]
         mc_cpu = [a.memcached_us / b.memcached_us for a, b in pairs if b.memcached_us]
         print(f"| tree | {unit}s/s median | broker us CPU/{unit} median | memcached us CPU/{unit} median "
-              f"| requests per write median |\n|---|---|---|---|---|")
+              f"| requests per write median | I/O thread wake-ups per call | loop thread preemptions per call |"
+              f"\n|---|---|---|---|---|---|---|")
         for tag in ("before", "after"):
             per = [x.per_write for x in rows[tag] if x.per_write is not None]
             print(f"| {tag} | {statistics.median(x.rate for x in rows[tag]):,.0f} "
                   f"| {statistics.median(x.broker_us for x in rows[tag]):.1f} "
                   f"| {statistics.median(x.memcached_us for x in rows[tag]):.1f} "
-                  f"| {f'{statistics.median(per):.1f}' if per else '-'} |")
+                  f"| {f'{statistics.median(per):.1f}' if per else '-'} "
+                  f"| {statistics.median(x.io_wakeups for x in rows[tag]):.2f} "
+                  f"| {statistics.median(x.preempted for x in rows[tag]):.2f} |")
         print(f"\nafter/before, median of {len(ratio)} pairs: throughput {statistics.median(ratio):.3f} "
               f"(pairs {min(ratio):.2f}..{max(ratio):.2f}); broker CPU per {unit} {statistics.median(cpu):.3f}; "
               f"memcached CPU per {unit} {statistics.median(mc_cpu) if mc_cpu else float('nan'):.3f}")
