@@ -5,23 +5,26 @@ with --many N, get_many of N keys).
                               [--servers N] [--own-keys | --pool N]
     python -m bench.ab_broker --before-floor FLAGS --after-floor FLAGS ...   # what a guarantee costs
 
-
 DIR is a checkout (or `git archive REV | tar -x -C DIR`) whose `broker` package is run as
 `python -m broker serve` with DIR as its working directory; --after defaults to this checkout. One
 memcached (or --servers N), one broker per tree, the same forked workers (this checkout's clientlib), and rounds in
 ABBA order (before/after, after/before, ...), so drift and noise on a shared machine fall on both.
 Each round reports gets/s (keys/s with --many), the CPU per get (per key with --many; /proc) of the
 broker and of memcached (every server), and the requests each write to memcached carried (the
-broker's own count, `backend_writes` and `requests_written`); the summary gives the median of the
+broker's own count, `backend_writes` and `requests_written`: `mg` requests, not fences), and per
+frame the wake-ups of the server's ZeroMQ I/O thread and the preemptions of its loop thread
+(voluntary and involuntary context switches, /proc); the summary gives the median of the
 per-pair ratios after/before. Issue 11 asks that the stats work cost at most 3% of
 this throughput; on a loaded 2-vCPU machine single pairs scatter by +-25%, so read the median of
 many rounds, and the CPU per get (steadier) beside it.
 
-Workers ask the same keys by default; with --own-keys each worker asks keys of its own; with --pool
-N each worker draws its batches from a shared pool of N keys in an order of its own (the bench's
-get_many scenarios: N = 1000). Which keys overlap mattered while a get_many's keys joined reads in
-flight (trees before 79b2376, where same keys made the broker parse fewer answers than keys it
-served); since 79b2376 every key of a get_many is read from memcached whatever the keys.
+Workers ask the same keys by default (single gets: the same 64 keys in step, so many of them join a
+read in flight, which a floor does not do: use --pool to compare with one); with --own-keys each
+worker asks keys of its own; with --pool N each worker draws its keys (single gets) or batches
+(get_many) from a shared pool of N keys in an order of its own (the bench's scenarios: N = 1000).
+Which keys overlap mattered for get_many while its keys joined reads in flight (trees before
+79b2376, where same keys made the broker parse fewer answers than keys it served); since 79b2376
+every key of a get_many is read from memcached whatever the keys.
 
 Either side may be bench/floor.py instead of a broker tree (--before-floor, --after-floor, with the
 floor's flags: --rcvhwm 2, --opaques, --fence), so each of the guarantees mcbroker pays for can be
