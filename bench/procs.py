@@ -99,17 +99,25 @@ def tcp_connections(pids: Sequence[int], ports: Sequence[int]) -> int:
     /proc/net/tcp lists in state 01 with one of the ports as the remote end. Counting by owner
     leaves out what other processes hold, which memcached's curr_connections cannot (and other
     proxies' own counts, read at another moment, only roughly could). Sockets this process holds
-    too are left out: forked workers inherit its connections (its stats connections to memcached)."""
+    too are left out: forked workers inherit its connections (its stats connections to memcached).
+    Each socket counts once, by its inode: /proc/net/tcp is read in pieces while other processes
+    open and close connections, and the kernel then lists some sockets twice (a suite run counted
+    12 connections for the floor's 8, which it opens once and never reopens)."""
     inodes = socket_inodes(pids) - socket_inodes([os.getpid()])
-    wanted = {f"{port:04X}" for port in ports}
-    n = 0
     with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            parts = line.split()
-            if parts[3] == "01" and parts[2].rpartition(":")[2] in wanted and parts[9] in inodes:
-                n += 1
-    return n
+        return established_to(f.readlines()[1:], ports, inodes)
+
+
+def established_to(lines: Sequence[str], ports: Sequence[int], inodes: set[str]) -> int:
+    """How many distinct sockets among `inodes` the lines of /proc/net/tcp (its header left out)
+    list as established (state 01) with one of `ports` as the remote end."""
+    wanted = {f"{port:04X}" for port in ports}
+    seen: set[str] = set()
+    for line in lines:
+        parts = line.split()
+        if parts[3] == "01" and parts[2].rpartition(":")[2] in wanted and parts[9] in inodes:
+            seen.add(parts[9])
+    return len(seen)
 
 
 def free_port() -> int:
