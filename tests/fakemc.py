@@ -58,6 +58,7 @@ class Fault(enum.Enum):
     CLOSE_MID_RESPONSE = "close_mid_response"  # half a response line, then close
     STALL = "stall"  # from this request on, the connection reads but never answers
     EXTRA_RESPONSE = "extra_response"  # the right answer plus an unsolicited one
+    WRONG_SIZE = "wrong_size"  # the right answer with its `s` (item size) token one too high
 
 
 @dataclass
@@ -337,6 +338,10 @@ class FakeMemcached:
             conn.stalled = True
         elif fault is Fault.EXTRA_RESPONSE:
             out += answer + b"HD O" + _other_opaque(tokens) + b"\r\n"
+        elif fault is Fault.WRONG_SIZE:
+            first, _, rest = answer.partition(b"\r\n")
+            parts = [b"s%d" % (int(p[1:]) + 1) if p[:1] == b"s" and p[1:].isdigit() else p for p in first.split(b" ")]
+            out += b" ".join(parts) + b"\r\n" + rest
         else:  # pragma: no cover - every Fault is handled above
             raise AssertionError(fault)
 

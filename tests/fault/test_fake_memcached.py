@@ -37,6 +37,7 @@ NTH_RESULT: dict[Fault, Code | None] = {
     Fault.TRUNCATED_VALUE: Code.CONNECTION_ERROR,
     Fault.CLOSE_MID_RESPONSE: Code.CONNECTION_ERROR,
     Fault.EXTRA_RESPONSE: None,
+    Fault.WRONG_SIZE: Code.CONNECTION_ERROR,
 }
 # A value leaves the broker only once the next response arrived whole and in its place (or the
 # write's `mn` fence did): the answer just before a bad one is unproven (its data block may have
@@ -48,6 +49,7 @@ FIRST_FAILED: dict[Fault, int] = {
     Fault.TRUNCATED_VALUE: -1,
     Fault.CLOSE_MID_RESPONSE: -1,
     Fault.EXTRA_RESPONSE: 0,
+    Fault.WRONG_SIZE: -1,
 }
 STREAM_FAULTS = list(NTH_RESULT)
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
 
 import msgpack
@@ -23,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import harness  # noqa: E402
+from fakemc import FakeMemcached, Fault  # noqa: E402
 from bench.procs import FloorServer  # noqa: E402
 
 from clientlib import Client  # noqa: E402
@@ -189,75 +189,27 @@ def test_a_memcached_that_goes_away_ends_the_floor_with_its_reason(
         client.disconnect_all()
 
 
-class _WrongMemcached:
-    """A scripted memcached on loopback that answers every `mg <key> v f s O<n>` with `answer`
-    formatted with n (the request's opaque): a stand-in only for answers a real memcached never
-    gives, to see the checked floor refuse them."""
-
-    def __init__(self, answer: bytes) -> None:
-        import socket
-        import threading
-
-        self.answer = answer
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = "127.0.0.1:%d" % self.listener.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import threading
-
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: Any) -> None:
-        buf = b""
-        while True:
-            try:
-                data = conn.recv(65536)
-            except OSError:
-                return
-            if not data:
-                return
-            buf += data
-            while b"\r\n" in buf:
-                line, buf = buf.split(b"\r\n", 1)
-                opaque = int(line.rsplit(b" O", 1)[1])
-                try:
-                    conn.sendall(self.answer % opaque)
-                except OSError:
-                    return
-
-    def close(self) -> None:
-        self.listener.close()
-        for conn in self.conns:
-            conn.close()
-
-
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("answer, reason", [
-    (b"VA 1 f0 s1 O1%d\r\nx\r\n", b"where O"),  # a hit carrying another request's opaque (1n for n)
-    (b"VA 1 f0 s2 O%d\r\nx\r\n", b"where O"),   # its own opaque, with an `s` that is not its size
-    (b"EN O1%d\r\n", b"where O"),                # a miss carrying another request's opaque
+@pytest.mark.parametrize("key, fault", [
+    ("k", Fault.WRONG_OPAQUE),        # a hit carrying another request's opaque
+    ("absent", Fault.WRONG_OPAQUE),   # a miss carrying another request's opaque
+    ("k", Fault.WRONG_SIZE),          # a hit whose `s` is not its value's size
 ])
-def test_the_checked_floor_stops_at_an_answer_that_is_not_its_requests(tmp_path: Path, answer: bytes, reason: bytes) -> None:
-    fake = _WrongMemcached(answer)
-    f = FloorServer(tmp_path, [fake.address], flags=("--opaques",))
-    client = Client(f.url, timeout=1)
-    try:
-        with pytest.raises(MemcacheError):
-            client.get("k")  # never answered: the floor stops instead
-        deadline = time.monotonic() + 10
-        while f.proc.alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not f.proc.alive(), "the checked floor passed on an answer that was not its request's"
-        assert reason.decode() in f.proc.log_tail(), f.proc.log_tail()
-    finally:
-        client.disconnect_all()
-        f.stop()
-        fake.close()
+def test_the_checked_floor_stops_at_an_answer_that_is_not_its_requests(tmp_path: Path, key: str, fault: Fault) -> None:
+    # Answers a real memcached never gives, from the suite's scripted one (tests/fakemc.py).
+    with FakeMemcached() as fake:
+        fake.store[b"k"] = (b"v", 0, 1)
+        f = FloorServer(tmp_path, [fake.address], flags=("--opaques",))
+        client = Client(f.url, timeout=1)
+        try:
+            fake.inject(fault)
+            with pytest.raises(MemcacheError):
+                client.get(key)  # never answered: the floor stops instead
+            deadline = time.monotonic() + 10
+            while f.proc.alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not f.proc.alive(), "the checked floor passed on an answer that was not its request's"
+            assert "was due" in f.proc.log_tail(), f.proc.log_tail()
+        finally:
+            client.disconnect_all()
+            f.stop()
