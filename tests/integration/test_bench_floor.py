@@ -68,6 +68,13 @@ def _store_everywhere(servers: list[harness.Memcached], items: dict[str, bytes])
             c.close()
 
 
+def _wait_until_stopped(floor: FloorServer, timeout: float = 10.0) -> None:
+    """Wait (bounded) for the floor's process to end; the caller asserts that it did."""
+    deadline = time.monotonic() + timeout
+    while floor.proc.alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_help_runs_and_names_every_option() -> None:
     proc = subprocess.run([sys.executable, "-m", "bench.floor", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
@@ -98,9 +105,7 @@ def test_the_checked_floor_ends_when_the_fence_is_answered_as_a_hit(
             assert client.get("k") == b"v"
         except MemcacheError:
             pass
-        deadline = time.monotonic() + 10
-        while f.proc.alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_until_stopped(f)
         assert not f.proc.alive(), "the floor served on past a wrong answer to its fence"
         assert "unexpected answer from memcached: b'HD O" in f.proc.log_tail(), f.proc.log_tail()
     finally:
@@ -179,9 +184,7 @@ def test_a_memcached_that_goes_away_ends_the_floor_with_its_reason(
         # A get_many touches every server; its connection to the stopped one reads end of file.
         with pytest.raises(Exception):
             client.get_many([f"k{i}" for i in range(50)])
-        deadline = time.monotonic() + 10
-        while floor.proc.alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_until_stopped(floor)
         assert not floor.proc.alive(), "the floor kept running without one of its servers"
         assert floor.proc.popen.returncode != 0
         assert "memcached closed the connection" in floor.proc.log_tail()
@@ -205,9 +208,7 @@ def test_the_checked_floor_stops_at_an_answer_that_is_not_its_requests(tmp_path:
             fake.inject(fault)
             with pytest.raises(MemcacheError):
                 client.get(key)  # never answered: the floor stops instead
-            deadline = time.monotonic() + 10
-            while f.proc.alive() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            _wait_until_stopped(f)
             assert not f.proc.alive(), "the checked floor passed on an answer that was not its request's"
             assert "was due" in f.proc.log_tail(), f.proc.log_tail()
         finally:
