@@ -24,16 +24,44 @@ def test_the_fake_memcached_answers_as_protocol_txt_says() -> None:
 def test_a_short_run_prints_every_stage_with_plausible_numbers(capsys: pytest.CaptureFixture[str], form: list[str]) -> None:
     assert broker_stages.main(["--keys", "20", "--frames", "30", "--rounds", "1", *form]) == 0
     out = capsys.readouterr().out
-    rows = dict(re.findall(r"^\| ([^|]+?) \| (-?[0-9.]+) \|", out, re.M))
+    # | name | alone | in the path | floor | share |
+    rows = {m[0]: m[1:] for m in re.findall(r"^\| ([^|]+?) \|\s*(-?[0-9.]*)\s*\|\s*(-?[0-9.]*)\s*\|\s*([0-9.]*)\s*\|\s*(-?[0-9]*%?)\s*\|$", out, re.M)}
     assert set(rows) == {
         "whole path (handle, flush, on_readable)", "sockets", "decode", "encode", "parse", "reply",
         "reads (coalescing on minus off)", "the rest: routing, batches, the pipeline's bookkeeping",
-        "whole path, coalescing off",
+        "the rest, us per frame", "whole path, coalescing off", "whole path, coalescing off, with the stage clocks",
+        "the clocks' own cost (a difference of two runs; in the rest above)",
     }, out
-    for name in ("whole path (handle, flush, on_readable)", "sockets", "decode", "encode", "parse", "reply", "whole path, coalescing off"):
-        assert float(rows[name]) > 0, (name, out)
-    floors = dict(re.findall(r"^\| (decode|encode|parse) \| [0-9.]+ \| ([0-9.]+) \|", out, re.M))
-    assert set(floors) == {"decode", "encode", "parse"} and all(float(v) > 0 for v in floors.values()), out
+    for name in ("whole path (handle, flush, on_readable)", "sockets", "decode", "encode", "parse", "reply",
+                 "whole path, coalescing off", "whole path, coalescing off, with the stage clocks"):
+        assert float(rows[name][0]) > 0, (name, out)
+    for name in ("decode", "encode", "parse", "reply"):
+        assert float(rows[name][1]) > 0, (name, "in the path", out)  # each stage's clock saw its calls
+    assert all(float(rows[name][2]) > 0 for name in ("decode", "encode", "parse")), out
+    # The shares of the clocked run: sockets, the four stages in the path and the rest make it whole.
+    shares = [int(rows[name][3].rstrip("%")) for name in ("sockets", "decode", "encode", "parse", "reply",
+                                                           "the rest: routing, batches, the pipeline's bookkeeping")]
+    assert abs(sum(shares) - 100) <= 3, (shares, out)  # each share rounded to a whole percent
+
+
+def test_the_stage_clocks_count_each_stage_and_put_the_functions_back() -> None:
+    from broker import router as router_module
+
+    before = {(owner, name): owner.__dict__[name] for functions in broker_stages.STAGE_FUNCTIONS.values() for owner, name in functions}
+    keys = [b"k%d" % i for i in range(20)]
+    whole, parts = broker_stages.in_path(keys, 5, b"v", False)
+    assert whole > 0 and set(parts) == {"decode", "encode", "parse", "reply"}
+    assert all(t > 0 for t in parts.values()), parts
+    assert sum(parts.values()) < whole * 1.5  # wall time inside the stages, of a path timed in CPU time
+    after = {(owner, name): owner.__dict__[name] for owner, name in before}
+    assert after == before, "every function is the broker's own again"
+    assert router_module.decode_request is broker_stages.decode_request
+
+    spent: dict[str, float] = {}
+    with pytest.raises(RuntimeError, match="wrong reply"):
+        with broker_stages.stage_clocks(spent):
+            broker_stages.whole_path(keys, 2, b"v", False, answer=lambda sent, value: broker_stages.answers(sent, b"w"))
+    assert {(owner, name): owner.__dict__[name] for owner, name in before} == before, "put back after an error too"
 
 
 @pytest.mark.parametrize("servers", [1, 3])
