@@ -246,6 +246,15 @@ class Connection:
         if self.state == READY and not self.want_write:
             server.io.dirty(self)
 
+    def extend(self, batch: Batch, index: int, read: bytes | None, data: bytes) -> None:
+        """Add one admitted plain get to `batch`, this connection's open batch (see
+        Pipeline.extend). The push that queued the batch has put the connection up for the write
+        that will carry both."""
+        self.pipeline.extend(batch, index, read, data)
+        server = self.server
+        server.budget.buffered += len(data)
+        server.stats.requests += 1
+
     def seal(self) -> None:
         """Fence what is queued now (each write ends with one; a text command gets one before it,
         so no value waits on a reply that carries no opaque to prove it)."""

@@ -187,6 +187,23 @@ class Pipeline:
         self.unflushed += n
         self.unfenced = True
 
+    def open_batch(self) -> Batch | None:
+        """The batch queued last while requests may still join it: no fence after it yet (every
+        write ends with one, so it has not been written) and nothing queued after it."""
+        return self.queue[-1] if self.unfenced else None
+
+    def extend(self, batch: Batch, index: int, read: bytes | None, data: bytes) -> None:
+        """Add one plain get, `mg <key> v f s O<seq>` encoded as `data`, to `batch` (open_batch's,
+        its requests of opaques batch.first .. seq - 1) as its request for `index` of its waiter;
+        `read`: its key when others may join it. Its opaque was taken (`seq`) and it was counted
+        in `inflight` when it was admitted."""
+        batch.indices.append(index)
+        batch.ops.append(_GET)
+        if batch.reads is not None:
+            batch.reads.append(read)
+        self.out += data
+        self.unflushed += 1
+
     def seal(self) -> None:
         """End the requests queued so far with a fence (before each write)."""
         if self.unfenced:

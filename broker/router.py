@@ -197,6 +197,37 @@ class Job:
         self.where = []
 
 
+class Singles:
+    """The waiter of a batch of single-get frames: request j answers op 0 of jobs[j]. A loop
+    turn's frames of one plain get bound for one connection go as one such batch (Router._get_to):
+    one FIFO entry and one pass over their answers instead of one of each per frame."""
+
+    __slots__ = ("jobs",)
+    # Each job is done on its own: each delivery and failure checks its job, and a tombstone (a
+    # job past its deadline) drops its answer there.
+    done = False
+
+    def __init__(self, job: Job) -> None:
+        self.jobs = [job]
+
+    def deliver(self, index: int, result: Any) -> None:
+        job = self.jobs[index]
+        if not job.done:
+            job.deliver(0, result)
+
+    def deliver_many(self, indices: list[int], results: list[Any]) -> None:
+        jobs = self.jobs
+        for index, result in zip(indices, results):
+            job = jobs[index]
+            if not job.done:
+                job.deliver(0, result)
+
+    def fail(self, index: int, code: Code, message: str) -> None:
+        job = self.jobs[index]
+        if not job.done:
+            job.fail(0, code, message)
+
+
 class Gather:
     """A broadcast op (version, stats, flush_all): one sub-request per server, one result."""
 
@@ -488,8 +519,32 @@ class Router:
                 self._join(server, tag, job, 0)
                 return True
         job.where[0] = server
-        self._gets_to(job, server, conn, None, [key], now, coalesce)
+        self._get_to(job, server, conn, key, now, coalesce)
         return True
+
+    def _get_to(self, job: Job, server: Server, conn: Connection, key: bytes, now: float, joinable: bool) -> None:
+        """Queue the admitted get of a frame of one plain get on `conn`: in the batch of this
+        turn's single gets there while it is still open (nothing queued after it, no fence yet),
+        else as a new one; if `joinable`, later gets of `key` may join it."""
+        server.inflight_n += 1
+        self.budget.inflight += 1
+        pipeline = conn.pipeline
+        opaque = pipeline.seq + 1
+        pipeline.seq = opaque
+        if not pipeline.inflight:
+            conn.since = now
+        pipeline.inflight += 1
+        if joinable:
+            server.reads[key] = (opaque << TAG_BITS) | conn.no
+        self.stats.gets_upstream += 1
+        data = meta.encode_gets([key], opaque)
+        batch = pipeline.open_batch()
+        if batch is not None and type(batch.waiter) is Singles and (batch.reads is not None) is joinable:
+            singles = batch.waiter
+            conn.extend(batch, len(singles.jobs), key if joinable else None, data)
+            singles.jobs.append(job)
+        else:
+            conn.push(Batch(Singles(job), [0], [_GET], None, opaque, None, [key] if joinable else None), data, now, reserved=True)
 
     def _all_gets(self, job: Job, keys: list[bytes], now: float) -> bool:
         """A get_many, admitted, encoded and queued as a whole: the common multi-key frame
