@@ -526,19 +526,9 @@ class Router:
         """Queue the admitted get of a frame of one plain get on `conn`: in the batch of this
         turn's single gets there while it is still open (nothing queued after it, no fence yet),
         else as a new one; if `joinable`, later gets of `key` may join it."""
-        server.inflight_n += 1
-        self.budget.inflight += 1
-        pipeline = conn.pipeline
-        opaque = pipeline.seq + 1
-        pipeline.seq = opaque
-        if not pipeline.inflight:
-            conn.since = now
-        pipeline.inflight += 1
-        if joinable:
-            server.reads[key] = (opaque << TAG_BITS) | conn.no
-        self.stats.gets_upstream += 1
+        opaque = self._reserve(server, conn, [key], now, joinable)
         data = meta.encode_gets([key], opaque)
-        batch = pipeline.open_batch()
+        batch = conn.pipeline.open_batch()
         if batch is not None and type(batch.waiter) is Singles and (batch.reads is not None) is joinable:
             singles = batch.waiter
             conn.extend(batch, len(singles.jobs), key if joinable else None, data)
@@ -604,28 +594,38 @@ class Router:
         """Queue admitted gets of `keys` (frame positions `indices`; None: 0, 1, ...) to `server`
         on `conn` as one batch; if `joinable`, later gets of these keys may join them."""
         m = len(keys)
-        server.inflight_n += m
-        self.budget.inflight += m
         if indices is not None:
             where = job.where
             for i in indices:
                 where[i] = server
+        first = self._reserve(server, conn, keys, now, joinable)
+        reads = cast("list[bytes | None]", keys) if joinable else None
+        conn.push(
+            Batch(job, indices if indices is not None else list(range(m)), [_GET] * m, None, first, None, reads),
+            meta.encode_gets(keys, first), now, reserved=True,
+        )
+
+    def _reserve(self, server: Server, conn: Connection, keys: list[bytes], now: float, joinable: bool) -> int:
+        """Count admitted gets of `keys` in flight on `conn`, its server and the budget, and take
+        their opaques; if `joinable`, offer their reads to later gets of the same keys. Returns
+        the first opaque (the others follow it)."""
+        m = len(keys)
+        server.inflight_n += m
+        self.budget.inflight += m
         pipeline = conn.pipeline
         first = pipeline.seq + 1
         pipeline.seq += m
         if not pipeline.inflight:
             conn.since = now
         pipeline.inflight += m
-        reads: list[bytes | None] | None = None
         if joinable:
             no = conn.no
-            server.reads.update(zip(keys, range((first << TAG_BITS) | no, ((first + m) << TAG_BITS) | no, 1 << TAG_BITS)))
-            reads = cast("list[bytes | None]", keys)
+            if m == 1:
+                server.reads[keys[0]] = (first << TAG_BITS) | no
+            else:
+                server.reads.update(zip(keys, range((first << TAG_BITS) | no, ((first + m) << TAG_BITS) | no, 1 << TAG_BITS)))
         self.stats.gets_upstream += m
-        conn.push(
-            Batch(job, indices if indices is not None else list(range(m)), [_GET] * m, None, first, None, reads),
-            meta.encode_gets(keys, first), now, reserved=True,
-        )
+        return first
 
     @staticmethod
     def _push(job: Job, groups: dict[Connection, _Group], now: float) -> None:
