@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 from clientlib.limits import item_fits
 from clientlib.wire import Code, Op, RequestFrame, WireError, decode_request, encode_error, encode_reply
@@ -526,7 +526,9 @@ class Router:
         """Queue the admitted get of a frame of one plain get on `conn`: in the batch of this
         turn's single gets there while it is still open (nothing queued after it, no fence yet),
         else as a new one; if `joinable`, later gets of `key` may join it."""
-        opaque = self._reserve(server, conn, [key], now, joinable)
+        opaque = self._reserve(server, conn, 1, now)
+        if joinable:
+            server.reads[key] = (opaque << TAG_BITS) | conn.no
         data = meta.encode_gets([key], opaque)
         batch = conn.pipeline.open_batch()
         if batch is not None and type(batch.waiter) is Singles and (batch.reads is not None) is joinable:
@@ -584,32 +586,28 @@ class Router:
         if single is not None:
             job.where = [single] * n
         for (server, indices, ks), conn in zip(parts, conns):
-            self._gets_to(job, server, conn, indices, ks, now, False)
+            self._gets_to(job, server, conn, indices, ks, now)
         return True
 
     def _gets_to(
         self, job: Job, server: Server, conn: Connection, indices: list[int] | None, keys: list[bytes], now: float,
-        joinable: bool,
     ) -> None:
         """Queue admitted gets of `keys` (frame positions `indices`; None: 0, 1, ...) to `server`
-        on `conn` as one batch; if `joinable`, later gets of these keys may join them."""
+        on `conn` as one batch (a get_many's: no later get joins them, see `_all_gets`)."""
         m = len(keys)
         if indices is not None:
             where = job.where
             for i in indices:
                 where[i] = server
-        first = self._reserve(server, conn, keys, now, joinable)
-        reads = cast("list[bytes | None]", keys) if joinable else None
+        first = self._reserve(server, conn, m, now)
         conn.push(
-            Batch(job, indices if indices is not None else list(range(m)), [_GET] * m, None, first, None, reads),
+            Batch(job, indices if indices is not None else list(range(m)), [_GET] * m, None, first),
             meta.encode_gets(keys, first), now, reserved=True,
         )
 
-    def _reserve(self, server: Server, conn: Connection, keys: list[bytes], now: float, joinable: bool) -> int:
-        """Count admitted gets of `keys` in flight on `conn`, its server and the budget, and take
-        their opaques; if `joinable`, offer their reads to later gets of the same keys. Returns
-        the first opaque (the others follow it)."""
-        m = len(keys)
+    def _reserve(self, server: Server, conn: Connection, m: int, now: float) -> int:
+        """Count `m` admitted gets in flight on `conn`, its server and the budget, and take their
+        opaques; returns the first (the others follow it)."""
         server.inflight_n += m
         self.budget.inflight += m
         pipeline = conn.pipeline
@@ -618,12 +616,6 @@ class Router:
         if not pipeline.inflight:
             conn.since = now
         pipeline.inflight += m
-        if joinable:
-            no = conn.no
-            if m == 1:
-                server.reads[keys[0]] = (first << TAG_BITS) | no
-            else:
-                server.reads.update(zip(keys, range((first << TAG_BITS) | no, ((first + m) << TAG_BITS) | no, 1 << TAG_BITS)))
         self.stats.gets_upstream += m
         return first
 
