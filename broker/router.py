@@ -531,7 +531,11 @@ class Router:
             server.reads[key] = (opaque << TAG_BITS) | conn.no
         data = meta.encode_gets([key], opaque)
         batch = conn.pipeline.open_batch()
-        if batch is not None and type(batch.waiter) is Singles and (batch.reads is not None) is joinable:
+        # Its requests' opaques run on from its first: joined only where this one is next in that run.
+        if (
+            batch is not None and type(batch.waiter) is Singles and (batch.reads is not None) is joinable
+            and batch.first + len(batch.indices) == opaque
+        ):
             singles = batch.waiter
             conn.extend(batch, len(singles.jobs), key if joinable else None, data)
             singles.jobs.append(job)

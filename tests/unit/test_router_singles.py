@@ -238,3 +238,19 @@ def test_a_get_that_others_may_join_never_goes_into_a_batch_that_offers_no_reads
     rig.serve()
     assert rig.codes(1) == rig.codes(2) == [Code.MISS]
     assert rig.servers[0].reads == {}, "no read left open for later gets to join"
+
+
+def test_a_get_whose_opaque_does_not_run_on_from_the_batch_starts_its_own() -> None:
+    # A batch's request j carries opaque first + j. Should anything ever take an opaque without
+    # queueing a request (nothing does today), the next get must not join the batch under an
+    # opaque that is not its place: it goes as a batch of its own, and both are answered.
+    rig = Rig(1, connections=1)
+    stored(rig, {b"a": (b"1", 0), b"b": (b"2", 0)})
+    one_turn(rig, [(1, [[Op.GET, b"a"]])])
+    conn = rig.servers[0].conns[0]
+    conn.pipeline.seq += 1  # an opaque taken and never written
+    rig.router.handle(PEER, b"w2", encode_request(2, [[Op.GET, b"b"]]), rig.now)
+    assert [(b.first, len(b.indices)) for b in batches(rig)] == [(1, 1), (3, 1)]
+    rig.serve()
+    assert rig.results(1) == [[Code.OK, b"1", 0]] and rig.results(2) == [[Code.OK, b"2", 0]]
+    assert conn.sock is not None and rig.budget.inflight == 0
