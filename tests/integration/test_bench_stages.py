@@ -52,7 +52,6 @@ def test_the_stage_clocks_count_each_stage_and_put_the_functions_back() -> None:
     whole, parts = broker_stages.in_path(keys, 5, b"v", False)
     assert whole > 0 and set(parts) == {"decode", "encode", "parse", "reply"}
     assert all(t > 0 for t in parts.values()), parts
-    assert sum(parts.values()) < whole * 1.5  # wall time inside the stages, of a path timed in CPU time
     after = {(owner, name): owner.__dict__[name] for owner, name in before}
     assert after == before, "every function is the broker's own again"
     assert router_module.decode_request is broker_stages.decode_request
