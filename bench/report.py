@@ -90,6 +90,11 @@ class Target:
     # The same measure for the floor path (bench/floor.py, the least Python a broker of this
     # design runs) in the same run, or None where the scenario has no floor path.
     floor: Callable[[Mapping[tuple[str, str], Mapping[str, Any]]], float | None] | None = None
+    # Whether the floor's value bounds the target (a miss it shares reads "floor misses too").
+    # Not for memcached's CPU per get: that falls with the requests each write carries, which a
+    # broker gathers by how long its loop waits, not by how little Python it runs (the floor's
+    # faster turns gather fewer: bench/README, sixteenth and seventeenth rounds).
+    floor_bounds: bool = True
 
 
 def _get(s: Mapping[tuple[str, str], Mapping[str, Any]], sc: str, path: str, col: str) -> float | None:
@@ -164,7 +169,7 @@ TARGETS: tuple[Target, ...] = (
     Target("broker CPU per key in get_many(100), 8 workers", "getmany-8", _col("getmany-8", "broker_cpu_us"), "<=", 2.0, "us",
            bound=_col("getmany-8", "echo_cpu_us", "zmq-echo"), floor=_col("getmany-8", "broker_cpu_us", "floor")),
     Target("memcached CPU per get at 32 workers: broker / direct", "get-32", _ratio("get-32", "mc_cpu_us"), "<=", 0.2,
-           floor=_ratio("get-32", "mc_cpu_us", a="floor")),
+           floor=_ratio("get-32", "mc_cpu_us", a="floor"), floor_bounds=False),
     Target("1 worker back to back: added p50 over direct", "latency-b2b", _added("latency-b2b", "p50_us"), "<=", 50, "us",
            bound=_added("latency-b2b", "p50_us", "zmq-echo"), floor=_added("latency-b2b", "p50_us", "floor")),
     Target("1 worker back to back: added p99 over direct", "latency-b2b", _added("latency-b2b", "p99_us"), "<=", 100, "us",
@@ -231,7 +236,7 @@ def evaluate_targets(summaries: Sequence[Mapping[str, Any]], ran: Mapping[str, M
             status = "pass" if meets(value) else "FAIL"
             if status == "FAIL" and bound is not None and not meets(bound):
                 status = "FAIL (bound misses too)"
-            elif status == "FAIL" and floor is not None and not meets(floor):
+            elif status == "FAIL" and t.floor_bounds and floor is not None and not meets(floor):
                 status = "FAIL (floor misses too)"
         out.append({"target": t.what, "scenario": t.scenario, "workers": info.get("workers") if info else None,
                     "value": value, "bound": bound, "floor": floor, "limit": f"{t.op} {t.limit:g}{(' ' + t.unit) if t.unit else ''}", "status": status})

@@ -164,3 +164,14 @@ def test_the_table_shows_the_floor_column() -> None:
     assert header.index("floor") == header.index("design bound") + 1
     row = next(line for line in table.splitlines() if line.startswith("| 8 workers get_many(100): broker / direct"))
     assert "0.81" in row and "FAIL (floor misses too)" in row
+
+
+def test_memcached_cpu_shows_the_floors_value_but_never_calls_it_a_bound() -> None:
+    # memcached's CPU per get falls with the requests per write, which the floor's shorter turns
+    # make fewer: its value is shown beside the broker's, and a miss it shares is a plain FAIL.
+    rows = {t["target"]: t for t in report.evaluate_targets(GET32 + [
+        _summary("get-32", "floor", ops_median=20_000.0, worker_cpu_us=60.0, broker_cpu_us=30.0, mc_cpu_us=6.0,
+                 vs_direct=0.46)], RAN)}
+    row = rows["memcached CPU per get at 32 workers: broker / direct"]
+    assert row["floor"] is not None and row["floor"] > 0.2 and row["value"] > 0.2
+    assert row["status"] == "FAIL"
