@@ -8,6 +8,7 @@
 | broker, broker-coalesce-on/off | `clientlib.Client` | mcbroker (2 connections per server) |
 | zmq-echo | a raw DEALER sending clientlib's frame | nothing: bench/echo.py answers with a reply-sized blob |
 | floor | `clientlib.Client` | bench/floor.py: the least Python a broker of this design runs (2 connections) |
+| floor-guarded | `clientlib.Client` | bench/floor.py --rcvhwm 2 --opaques --fence: the floor with mcbroker's flood bound, opaques and fence |
 | raw | one socket pipelining `mg <key> v` batches | nothing: the ceiling of one memcached connection |
 
 Every value read is checked against the one the bench stored (`value_for`); a wrong value raises
@@ -23,7 +24,13 @@ from typing import Any
 
 CALL_TIMEOUT_S = 2.0
 BROKER_PATHS = ("broker", "broker-coalesce-on", "broker-coalesce-off")
-PATHS = ("direct", "hashclient", "twemproxy", *BROKER_PATHS, "floor", "zmq-echo", "raw")
+FLOOR_PATHS = ("floor", "floor-guarded")
+PATHS = ("direct", "hashclient", "twemproxy", *BROKER_PATHS, *FLOOR_PATHS, "zmq-echo", "raw")
+# The floor's options that add, in their plainest form, the work of mcbroker's guarantees that
+# cost it most (bench/README, sixteenth and eighteenth rounds): the flood bound (at most 2 frames
+# queued per worker socket), an opaque and `s` on every request checked on every answer, and the
+# fence closing every write.
+GUARDED_FLOOR_FLAGS = ("--rcvhwm", "2", "--opaques", "--fence")
 PATH_HELP = {
     "direct": "pymemcache Client, one connection per worker, straight to memcached",
     "hashclient": "pymemcache HashClient over all servers (its default rendezvous hashing)",
@@ -33,6 +40,9 @@ PATH_HELP = {
     "broker-coalesce-off": "clientlib.Client through mcbroker with coalesce_reads = false",
     "floor": "limit: clientlib.Client through bench/floor.py, the least Python any broker of this design runs "
              "(plain gets only; no opaques, fences, deadlines, bounds, coalescing or stats; 2 connections)",
+    "floor-guarded": "limit: the floor with mcbroker's flood bound (RCVHWM 2), an opaque and `s` on every request "
+                     "checked on every answer, and the fence closing every write, each in its plainest form "
+                     "(bench/floor.py --rcvhwm 2 --opaques --fence; 2 connections)",
     "zmq-echo": "limit: raw ZeroMQ DEALER sending clientlib's frame to a bare ROUTER echo (no memcached)",
     "raw": "limit: one raw socket per worker pipelining `mg <key> v` for a whole batch",
 }
@@ -218,7 +228,7 @@ def open_path(spec: WorkerSpec) -> tuple[Op, Callable[[], None], Callable[[], No
         return _echo_ops(spec)
     if spec.path == "raw":
         return _raw_ops(spec)
-    if spec.path in BROKER_PATHS or spec.path == "floor":
+    if spec.path in BROKER_PATHS or spec.path in FLOOR_PATHS:
         from clientlib import Client
 
         client: Any = Client(spec.targets[0], timeout=CALL_TIMEOUT_S)

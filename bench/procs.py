@@ -508,14 +508,16 @@ class EchoServer:
 class FloorServer:
     """bench/floor.py: the least Python a broker of this design runs, in front of the servers."""
 
-    def __init__(self, tmpdir: Path, upstreams: Sequence[str], connections: int = 2, flags: Sequence[str] = ()) -> None:
-        """`flags`: the floor's options that add a guarantee's work (--rcvhwm N, --opaques, --fence)."""
-        self.url = f"ipc://{tmpdir}/floor.sock"
+    def __init__(self, tmpdir: Path, upstreams: Sequence[str], connections: int = 2, flags: Sequence[str] = (),
+                 tag: str = "floor") -> None:
+        """`flags`: the floor's options that add a guarantee's work (--rcvhwm N, --opaques, --fence);
+        `tag` names its socket and log in `tmpdir` (one per floor of a scenario)."""
+        self.url = f"ipc://{tmpdir}/{tag}.sock"
         self.connections = connections * len(upstreams)
         argv = [sys.executable, "-m", "bench.floor", "--url", self.url, "--connections", str(connections), *flags]
         for up in upstreams:
             argv += ["--server", up]
-        self.proc = start_ready("floor", argv, tmpdir / "floor.log")
+        self.proc = start_ready(tag, argv, tmpdir / f"{tag}.log")
         self.pid = self.proc.pid
 
     def stop(self) -> None:

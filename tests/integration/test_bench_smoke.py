@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.paths import BROKER_PATHS, WorkerSpec, WrongValue, open_path, value_for  # noqa: E402
+from bench.paths import BROKER_PATHS, FLOOR_PATHS, WorkerSpec, WrongValue, open_path, value_for  # noqa: E402
 from bench.report import TARGETS  # noqa: E402
 from bench.scenarios import COALESCE_PATHS, SCENARIOS, quick  # noqa: E402
 
@@ -60,10 +60,13 @@ def test_every_scenario_ran_every_path(quick_run: dict) -> None:
             # Measured, and 0 allowed: a quick round's worker CPU can fall under the clock's
             # granularity on a loaded machine (seen: twemproxy get-64 at 0.0).
             assert s["worker_cpu_us"] is not None and s["worker_cpu_us"] >= 0, (sc.name, path)
-            if path in BROKER_PATHS or path == "floor":
-                # The floor's CPU is in the broker column of its row, and it has the broker's ratios.
+            if path in BROKER_PATHS or path in FLOOR_PATHS:
+                # A floor's CPU is in the broker column of its row, and it has the broker's ratios.
                 assert s["broker_cpu_us"] is not None and s["broker_cpu_us"] > 0, (sc.name, path)
                 assert "vs_" + ("hashclient" if sc.servers > 1 else "direct") in s, (sc.name, path)
+            if path == "floor-guarded":
+                # Its row carries its ratio to the plain floor: what the guarantees' work costs it.
+                assert s["vs_floor"] > 0 and "vs_floor-guarded" not in summaries["floor"], sc.name
 
 
 @pytest.mark.timeout(300)
@@ -77,7 +80,7 @@ def test_connections_and_upstream_counts_are_what_each_path_opens(quick_run: dic
             if path in ("direct", "hashclient"):
                 # One connection per worker per server: every worker connects before the clock starts.
                 assert s["mc_conns"] == sc.workers * sc.servers, (sc.name, path, s["mc_conns"])
-            elif path in BROKER_PATHS or path == "floor":
+            elif path in BROKER_PATHS or path in FLOOR_PATHS:
                 assert s["mc_conns"] == 2 * sc.servers, (sc.name, path, s["mc_conns"])
             elif path == "twemproxy":
                 assert 1 <= s["mc_conns"] <= 2 * sc.servers, (sc.name, path, s["mc_conns"])
@@ -93,7 +96,8 @@ def test_targets_table_has_a_verdict_for_every_target(quick_run: dict) -> None:
     statuses = {t["target"]: t["status"] for t in quick_run["targets"]}
     assert list(statuses) == [t.what for t in TARGETS]
     for name, status in statuses.items():
-        assert status in ("pass", "FAIL", "FAIL (bound misses too)", "FAIL (floor misses too)", "pending broker support"), (name, status)
+        assert status in ("pass", "FAIL", "FAIL (bound misses too)", "FAIL (floor misses too)", "FAIL (guarded floor misses too)",
+                          "pending broker support"), (name, status)
     assert "## Targets" in quick_run["_stdout"] and "QUICK MODE" in quick_run["_stdout"]
 
 

@@ -175,3 +175,68 @@ def test_memcached_cpu_shows_the_floors_value_but_never_calls_it_a_bound() -> No
     row = rows["memcached CPU per get at 32 workers: broker / direct"]
     assert row["floor"] is not None and row["floor"] > 0.2 and row["value"] > 0.2
     assert row["status"] == "FAIL"
+
+
+# The floor with the guarantees' work added (bench/floor.py --rcvhwm 2 --opaques --fence), in the
+# same run: where the plain floor meets a target and it does not, the verdict says so.
+GUARDED8 = [
+    _summary("getmany-8", "direct", ops_median=555_000.0, worker_cpu_us=3.0, mc_cpu_us=0.6),
+    _summary("getmany-8", "twemproxy", ops_median=486_000.0, worker_cpu_us=3.0, twemproxy_cpu_us=0.5, mc_cpu_us=0.6),
+    _summary("getmany-8", "broker", ops_median=430_000.0, worker_cpu_us=1.6, broker_cpu_us=2.1, mc_cpu_us=0.8,
+             vs_direct=0.78, vs_twemproxy=0.98),
+    _summary("getmany-8", "floor", ops_median=530_000.0, worker_cpu_us=1.5, broker_cpu_us=1.3, mc_cpu_us=0.8,
+             vs_direct=0.96, vs_twemproxy=1.19),
+    _summary("getmany-8", "floor-guarded", ops_median=440_000.0, worker_cpu_us=1.6, broker_cpu_us=1.8, mc_cpu_us=0.8,
+             vs_direct=0.80, vs_twemproxy=0.99),
+    _summary("getmany-8", "zmq-echo", ops_median=2_250_000.0, worker_cpu_us=0.6, echo_cpu_us=0.3),
+]
+
+
+def test_a_target_the_plain_floor_meets_and_the_guarded_floor_misses_says_so() -> None:
+    rows = {t["target"]: t for t in report.evaluate_targets(GUARDED8, RAN8)}
+    direct = rows["8 workers get_many(100): broker / direct"]
+    assert (direct["value"], direct["floor"], direct["guarded"]) == (0.78, 0.96, 0.80)
+    assert direct["status"] == "FAIL (guarded floor misses too)"
+    assert rows["8 workers get_many(100): broker / twemproxy"]["status"] == "FAIL (guarded floor misses too)"
+    # Both floors meet 2 us of CPU per key: the broker's 2.1 is a plain FAIL.
+    cpu = rows["broker CPU per key in get_many(100), 8 workers"]
+    assert (cpu["floor"], cpu["guarded"], cpu["status"]) == (1.3, 1.8, "FAIL")
+
+
+def test_a_target_both_floors_miss_is_said_for_the_plain_floor_first() -> None:
+    rows = {t["target"]: t for t in report.evaluate_targets(
+        [dict(s, vs_direct=0.70) if s["path"] == "floor" else s for s in GUARDED8], RAN8)}
+    assert rows["8 workers get_many(100): broker / direct"]["status"] == "FAIL (floor misses too)"
+
+
+def test_a_target_the_guarded_floor_meets_is_a_plain_fail() -> None:
+    rows = {t["target"]: t for t in report.evaluate_targets(
+        [dict(s, vs_direct=0.97) if s["path"] == "floor-guarded" else s for s in GUARDED8], RAN8)}
+    assert rows["8 workers get_many(100): broker / direct"]["status"] == "FAIL"
+
+
+def test_no_guarded_floor_path_no_guarded_value() -> None:
+    rows = {t["target"]: t for t in report.evaluate_targets(GETMANY8, RAN8)}
+    assert rows["8 workers get_many(100): broker / direct"]["guarded"] is None
+
+
+def test_the_table_shows_the_guarded_floor_column() -> None:
+    table = report.targets_table(report.evaluate_targets(GUARDED8, RAN8))
+    header = [h.strip() for h in table.splitlines()[0].strip("|").split("|")]
+    assert header.index("guarded floor") == header.index("floor") + 1
+    row = next(line for line in table.splitlines() if line.startswith("| 8 workers get_many(100): broker / direct"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[header.index("floor")] == "0.96" and cells[header.index("guarded floor")] == "0.80"
+    assert cells[header.index("result")] == "FAIL (guarded floor misses too)"
+
+
+def test_the_guarded_floor_carries_its_ratio_to_the_floor_and_the_broker_its_ratio_to_both() -> None:
+    rounds = [
+        {"scenario": "getmany-8", "path": path, "round": rnd, "ops_per_s": ops, "calls": 10, "workers": 8}
+        for rnd, (d, b, f, g) in enumerate([(500.0, 400.0, 480.0, 400.0), (600.0, 420.0, 525.0, 420.0)])
+        for path, ops in (("direct", d), ("broker", b), ("floor", f), ("floor-guarded", g))
+    ]
+    by = {s["path"]: s for s in report.summarize(rounds)}
+    assert by["floor-guarded"]["vs_floor"] == pytest.approx((400 / 480 + 420 / 525) / 2, abs=1e-3)
+    assert by["broker"]["vs_floor-guarded"] == pytest.approx(1.0, abs=1e-3)
+    assert "vs_floor-guarded" not in by["floor"] and "vs_floor-guarded" not in by["floor-guarded"]
