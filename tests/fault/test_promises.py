@@ -107,9 +107,10 @@ def test_deadline_missed_while_memcached_still_answers_leaves_the_server_up(memc
     broker = broker_factory([memcached.address], failure_limit=1, timeout_ms=1000)
     keys = [f"many-{i}" for i in range(30_000)]
     # The inputs are 30,000 keys under 50 ms; on a quiet machine the broker answered all
-    # 30,000 within 50 ms (a fresh-clone CI run), so the deadline here is 20 ms: still missed
-    # while memcached answers throughout, which is the promise under test.
-    c = Client(broker.url, timeout=0.02)
+    # 30,000 within 50 ms (a fresh-clone CI run), and on a fast one within 20 ms (another, on an
+    # AMD EPYC), so the deadline here is 2 ms: still missed while memcached answers throughout,
+    # which is the promise under test, and far below the 0.1 s of silence that counts as failure.
+    c = Client(broker.url, timeout=0.002)
     try:
         for _ in range(3):
             try:
@@ -123,7 +124,7 @@ def test_deadline_missed_while_memcached_still_answers_leaves_the_server_up(memc
             if s["timeouts"]:
                 break
         # The promise was put to the test: the deadline really was missed.
-        assert s["timeouts"] > 0, "30,000 gets answered within 20 ms: the deadline was never missed"
+        assert s["timeouts"] > 0, "30,000 gets answered within 2 ms: the deadline was never missed"
     finally:
         c.disconnect_all()
     with client(broker.url, 5.0) as ok:
