@@ -300,6 +300,14 @@ def test_stall_on_one_connection_does_not_hold_up_the_other(fake, broker_factory
     keys = [f"o{i}" for i in range(20)]
     preload(client, keys)
     accepted = fake.accepted
+    # Both connections ready and idle (each one's opening `stats settings` answered): on a loaded
+    # machine the second one's could still be in flight, and the broker rightly queued a call on
+    # the stalled connection then (equally deep, first in order), which failed with its reset.
+    deadline = time.monotonic() + 5.0
+    while (s := server_stats(broker, fake))["connections"] < 2 or s["depth"]:
+        assert time.monotonic() < deadline, s
+        time.sleep(0.01)
+    before = fake.requests
 
     fake.inject(Fault.STALL, nth=1)
     stalled: dict[str, object] = {}
@@ -314,7 +322,7 @@ def test_stall_on_one_connection_does_not_hold_up_the_other(fake, broker_factory
 
     t = threading.Thread(target=stalled_call)
     t.start()
-    assert fake.wait_for_requests(fake.requests + 1)  # the victim is in flight, unanswered
+    assert fake.wait_for_requests(before + 1)  # the victim is in flight, unanswered
     # Sequential calls meanwhile go to the idle connection and are answered (a call queued behind
     # the stall would fail with the connection's reset instead).
     for k in keys:
