@@ -243,7 +243,9 @@ def evaluate_targets(summaries: Sequence[Mapping[str, Any]], ran: Mapping[str, M
                 status = "FAIL (bound misses too)"
             elif status == "FAIL" and t.floor_bounds and floor is not None and not meets(floor):
                 status = "FAIL (floor misses too)"
-            elif status == "FAIL" and t.floor_bounds and guarded is not None and not meets(guarded):
+            elif (status == "FAIL" and t.floor_bounds and floor is not None and guarded is not None
+                  and not meets(guarded)):
+                # (Only beside a plain floor that meets it: without one the run shows no price.)
                 status = "FAIL (guarded floor misses too)"
         out.append({"target": t.what, "scenario": t.scenario, "workers": info.get("workers") if info else None,
                     "value": value, "bound": bound, "floor": floor, "guarded": guarded, "limit": f"{t.op} {t.limit:g}{(' ' + t.unit) if t.unit else ''}", "status": status})

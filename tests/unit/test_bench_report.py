@@ -215,6 +215,12 @@ def test_a_target_the_guarded_floor_meets_is_a_plain_fail() -> None:
     assert rows["8 workers get_many(100): broker / direct"]["status"] == "FAIL"
 
 
+def test_a_guarded_floor_without_a_plain_floor_gives_no_verdict_of_its_own() -> None:
+    rows = {t["target"]: t for t in report.evaluate_targets([s for s in GUARDED8 if s["path"] != "floor"], RAN8)}
+    row = rows["8 workers get_many(100): broker / direct"]
+    assert (row["floor"], row["guarded"], row["status"]) == (None, 0.80, "FAIL")
+
+
 def test_no_guarded_floor_path_no_guarded_value() -> None:
     rows = {t["target"]: t for t in report.evaluate_targets(GETMANY8, RAN8)}
     assert rows["8 workers get_many(100): broker / direct"]["guarded"] is None
