@@ -108,8 +108,9 @@ def test_deadline_missed_while_memcached_still_answers_leaves_the_server_up(memc
     keys = [f"many-{i}" for i in range(30_000)]
     # The inputs are 30,000 keys under 50 ms; on a quiet machine the broker answered all
     # 30,000 within 50 ms (a fresh-clone CI run), and on a fast one within 20 ms (another, on an
-    # AMD EPYC), so the deadline here is 2 ms: still missed while memcached answers throughout,
-    # which is the promise under test, and far below the 0.1 s of silence that counts as failure.
+    # AMD EPYC), so the client's timeout here is 2 ms (its frames ask the broker for 1 ms: clientlib
+    # leaves a margin and sends whole ms): a deadline missed while memcached is up and answers all
+    # it was sent, far below the 0.1 s of silence that counts as a failure, is the promise under test.
     c = Client(broker.url, timeout=0.002)
     try:
         for _ in range(3):
