@@ -185,7 +185,13 @@ def test_read_follows_a_pinned_write_onto_its_connection_and_sees_it(memcached_f
         reply = decode_reply(sock.recv())
         assert reply.req_id == 2
         sock.send(encode_request(3, [[Op.GET, b"pinned"]], 30000))
-        time.sleep(0.2)  # the read reaches the broker and its socket while memcached is stopped
+        # The read must reach memcached's socket while memcached is stopped. Ping 4's answer
+        # means the broker has read frame 3 (one socket's frames are read in order); ping 5 is
+        # read in a later turn, so its answer means the turn that routed frame 3 has flushed.
+        for fence in (4, 5):
+            sock.send(encode_request(fence, [[Op.PING]], 30000))
+            assert sock.poll(10_000)
+            assert decode_reply(sock.recv()).req_id == fence
         server.resume()
         deadline = time.monotonic() + 30
         while len(replies) < 2 and time.monotonic() < deadline:

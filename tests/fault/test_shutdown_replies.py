@@ -45,11 +45,23 @@ def test_requests_in_flight_at_sigterm_all_get_an_answer(memcached_factory, brok
                 time.sleep(0.01)
             assert broker.stats()["inflight"] == WORKERS
             broker.signal(signal.SIGTERM)
-            time.sleep(0.2)
+            # The signal is handled before memcached answers: a ping is refused once it has been.
+            probe = ctx.socket(zmq.DEALER)
+            probe.setsockopt(zmq.LINGER, 0)
+            probe.connect(broker.url)
+            socks.append(probe)
+            deadline = time.monotonic() + 10
+            for n in range(1000, 2000):
+                probe.send(encode_request(n, [[Op.PING]], 5000))
+                assert probe.poll(5000), "no answer to a ping"
+                if decode_reply(probe.recv()).code == Code.SHUTTING_DOWN:
+                    break
+                assert time.monotonic() < deadline, "the broker never began to drain"
+                time.sleep(0.01)
         finally:
             mc.resume()
         answers = {}
-        for i, sock in enumerate(socks):
+        for i, sock in enumerate(socks[:WORKERS]):
             assert sock.poll(5000), f"request {100 + i}: no reply"
             reply = decode_reply(sock.recv())
             answers[reply.req_id] = reply

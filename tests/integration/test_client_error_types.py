@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -83,7 +84,14 @@ def test_no_broker(nowhere: str, name: str) -> None:
 
 def test_broker_stopped_and_killed(broker: Any) -> None:
     c = Client(broker.url, timeout=0.2)
-    assert c.set("a", b"1") is True
+    # The first call also connects: on a loaded machine that alone can outlast 0.2 s.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert c.set("a", b"1") is True
+            break
+        except BrokerTimeout:
+            assert time.monotonic() < deadline, "the broker never answered a set within 0.2 s"
     broker.pause()
     try:
         for name in CALLS:

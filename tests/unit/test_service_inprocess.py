@@ -30,6 +30,7 @@ from broker import config as config_mod
 from broker import service
 from broker.service import IDLE_POLL_MS, TIMER_INTERVAL, Broker, ensure_fd_limit, sd_notify, watchdog_interval
 from clientlib.wire import Code, Op, decode_reply, encode_request
+from timing import LATE
 
 pytestmark = pytest.mark.unit
 
@@ -312,7 +313,14 @@ def _call(sock: zmq.Socket[Any], req_id: int, op: list[Any]) -> Any:
     return decode_reply(sock.recv())
 
 
-def test_the_loop_answers_then_drains_on_sigterm_and_refuses_what_comes_after(made: Made, restore_signals: None) -> None:
+def test_the_loop_answers_then_drains_on_sigterm_and_refuses_what_comes_after(
+    made: Made, restore_signals: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing is in flight, so the drain ends on the loop's first turn after SIGTERM and close()
+    # answers frames only until none came for CLOSE_QUIET_MS: the worker thread's second frame
+    # must arrive within that, on a machine that may keep a thread off the CPU for LATE.
+    monkeypatch.setattr(service, "CLOSE_QUIET_MS", int(2 * LATE * 1000))
+    monkeypatch.setattr(service, "CLOSE_LINGER_MS", 30_000)
     b = made.broker
     ctx: zmq.Context[Any] = zmq.Context()
     replies: dict[str, Any] = {}
