@@ -152,7 +152,7 @@ class BrokerProcess:
     def stats(self) -> dict[str, Any]:
         from clientlib import Client
 
-        client = Client(self.url, timeout=2.0)
+        client = Client(self.url, timeout=5.0)
         try:
             return client.broker_stats()
         finally:

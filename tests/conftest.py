@@ -32,7 +32,10 @@ from harness import Memcached, MemcachedFactory  # noqa: E402
 # becomes a test instead of a coin toss in CI.
 from hypothesis import settings as _hypothesis_settings  # noqa: E402
 
-_hypothesis_settings.register_profile("ci", derandomize=True)
+# No per-example deadline anywhere: Hypothesis's default (200 ms) is a timed assertion, and a
+# loaded machine can hold a test off the CPU for LATE (tests/timing.py); speed belongs to bench/.
+_hypothesis_settings.register_profile("local", deadline=None)
+_hypothesis_settings.register_profile("ci", derandomize=True, deadline=None)
 # scripts/mutation (mutmut sets MUTANT_UNDER_TEST): fixed and fewer examples, so each of thousands
 # of mutants runs fast and the same way every time; a mutant killed only by chance is not killed.
 _hypothesis_settings.register_profile("mutation", derandomize=True, max_examples=30, deadline=None)
@@ -40,6 +43,8 @@ if os.environ.get("MUTANT_UNDER_TEST"):
     _hypothesis_settings.load_profile("mutation")
 elif os.environ.get("CI"):
     _hypothesis_settings.load_profile("ci")
+else:
+    _hypothesis_settings.load_profile("local")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

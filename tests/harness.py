@@ -55,7 +55,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def request(address: str, payload: bytes, terminator: bytes, timeout: float = 1.0) -> bytes:
+def request(address: str, payload: bytes, terminator: bytes, timeout: float = 5.0) -> bytes:
     """Send `payload` to a memcached address and read until the reply ends with `terminator`.
 
     Raises TimeoutError (socket.timeout) if the whole exchange exceeds `timeout`,
@@ -77,7 +77,7 @@ def request(address: str, payload: bytes, terminator: bytes, timeout: float = 1.
         return bytes(buf)
 
 
-def version(address: str, timeout: float = 1.0) -> str:
+def version(address: str, timeout: float = 5.0) -> str:
     """The server's version string; raises on timeout or an unexpected reply."""
     reply = request(address, b"version\r\n", b"\r\n", timeout)
     if not reply.startswith(b"VERSION "):
@@ -85,7 +85,7 @@ def version(address: str, timeout: float = 1.0) -> str:
     return reply[len(b"VERSION ") : -2].decode("ascii")
 
 
-def stats(address: str, timeout: float = 1.0) -> dict[str, str]:
+def stats(address: str, timeout: float = 5.0) -> dict[str, str]:
     reply = request(address, b"stats\r\n", b"END\r\n", timeout)
     out: dict[str, str] = {}
     for line in reply.decode("ascii").split("\r\n"):
@@ -95,7 +95,7 @@ def stats(address: str, timeout: float = 1.0) -> dict[str, str]:
     return out
 
 
-def flush_all(address: str, timeout: float = 1.0) -> None:
+def flush_all(address: str, timeout: float = 5.0) -> None:
     reply = request(address, b"flush_all\r\n", b"\r\n", timeout)
     if reply != b"OK\r\n":
         raise MemcachedError(f"{address}: unexpected reply to flush_all: {reply!r}")
@@ -334,13 +334,13 @@ class Memcached:
 
     # -- talking to it ----------------------------------------------------------
 
-    def version(self, timeout: float = 1.0) -> str:
+    def version(self, timeout: float = 5.0) -> str:
         return version(self.address, timeout)
 
-    def stats(self, timeout: float = 1.0) -> dict[str, str]:
+    def stats(self, timeout: float = 5.0) -> dict[str, str]:
         return stats(self.address, timeout)
 
-    def flush_all(self, timeout: float = 1.0) -> None:
+    def flush_all(self, timeout: float = 5.0) -> None:
         flush_all(self.address, timeout)
 
 

@@ -180,7 +180,7 @@ def _stalled_get(url: str, key: str) -> None:
 
 def test_worker_killed_in_the_middle_of_a_call(memcached, broker_factory):
     broker = broker_factory([memcached.address], timeout_ms=1000)
-    setter = Client(broker.url)
+    setter = Client(broker.url, timeout=5.0)
     setter.set("mid-call", b"v")
     setter.disconnect_all()
     # One socket that stays: the broker's count of worker sockets, read through it, is 1 once every

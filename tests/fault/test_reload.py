@@ -246,22 +246,37 @@ def test_reload_applies_health_settings_to_servers_it_keeps(
     """failure_limit and the probe intervals of a reloaded config govern the servers that stay, not
     only the ones it adds."""
     a, b = memcached_factory(2)
-    broker = broker_factory([a.address, b.address], failure_limit=1000, probe_interval_ms=5000, io_timeout_ms=20000)
+    broker = broker_factory(
+        [a.address, b.address], failure_limit=1000, probe_interval_ms=60_000, probe_max_interval_ms=60_000,
+        io_timeout_ms=20000,
+    )
     keys = [f"hs:{i}" for i in range(50)]
     on_a = [k for k, s in owners([a.address, b.address], keys).items() if s == a.address]
     client = Client(broker.url, timeout=0.5, ignore_exc=True)
+    # Connected before the test starts: a first call that spent its 0.5 s on the handshake would
+    # send nothing, and ignore_exc would hide that.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert client.broker_ping() == "PONG"
+            break
+        except MemcacheError:
+            assert time.monotonic() < deadline, "the broker never answered a ping within 0.5 s"
     broker.write_config(failure_limit=1, probe_interval_ms=100, probe_max_interval_ms=200)
     broker.reload()
     wait_for(lambda: "config reloaded" in broker.log(), 5.0, "reload applied")
     a.pause()
     try:
         assert client.get_many(on_a) == {}  # one timed-out frame: one failure, now the limit
-        s = broker.stats()["servers"][a.address]
-        assert s["ejections"] == 1 and s["state"] != "up"
+        # The client may give up (its clock) a little before the broker times the frame out (its
+        # own), so the ejection is waited for, not read at once.
+        wait_for(lambda: broker.stats()["servers"][a.address]["ejections"] == 1, 10, "ejected")
+        assert broker.stats()["servers"][a.address]["state"] != "up"
     finally:
         a.resume()
-    # the new config's probe interval brings it back (the old one would wait 2.5 s at least)
-    wait_for(lambda: broker.stats()["servers"][a.address]["state"] == "up", 1.5, "back up")
+    # The new config's probe interval brings it back; the old one would wait 30 s at least
+    # (equal jitter: half of 60 s fixed).
+    wait_for(lambda: broker.stats()["servers"][a.address]["state"] == "up", 10, "back up")
 
 
 def test_a_server_whose_name_does_not_resolve_is_a_down_server_not_a_dead_broker(

@@ -24,7 +24,7 @@ def test_requests_in_flight_at_sigterm_all_get_an_answer(memcached_factory, brok
     (mc,) = memcached_factory(1)
     broker = broker_factory([mc.address])
     keys = [b"k%d" % i for i in range(WORKERS)]
-    Client(broker.url).set_many({k: b"v-" + k for k in keys})
+    Client(broker.url, timeout=5.0).set_many({k: b"v-" + k for k in keys})
     ctx = zmq.Context()
     socks = []
     try:

@@ -468,7 +468,7 @@ def test_gat_and_gats_follow_memcached(pair: Callable[..., tuple[Client, PmClien
     assert ours.get("g") is None
 
     # Through a serde and a key prefix, gat reads like get.
-    typed = Client(ours.broker_url, serde=cl_serde.PickleSerde(), key_prefix="p:")
+    typed = Client(ours.broker_url, serde=cl_serde.PickleSerde(), key_prefix="p:", timeout=5.0)
     typed.set("obj", {"x": 1})
     assert typed.gat("obj", 50) == {"x": 1}
     assert 40 <= ttl_left("p:obj") <= 50

@@ -83,7 +83,7 @@ def ms_away(memcached, tmp_path):
 
 def test_32_workers_reading_one_key_share_upstream_gets(memcached, ms_away, broker_factory):
     broker = broker_factory([ms_away])
-    Client(broker.url).set(HOT, HOT_VALUE)
+    Client(broker.url, timeout=5.0).set(HOT, HOT_VALUE)
     hits0, cmd0 = _upstream_hits(memcached)
     right, wrong = _hot_key_run(broker.url)
     hits, cmd = _upstream_hits(memcached)
@@ -101,7 +101,7 @@ def test_32_workers_reading_one_key_share_upstream_gets(memcached, ms_away, brok
 
 def test_with_coalescing_off_every_get_reaches_memcached(memcached, broker_factory):
     broker = broker_factory([memcached.address], coalesce_reads=False)
-    Client(broker.url).set(HOT, HOT_VALUE)
+    Client(broker.url, timeout=5.0).set(HOT, HOT_VALUE)
     hits0, _ = _upstream_hits(memcached)
     right, wrong = _hot_key_run(broker.url)
     hits, _ = _upstream_hits(memcached)

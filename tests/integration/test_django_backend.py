@@ -50,6 +50,7 @@ from clientlib import Client  # noqa: E402
 from clientlib.django import BrokerCache  # noqa: E402
 from clientlib.errors import MemcacheServerError  # noqa: E402
 from harness import Memcached  # noqa: E402
+from timing import FAST_DEADLINE  # noqa: E402
 
 # Cases shared with the other backend test module (tests/django_cases.py): collected here, with
 # this module's `cache` fixture.
@@ -87,6 +88,9 @@ urlpatterns = [path("count", counter_view), path("acount", async_counter_view)]
 @pytest.fixture
 def make(broker: BrokerProcess) -> Callable[..., BrokerCache]:
     def make(**params: Any) -> BrokerCache:
+        # Calls get a deadline a loaded machine cannot outlast (tests/timing.py), unless the test
+        # sets its own.
+        params["OPTIONS"] = {"timeout": FAST_DEADLINE, **params.get("OPTIONS", {})}
         return BrokerCache(params.pop("LOCATION", broker.url), params)
 
     return make

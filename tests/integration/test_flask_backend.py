@@ -21,6 +21,7 @@ import harness
 from brokerproc import BrokerProcess
 from clientlib.flask import BrokerCache
 from harness import Memcached
+from timing import FAST_DEADLINE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -70,7 +71,7 @@ def app_cache(broker: BrokerProcess) -> tuple[Flask, Cache, dict[str, int]]:
 
 @pytest.fixture
 def backend(broker: BrokerProcess) -> BrokerCache:
-    return BrokerCache(broker.url, key_prefix="t:")
+    return BrokerCache(broker.url, key_prefix="t:", timeout=FAST_DEADLINE)  # tests/timing.py
 
 
 def test_cache_type_selects_the_backend(broker: BrokerProcess, mc: Memcached) -> None:

@@ -56,7 +56,7 @@ def test_odd_keys_duplicates_and_sizes_answer_as_one_get_per_key(mc: Any, broker
     assert got == [[Code.OK, stored[k], 3] if k in stored else [Code.MISS] for k in keys]
     assert both(broker.url, [b"a b"]) == [[Code.OK, stored[b"a b"], 3]]
     big = [b"k-%d" % (i % 700) for i in range(3000)]
-    Client(broker.url).set_many({k: k for k in big[:350]})
+    Client(broker.url, timeout=5.0).set_many({k: k for k in big[:350]})
     assert both(broker.url, big) == [[Code.OK, k, 0] if int(k[2:]) < 350 else [Code.MISS] for k in big]
 
 

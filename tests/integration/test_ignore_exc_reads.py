@@ -24,12 +24,12 @@ class BrokenSerde:
 def test_a_serde_that_cannot_decode_is_a_miss_with_ignore_exc(mc, broker):
     host, _, port = mc.address.rpartition(":")
     theirs = Direct((host, int(port)), serde=BrokenSerde(), ignore_exc=True, default_noreply=False)
-    ours = Client(broker.url, serde=BrokenSerde(), ignore_exc=True)
+    ours = Client(broker.url, serde=BrokenSerde(), ignore_exc=True, timeout=5.0)
     ours.set("k", b"v")
     assert theirs.get("k") is None and ours.get("k") is None
     assert theirs.get("k", b"dflt") == b"dflt" and ours.get("k", b"dflt") == b"dflt"
     assert theirs.get_many(["k"]) == {} and ours.get_many(["k"]) == {}
-    strict = Client(broker.url, serde=BrokenSerde())
+    strict = Client(broker.url, serde=BrokenSerde(), timeout=5.0)
     with pytest.raises(RuntimeError, match="cannot decode"):
         strict.get("k")
 
@@ -37,10 +37,10 @@ def test_a_serde_that_cannot_decode_is_a_miss_with_ignore_exc(mc, broker):
 def test_the_same_for_asyncclient(mc, broker):
     import asyncio
 
-    Client(broker.url).set("k", b"v")
+    Client(broker.url, timeout=5.0).set("k", b"v")
 
     async def run() -> tuple[Any, Any]:
-        c = AsyncClient(broker.url, serde=BrokenSerde(), ignore_exc=True)
+        c = AsyncClient(broker.url, serde=BrokenSerde(), ignore_exc=True, timeout=5.0)
         try:
             return await c.get("k"), await c.get_many(["k"])
         finally:

@@ -45,7 +45,7 @@ def script(c: Client) -> list[Any]:
 
 
 def test_mock_leases_match_memcached_through_the_broker(broker):
-    real = script(Client(broker.url))
+    real = script(Client(broker.url, timeout=5.0))
     assert real[:2] == [("lease", "a", b"", 0, LEASE_WON), ("lease", "a", b"", 0, LEASE_TAKEN)]
     assert ("lease", "a", b"filled", 0, LEASE_STALE | LEASE_WON) in real
     assert script(MockClient()) == real

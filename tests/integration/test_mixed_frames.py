@@ -31,7 +31,7 @@ def call(url: str, ops: list[list[object]]) -> list[list[object]]:
 
 def test_keyed_ops_around_broadcasts_in_one_frame(mc, broker_factory):
     broker = broker_factory([mc.address], connections_per_server=1)
-    Client(broker.url).set_many({f"k{i}": b"v%d" % i for i in range(6)})
+    Client(broker.url, timeout=5.0).set_many({f"k{i}": b"v%d" % i for i in range(6)})
     ops: list[list[object]] = [
         [Op.GET, b"k0"], [Op.GET, b"k1"], [Op.STATS, []], [Op.GET, b"k2"], [Op.VERSION],
         [Op.SET, b"k3", b"new", 0, 0], [Op.GET, b"k3"], [Op.GET, b"missing"], [Op.STATS, [b"settings"]], [Op.GET, b"k5"],

@@ -44,7 +44,7 @@ def busy_broker(request, mc):
     request.addfinalizer(b.cleanup)
     b.start()
     b.metrics_port = port  # type: ignore[attr-defined]
-    client = Client(b.url)
+    client = Client(b.url, timeout=5.0)
     for i in range(SETS):
         client.set(f"k{i}", b"v")
     for i in range(GETS):

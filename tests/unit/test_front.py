@@ -72,10 +72,12 @@ class Rig:
         self.sock = self.front.sockets[0]
         self.workers: list[zmq.Socket[Any]] = []
 
-    def worker(self, ident: bytes) -> zmq.Socket[Any]:
+    def worker(self, ident: bytes, reconnect: bool = True) -> zmq.Socket[Any]:
         w = self.ctx.socket(zmq.DEALER)
         w.setsockopt(zmq.IDENTITY, ident)
         w.setsockopt(zmq.LINGER, 0)
+        if not reconnect:
+            w.setsockopt(zmq.RECONNECT_IVL, -1)
         w.connect(self.url)
         self.workers.append(w)
         return w
@@ -665,7 +667,9 @@ def test_each_refusal_is_counted_and_logged_with_the_cap(
         wait_for(lambda: r.front.poll_workers() == 1, "the first worker")
         with caplog.at_level(logging.WARNING, logger="mcbroker.front"):
             for n in (2, 3):
-                r.worker(b"extra%d" % n)
+                # A refused DEALER reconnects after 100 ms: a test thread held off the CPU that long
+                # would find the reconnect pending too, and count three refusals.
+                r.worker(b"extra%d" % n, reconnect=False)
                 r.settle(lambda: r.front._pending, "a connection pending")
                 r.front.admit()
         assert r.front.clients_refused == 2 and r.front.workers == 1

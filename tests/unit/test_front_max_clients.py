@@ -11,6 +11,7 @@ unix), no processes.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -266,6 +267,7 @@ def test_peer_closed_tells_a_closed_peer_from_an_open_one_without_consuming(tcp:
     assert peer_closed(fd) is False  # open, data waiting
     assert tcp.accepted.recv(8) == b"greeting"  # the peek consumed nothing
     tcp.client.close()
+    assert select.select([tcp.accepted], [], [], 5)[0]  # the FIN has arrived
     assert peer_closed(fd) is True
     assert _fd_open(fd)  # only its duplicate was closed
 

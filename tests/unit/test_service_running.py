@@ -407,6 +407,11 @@ def test_waves_of_workers_are_each_handshaken_served_or_refused_and_counted_gone
                 # The others never get an answer (their connections are shut down).
                 late = sum(bool(x.sock.poll(100)) for x in waiting)
                 got["answered"].append(answered + late)
+                if served < 10:
+                    # A surplus worker's own I/O thread may connect late on a loaded machine.
+                    end = time.monotonic() + WAIT
+                    while w.stats()["clients_refused"] - before < 10 - served and time.monotonic() < end:
+                        time.sleep(0.02)
                 refused = w.stats()["clients_refused"] - before
                 # None with room for all; past the cap, each of the others at least once.
                 got["refused"].append(refused == 0 if served == 10 else refused >= 10 - served)
