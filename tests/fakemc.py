@@ -34,6 +34,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 MAX_CONNECTIONS = 64
@@ -97,6 +98,7 @@ class FakeMemcached:
         self.store: dict[bytes, tuple[bytes, int, int]] = {}  # key -> (value, client flags, cas)
         self.accepted = 0
         self.requests = 0
+        self.handled = 0  # requests whose answers (if any) have been sent
         self.faults_fired: list[tuple[Fault, int]] = []  # (fault, connection id)
         self.port = 0
 
@@ -173,20 +175,20 @@ class FakeMemcached:
 
     def wait_for_connections(self, accepted: int, timeout: float = 5.0) -> bool:
         """Wait until at least `accepted` connections were accepted in all."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self.accepted < accepted:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+        return self._wait_until(lambda: self.accepted >= accepted, timeout)
 
     def wait_for_requests(self, requests: int, timeout: float = 5.0) -> bool:
         """Wait until at least `requests` requests were received in all."""
+        return self._wait_until(lambda: self.requests >= requests, timeout)
+
+    def wait_for_handled(self, requests: int, timeout: float = 5.0) -> bool:
+        """Wait until at least `requests` requests were received and answered in all."""
+        return self._wait_until(lambda: self.handled >= requests, timeout)
+
+    def _wait_until(self, cond: Callable[[], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self.requests < requests:
+            while not cond():
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -240,12 +242,16 @@ class FakeMemcached:
                     break
                 buf += data
                 out = bytearray()
+                taken = len(conn.lines)
                 try:
                     self._process(conn, buf, out)
                 except _Close as close:
                     self._send(conn, bytes(out) + close.args[0])
                     break
                 self._send(conn, bytes(out))
+                with self._cond:
+                    self.handled += len(conn.lines) - taken
+                    self._cond.notify_all()
         except (OSError, ValueError):  # ValueError: select() on a socket closed under us
             pass
         finally:

@@ -24,6 +24,7 @@ scripted memcached of tests/fakemc.py.
 
 from __future__ import annotations
 
+import select
 import tempfile
 import threading
 import time
@@ -72,6 +73,25 @@ class Held:
 
     def wait(self) -> None:
         assert self.parked.wait(10), "the loop never reached the condition"
+
+    # While the loop is parked its thread is outside every socket call, so the test thread may
+    # look at the broker's sockets; these wait for what the held turn is to find ready, where a
+    # fixed sleep would be too short on a loaded machine.
+
+    def answers_waiting(self, socks: list[Any]) -> None:
+        """Until every one of these memcached sockets is readable (answers, or the stream's end)."""
+        end = time.monotonic() + 10
+        while len(select.select(socks, [], [], 0.05)[0]) < len(socks):
+            assert time.monotonic() < end, "memcached's side never reached the broker's sockets"
+
+    def frame_waiting(self) -> None:
+        """Until a worker's frame waits in the broker's ZeroMQ queue. The worker must have been
+        answered once before: its handshake needs the loop, which is parked."""
+        sock = self.b.front.sockets[0]
+        end = time.monotonic() + 10
+        while not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            assert time.monotonic() < end, "the frame never reached the broker's socket"
+            time.sleep(0.005)
 
 
 @pytest.fixture
@@ -136,6 +156,7 @@ def test_a_get_arriving_with_the_answer_of_its_keys_read_joins_that_read(rig: di
     held: Held = rig["held"]
     a, c = rig["worker"](), rig["worker"]()
     assert call(a, 1, [[Op.SET, b"k", b"v", 0, 0]]) == [[Code.OK]]
+    assert call(c, 9, [[Op.PING]]) == [[Code.OK, "PONG"]]  # connected
     server = next(iter(b.servers.values()))
     before = fake.requests
     # Held once the get is written to memcached and still unanswered in the broker.
@@ -143,9 +164,9 @@ def test_a_get_arriving_with_the_answer_of_its_keys_read_joins_that_read(rig: di
     a.send(encode_request(2, [[Op.GET, b"k"]], 5000))
     held.wait()
     assert fake.wait_for_requests(before + 1)
-    time.sleep(0.2)  # the answer is in the broker's socket, unread
+    held.answers_waiting([x.sock for x in server.conns if x.pipeline.inflight])
     c.send(encode_request(3, [[Op.GET, b"k"]], 5000))
-    time.sleep(0.2)  # the frame is in the broker's ZeroMQ queue
+    held.frame_waiting()
     held.go.set()
     assert reply(a, 2) == [[Code.OK, b"v", 0]]
     assert reply(c, 3) == [[Code.OK, b"v", 0]]
@@ -169,9 +190,9 @@ def test_connections_memcached_closed_while_idle_take_none_of_the_same_turns_fra
     assert len(live) == len(server.conns)
     for cid in live:
         fake.close_connection(cid)
-    time.sleep(0.2)  # the ends of the streams are in the broker's sockets, unread
+    held.answers_waiting([x.sock for x in server.conns])
     w.send(encode_request(3, [[Op.INCR, b"n", 1], [Op.GET, b"k"]], 5000))
-    time.sleep(0.2)  # the frame is in the broker's ZeroMQ queue
+    held.frame_waiting()
     held.go.set()
     assert reply(w, 3) == [[Code.OK, 6], [Code.OK, b"v", 0]]
     assert fake.store[b"n"][0] == b"6"
@@ -190,6 +211,7 @@ def answer_waiting_and_a_new_get(
     held: Held = rig["held"]
     a, c = rig["worker"](), rig["worker"]()
     assert call(a, 1, [[Op.SET, b"k1", b"v1", 0, 0], [Op.SET, b"k2", b"v2", 0, 0]]) == [[Code.OK], [Code.OK]]
+    assert call(c, 9, [[Op.PING]]) == [[Code.OK, "PONG"]]  # connected
     (conn,) = next(iter(b.servers.values())).conns
     prepare()
     before = fake.requests
@@ -197,9 +219,9 @@ def answer_waiting_and_a_new_get(
     a.send(encode_request(2, [[Op.GET, b"k1"]], 5000))
     held.wait()
     assert fake.wait_for_requests(before + 1)
-    time.sleep(0.2)  # k1's answer is in the broker's socket, unread
+    held.answers_waiting([conn.sock])  # k1's answer, unread
     c.send(encode_request(3, [[Op.GET, b"k2"]], 5000))
-    time.sleep(0.2)  # the frame is in the broker's ZeroMQ queue
+    held.frame_waiting()
     on_hold()
     held.go.set()
     assert reply(a, 2) == [[Code.OK, b"v1", 0]]
@@ -241,8 +263,7 @@ def test_a_write_answered_in_the_turn_it_was_written_has_no_negative_latency(
         # turn that wrote the second request.
         flush(self, now)
         if slow:
-            assert fake.wait_for_requests(slow.pop())
-            time.sleep(0.1)
+            assert fake.wait_for_handled(slow.pop())  # answered: on loopback, in this end's socket
 
     reads: list[tuple[int, int]] = []
     on_readable = Connection.on_readable
@@ -275,19 +296,22 @@ def test_answers_that_arrive_while_a_turn_writes_are_not_the_servers_silence(
     # are checked against the turn's start, so the get is answered, not timed out, and the
     # server is not blamed for a silence that was the loop's.
     b: Broker = rig["broker"]
+    fake: FakeMemcached = rig["fake"]
     w = rig["worker"]()
     assert call(w, 1, [[Op.SET, b"k", b"v", 0, 0]]) == [[Code.OK]]
     server = next(iter(b.servers.values()))
-    slow: list[float] = []
+    slow: list[int] = []
     flush = Connection.flush
 
     def slow_flush(self: Connection, now: float) -> None:
         flush(self, now)
         if slow:
-            time.sleep(slow.pop())
+            # memcached has answered, and the turn goes on past the get's deadline.
+            assert fake.wait_for_handled(slow.pop())
+            time.sleep(0.1)
 
     monkeypatch.setattr(Connection, "flush", slow_flush)
-    slow.append(0.3)
+    slow.append(fake.requests + 2)  # the get and its write's fence
     w.send(encode_request(2, [[Op.GET, b"k"]], 50))
     assert reply(w, 2) == [[Code.OK, b"v", 0]]
     assert not slow

@@ -22,6 +22,7 @@ import pytest
 from clientlib import Client
 from faultproxy import FaultProxy
 from harness import Memcached
+from timing import LATE
 from verify import Tally, delta, reconcile, run_worker, summary
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(180)]
@@ -31,8 +32,8 @@ THREADS = 2
 SECONDS = 3.0
 TIMEOUT = 1.0
 # Stated tolerance over a call's deadline: the client waits 50 ms past it for the broker's
-# TIMEOUT answer, and this machine is shared and loaded.
-TOLERANCE = 1.0
+# TIMEOUT answer, and a loaded machine may run anything LATE late (tests/timing.py).
+TOLERANCE = LATE
 
 
 def _schedule(proxy: FaultProxy, mc: Memcached, steps: list[tuple[float, Callable[[], None]]]) -> list[tuple[str, float]]:

@@ -147,7 +147,7 @@ def test_drain_refuses_new_frames_answers_the_held_one_then_the_loop_ends(monkey
         silent.listen(16)
         url = f"ipc://{d}/b.sock"
         c = config_mod.from_mapping({
-            "listen": [url], "servers": [f"127.0.0.1:{silent.getsockname()[1]}"], "io_timeout_ms": 1000,
+            "listen": [url], "servers": [f"127.0.0.1:{silent.getsockname()[1]}"], "io_timeout_ms": 4000,
             "failure_limit": 1000,
         })
         b = Broker(c)
@@ -159,7 +159,10 @@ def test_drain_refuses_new_frames_answers_the_held_one_then_the_loop_ends(monkey
                 s.setsockopt(zmq.LINGER, 0)
                 s.connect(url)
             assert _call(fresh, 1, [[Op.PING]], 5000).payload == [[Code.OK, "PONG"]]
-            held.send(encode_request(2, [[Op.GET, b"k"]], 1500))
+            # Deadline and io timeout (which runs from the broker's first write to the silent
+            # server, at start) outlast what follows by more than LATE: the get must still be
+            # in flight when the drain has begun and refused a new frame.
+            held.send(encode_request(2, [[Op.GET, b"k"]], 4000))
             assert not held.poll(300)  # in flight, unanswered
             b._on_signal(signal.SIGTERM, None)
             os.write(b._wake_w.fileno(), b"\0")

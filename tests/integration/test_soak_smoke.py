@@ -1,11 +1,11 @@
-"""A fifteen-second run of the soak (bench/soak.py; the real thing runs for minutes, outside CI): it
+"""A twenty-four-second run of the soak (bench/soak.py; the real thing runs for minutes, outside CI): it
 starts, injects a broker kill, a memcached kill and a corrupted stream, and reports PASS with 0
 misdelivered, 0 acknowledged writes lost and its counters reconciled.
 
 The soak starts a fault only while one more interval still fits before its end, and each fault
 takes its own time (a broker restart took 2.6 s under a loaded suite), so the order and the length
 leave room: the two kills first (about 1-3 s each), then the 4 s corrupted stream, which still
-starts if the kills took up to 5 s more than that."""
+starts if the kills took up to 14 s more than that (a machine 3-4 times slower than this one)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_soak_smoke():
     run = subprocess.run(
-        [sys.executable, "-m", "bench.soak", "--minutes", "0.25", "--fault-every", "2", "--procs", "2",
+        [sys.executable, "-m", "bench.soak", "--minutes", "0.4", "--fault-every", "2", "--procs", "2",
          "--threads", "2", "--faults", "broker_kill,mc_kill,truncate"],
         cwd=ROOT, capture_output=True, text=True, timeout=150,
     )
