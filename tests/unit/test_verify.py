@@ -112,10 +112,42 @@ def test_a_lost_read_reports_the_keys_last_writes_and_their_outcomes():
     t = _Thread(_Scripted([]), None, Tally(), "w0t0", ["k1"], 1.0, 1.0, 0)  # type: ignore[arg-type]
     t.rng = _Rolls([0.95, 0.6, 0.1])  # delete (fails, indeterminate), set (acknowledged), get
     t.client = _Scripted([MemcacheUnexpectedCloseError("reset"), True, None])  # type: ignore[assignment]
-    for _ in range(3):
+    now = [0.0]
+    t.clock = lambda: now[0]
+    t.one()
+    now[0] = 2.5  # the failed delete can no longer land (timeout 1 + tolerance 1)
+    for _ in range(2):
         t.one()
     assert len(t.tally.lost) == 1
     what = t.tally.lost[0][3]
     assert what.startswith("read -1, possible [1], at ")
     assert "delete -1 -> error:MemcacheUnexpectedCloseError at " in what and "set 1 -> stored at " in what
     assert what.index("delete -1") < what.index("set 1")
+
+
+def test_a_failed_write_may_land_after_a_later_acknowledged_one_within_timeout_and_tolerance():
+    # Its bytes may still wait in a proxy or in memcached's socket on the closed connection while
+    # another connection's write overtakes them.
+    from clientlib.errors import BrokerTimeout, MemcacheUnexpectedCloseError, ServerUnavailable
+
+    t = _Thread(_Scripted([]), None, Tally(), "w0t0", ["k1"], 1.0, 1.0, 0)  # type: ignore[arg-type]
+    now = [0.0]
+    t.clock = lambda: now[0]
+    rng = random.Random(0)
+    # set 1 fails after it may have been sent; set 2 (timed out) too; set 3 was never sent.
+    t.rng = _Rolls([0.6, 0.6, 0.6, 0.95])  # three sets, then an acknowledged delete
+    t.client = _Scripted([  # type: ignore[assignment]
+        MemcacheUnexpectedCloseError("reset"), BrokerTimeout("late"), ServerUnavailable("down"), True,
+    ])
+    for _ in range(4):
+        t.one()
+    assert t.possible["k1"] == {ABSENT, 1, 2}
+    now[0] = 1.9
+    t.acked("k1", ABSENT)  # within 2 s of their failure, a later acknowledged write keeps them
+    t.check("k1", value_for("k1", "w0t0", 1, rng), 0.0)  # landed after the delete: not lost
+    assert t.tally.lost == []
+    now[0] = 2.0
+    t.acked("k1", ABSENT)  # from 2 s on it narrows them out
+    assert t.possible["k1"] == {ABSENT}
+    t.check("k1", value_for("k1", "w0t0", 2, rng), 0.0)
+    assert [x[3].split(", at ")[0] for x in t.tally.lost] == ["read 2, possible [-1]"]
