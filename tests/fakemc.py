@@ -33,8 +33,8 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 MAX_CONNECTIONS = 64
