@@ -432,8 +432,8 @@ class Nutcracker:
     def __init__(self, tmpdir: Path, binary: str, servers: Sequence[str]) -> None:
         # free_port() only names a port that was free: another process (a test beside the bench,
         # another bench) can take it first, and nutcracker then exits at start (seen once, three
-        # test suites at once) or its port answers for someone else. A new pair of ports is tried;
-        # nutcracker's own log (-o) goes into the error.
+        # test suites at once). A new pair of ports is tried; nutcracker's own log (-o) goes into
+        # the error.
         for attempt in range(1, self.START_ATTEMPTS + 1):
             out = tmpdir / f"nutcracker-{attempt}.out"
             try:
@@ -459,6 +459,11 @@ class Nutcracker:
         try:
             _wait_until("nutcracker", self.proc,
                         lambda: text_request(self.address, b"get bench:ready\r\n", b"END\r\n", 0.5) == b"END\r\n")
+            # Its stats port names it: an answer on the listen port alone could be another server's.
+            with socket.create_connection((HOST, self.stats_port), timeout=CALL_TIMEOUT_S) as s:
+                stats = s.recv(65536)
+            if b'"service":"nutcracker"' not in stats or not self.proc.alive():
+                raise BenchError(f"nutcracker at {self.address} did not start (stats port: {stats[:200]!r})")
         except BaseException:
             self.proc.stop()
             raise

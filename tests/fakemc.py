@@ -98,7 +98,7 @@ class FakeMemcached:
         self.store: dict[bytes, tuple[bytes, int, int]] = {}  # key -> (value, client flags, cas)
         self.accepted = 0
         self.requests = 0
-        self.handled = 0  # requests whose answers (if any) have been sent
+        self.handled = 0  # requests processed, on all connections, and their answers (if any) sent
         self.faults_fired: list[tuple[Fault, int]] = []  # (fault, connection id)
         self.port = 0
 
@@ -182,7 +182,8 @@ class FakeMemcached:
         return self._wait_until(lambda: self.requests >= requests, timeout)
 
     def wait_for_handled(self, requests: int, timeout: float = 5.0) -> bool:
-        """Wait until at least `requests` requests were received and answered in all."""
+        """Wait until at least `requests` requests were processed in all and their answers (a
+        stalled request has none) sent."""
         return self._wait_until(lambda: self.handled >= requests, timeout)
 
     def _wait_until(self, cond: Callable[[], bool], timeout: float) -> bool:
@@ -243,15 +244,17 @@ class FakeMemcached:
                 buf += data
                 out = bytearray()
                 taken = len(conn.lines)
+                closing: bytes | None = None
                 try:
                     self._process(conn, buf, out)
                 except _Close as close:
-                    self._send(conn, bytes(out) + close.args[0])
-                    break
-                self._send(conn, bytes(out))
+                    closing = close.args[0]
+                self._send(conn, bytes(out) + (closing or b""))
                 with self._cond:
                     self.handled += len(conn.lines) - taken
                     self._cond.notify_all()
+                if closing is not None:
+                    break
         except (OSError, ValueError):  # ValueError: select() on a socket closed under us
             pass
         finally:

@@ -13,8 +13,10 @@ Every value is `<key>|<writer>|<seq>|<padding>`, so:
   are acknowledged (its bytes wait in a proxy's buffer, or in memcached's socket on the connection
   the broker closed, and another connection's requests overtake them: seen in test_toxics'
   truncate run on a loaded machine, a set failed at 339.7 ms landed after a delete acknowledged at
-  342.6 ms), so its state stays possible for the call's timeout + tolerance after it failed, past
-  the narrowing. A read outside the set is an acknowledged write lost
+  342.6 ms), so its state stays possible for `tolerance` (how late a loaded machine may run
+  anything) after it failed, past a later write whose call began within that time. Only the
+  failures that say the write may have been applied count (BrokerTimeout,
+  MemcacheUnexpectedCloseError: README "Guarantees"). A read outside the set is an acknowledged write lost
   (or an old one come back). `since` says when the set was last narrowed, so a test can excuse
   losses that a killed memcached explains. A lost read's report carries the key's last writes
   (op, state, outcome, start and duration in ms from the thread's start), so a failure that
@@ -45,7 +47,9 @@ from typing import Any
 
 from clientlib import Client
 from clientlib import transport as _transport
-from clientlib.errors import BrokerOverloaded, BrokerTimeout, BrokerUnavailable, MemcacheError, ServerUnavailable
+from clientlib.errors import (
+    BrokerOverloaded, BrokerTimeout, BrokerUnavailable, MemcacheError, MemcacheUnexpectedCloseError, ServerUnavailable,
+)
 from clientlib.wire import Code, Op
 
 ABSENT = -1  # the state "no value" in a key's possible states
@@ -256,17 +260,19 @@ class _Thread:
                 f"at {(at - self.start) * 1000:.1f} ms after writes {list(self.history[key])}",
             ))
 
-    def acked(self, key: str, state: int) -> None:
-        now = self.clock()
-        landing = {s: until for s, until in self.landing[key].items() if until > now}
+    def acked(self, key: str, state: int, began: float | None = None) -> None:
+        """A write of `state` was acknowledged; its call began at `began` (self.clock's time): a
+        failed write that could still land after that time stays possible."""
+        began = self.clock() if began is None else began
+        landing = {s: until for s, until in self.landing[key].items() if until > began}
         self.landing[key] = landing
         self.possible[key] = {state, *landing}
         self.since[key] = time.monotonic()
 
     def indeterminate(self, key: str, state: int) -> None:
-        """A write that may have reached memcached failed: it may land until timeout + tolerance
-        from now, even after later writes are acknowledged."""
-        self.landing[key][state] = self.clock() + self.timeout + self.tolerance
+        """A write that may have reached memcached failed: it may land until `tolerance` from
+        now, even after later writes are acknowledged."""
+        self.landing[key][state] = self.clock() + self.tolerance
 
     def one(self) -> None:
         rng = self.rng
@@ -274,6 +280,7 @@ class _Thread:
         state: int | None = None  # the state a write would leave
         unsent_undo = False
         t0 = time.monotonic()
+        began = self.clock()
         c = self.client
         try:
             if roll < 0.45:
@@ -296,7 +303,7 @@ class _Thread:
                 state = self.seq
                 self.possible[key].add(state)  # indeterminate until acknowledged
                 assert c.set(key, value_for(key, self.name, state, rng)) is True
-                self.acked(key, state)
+                self.acked(key, state, began)
                 outcome = "stored"
             else:
                 key = rng.choice(self.keys)
@@ -305,7 +312,7 @@ class _Thread:
                 unsent_undo = ABSENT not in self.possible[key]
                 self.possible[key].add(ABSENT)
                 c.delete(key)  # True (deleted) or False (was absent): absent either way
-                self.acked(key, ABSENT)
+                self.acked(key, ABSENT, began)
                 outcome = "deleted"
         except BrokerTimeout:
             outcome = "timeout"
@@ -315,12 +322,11 @@ class _Thread:
             outcome = "error:" + type(exc).__name__
             if isinstance(exc, BrokerUnavailable):
                 self.wire.call_unavailable()
-            if isinstance(exc, NOT_SENT):
-                if state is not None and (state != ABSENT or unsent_undo):
-                    # Nothing reached memcached (clientlib.errors says so for these): the write is
-                    # known not to have happened, so its state is not a possibility.
-                    self.possible[key].discard(state)
-            elif state is not None:
+            if isinstance(exc, NOT_SENT) and state is not None and (state != ABSENT or unsent_undo):
+                # Nothing reached memcached (clientlib.errors says so for these): the write is
+                # known not to have happened, so its state is not a possibility.
+                self.possible[key].discard(state)
+            elif isinstance(exc, MemcacheUnexpectedCloseError) and state is not None:
                 self.indeterminate(key, state)
         took = time.monotonic() - t0
         self.note(outcome, what, took)

@@ -59,8 +59,9 @@ class Hostile:
 
     def fence(self) -> ReplyFrame:
         """Send a ping and return the first reply after it. The broker reads one socket's frames
-        in order and answers them in order, so when that reply is the ping's, everything sent
-        before it has been read, counted and answered (or dropped)."""
+        in order and answers a ping, or a frame it cannot decode, as it reads it: when the ping's
+        answer comes, everything sent before it has been read and counted, and every undecodable
+        frame among them answered or dropped. (A frame routed to memcached may be answered later.)"""
         self.send(encode_request(FENCE_ID, [[Op.PING]]))
         return self.reply(wait=30.0)
 

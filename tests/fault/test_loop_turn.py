@@ -53,6 +53,7 @@ class Held:
         self.when: Callable[[], bool] | None = None
         self.parked = threading.Event()
         self.go = threading.Event()
+        self.overran = False  # the loop went on before the test let it go
         poll = b.poller.poll
 
         def held_poll(timeout: Any = None) -> Any:
@@ -60,7 +61,9 @@ class Held:
             if when is not None and when():
                 self.when = None
                 self.parked.set()
-                self.go.wait(10)
+                # Longer than all the test's own waits while it holds the loop (5 + 10 + 10 s).
+                if not self.go.wait(60):
+                    self.overran = True
             return poll(timeout)
 
         b.poller.poll = held_poll  # type: ignore[method-assign]
@@ -80,6 +83,7 @@ class Held:
 
     def answers_waiting(self, socks: list[Any]) -> None:
         """Until every one of these memcached sockets is readable (answers, or the stream's end)."""
+        assert socks, "no socket to wait for"
         end = time.monotonic() + 10
         while len(select.select(socks, [], [], 0.05)[0]) < len(socks):
             assert time.monotonic() < end, "memcached's side never reached the broker's sockets"
@@ -121,6 +125,7 @@ def rig(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iter
 
     try:
         yield {"broker": b, "fake": fake, "held": held, "worker": worker}
+        assert not held.overran, "the loop was let go by its own timeout, not by the test"
     finally:
         held.when = None
         held.go.set()
