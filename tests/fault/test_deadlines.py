@@ -18,7 +18,7 @@ from brokerproc import BrokerProcess
 from clientlib import Client
 from clientlib.errors import BrokerTimeout, MemcacheError, ServerUnavailable
 from fakemc import keys_held_by, pause_fully
-from pool import wait_for
+from pool import connect, wait_for
 from timing import FAST, FAST_DEADLINE, LATE
 
 pytestmark = [pytest.mark.fault, pytest.mark.integration, pytest.mark.timeout(90)]
@@ -39,18 +39,6 @@ def timed(fn: Callable[[], object]) -> tuple[object, float]:
     except MemcacheError as exc:
         out = exc
     return out, time.monotonic() - start
-
-
-def connect(client: Client) -> None:
-    """Connect the calling thread's socket to the broker (each thread has its own): the handshake
-    of a first call on a loaded machine can outlast a 0.5 s deadline."""
-    give_up = time.monotonic() + 10
-    while True:
-        try:
-            client.broker_ping()
-            return
-        except BrokerTimeout:
-            assert time.monotonic() < give_up, "the broker never answered a ping"
 
 
 def concurrently(client: Client, calls: dict[str, Callable[[], object]]) -> dict[str, tuple[object, float]]:
